@@ -1,0 +1,187 @@
+"""`kdm-pipe`: parse flags → build a validated config (preset, then flags) → call a stage.
+
+Invalid input of any kind prints one message on stderr and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic import BaseModel
+
+from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig, TrainConfig, build, load_preset
+from kdm_pipe.teachers import TEACHERS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline one-step distillation of diffusion models with a Koopman student.")
+
+PresetOpt = typer.Option(None, "--preset", "-p", help="preset name in manifests/ or a path to a YAML file")
+DryRun = typer.Option(False, "--dry-run", help="print the resolved config and exit")
+
+
+def user_errors(fn):
+    """ConfigError (and a missing file) → one line on stderr, exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def resolve(model: type[BaseModel], section: str, preset: str | None, flags: dict[str, Any]) -> Any:
+    base = load_preset(preset).get(section, {}) if preset else {}
+    return build(model, base, flags, where=f"{section} config" + (f" (preset {preset})" if preset else ""))
+
+
+def finish(cfg: BaseModel, dry_run: bool) -> bool:
+    if dry_run:
+        typer.echo(cfg.model_dump_json(indent=2))
+    return dry_run
+
+
+@app.command()
+@user_errors
+def generate(
+    teacher: Optional[str] = typer.Option(None, help=f"teacher: {', '.join(TEACHERS)}"),
+    shards: Optional[int] = typer.Option(None, help="number of tar shards"),
+    pairs_per_shard: Optional[int] = typer.Option(None, help="pairs in each shard"),
+    out: Optional[Path] = typer.Option(None, help="output directory (manifest.json + shards)"),
+    workers: Optional[int] = typer.Option(None, help="concurrent teacher workers (Ray tasks)"),
+    address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
+    steps: Optional[int] = typer.Option(None, help="sampler steps N (NFE = 2N − 1 for Heun)"),
+    solver: Optional[str] = typer.Option(None, help="heun | euler"),
+    sigma_min: Optional[float] = typer.Option(None), sigma_max: Optional[float] = typer.Option(None),
+    rho: Optional[float] = typer.Option(None),
+    trajectory: Optional[str] = typer.Option(None, help="store trajectories: none | all | every-K"),
+    seed: Optional[int] = typer.Option(None, help="first seed; shard k holds the next pairs_per_shard seeds after k·K"),
+    batch: Optional[int] = typer.Option(None, help="pairs per sampler batch / tar record"),
+    x0_dtype: Optional[str] = typer.Option(None, help="storage dtype of x_0: float16 | float32 | float64"),
+    xt_dtype: Optional[str] = typer.Option(None, "--xT-dtype", help="storage dtype of x_T"),
+    threads_per_worker: Optional[int] = typer.Option(None), cpus_per_worker: Optional[float] = typer.Option(None),
+    gpus_per_worker: Optional[float] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Run the teacher's ODE sampler in Ray workers and write (x_T, x_0) pairs into tar shards."""
+    flags: dict[str, Any] = dict(shards=shards, pairs_per_shard=pairs_per_shard, out=out, workers=workers,
+                                 address=address, trajectory=trajectory, seed=seed, batch=batch, x0_dtype=x0_dtype,
+                                 xT_dtype=xt_dtype, threads_per_worker=threads_per_worker,
+                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
+                                 sampler=dict(steps=steps, solver=solver, sigma_min=sigma_min, sigma_max=sigma_max,
+                                              rho=rho))
+    base = load_preset(preset).get("generate", {}) if preset else {}
+    if teacher is not None:
+        if teacher not in TEACHERS:
+            raise ConfigError(f"unknown teacher {teacher!r}; choose one of: {', '.join(TEACHERS)}")
+        if base.get("teacher", {}).get("name") != teacher:     # another teacher: its own defaults, not the preset's
+            base = {**base, "teacher": {"name": teacher}}
+    flags["sampler"] = {k: v for k, v in flags["sampler"].items() if v is not None}
+    cfg = build(GenerateConfig, base, flags, where="generate config")
+    if finish(cfg, dry_run):
+        return
+    from stages import generate as stage
+    try:
+        stage.run(cfg, progress=not quiet)
+    except Exception as e:  # a failed task (e.g. non-finite teacher output) arrives wrapped by Ray
+        if isinstance(e, ConfigError):
+            raise
+        typer.echo(f"error: generate failed: {e}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def verify(directory: Path = typer.Argument(..., help="pair directory written by generate")):
+    """Recompute every shard's checksum and contents against the manifest; non-zero exit naming each bad shard."""
+    from kdm_pipe.shards import verify as check
+    try:
+        problems = check(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if problems:
+        for name, what in problems.items():
+            typer.echo(f"BAD {directory / name}: {what}", err=True)
+        typer.echo(f"{len(problems)} bad shard(s) in {directory}; rerun the same `kdm-pipe generate` to repair", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{directory}: all shards match the manifest")
+
+
+@app.command()
+@user_errors
+def stats(
+    directory: Path = typer.Argument(..., help="pair directory written by generate"),
+    workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
+    cov_max_dim: int = typer.Option(1024, min=0, help="store covariances only up to this flattened dimension"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Per-shard sufficient statistics (Ray) merged into a zarr store DIR/stats.zarr."""
+    from stages import stats as stage
+    stage.run(directory, workers=workers, address=address, cov_max_dim=cov_max_dim, progress=not quiet)
+
+
+@app.command()
+@user_errors
+def train(
+    data: Optional[Path] = typer.Option(None, help="pair directory"),
+    out: Optional[Path] = typer.Option(None, help="run directory"),
+    steps: Optional[int] = typer.Option(None), batch: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None), ema: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    student: Optional[str] = typer.Option(None, help="kdm | kd (the direct-regression baseline)"),
+    operator: Optional[str] = typer.Option(None, help="affine | linear | decomposed"),
+    loader_workers: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Fit the Koopman student on streamed pairs; checkpoints and logs under --out."""
+    flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, seed=seed,
+                 loader_workers=loader_workers, device=device, threads=threads,
+                 student={k: v for k, v in dict(kind=student, operator=operator).items() if v is not None})
+    cfg = resolve(TrainConfig, "train", preset, flags)
+    if finish(cfg, dry_run):
+        return
+    from stages import train as stage
+    stage.run(cfg, resume=resume, progress=not quiet)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run: Path = typer.Argument(..., help="run directory written by train"),
+    data: Optional[Path] = typer.Option(None, help="pair directory (default: the run's)"),
+    num: Optional[int] = typer.Option(None, help="held-out pairs for the reported metrics"),
+    weights: Optional[str] = typer.Option(None, help="auto | ema | raw"),
+    seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
+):
+    """Metrics of the student's one-step samples against held-out teacher pairs → RUN/eval.json and figures."""
+    cfg = resolve(EvaluateConfig, "evaluate", preset,
+                  dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device))
+    if finish(cfg, dry_run):
+        return
+    from stages import evaluate as stage
+    stage.run(cfg)
+
+
+@app.command()
+@user_errors
+def demo(
+    preset: str = typer.Option("checkerboard", "--preset", "-p", help="preset to run end to end"),
+    out: Path = typer.Option(Path("runs/demo"), help="directory for pairs/ and run/"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """The whole pipeline on a preset: generate → verify → stats → train → evaluate."""
+    from stages import demo as stage
+    stage.run(preset, out, progress=not quiet)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,179 @@
+"""Pydantic models shared by the stages: the single source of truth for configuration.
+
+Presets in `manifests/*.yaml` hold one section per stage (`generate`, `train`, `evaluate`); command-line flags
+override preset values; unknown keys are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdm_pipe.teachers import TeacherConfig
+from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "manifests"
+Dtype = Literal["float16", "float32", "float64"]
+
+
+class ConfigError(ValueError):
+    """Invalid user input: the CLI prints it and exits with code 2."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplerConfig(Strict):
+    solver: Literal["heun", "euler"] = "heun"
+    steps: int = Field(default=18, ge=1)
+    sigma_min: float = Field(default=0.002, gt=0)
+    sigma_max: float = Field(default=80.0, gt=0)
+    rho: float = Field(default=7.0, gt=0)
+
+
+class GenerateConfig(Strict):
+    teacher: TeacherConfig = Field(default_factory=CheckerboardTeacherConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    out: Path = Path("runs/pairs")
+    shards: int = Field(default=8, ge=1)
+    pairs_per_shard: int = Field(default=4096, ge=1)
+    seed: int = Field(default=0, ge=0, description="shard k holds seeds seed + k·pairs_per_shard … + pairs_per_shard − 1")
+    batch: int = Field(default=1024, ge=1, description="pairs per sampler batch and per tar record")
+    trajectory: str = Field(default="none", description="none | all | every-K")
+    x0_dtype: Dtype = "float32"
+    xT_dtype: Dtype = "float32"
+    workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    address: str | None = None
+    max_in_flight: int | None = Field(default=None, ge=1, description="default: 2 × workers")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("trajectory")
+    @classmethod
+    def _trajectory(cls, v: str) -> str:
+        if v in ("none", "all") or re.fullmatch(r"every-[1-9][0-9]*", v):
+            return v
+        raise ValueError(f"trajectory must be 'none', 'all' or 'every-K' (K ≥ 1), got {v!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the bytes of every shard (compared on rerun)."""
+        return self.model_dump(mode="json", include={"teacher", "sampler", "pairs_per_shard", "seed", "batch",
+                                                     "trajectory", "x0_dtype", "xT_dtype"})
+
+
+class StudentConfig(Strict):
+    """The KDM student for vector data (the official checkerboard configuration by default)."""
+
+    kind: Literal["kdm", "kd"] = "kdm"
+    hidden: int = Field(default=256, ge=1)
+    depth: int = Field(default=5, ge=1, description="hidden layers per MLP")
+    latent_dim: int = Field(default=256, ge=1)
+    operator: Literal["affine", "linear", "decomposed"] = "affine"
+    spectrum_prior: Literal["none", "uniform", "gradual", "circle"] = "none"
+    sigma_z: float = Field(default=0.4, ge=0)
+    w_latent: float = 1.0
+    w_rec: float = 1.0
+    w_push: float = 0.0
+    w_reg: float = 1.0
+    distance: Literal["l2", "pseudo_huber"] = "l2"
+
+
+class TrainConfig(Strict):
+    data: Path = Path("runs/pairs")
+    out: Path = Path("runs/train")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    steps: int = Field(default=4000, ge=1)
+    batch: int = Field(default=256, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    ema: float = Field(default=0.9999, ge=0, lt=1)
+    seed: int = 0
+    holdout_shards: int = Field(default=1, ge=0, description="last shards kept out of training, for evaluation")
+    shuffle_buffer: int = Field(default=8192, ge=1)
+    loader_workers: int = Field(default=1, ge=0)
+    log_every: int = Field(default=100, ge=1)
+    ckpt_every: int = Field(default=1000, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+
+
+class EvaluateConfig(Strict):
+    run: Path = Path("runs/train")
+    data: Path | None = None
+    num: int = Field(default=10000, ge=1, description="held-out pairs compared")
+    weights: Literal["auto", "ema", "raw"] = Field(
+        default="auto", description="auto: whichever has the lower paired error on a held-out selection split")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Preset(Strict):
+    """A whole pipeline: what `kdm-pipe demo --preset NAME` runs."""
+
+    description: str = ""
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+def preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    p = PRESET_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))) or "none"
+        raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {known} (or pass a path to a .yaml file)")
+    return p
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """Raw preset sections (validated when a stage config is built from them)."""
+    path = preset_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections generate/train/evaluate, got {type(data).__name__}")
+    try:
+        Preset.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {format_validation(e)}") from None
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build(model: type[BaseModel], *layers: dict[str, Any], where: str = "configuration"):
+    """Validate the merge of config layers (preset section, then CLI flags) into `model`; ConfigError if invalid."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, {k: v for k, v in layer.items() if v is not None})
+    try:
+        return model.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {format_validation(e)}") from None
+
+
+def format_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key (not allowed)" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,83 @@
+"""One shard of teacher pairs: per-seed noise → teacher ODE → tar. Runs inside a Ray task (or anywhere)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdm_pipe.config import GenerateConfig, SamplerConfig
+from kdm_pipe.runtime import pick_device, set_threads
+from kdm_pipe.sampling import edm_sigmas, seed_noise, solve, trajectory_steps
+from kdm_pipe.shards import ShardInfo, shard_name, write_shard
+from kdm_pipe.teachers import Teacher, build_teacher
+
+_TEACHERS: dict[str, Teacher] = {}  # built once per worker process, reused by every task it runs
+
+
+class NonFiniteTeacherOutput(RuntimeError):
+    pass
+
+
+def cached_teacher(cfg: GenerateConfig) -> Teacher:
+    key = json.dumps(cfg.teacher.model_dump(mode="json"), sort_keys=True)
+    if key not in _TEACHERS:
+        _TEACHERS[key] = build_teacher(cfg.teacher)
+    return _TEACHERS[key]
+
+
+def sample_pairs(teacher: Teacher, sampler: SamplerConfig, seeds: list[int], keep: list[int] | None,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """x_T = σ_max·z and the teacher's x_0 (float64), plus labels and the kept trajectory states."""
+    z, labels = seed_noise(seeds, teacher.shape, teacher.label_dim, device)
+    x_T = sampler.sigma_max * z.to(torch.float64)
+    sigmas = edm_sigmas(sampler.steps, sampler.sigma_min, sampler.sigma_max, sampler.rho).to(device)
+    x_0, traj = solve(teacher.denoise, x_T, sigmas, labels, sampler.solver, keep)
+    bad = ~torch.isfinite(x_0.flatten(1)).all(dim=1)
+    if bad.any():
+        raise NonFiniteTeacherOutput(f"teacher {teacher.name} gave non-finite x_0 for seed(s) "
+                                     f"{[seeds[i] for i in bad.nonzero().flatten().tolist()][:10]}")
+    out = {"x_T": x_T, "x_0": x_0, "seed": torch.tensor(seeds, dtype=torch.int64)}
+    if labels is not None:
+        out["label"] = labels
+    if traj is not None:
+        out["traj"] = traj
+    return out
+
+
+def shard_seeds(cfg: GenerateConfig, index: int) -> range:
+    start = cfg.seed + index * cfg.pairs_per_shard
+    return range(start, start + cfg.pairs_per_shard)
+
+
+def make_shard(cfg: GenerateConfig, index: int) -> tuple[ShardInfo, dict[str, Any]]:
+    """Generate and write shard `index`; returns its manifest entry and timing stats."""
+    set_threads(cfg.threads_per_worker)
+    device = pick_device(cfg.device)
+    teacher = cached_teacher(cfg)
+    keep = trajectory_steps(cfg.trajectory, cfg.sampler.steps)
+    seeds = shard_seeds(cfg, index)
+    dtypes = {"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype, "traj": cfg.x0_dtype, "label": "float32", "seed": "int64"}
+    t0 = time.perf_counter()
+    sample_s = 0.0
+
+    def records():
+        nonlocal sample_s
+        for b in range(0, len(seeds), cfg.batch):
+            t = time.perf_counter()
+            with torch.no_grad():
+                pairs = sample_pairs(teacher, cfg.sampler, list(seeds[b:b + cfg.batch]), keep, device)
+            sample_s += time.perf_counter() - t
+            yield {k: v.cpu().numpy().astype(dtypes[k]) for k, v in pairs.items()}
+
+    path = Path(cfg.out) / shard_name(index)
+    size, digest = write_shard(path, records())
+    seconds = time.perf_counter() - t0
+    info = ShardInfo(index=index, name=path.name, pairs=len(seeds), seed_start=seeds.start, seed_end=seeds.stop,
+                     bytes=size, sha256=digest)
+    return info, {"shard": index, "seconds": seconds, "sample_seconds": sample_s, "pairs_per_s": len(seeds) / seconds,
+                  "device": str(device), "threads": torch.get_num_threads()}

@@ -1,0 +1,271 @@
+"""Zarr statistics of a pair directory: per-shard sufficient statistics, merged into moments.
+
+Store `DIR/stats.zarr` (zarr format 3, Blosc zstd + bitshuffle):
+
+    per_shard/<field>/{count, sum, sumsq, outer, min, max}   row k = shard k (chunk = one row)
+    per_shard/label/count                                     per-class counts (label_dim > 0 only)
+    per_shard/sha256, per_shard/computed_at                   what each row was computed from, and when
+    merged/<field>/{count, mean, std, cov, min, max}          from the valid rows of the manifest's shards
+    merged/label/count
+
+Fields are `x_0`, `x_T` and, when the pairs keep trajectories, `traj`, whose arrays carry a step axis after the
+shard axis. `outer` / `cov` exist only when the flattened dimension d ≤ cov_max_dim. Sums and moments are float64.
+
+Safety: one Ray task owns one row of every per-shard array and writes it as invalidate (sha256 row ← 0) → statistics
+→ sha256 row, so a row is trusted only when a task finished it. The merged view is published by the root attributes:
+the driver sets `complete: false`, rewrites `merged/`, then writes every attribute with `complete: true` in one
+atomic write (zarr's LocalStore writes through a temporary file + rename). Readers refuse a store that is not
+complete, and an interrupted run leaves the rows it finished for the next run to reuse. (A store of another
+layout, e.g. after changing cov_max_dim, is deleted and rebuilt from scratch.)
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from kdm_pipe.config import ConfigError
+from kdm_pipe.shards import Manifest, ShardInfo, read_shard, sha256_file
+
+STORE = "stats.zarr"
+FORMAT = "kdm-pipe/stats-v1"
+LABEL = "label"
+
+
+def compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+class ShardMismatch(ValueError):
+    """A shard file is not the one its manifest entry describes."""
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One statistics field: `lead` axes (the trajectory step axis, or none) over samples of `shape`."""
+
+    name: str
+    lead: tuple[int, ...]
+    shape: tuple[int, ...]
+    outer: bool
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of one shard's sufficient statistics."""
+        shapes = {"count": self.lead, "sum": self.lead + self.shape, "sumsq": self.lead + self.shape,
+                  "min": self.lead + self.shape, "max": self.lead + self.shape}
+        if self.outer:
+            shapes["outer"] = self.lead + (self.dim, self.dim)
+        return shapes
+
+
+def field_specs(manifest: Manifest, cov_max_dim: int) -> list[FieldSpec]:
+    shape = tuple(manifest.shape)
+    outer = math.prod(shape) <= cov_max_dim
+    specs = [FieldSpec("x_0", (), shape, outer), FieldSpec("x_T", (), shape, outer)]
+    if manifest.trajectory_steps:
+        specs.append(FieldSpec("traj", (len(manifest.trajectory_steps),), shape, outer))
+    return specs
+
+
+def layout(specs: list[FieldSpec], label_dim: int) -> dict[str, Any]:
+    """What the per-shard arrays look like, apart from the number of rows (compared on rerun)."""
+    out: dict[str, Any] = {s.name: {"lead": list(s.lead), "shape": list(s.shape), "outer": s.outer} for s in specs}
+    out[LABEL] = label_dim
+    return out
+
+
+class Moments:
+    """Running float64 sums of one field over batches shaped (B, *lead, *shape)."""
+
+    def __init__(self, spec: FieldSpec):
+        self.spec = spec
+        flat = spec.lead + (spec.dim,)
+        self.count = np.zeros(spec.lead, np.int64)
+        self.sum = np.zeros(flat)
+        self.sumsq = np.zeros(flat)
+        self.outer = np.zeros(spec.lead + (spec.dim, spec.dim)) if spec.outer else None
+        self.min = np.full(flat, np.inf)
+        self.max = np.full(flat, -np.inf)
+
+    def add(self, batch: np.ndarray) -> None:
+        x = batch.reshape((len(batch),) + self.spec.lead + (self.spec.dim,)).astype(np.float64)
+        self.count += len(x)
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
+        if self.outer is not None:
+            xt = np.moveaxis(x, 0, -1)                         # (..., d, B): one BLAS product per step
+            self.outer += xt @ np.swapaxes(xt, -1, -2)
+        np.minimum(self.min, x.min(0), out=self.min)
+        np.maximum(self.max, x.max(0), out=self.max)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        full = self.spec.lead + self.spec.shape
+        out = {"count": self.count, "sum": self.sum.reshape(full), "sumsq": self.sumsq.reshape(full),
+               "min": self.min.reshape(full), "max": self.max.reshape(full)}
+        if self.outer is not None:
+            out["outer"] = self.outer
+        return out
+
+
+def shard_moments(path: Path, specs: list[FieldSpec], label_dim: int) -> dict[str, dict[str, np.ndarray]]:
+    """Sufficient statistics of every field of one shard (and its per-class counts)."""
+    moments = {s.name: Moments(s) for s in specs}
+    labels = np.zeros(label_dim, np.int64)
+    for rec in read_shard(path):
+        for name, m in moments.items():
+            m.add(rec[name])
+        if label_dim:
+            labels += np.bincount(rec[LABEL].argmax(1), minlength=label_dim)
+    out = {name: m.arrays() for name, m in moments.items()}
+    if label_dim:
+        out[LABEL] = {"count": labels}
+    return out
+
+
+def write_shard_stats(store: str, directory: str, info: ShardInfo, specs: list[FieldSpec],
+                      label_dim: int) -> int:
+    """Ray task: compute shard `info.index`'s statistics and write its own row of every per-shard array.
+
+    Returns the number of pairs it read.
+    """
+    rows = zarr.open_group(store, mode="r+")["per_shard"]
+    row = info.index
+    rows["sha256"][row] = 0                                   # a row killed half-written is never trusted
+    path = Path(directory) / info.name
+    digest = sha256_file(path)
+    if digest != info.sha256:
+        raise ShardMismatch(f"{path} has sha256 {digest[:12]}…, its manifest entry says {info.sha256[:12]}…; "
+                            f"run `kdm-pipe verify {directory}` and rerun generate to repair it")
+    for field, arrays in shard_moments(path, specs, label_dim).items():
+        for name, a in arrays.items():
+            rows[f"{field}/{name}"][row] = a
+    rows["computed_at"][row] = time.time()
+    rows["sha256"][row] = np.frombuffer(bytes.fromhex(digest), np.uint8)
+    return info.pairs
+
+
+def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> zarr.Array:
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=compressor(),
+                              overwrite=True)
+
+
+def prepare_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zarr.Group:
+    """Open the store with one row per planned shard, creating its per-shard arrays here, in the driver.
+
+    More planned shards only add rows. Anything else at `path` (another layout: shape, trajectory steps, labels,
+    cov_max_dim; an unreadable store) is deleted and rebuilt: the name is reserved for this store.
+    """
+    n = manifest.num_shards
+    want = layout(specs, manifest.label_dim)
+    if path.exists():
+        try:
+            root = zarr.open_group(path, mode="r+")
+        except (OSError, ValueError):
+            root = None
+        if root is not None and root.attrs.get("format") == FORMAT and root.attrs.get("layout") == want:
+            for _, a in root["per_shard"].members(max_depth=None):
+                if isinstance(a, zarr.Array) and a.shape[0] != n:
+                    a.resize((n,) + a.shape[1:])
+            return root
+        shutil.rmtree(path)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.attrs.update({"format": FORMAT, "layout": want, "complete": False})
+    rows = root.create_group("per_shard")
+    for s in specs:
+        g = rows.create_group(s.name)
+        for name, shape in s.row_shapes().items():
+            _create(g, name, (n,) + shape, "int64" if name == "count" else "float64", (1,) + shape)
+    if manifest.label_dim:
+        _create(rows.create_group(LABEL), "count", (n, manifest.label_dim), "int64", (1, manifest.label_dim))
+    _create(rows, "sha256", (n, 32), "uint8", (1, 32))
+    _create(rows, "computed_at", (n,), "float64", (1,))
+    return root
+
+
+def stale_shards(root: zarr.Group, manifest: Manifest) -> list[ShardInfo]:
+    """The manifest's shards whose row was not computed from exactly their bytes."""
+    done = root["per_shard/sha256"][:]
+    return [s for s in manifest.shards if done[s.index].tobytes().hex() != s.sha256]
+
+
+def merge(spec: FieldSpec, rows: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Moments of the union of shards from their sufficient statistics; cov and std are unbiased.
+
+    Σx² − nμ² in float64 loses digits only when |μ| ≫ σ, which the data here (x_0 ≈ [−1, 1], x_T ≈ 0 ± σ_max)
+    never approaches.
+    """
+    flat = spec.lead + (spec.dim,)
+    n, s, s2, xx, lo, hi = 0, 0.0, 0.0, 0.0, np.inf, -np.inf
+    for r in rows:
+        n = n + r["count"]
+        s = s + r["sum"].reshape(flat)
+        s2 = s2 + r["sumsq"].reshape(flat)
+        lo, hi = np.minimum(lo, r["min"]), np.maximum(hi, r["max"])
+        if spec.outer:
+            xx = xx + r["outer"]
+    n = np.asarray(n, np.int64)
+    nf = n[..., None].astype(np.float64)
+    mu = s / nf
+    dof = np.where(nf > 1, nf - 1, np.nan)
+    var = np.clip((s2 - nf * mu**2) / dof, 0, None)
+    full = spec.lead + spec.shape
+    out = {"count": n, "mean": mu.reshape(full), "std": np.sqrt(var).reshape(full), "min": lo, "max": hi}
+    if spec.outer:
+        out["cov"] = (xx - nf[..., None] * mu[..., :, None] * mu[..., None, :]) / dof[..., None]
+    return out
+
+
+def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], cov_max_dim: int) -> None:
+    """Rewrite `merged/` from the rows of the manifest's shards, then publish it with `complete: true`."""
+    root.attrs.update({"complete": False})
+    rows, index = root["per_shard"], [s.index for s in manifest.shards]
+    if "merged" in root:
+        del root["merged"]
+    merged = root.create_group("merged")
+    for spec in specs:
+        arrays = {name: rows[f"{spec.name}/{name}"] for name in spec.row_shapes()}
+        stats = merge(spec, ({name: a[k] for name, a in arrays.items()} for k in index))
+        g = merged.create_group(spec.name)
+        for name, a in stats.items():
+            _create(g, name, a.shape, str(a.dtype), (1,) * len(spec.lead) + a.shape[len(spec.lead):])[...] = a
+    if manifest.label_dim:
+        counts = sum(rows[f"{LABEL}/count"][k] for k in index)
+        _create(merged.create_group(LABEL), "count", counts.shape, "int64", counts.shape)[...] = counts
+    d = math.prod(manifest.shape)
+    skipped = {} if d <= cov_max_dim else {s.name: f"d = {d} > cov_max_dim = {cov_max_dim}" for s in specs}
+    root.attrs.update({
+        "teacher_sha256": manifest.teacher.get("sha256"),
+        "num_pairs": manifest.num_pairs,
+        "num_shards": manifest.num_shards,
+        "shards": [{"index": s.index, "name": s.name, "pairs": s.pairs, "sha256": s.sha256} for s in manifest.shards],
+        "dtypes": {"data": manifest.dtypes, "statistics": "float64"},
+        "cov_max_dim": cov_max_dim,
+        "covariance_skipped": skipped,
+        "label_dim": manifest.label_dim,
+        "trajectory_steps": manifest.trajectory_steps,
+        "trajectory_sigmas": manifest.trajectory_sigmas,
+        "complete": True,
+    })
+
+
+def load_stats(directory: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Merged statistics of a pair directory: {field: {name: array}}, e.g. stats["x_0"]["mean"]."""
+    path = Path(directory) / STORE
+    if not path.is_dir():
+        raise ConfigError(f"{path} not found: run `kdm-pipe stats {directory}` first")
+    root = zarr.open_group(path, mode="r")
+    if root.attrs.get("format") != FORMAT or root.attrs.get("complete") is not True:
+        raise ConfigError(f"{path} is not a complete kdm-pipe statistics store: rerun `kdm-pipe stats {directory}`")
+    return {field: {name: a[...] for name, a in g.arrays()} for field, g in root["merged"].groups()}

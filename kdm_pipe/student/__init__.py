@@ -1,0 +1,1 @@
+"""Koopman student: operators, KDM model, losses and networks."""

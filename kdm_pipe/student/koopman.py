@@ -1,0 +1,142 @@
+"""Koopman operators C acting on the flattened latent: dense (affine / linear) or decomposed K = P Λ P⁻¹."""
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+OperatorKind = Literal["affine", "linear", "decomposed"]
+SpectrumPrior = Literal["none", "uniform", "gradual", "circle"]
+
+
+def _unit_rows(x: Tensor, eps: float = 1e-8) -> Tensor:
+    return x / (x.norm(dim=-1, keepdim=True) + eps)
+
+
+def spectrum_target(prior: SpectrumPrior, dim: int, seed: int) -> Tensor:
+    """Fixed eigenvalue targets u as a real (dim, 2) tensor of (Re, Im), drawn from a generator seeded by `seed`.
+
+    "uniform": u uniform in the square [−1, 1]²; "gradual": the first ⌈dim/2⌉ with radius in [0.9, 1], the rest in
+    [0, 0.5], angles uniform; "circle": u = 1 (the official "on the circle" loss is mean|λ − 1|).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if prior == "uniform":
+        return torch.rand(dim, 2, generator=g) * 2 - 1
+    if prior == "gradual":
+        high = (dim + 1) // 2
+        lo = torch.cat([torch.full((high,), 0.9), torch.zeros(dim - high)])
+        hi = torch.cat([torch.ones(high), torch.full((dim - high,), 0.5)])
+        radius = lo + (hi - lo) * torch.rand(dim, generator=g)
+        angle = 2 * math.pi * torch.rand(dim, generator=g)
+        return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    if prior == "circle":
+        return torch.tensor([1.0, 0.0]).expand(dim, 2).clone()
+    raise ValueError(f"unknown spectrum prior {prior!r}; expected one of {get_args(SpectrumPrior)}")
+
+
+class DecomposedOperator(nn.Module):
+    """K = P Λ P⁻¹ with d complex eigenvalues, as in the official KDM code.
+
+    Convention: P = P_re + i·P_im and P⁻¹ = P_inv_re + i·P_inv_im are complex d×d matrices, i.e. the real 2d×2d
+    blocks [[Re, −Im], [Im, Re]]; Λ = diag(λ_1..λ_d) with λ_j = exp(−exp(ν_j))·exp(i·exp(θ_j)), so |λ_j| < 1.
+    P_re and P_im are each row-normalised at every use; P⁻¹ is free and tied to P only by `inverse_loss`.
+    Applying the blocks to [z, 0] and keeping the first d entries gives z → Re(P Λ P⁻¹ z); we compute that with
+    d×d products on (Re, Im) pairs, which is the same maths at a quarter of the block cost.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        scale = 1 / math.sqrt(2 * dim)
+        self.P_re = nn.Parameter(torch.linalg.qr(torch.randn(dim, dim))[0] * scale)
+        self.P_im = nn.Parameter(torch.linalg.qr(torch.randn(dim, dim))[0] * scale)
+        self.P_inv_re = nn.Parameter(torch.randn(dim, dim) * scale)
+        self.P_inv_im = nn.Parameter(torch.randn(dim, dim) * scale)
+        # |λ| = √u₁ spreads the initial eigenvalues uniformly over the unit disk, phases uniform in [0, 2π);
+        # clamping keeps ν, θ finite.
+        u1, u2 = torch.rand(2, dim).clamp(1e-6, 1 - 1e-6)
+        self.nu = nn.Parameter(torch.log(-0.5 * torch.log(u1)))
+        self.theta = nn.Parameter(torch.log(2 * math.pi * u2))
+
+    def eigen_parts(self) -> tuple[Tensor, Tensor]:
+        """(Re λ, Im λ), each (dim,)."""
+        modulus, phase = torch.exp(-torch.exp(self.nu)), torch.exp(self.theta)
+        return modulus * torch.cos(phase), modulus * torch.sin(phase)
+
+    def inverse_loss(self) -> Tensor:
+        """MSE(P⁻¹P, I) + MSE(PP⁻¹, I) on the real 2d×2d blocks.
+
+        A block's squared error is twice the complex one over four times as many entries, hence the ½.
+        """
+        P = torch.complex(_unit_rows(self.P_re), _unit_rows(self.P_im))
+        P_inv = torch.complex(self.P_inv_re, self.P_inv_im)
+        eye = torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+        return 0.5 * ((P_inv @ P - eye).abs().square().mean() + (P @ P_inv - eye).abs().square().mean())
+
+    def forward(self, z: Tensor) -> Tensor:
+        P_re, P_im = _unit_rows(self.P_re), _unit_rows(self.P_im)
+        lam_re, lam_im = self.eigen_parts()
+        w_re, w_im = z @ self.P_inv_re.T, z @ self.P_inv_im.T                            # P⁻¹ [z, 0]
+        w_re, w_im = lam_re * w_re - lam_im * w_im, lam_im * w_re + lam_re * w_im      # Λ
+        return w_re @ P_re.T - w_im @ P_im.T                                           # Re(P ·)
+
+
+class KoopmanOperator(nn.Module):
+    """The student's linear step ẑ_0 = C z_T [+ B y] on flattened latents z of shape (B, dim).
+
+    kind "affine": Linear(dim, dim) with bias (official default); "linear": bias-free; "decomposed": see
+    `DecomposedOperator`. label_dim > 0 adds the Koopman control B y with B = Linear(label_dim, dim), bias
+    included as in the official code. A spectrum prior (decomposed only) is the regulariser mean|λ − u| with u
+    from `spectrum_target`.
+    """
+
+    def __init__(self, dim: int, kind: OperatorKind = "affine", label_dim: int = 0,
+                 spectrum_prior: SpectrumPrior = "none", prior_seed: int = 0) -> None:
+        super().__init__()
+        if kind not in get_args(OperatorKind):
+            raise ValueError(f"unknown operator kind {kind!r}; expected one of {get_args(OperatorKind)}")
+        if spectrum_prior != "none" and kind != "decomposed":
+            raise ValueError(f"spectrum prior {spectrum_prior!r} needs kind='decomposed' (got kind={kind!r}): "
+                             "only the decomposed operator has parameterised eigenvalues")
+        self.dim, self.kind, self.label_dim, self.spectrum_prior = dim, kind, label_dim, spectrum_prior
+        self.op = DecomposedOperator(dim) if kind == "decomposed" else nn.Linear(dim, dim, bias=kind == "affine")
+        self.control = nn.Linear(label_dim, dim) if label_dim > 0 else None
+        if spectrum_prior != "none":
+            self.register_buffer("prior_target", spectrum_target(spectrum_prior, dim, prior_seed))
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if (labels is None) != (self.control is None):
+            raise ValueError(f"labels must be given exactly when label_dim > 0 (label_dim={self.label_dim})")
+        z_hat = self.op(z)
+        if self.control is not None:
+            z_hat = z_hat + self.control(labels.to(z_hat.dtype))
+        return z_hat
+
+    def regularizer(self) -> dict[str, Tensor]:
+        """Loss terms the operator asks for: {} for dense, {"inverse"[, "spectrum"]} for decomposed."""
+        if not isinstance(self.op, DecomposedOperator):
+            return {}
+        terms = {"inverse": self.op.inverse_loss()}
+        if self.spectrum_prior != "none":
+            lam_re, lam_im = self.op.eigen_parts()
+            u = self.prior_target
+            terms["spectrum"] = torch.hypot(lam_re - u[:, 0], lam_im - u[:, 1]).mean()
+        return terms
+
+    def eigenvalues(self) -> Tensor:
+        """Complex (dim,): eigvals of the dense weight, or the parameterised λ of the decomposed form.
+
+        For the decomposed form λ are the eigenvalues of the complex P Λ P⁻¹ only once P⁻¹ is P's inverse; the
+        real map z → Re(P Λ P⁻¹ z) that is applied has other eigenvalues in general.
+        """
+        if isinstance(self.op, DecomposedOperator):
+            return torch.complex(*self.op.eigen_parts())
+        return torch.linalg.eigvals(self.op.weight)
+
+    def matrix(self) -> Tensor:
+        """The real (dim, dim) K with forward(z) = z Kᵀ (+ bias, + control)."""
+        if isinstance(self.op, DecomposedOperator):
+            eye = torch.eye(self.dim, dtype=self.op.nu.dtype, device=self.op.nu.device)
+            return self.op(eye).T
+        return self.op.weight

@@ -1,0 +1,37 @@
+"""What every teacher is: a denoiser D(x, σ, labels) on a fixed data shape, and a fingerprint of itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def fingerprint(name: str, params: dict[str, Any], weights_sha256: str | None = None) -> dict[str, Any]:
+    """Identity of a teacher: a pair depends only on this, the sampler settings and the seed."""
+    blob = json.dumps({"name": name, "params": params, "weights": weights_sha256}, sort_keys=True)
+    return {"name": name, "params": params, "weights_sha256": weights_sha256,
+            "sha256": hashlib.sha256(blob.encode()).hexdigest()}
+
+
+@dataclass
+class Teacher:
+    """A denoiser with its data shape. `denoise` takes and returns float64 (the solver's state dtype)."""
+
+    name: str
+    shape: tuple[int, ...]
+    label_dim: int
+    params: dict[str, Any]
+    weights_sha256: str | None = None
+    # Suggested sampler defaults for this teacher (a preset may override them).
+    sampler_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self.name, self.params, self.weights_sha256)
