@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-FIELDS = ("x_T", "x_0", "label")
+FIELDS = ("x_T", "x_0", "label", "seed")
 
 
 def _decode(sample: dict) -> dict[str, np.ndarray]:

@@ -263,9 +263,10 @@ def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], c
 def load_stats(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     """Merged statistics of a pair directory: {field: {name: array}}, e.g. stats["x_0"]["mean"]."""
     path = Path(directory) / STORE
-    if not path.is_dir():
-        raise ConfigError(f"{path} not found: run `kdm-pipe stats {directory}` first")
-    root = zarr.open_group(path, mode="r")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} is not a kdm-pipe statistics store: run `kdm-pipe stats {directory}`") from None
     if root.attrs.get("format") != FORMAT or root.attrs.get("complete") is not True:
         raise ConfigError(f"{path} is not a complete kdm-pipe statistics store: rerun `kdm-pipe stats {directory}`")
     return {field: {name: a[...] for name, a in g.arrays()} for field, g in root["merged"].groups()}

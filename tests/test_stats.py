@@ -229,5 +229,7 @@ def test_unreadable_store_is_rebuilt(pairs_copy):
     shutil.rmtree(pairs_copy / STORE)
     (pairs_copy / STORE).mkdir()
     (pairs_copy / STORE / "zarr.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="kdm-pipe stats"):
+        load_stats(pairs_copy)
     stats.run(pairs_copy, progress=False)
     assert_moments(load_stats(pairs_copy)["x_0"], all_arrays(pairs_copy)["x_0"])

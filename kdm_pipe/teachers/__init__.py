@@ -13,11 +13,16 @@ from kdm_pipe.teachers.analytic import (
     build_gmm,
 )
 from kdm_pipe.teachers.base import Teacher
+from kdm_pipe.teachers.edm import DigitsTeacherConfig, EDMTeacherConfig, build_digits, build_edm
 
-TeacherConfig = Annotated[Union[CheckerboardTeacherConfig, GMMTeacherConfig], Field(discriminator="name")]
+TeacherConfig = Annotated[
+    Union[CheckerboardTeacherConfig, GMMTeacherConfig, EDMTeacherConfig, DigitsTeacherConfig],
+    Field(discriminator="name"),
+]
 
-_BUILDERS = {"checkerboard": build_checkerboard, "gmm": build_gmm}
-TEACHERS = {"checkerboard": CheckerboardTeacherConfig, "gmm": GMMTeacherConfig}
+_BUILDERS = {"checkerboard": build_checkerboard, "gmm": build_gmm, "edm": build_edm, "digits": build_digits}
+TEACHERS = {"checkerboard": CheckerboardTeacherConfig, "gmm": GMMTeacherConfig, "edm": EDMTeacherConfig,
+            "digits": DigitsTeacherConfig}
 
 
 def build_teacher(cfg) -> Teacher:

@@ -61,12 +61,13 @@ class GMMTeacher(Teacher):
         mu, var, log_pi = (t.to(x.device) for t in (self.means, self.var, self.log_pi))
         total = var + sigma.to(x) ** 2                                   # (K,) noised component variances
         d = x.shape[1]
-        sq = torch.cdist(x, mu) ** 2                                     # (B, K)
+        # Elementwise sums rather than cdist/matmul: BLAS kernels differ with the batch size, and a pair must not.
+        sq = ((x[:, None, :] - mu) ** 2).sum(-1)                         # (B, K)
         logw = log_pi - 0.5 * d * torch.log(total) - sq / (2 * total)
         w = torch.softmax(logw, dim=1)                                   # posterior over components
         shrink = var / total                                             # s_k²/(s_k² + σ²)
         # Σ_k w_k [μ_k + shrink_k (x − μ_k)] = Σ_k w_k (1 − shrink_k) μ_k + (Σ_k w_k shrink_k) x
-        return (w * (1 - shrink)) @ mu + (w @ shrink)[:, None] * x
+        return ((w * (1 - shrink))[:, :, None] * mu).sum(1) + (w * shrink).sum(1, keepdim=True) * x
 
     def sample_data(self, n: int, seed: int = 0) -> np.ndarray:
         """Exact draws from the data distribution (for tests and references)."""

@@ -1,0 +1,203 @@
+"""Students for image data, as the official KDM code builds them (REFERENCE §1).
+
+KDM: E_0, E_T and D are EDM DDPM++ U-Nets (`SongUNet`); C is the Koopman operator on the flattened latent.
+    z_0 = E_0(x_0)   z_T = E_T(x_T)   ẑ_0 = C(z_T + σ_z ε) [+ B y]
+    x̂_rec = D(z_0 + σ_z ε')   x̂_push = D(ẑ_0)
+    L = w_lat·mean((z_0 − ẑ_0)²) + w_rec·d(x_0, x̂_rec) + w_push·d(x_0, x̂_push)
+        + 0.01·w_adv·BCE(Disc(x̂_push), 1) + w_reg·(operator regularisers)
+    one step: x̂_0 = D(C(E_T(x_T)) [+ B y])
+KD (Luhman & Luhman 2021): one U-Net regressing x_0 from x_T, L = d(x_0, G(x_T)) [+ the same adversarial term].
+
+As in the official code the U-Nets' time input is a constant (0 for E_0 and D, 1 for E_T and the KD net): it only
+acts as a learned bias. x_T (std ≈ σ_max = 80) enters E_T unscaled: no input preconditioning.
+Labels (one-hot) feed every U-Net's label embedding and, with `koopman_control`, the control term B y.
+The discriminator is not part of the student (its weights must not follow the student's optimiser): pass it to
+`losses(..., disc=)`; the detached x̂ of the last `losses` call is kept in `last_sample` for its own step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from kdm_pipe.config import ConfigError, Strict
+from kdm_pipe.networks import ARCHITECTURES
+from kdm_pipe.networks.layers import Linear
+from kdm_pipe.networks.unets import SongUNet
+from kdm_pipe.student.discriminator import generator_loss
+from kdm_pipe.student.koopman import KoopmanOperator
+from kdm_pipe.student.lpips import LPIPS
+from kdm_pipe.student.vector import distance
+
+ImageDistance = Literal["l2", "pseudo_huber", "lpips", "l2+lpips"]
+# DDPM++ without its CIFAR widths: those come from the student config.
+DDPMPP = {k: v for k, v in ARCHITECTURES["ddpmpp"].items() if k not in ("model_type", "model_channels", "channel_mult")}
+
+
+class ImageStudentConfig(Strict):
+    """The image student; defaults are the official CIFAR-10 settings except `distance` (LPIPS needs weights)."""
+
+    kind: Literal["kdm", "kd"] = "kdm"
+    model_channels: int = Field(default=64, ge=1)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
+    num_blocks: int = Field(default=4, ge=1)
+    attn_resolutions: list[int] = Field(default_factory=lambda: [16])
+    dropout: float = Field(default=0.10, ge=0, lt=1)
+    latent_channels: int = Field(default=1, ge=1)
+    projection: int | None = Field(default=None, ge=1, description="p: Linear(H·W·c → p) after each encoder")
+    operator: Literal["affine", "linear", "decomposed"] = "affine"
+    spectrum_prior: Literal["none", "uniform", "gradual", "circle"] = "none"
+    prior_seed: int = 0
+    koopman_control: bool = Field(default=True, description="add B y to the pushed latent when labels exist")
+    sigma_z: float = Field(default=0.4, ge=0)
+    w_latent: float = 1.0
+    w_rec: float = 1.0
+    w_push: float = 1.0
+    w_reg: float = 1.0
+    w_adv: float = Field(default=1.0, ge=0, description="0 turns the discriminator off")
+    distance: ImageDistance = "pseudo_huber"
+    huber_c: float = Field(default=0.03, gt=0)
+    lpips_vgg: Path | None = None
+    lpips_lin: Path | None = None
+
+
+class ImageStudent(nn.Module):
+    """What both image students share: U-Net factory, constant time inputs, distance, adversarial term."""
+
+    def __init__(self, cfg: ImageStudentConfig, shape: tuple[int, int, int], label_dim: int) -> None:
+        super().__init__()
+        channels, height, width = shape
+        depth = 2 ** (len(cfg.channel_mult) - 1)
+        if height != width or height % depth:
+            raise ConfigError(f"image student: the U-Nets need square images whose size divides by {depth} "
+                              f"(channel_mult {cfg.channel_mult}), got {height}×{width}; shorten channel_mult")
+        self.cfg, self.shape, self.label_dim = cfg, (channels, height, width), label_dim
+        self.lpips = LPIPS(cfg.lpips_vgg, cfg.lpips_lin) if "lpips" in cfg.distance else None
+        self.last_sample: Tensor | None = None
+
+    def unet(self, c_in: int, c_out: int) -> SongUNet:
+        c = self.cfg
+        return SongUNet(img_resolution=self.shape[1], in_channels=c_in, out_channels=c_out, label_dim=self.label_dim,
+                        model_channels=c.model_channels, channel_mult=c.channel_mult, num_blocks=c.num_blocks,
+                        attn_resolutions=c.attn_resolutions, dropout=c.dropout, **DDPMPP)
+
+    def labels_like(self, labels: Tensor | None, x: Tensor) -> Tensor | None:
+        """Labels in x's dtype (the U-Nets cast their weights to the input dtype), checked against label_dim."""
+        if (labels is None) != (self.label_dim == 0):
+            raise ValueError(f"labels must be given exactly when label_dim > 0 (label_dim={self.label_dim})")
+        return None if labels is None else labels.to(x.dtype)
+
+    @staticmethod
+    def time(x: Tensor, t: float) -> Tensor:
+        return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+
+    def distance(self, x: Tensor, y: Tensor) -> Tensor:
+        kind = self.cfg.distance
+        if kind in ("l2", "pseudo_huber"):
+            return distance(kind, x, y, self.cfg.huber_c)
+        perceptual = self.lpips(x, y).mean()
+        return perceptual if kind == "lpips" else distance("l2", x, y) + perceptual
+
+    def adversarial(self, disc: nn.Module | None, fake: Tensor) -> dict[str, Tensor]:
+        """{"adv": BCE(Disc(x̂), 1)} when the GAN is on; keeps x̂ (detached) for the discriminator's step."""
+        self.last_sample = fake.detach()
+        if not self.cfg.w_adv:
+            return {}
+        if disc is None:
+            raise ValueError("w_adv > 0 needs the discriminator: call losses(..., disc=Discriminator(...)), "
+                             "or set w_adv = 0")
+        return {"adv": generator_loss(disc, fake)}
+
+
+class ImageKDM(ImageStudent):
+    """The KDM image student; latents are returned flattened, (B, latent_dim)."""
+
+    def __init__(self, cfg: ImageStudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
+        super().__init__(cfg, shape, label_dim)
+        channels, res, _ = self.shape
+        grid = cfg.latent_channels * res * res
+        self.enc_0 = self.unet(channels, cfg.latent_channels)
+        self.enc_T = self.unet(channels, cfg.latent_channels)
+        self.dec = self.unet(cfg.latent_channels, channels)
+        p = cfg.projection
+        self.proj_0 = Linear(grid, p, init_mode="xavier_uniform") if p else None
+        self.proj_T = Linear(grid, p, init_mode="xavier_uniform") if p else None
+        self.unproj = Linear(p, grid, init_mode="xavier_uniform") if p else None
+        self.latent_dim = p or grid
+        self.koopman = KoopmanOperator(self.latent_dim, cfg.operator, label_dim if cfg.koopman_control else 0,
+                                       cfg.spectrum_prior, cfg.prior_seed)
+
+    def _encode(self, net: SongUNet, proj: Linear | None, x: Tensor, t: float, labels: Tensor | None) -> Tensor:
+        z = net(x, self.time(x, t), self.labels_like(labels, x)).flatten(1)
+        return z if proj is None else proj(z)
+
+    def encode_0(self, x_0: Tensor, labels: Tensor | None = None) -> Tensor:
+        """z_0 = E_0(x_0)."""
+        return self._encode(self.enc_0, self.proj_0, x_0, 0.0, labels)
+
+    def encode_T(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        """z_T = E_T(x_T)."""
+        return self._encode(self.enc_T, self.proj_T, x_T, 1.0, labels)
+
+    def push(self, z_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        """ẑ_0 = C z_T [+ B y]."""
+        return self.koopman(z_T, labels if self.koopman.control is not None else None)
+
+    def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x̂ = D(z) for flattened latents z."""
+        if self.unproj is not None:
+            z = self.unproj(z)
+        z = z.reshape(-1, self.cfg.latent_channels, *self.shape[1:])
+        return self.dec(z, self.time(z, 0.0), self.labels_like(labels, z))
+
+    def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        """One-step generation x̂_0 = D(C(E_T(x_T)))."""
+        return self.decode(self.push(self.encode_T(x_T, labels), labels), labels)
+
+    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, gen: torch.Generator,
+               disc: nn.Module | None = None) -> dict[str, Tensor]:
+        c = self.cfg
+        z_0, z_T = self.encode_0(x_0, labels), self.encode_T(x_T, labels)
+        eps = torch.randn(z_T.shape, generator=gen, device=z_T.device, dtype=z_T.dtype)
+        eps_rec = torch.randn(z_0.shape, generator=gen, device=z_0.device, dtype=z_0.dtype)
+        z_hat = self.push(z_T + c.sigma_z * eps, labels)
+        x_push = self.decode(z_hat, labels)
+        out = {"latent": ((z_0 - z_hat) ** 2).mean(),
+               "rec": self.distance(x_0, self.decode(z_0 + c.sigma_z * eps_rec, labels)),
+               "push": self.distance(x_0, x_push)}
+        out.update(self.koopman.regularizer())
+        out.update(self.adversarial(disc, x_push))
+        weights = {"latent": c.w_latent, "rec": c.w_rec, "push": c.w_push, "adv": 0.01 * c.w_adv}
+        out["total"] = sum(weights.get(k, c.w_reg) * v for k, v in out.items())
+        return out
+
+
+class ImageKD(ImageStudent):
+    """Knowledge-distillation baseline: one U-Net G(x_T) ≈ x_0, as wide as KDM's."""
+
+    def __init__(self, cfg: ImageStudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
+        super().__init__(cfg, shape, label_dim)
+        self.net = self.unet(self.shape[0], self.shape[0])
+
+    def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.net(x_T, self.time(x_T, 1.0), self.labels_like(labels, x_T))
+
+    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, gen: torch.Generator,
+               disc: nn.Module | None = None) -> dict[str, Tensor]:
+        x_hat = self(x_T, labels)
+        out = {"rec": self.distance(x_0, x_hat), **self.adversarial(disc, x_hat)}
+        out["total"] = out["rec"] + 0.01 * self.cfg.w_adv * out.get("adv", 0)
+        return out
+
+
+IMAGE_STUDENTS: dict[str, type[ImageStudent]] = {"kdm": ImageKDM, "kd": ImageKD}
+
+
+def build_image_student(cfg: ImageStudentConfig, shape: tuple[int, ...], label_dim: int) -> ImageStudent:
+    """The student named by `cfg.kind` for images of `shape` = (C, H, W)."""
+    if len(shape) != 3:
+        raise ConfigError(f"image students need (C, H, W) data, got shape {tuple(shape)}")
+    return IMAGE_STUDENTS[cfg.kind](cfg, tuple(shape), label_dim)

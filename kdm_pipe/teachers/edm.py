@@ -1,0 +1,103 @@
+"""EDM networks as teachers: an official `.pkl` or the project's `.pt` + `.json`, and the shipped digits teacher.
+
+The denoiser is called as EDM's `edm_sampler` calls it: `net(x, σ, class_labels).to(float64)` on the float64 solver
+state (the preconditioning wrapper casts to float32 itself). Sampler defaults follow `edm_sampler`: σ range
+[0.002, 80] clipped to the network's own [σ_min, σ_max]; 18 steps up to 32 px, 40 steps above (EDM's 64 px setting).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from kdm_pipe.runtime import pick_device
+from kdm_pipe.teachers.base import Teacher
+from kdm_pipe.teachers.edm_checkpoint import CheckpointError, EDMCheckpoint, load_edm_pickle, load_state_dict_checkpoint
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DIGITS_CHECKPOINT = ASSETS / "digits-teacher.pt"
+
+
+class EDMTeacherConfig(BaseModel):
+    """A trained EDM network: an official `.pkl` (network `key`) or a `.pt` with its `.json` spec beside it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["edm"] = "edm"
+    checkpoint: Path
+    key: str = "ema"
+    allow_tf32: bool = False
+    use_fp16: bool = False
+
+
+class DigitsTeacherConfig(BaseModel):
+    """The small EDM teacher shipped with the package, trained on scikit-learn's 8×8 digits (docs/TEACHERS.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["digits"] = "digits"
+
+
+def edm_sampler_defaults(net: torch.nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0) -> dict[str, Any]:
+    return {"steps": 18 if net.img_resolution <= 32 else 40, "rho": 7.0,
+            "sigma_min": max(sigma_min, float(net.sigma_min)), "sigma_max": min(sigma_max, float(net.sigma_max))}
+
+
+class EDMTeacher(Teacher):
+    def __init__(self, name: str, params: dict[str, Any], net: torch.nn.Module, weights_sha256: str | None) -> None:
+        super().__init__(name=name, shape=(net.img_channels, net.img_resolution, net.img_resolution),
+                         label_dim=net.label_dim, params=params, weights_sha256=weights_sha256,
+                         sampler_defaults=edm_sampler_defaults(net))
+        self.net = net.eval().requires_grad_(False)
+        self.device = next(net.parameters()).device
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        # Inputs may live elsewhere (e.g. CPU noise for a GPU net); the result returns to the solver's device.
+        labels = None if labels is None else labels.to(self.device)
+        return self.net(x.to(self.device), sigma.to(self.device), labels).to(x.device, torch.float64)
+
+
+def _config_error(message: str) -> Exception:
+    from kdm_pipe.config import ConfigError  # config imports this registry, so not at module level
+    return ConfigError(message)
+
+
+def _load(path: Path, key: str, device: torch.device) -> EDMCheckpoint:
+    if not path.is_file():
+        raise _config_error(f"EDM checkpoint {path} does not exist; pass --checkpoint with an official EDM .pkl or a "
+                            f"kdm-pipe .pt (with its .json beside it), e.g. one written by `kdm-pipe teacher train`")
+    if path.suffix not in (".pkl", ".pt"):
+        raise _config_error(f"EDM checkpoint {path}: unknown format {path.suffix!r}; use an official .pkl or a .pt")
+    if path.suffix == ".pt" and not path.with_suffix(".json").is_file():
+        raise _config_error(f"EDM checkpoint {path} has no spec {path.with_suffix('.json').name} beside it; "
+                            f"put the .json written with the .pt next to it")
+    try:
+        if path.suffix == ".pkl":
+            return load_edm_pickle(path, key, device)
+        return load_state_dict_checkpoint(path, device=device)
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        raise _config_error(f"cannot load EDM checkpoint {path}: {e}") from None
+
+
+def _teacher(name: str, path: Path, key: str, allow_tf32: bool, use_fp16: bool) -> EDMTeacher:
+    device = pick_device()
+    if device.type == "cuda":
+        # TF32 changes the teacher's outputs: off unless asked for, and recorded in the fingerprint.
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    ckpt = _load(path, key, device)
+    ckpt.net.use_fp16 = use_fp16
+    params = {"class_name": ckpt.class_name, "init_kwargs": ckpt.init_kwargs, "key": key, "device": device.type,
+              "allow_tf32": allow_tf32, "use_fp16": use_fp16}
+    return EDMTeacher(name, params, ckpt.net, ckpt.sha256)
+
+
+def build_edm(cfg: EDMTeacherConfig) -> EDMTeacher:
+    return _teacher("edm", cfg.checkpoint, cfg.key, cfg.allow_tf32, cfg.use_fp16)
+
+
+def build_digits(cfg: DigitsTeacherConfig) -> EDMTeacher:
+    return _teacher("digits", DIGITS_CHECKPOINT, "ema", False, False)
+

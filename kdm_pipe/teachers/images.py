@@ -1,0 +1,143 @@
+"""Image datasets for teacher training: float32 NCHW arrays in [−1, 1] plus optional integer labels.
+
+Sources: a folder of images or an EDM-style dataset zip (both may carry EDM's `dataset.json`
+{"labels": [[relative/path.png, class], ...]}), an `.npy` array (NHWC uint8 or NCHW float in [−1, 1]),
+and `sklearn-digits` (scikit-learn's 1,797 8×8 digits, labelled 0–9).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from kdm_pipe.config import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+BUILTIN = ("sklearn-digits",)
+
+
+@dataclass
+class ImageData:
+    images: np.ndarray            # (N, C, H, W) float32 in [−1, 1]
+    labels: np.ndarray | None     # (N,) int64 class indices
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+
+def from_uint8_nhwc(pixels: np.ndarray) -> np.ndarray:
+    """EDM's mapping of 8-bit pixels to the model's range: x/127.5 − 1, channels first."""
+    if pixels.ndim == 3:
+        pixels = pixels[..., None]
+    return (pixels.astype(np.float32) / 127.5 - 1).transpose(0, 3, 1, 2).copy()
+
+
+def to_uint8_nhwc(images: np.ndarray) -> np.ndarray:
+    """The inverse used for PNGs and FID: (x·127.5 + 128) clipped to 0..255."""
+    return (np.asarray(images) * 127.5 + 128).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("L", "RGB"):
+            # Alpha is dropped; palettes and colour modes become RGB, grey ones 8-bit grey.
+            im = im.convert("RGB" if im.mode == "P" or len(im.getbands()) >= 3 else "L")
+        return np.asarray(im)
+
+
+def _read_members(names: list[str], read: Callable[[str], bytes], where: str) -> ImageData:
+    """Decode the image members `names` (relative paths) and attach labels from `dataset.json` if present."""
+    images = sorted(n for n in names if n.lower().endswith(IMAGE_SUFFIXES))
+    if not images:
+        raise ConfigError(f"{where} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --data at a folder or zip "
+                          f"of images, an .npy array, or one of {', '.join(BUILTIN)}")
+    pixels = [_decode(read(n)) for n in images]
+    shapes = {p.shape for p in pixels}
+    if len(shapes) > 1:
+        raise ConfigError(f"{where}: images differ in size/channels {sorted(shapes)[:4]}; resize them to one shape")
+    labels = None
+    if "dataset.json" in names:
+        table = json.loads(read("dataset.json")).get("labels")
+        if table is not None:
+            by_name = {str(fname).replace("\\", "/"): int(label) for fname, label in table}
+            missing = [n for n in images if n not in by_name]
+            if missing:
+                raise ConfigError(f"{where}/dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
+            labels = np.array([by_name[n] for n in images], dtype=np.int64)
+    return ImageData(from_uint8_nhwc(np.stack(pixels)), labels)
+
+
+def _folder(path: Path) -> ImageData:
+    names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    return _read_members(names, lambda n: (path / n).read_bytes(), str(path))
+
+
+def _zip(path: Path) -> ImageData:
+    with zipfile.ZipFile(path) as z:
+        return _read_members(z.namelist(), z.read, str(path))
+
+
+def _npy(path: Path) -> ImageData:
+    a = np.load(path, allow_pickle=False)
+    if a.ndim == 3:
+        a = a[..., None] if a.dtype == np.uint8 else a[:, None]
+    if a.ndim != 4:
+        raise ConfigError(f"{path}: expected images of shape (N, H, W[, C]) uint8 or (N, C, H, W) float, got {a.shape}")
+    if a.dtype == np.uint8:
+        return ImageData(from_uint8_nhwc(a), None)
+    if a.min() < -1.001 or a.max() > 1.001:
+        raise ConfigError(f"{path}: float images must lie in [−1, 1] (got {a.min():.3g}..{a.max():.3g}); "
+                          f"store uint8 NHWC pixels instead")
+    return ImageData(a.astype(np.float32), None)
+
+
+def sklearn_digits() -> ImageData:
+    """The 8×8 digits have 17 grey levels 0..16 (ink is high): mapped linearly onto [−1, 1]."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    images = (d.images / 8.0 - 1.0).astype(np.float32)[:, None]
+    return ImageData(images, d.target.astype(np.int64))
+
+
+def load_images(source: str | Path) -> ImageData:
+    """Load `source`: 'sklearn-digits', a folder of images, an EDM dataset .zip, or an .npy."""
+    name = str(source)
+    if name == "sklearn-digits":
+        return sklearn_digits()
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"--data {path}: no such file or folder (or use one of {', '.join(BUILTIN)})")
+    if path.is_dir():
+        return _folder(path)
+    if path.suffix == ".zip":
+        return _zip(path)
+    if path.suffix == ".npy":
+        return _npy(path)
+    raise ConfigError(f"--data {path}: unsupported file type {path.suffix!r}; use a folder, .zip or .npy")
+
+
+def save_image_grid(path: str | Path, images: np.ndarray, cols: int | None = None, scale: int = 1,
+                    gap: int = 2) -> Path:
+    """Images (N, C, H, W) in [−1, 1], each pixel repeated `scale` times, tiled row-major with grey `gap` lines."""
+    pixels = to_uint8_nhwc(images).repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, c = pixels.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 128, dtype=np.uint8)
+    for i, im in enumerate(pixels):
+        r, k = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = im
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return Path(path)
