@@ -50,6 +50,7 @@ def finish(cfg: BaseModel, dry_run: bool) -> bool:
 @user_errors
 def generate(
     teacher: Optional[str] = typer.Option(None, help=f"teacher: {', '.join(TEACHERS)}"),
+    checkpoint: Optional[Path] = typer.Option(None, help="teacher weights (edm: an official .pkl or a .pt + .json)"),
     shards: Optional[int] = typer.Option(None, help="number of tar shards"),
     pairs_per_shard: Optional[int] = typer.Option(None, help="pairs in each shard"),
     out: Optional[Path] = typer.Option(None, help="output directory (manifest.json + shards)"),
@@ -82,6 +83,8 @@ def generate(
             raise ConfigError(f"unknown teacher {teacher!r}; choose one of: {', '.join(TEACHERS)}")
         if base.get("teacher", {}).get("name") != teacher:     # another teacher: its own defaults, not the preset's
             base = {**base, "teacher": {"name": teacher}}
+    if checkpoint is not None:
+        base = {**base, "teacher": {**base.get("teacher", {}), "checkpoint": str(checkpoint)}}
     flags["sampler"] = {k: v for k, v in flags["sampler"].items() if v is not None}
     cfg = build(GenerateConfig, base, flags, where="generate config")
     if finish(cfg, dry_run):
@@ -181,6 +184,47 @@ def demo(
     """The whole pipeline on a preset: generate → verify → stats → train → evaluate."""
     from stages import demo as stage
     stage.run(preset, out, progress=not quiet)
+
+
+teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data.")
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("train")
+@user_errors
+def teacher_train(
+    data: Optional[str] = typer.Option(None, help="folder or EDM .zip of images, an .npy array, or sklearn-digits"),
+    out: Optional[Path] = typer.Option(None, help="run directory (config.json, train.jsonl, teacher.pt + .json)"),
+    arch: Optional[str] = typer.Option(None, help="U-Net preset: ddpmpp | ncsnpp | adm"),
+    model_channels: Optional[int] = typer.Option(None, help="overrides the preset"),
+    channel_mult: Optional[str] = typer.Option(None, help="comma-separated, e.g. 1,2 (overrides the preset)"),
+    num_blocks: Optional[int] = typer.Option(None, help="blocks per resolution (overrides the preset)"),
+    attn_resolutions: Optional[str] = typer.Option(None, help="comma-separated, e.g. 16 ('' for none)"),
+    dropout: Optional[float] = typer.Option(None),
+    precond: Optional[str] = typer.Option(None, help="edm | vp | ve (each with EDM's matching loss)"),
+    cond: Optional[bool] = typer.Option(None, "--cond/--uncond", help="condition on the data's class labels"),
+    steps: Optional[int] = typer.Option(None), batch: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None), lr_warmup: Optional[int] = typer.Option(None),
+    ema_halflife_kimg: Optional[float] = typer.Option(None),
+    ema_beta: Optional[float] = typer.Option(None, help="fixed EMA decay per step (overrides the half-life)"),
+    seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None), log_every: Optional[int] = typer.Option(None),
+    ckpt_every: Optional[int] = typer.Option(None),
+    grid: Optional[int] = typer.Option(None, help="samples drawn into samples.png at the end (0: none)"),
+    dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Train an EDM teacher (EDM loss, Adam, EMA) on images; use it with `generate --teacher edm --checkpoint`."""
+    from kdm_pipe.teacher_training import TeacherTrainConfig
+    flags = dict(data=data, out=out, arch=arch, model_channels=model_channels, channel_mult=channel_mult,
+                 num_blocks=num_blocks, attn_resolutions=attn_resolutions, dropout=dropout, precond=precond,
+                 cond=cond, steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup,
+                 ema_halflife_kimg=ema_halflife_kimg, ema_beta=ema_beta, seed=seed, device=device, threads=threads,
+                 log_every=log_every, ckpt_every=ckpt_every, grid=grid)
+    cfg = build(TeacherTrainConfig, flags, where="teacher train config")
+    if finish(cfg, dry_run):
+        return
+    from stages import teacher as stage
+    stage.run_train(cfg, progress=not quiet)
 
 
 def main() -> None:  # pragma: no cover

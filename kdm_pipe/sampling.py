@@ -1,7 +1,9 @@
 """EDM's deterministic samplers (Karras et al. 2022, Algorithm 1 with S_churn = 0) and per-seed noise.
 
-A pair depends only on (teacher, sampler settings, seed[, label]): every sample draws its latent (and label)
-from its own generator seeded with `seed mod 2**32`, so batch size and worker count never change a pair.
+A pair depends only on (teacher, sampler settings, batch size, seed[, label]): every sample draws its latent (and
+label) from its own generator seeded with `seed mod 2**32`, so worker count and batch neighbours never change a
+pair. (Network teachers on CPU may differ in the last bits between batch sizes: convolution kernels are chosen per
+batch shape. The analytic teachers are batch-size invariant.)
 """
 
 from __future__ import annotations
