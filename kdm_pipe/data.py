@@ -51,7 +51,7 @@ class PairStream(IterableDataset):
             for rec in self._records(epoch, part, parts):
                 held.append(rec)
                 size += len(rec["x_0"])
-                if size < self.buffer + self.batch:
+                if size < 2 * self.buffer + self.batch:   # refill to 2× buffer: each shuffle copies O(1) per pair out
                     continue
                 pool = {f: np.concatenate([r[f] for r in held]) for f in held[0]}
                 perm = rng.permutation(size)
