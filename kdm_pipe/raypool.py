@@ -15,6 +15,7 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
     if ray.is_initialized():                     # a caller (a test, a notebook) already owns the session
         yield
         return
+    address = address or os.environ.get("RAY_ADDRESS")     # set inside a RayJob / a Ray cluster's containers
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
