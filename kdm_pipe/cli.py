@@ -139,20 +139,33 @@ def train(
     seed: Optional[int] = typer.Option(None),
     student: Optional[str] = typer.Option(None, help="kdm | kd (the direct-regression baseline)"),
     operator: Optional[str] = typer.Option(None, help="affine | linear | decomposed"),
+    distance: Optional[str] = typer.Option(None, help="l2 | pseudo_huber | lpips | l2+lpips"),
+    w_adv: Optional[float] = typer.Option(None, help="adversarial weight (images; 0 turns the discriminator off)"),
+    lpips_vgg: Optional[Path] = typer.Option(None, help="torchvision's vgg16-397923af.pth (for LPIPS)"),
+    lpips_lin: Optional[Path] = typer.Option(None, help="lpips' weights/v0.1/vgg.pth (for LPIPS)"),
     loader_workers: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
     threads: Optional[int] = typer.Option(None),
+    ckpt_every: Optional[int] = typer.Option(None), probe_every: Optional[int] = typer.Option(None),
+    amp: Optional[str] = typer.Option(None, help="off | bf16 (autocast)"),
+    tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="TF32 matmuls on NVIDIA GPUs"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Fit the Koopman student on streamed pairs; checkpoints and logs under --out."""
+    """Fit the Koopman student on streamed pairs; checkpoints and logs under --out. Multi-GPU: torchrun ... -m kdm_pipe.cli train."""
+    student_flags = dict(kind=student, operator=operator, distance=distance, w_adv=w_adv, lpips_vgg=lpips_vgg,
+                         lpips_lin=lpips_lin)
     flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, seed=seed,
-                 loader_workers=loader_workers, device=device, threads=threads,
-                 student={k: v for k, v in dict(kind=student, operator=operator).items() if v is not None})
+                 loader_workers=loader_workers, device=device, threads=threads, ckpt_every=ckpt_every,
+                 probe_every=probe_every, amp=amp, tf32=tf32, compile=compile, tensorboard=tensorboard,
+                 student={k: v for k, v in student_flags.items() if v is not None})
     cfg = resolve(TrainConfig, "train", preset, flags)
     if finish(cfg, dry_run):
         return
     from stages import train as stage
-    stage.run(cfg, resume=resume, progress=not quiet)
+    if stage.run(cfg, resume=resume, progress=not quiet)["status"] == "preempted":
+        raise typer.Exit(stage.PREEMPTED_EXIT)
 
 
 @app.command()

@@ -69,20 +69,55 @@ class GenerateConfig(Strict):
 
 
 class StudentConfig(Strict):
-    """The KDM student for vector data (the official checkerboard configuration by default)."""
+    """The student: MLPs for vector data, EDM DDPM++ U-Nets for images (chosen by the data's shape).
 
-    kind: Literal["kdm", "kd"] = "kdm"
+    `w_push`, `w_adv` and `distance` left unset take the official setting for the data's kind — images: 1, 1,
+    pseudo-Huber (LPIPS is the official distance but needs local weights); vectors (the checkerboard setup): 0, 0, L2.
+    """
+
+    kind: Literal["kdm", "kd"] = Field(default="kdm", description="kdm: Koopman student; kd: direct-regression baseline")
+    # Vector students (MLPs)
     hidden: int = Field(default=256, ge=1)
     depth: int = Field(default=5, ge=1, description="hidden layers per MLP")
     latent_dim: int = Field(default=256, ge=1)
+    # Image students (U-Nets); defaults are the official CIFAR-10 ones
+    model_channels: int = Field(default=64, ge=1)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
+    num_blocks: int = Field(default=4, ge=1)
+    attn_resolutions: list[int] = Field(default_factory=lambda: [16])
+    dropout: float = Field(default=0.10, ge=0, lt=1)
+    latent_channels: int = Field(default=1, ge=1)
+    projection: int | None = Field(default=None, ge=1, description="p: Linear(H·W·c → p) after each encoder")
+    # The Koopman operator
     operator: Literal["affine", "linear", "decomposed"] = "affine"
     spectrum_prior: Literal["none", "uniform", "gradual", "circle"] = "none"
+    prior_seed: int = 0
+    koopman_control: bool = Field(default=True, description="add B y to the pushed latent when labels exist")
     sigma_z: float = Field(default=0.4, ge=0)
+    # The loss
     w_latent: float = 1.0
     w_rec: float = 1.0
-    w_push: float = 0.0
+    w_push: float | None = None
     w_reg: float = 1.0
-    distance: Literal["l2", "pseudo_huber"] = "l2"
+    w_adv: float | None = Field(default=None, ge=0, description="0 turns the discriminator off")
+    distance: Literal["l2", "pseudo_huber", "lpips", "l2+lpips"] | None = None
+    huber_c: float = Field(default=0.03, gt=0)
+    lpips_vgg: Path | None = None
+    lpips_lin: Path | None = None
+
+    def for_data(self, image: bool) -> "StudentConfig":
+        """This config with the unset loss settings filled in for image or vector data; refuses mismatches."""
+        w_push, w_adv, dist = (1.0, 1.0, "pseudo_huber") if image else (0.0, 0.0, "l2")
+        out = self.model_copy(update={"w_push": unset_or(self.w_push, w_push), "w_adv": unset_or(self.w_adv, w_adv),
+                                      "distance": unset_or(self.distance, dist)})
+        if not image and (out.w_adv or "lpips" in out.distance):
+            raise ConfigError("the adversarial term and LPIPS need image data (C, H, W); for vector data set "
+                              "w_adv: 0 and distance: l2 or pseudo_huber")
+        return out
+
+
+def unset_or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 class TrainConfig(Strict):
@@ -102,6 +137,12 @@ class TrainConfig(Strict):
     ckpt_every: int = Field(default=1000, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, ge=1)
+    probe_every: int = Field(default=1000, ge=1, description="steps between latent probes on held-out pairs")
+    probe_pairs: int = Field(default=256, ge=1, description="held-out pairs per latent probe")
+    amp: Literal["off", "bf16"] = Field(default="off", description="bf16 autocast (GPUs; off by default on CPU)")
+    tf32: bool = Field(default=False, description="allow TF32 matmuls/convolutions on NVIDIA GPUs")
+    compile: bool = Field(default=False, description="torch.compile the student (slow to start; for long runs)")
+    tensorboard: bool = Field(default=True, description="also write TensorBoard logs to RUN/tensorboard")
 
 
 class EvaluateConfig(Strict):

@@ -1,15 +1,23 @@
-"""Streaming pairs from tar shards with WebDataset: shard shuffling, disjoint shards per rank × loader worker,
-a shuffle buffer, fixed-size batches.
+"""Streaming pairs from tar shards with WebDataset: shard shuffling, disjoint readers, a shuffle buffer, batches
+that do not depend on how the readers are spread over ranks, and a fast exact resume.
 
-The stream is endless and deterministic: epoch e visits the shards in permutation(seed, e), rank r / worker w
-reads every (world·workers)-th of them, and a per-(seed, rank, worker) generator shuffles the buffer. Within an
-epoch every pair is seen exactly once across all ranks and workers; what is left in the buffer at the end of an
-epoch carries over into the next, so no pair is dropped. The same (seed, world, workers) gives the same batches.
+Readers. P = ranks × loader workers readers each stream a disjoint part of the shards: in epoch e reader p reads
+permutation(seed, e)[p::P]. Every reader yields micro-batches of batch/P pairs; a rank's step batch is its workers'
+micro-batches concatenated (DataLoader returns workers in turn), so the global batch of a step is the same for
+1 rank × 2 workers as for 2 ranks × 1 worker.
+
+Epochs. Reader p's epoch e holds c_e carried pairs plus its shards' pairs; it emits ⌊total/m⌋ micro-batches of m
+pairs through a shuffle buffer that is flushed at the end of the epoch, and carries the last `total mod m` pairs of
+its last shard into epoch e+1. So every pair is seen exactly once per epoch (a carried pair once, early in the
+next), and the stream's state at an epoch boundary is known from the manifest's pair counts alone: resuming at
+step k replays only the current epoch, not the whole run.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,54 +26,128 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kdm_pipe.config import ConfigError
+
 FIELDS = ("x_T", "x_0", "label", "seed")
+Block = dict[str, np.ndarray]
 
 
-def _decode(sample: dict) -> dict[str, np.ndarray]:
+def _decode(sample: dict) -> Block:
     # WebDataset lower-cases member suffixes: x_T.npy arrives as x_t.npy.
     return {f: np.load(io.BytesIO(sample[k]), allow_pickle=False) for f in FIELDS if (k := f"{f.lower()}.npy") in sample}
 
 
-class PairStream(IterableDataset):
-    def __init__(self, urls: list[str], batch: int, buffer: int, seed: int, rank: int = 0, world: int = 1):
-        self.urls, self.batch, self.buffer, self.seed, self.rank, self.world = urls, batch, buffer, seed, rank, world
+def _records(urls: list[str]) -> Iterator[Block]:
+    # Splitting by reader is done here, so WebDataset must not split or shuffle again.
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    return map(_decode, ds)
 
-    def _records(self, rng_epoch: int, part: int, parts: int) -> Iterator[dict[str, np.ndarray]]:
-        order = np.random.default_rng([self.seed, rng_epoch]).permutation(len(self.urls))
-        mine = [self.urls[i] for i in order[part::parts]]
-        # Splitting is done above (by rank and worker together), so WebDataset must not split again.
-        ds = wds.WebDataset(mine, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-        for sample in ds:
-            yield _decode(sample)
+
+def _cat(blocks: list[Block]) -> Block:
+    return {f: np.concatenate([b[f] for b in blocks]) for f in blocks[0]}
+
+
+def _take(block: Block, sl: slice) -> Block:
+    return {f: a[sl] for f, a in block.items()}
+
+
+@dataclass(frozen=True)
+class Epoch:
+    index: int
+    shards: list[tuple[str, int]]      # (url, pairs) in reading order
+    carried: int                       # pairs carried in from the previous epoch
+    batches: int                       # micro-batches emitted
+    tail: int                          # pairs of the last shard carried out to the next epoch
+
+
+class PairStream(IterableDataset):
+    def __init__(self, shards: list[tuple[str, int]], micro: int, buffer: int, seed: int, rank: int = 0,
+                 world: int = 1, start: int = 0):
+        self.shards, self.micro, self.buffer, self.seed = shards, micro, buffer, seed
+        self.rank, self.world, self.start = rank, world, start
+
+    def plan(self, part: int, parts: int) -> Iterator[Epoch]:
+        carried = 0
+        for e in itertools.count():
+            order = np.random.default_rng([self.seed, e]).permutation(len(self.shards))
+            mine = [self.shards[i] for i in order[part::parts]]
+            batches, tail = divmod(carried + sum(n for _, n in mine), self.micro)
+            yield Epoch(e, mine, carried, batches, tail)
+            carried = tail
+
+    def _epoch(self, ep: Epoch, carry: Block | None, rng: np.random.Generator) -> Iterator[Block | tuple[str, Block]]:
+        """The epoch's micro-batches, then ("tail", pairs carried out)."""
+        held, size = ([carry], len(carry["x_0"])) if carry else ([], 0)
+        last_url, last_n = ep.shards[-1]
+        seen_last, tail = 0, []
+        for i, url in enumerate(u for u, _ in ep.shards):
+            for rec in _records([url]):
+                if i == len(ep.shards) - 1:        # hold back the last `tail` pairs of the epoch
+                    n, cut = len(rec["x_0"]), max(0, last_n - ep.tail - seen_last)
+                    seen_last += n
+                    if cut < n:
+                        tail.append(_take(rec, slice(cut, None)))
+                        rec = _take(rec, slice(0, cut))
+                held.append(rec)
+                size += len(rec["x_0"])
+                if size >= 2 * self.buffer + self.micro:   # refill to 2× buffer: each shuffle moves O(1) per pair
+                    pool = _cat(held)
+                    pool = _take(pool, rng.permutation(size))
+                    keep = size - (size - self.buffer) // self.micro * self.micro
+                    yield from (_take(pool, slice(b, b + self.micro)) for b in range(keep, size, self.micro))
+                    held, size = [_take(pool, slice(0, keep))], keep
+        if size:                                    # flush: `size` is a whole number of micro-batches by construction
+            pool = _take(_cat(held), rng.permutation(size))
+            yield from (_take(pool, slice(b, b + self.micro)) for b in range(0, size, self.micro))
+        yield "tail", (_cat(tail) if tail else None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         parts, part = self.world * nw, self.rank * nw + wid
-        if len(self.urls) < parts:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {parts} readers (ranks × loader workers)")
-        rng = np.random.default_rng([self.seed, self.rank, wid, 1])
-        held: list[dict[str, np.ndarray]] = []
-        size, epoch = 0, 0
-        while True:
-            for rec in self._records(epoch, part, parts):
-                held.append(rec)
-                size += len(rec["x_0"])
-                if size < 2 * self.buffer + self.batch:   # refill to 2× buffer: each shuffle copies O(1) per pair out
-                    continue
-                pool = {f: np.concatenate([r[f] for r in held]) for f in held[0]}
-                perm = rng.permutation(size)
-                pool = {f: a[perm] for f, a in pool.items()}
-                cut = size - (size - self.buffer) // self.batch * self.batch   # emit whole batches, keep ≥ buffer
-                for b in range(cut, size, self.batch):
-                    yield {f: torch.from_numpy(a[b:b + self.batch]) for f, a in pool.items()}
-                held, size = [{f: a[:cut] for f, a in pool.items()}], cut
-            epoch += 1
+        skip, carry, prev = self.start, None, None
+        for ep in self.plan(part, parts):
+            if skip >= ep.batches:                  # fast-forward whole epochs by arithmetic
+                skip -= ep.batches
+                prev = ep
+                continue
+            if prev is not None and carry is None and ep.carried:   # resuming: re-read the carried pairs
+                url, n = prev.shards[-1]
+                carry = _take(_cat(list(_records([url]))), slice(n - ep.carried, n))
+            rng = np.random.default_rng([self.seed, part, ep.index, 1])
+            for out in self._epoch(ep, carry, rng):
+                if isinstance(out, tuple):
+                    carry = out[1]
+                elif skip:
+                    skip -= 1
+                else:
+                    yield {f: torch.from_numpy(a) for f, a in out.items()}
+            prev = ep
 
 
-def loader(directory: Path, shard_names: list[str], batch: int, buffer: int, seed: int, workers: int,
-           rank: int = 0, world: int = 1) -> DataLoader:
-    urls = [str(Path(directory) / n) for n in shard_names]
-    stream = PairStream(urls, batch, buffer, seed, rank, world)
-    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers else None)
+def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: int, seed: int, workers: int,
+            rank: int = 0, world: int = 1, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's endless stream of step batches (batch/world pairs each), beginning after `start` steps.
+
+    `shards` are (file name, pairs) pairs; `buffer` is the shuffle buffer of each reader.
+    """
+    readers = world * max(workers, 1)
+    if batch % readers:
+        raise ConfigError(f"batch {batch} must divide evenly among {readers} readers (ranks × loader workers)")
+    micro = batch // readers
+    if len(shards) < readers:
+        raise ConfigError(f"{len(shards)} training shards cannot feed {readers} readers (ranks × loader workers); "
+                          f"lower --loader-workers or generate more shards")
+    if min(n for _, n in shards) < micro:
+        raise ConfigError(f"shards of {min(n for _, n in shards)} pairs are smaller than a reader's micro-batch "
+                          f"({micro}); lower --batch or generate larger shards")
+    stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start)
+    dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                    prefetch_factor=4 if workers else None)
+    return _concat(iter(dl), max(workers, 1))
+
+
+def _concat(micro_batches: Iterator[dict[str, torch.Tensor]], per_step: int) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        parts = [next(micro_batches) for _ in range(per_step)]
+        yield parts[0] if per_step == 1 else {f: torch.cat([p[f] for p in parts]) for f in parts[0]}

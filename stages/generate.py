@@ -53,11 +53,16 @@ def open_manifest(cfg: GenerateConfig) -> Manifest:
     return old
 
 
+def remove_temp_files(out: Path) -> None:
+    """Half-written shards of attempts that died with their worker, driver or node (no attempt is running)."""
+    for tmp in out.glob(".shard-*.tar.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
 def reconcile(cfg: GenerateConfig, manifest: Manifest) -> list[int]:
     """Shards still to make: drop entries whose file is missing or corrupt, remove orphans and temp files."""
     out = Path(cfg.out)
-    for tmp in out.glob(".shard-*.tar.tmp-*"):
-        tmp.unlink()
+    remove_temp_files(out)
     good = []
     for info in manifest.shards:
         problem = check_shard(out / info.name, info)
@@ -98,6 +103,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
             log.flush()
             bar.update(info.pairs)
     bar.close()
+    remove_temp_files(out)      # a retried task's first attempt, lost with its node, left its temp file behind
     seconds = time.perf_counter() - t0
     pairs = len(todo) * cfg.pairs_per_shard
     print(f"{out}: wrote {len(todo)} shards, {pairs} pairs in {seconds:.1f}s ({pairs / seconds:,.0f} pairs/s); "

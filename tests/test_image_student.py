@@ -9,10 +9,11 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn import functional as F
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.config import ConfigError, StudentConfig
 from kdm_pipe.student.discriminator import Discriminator, disc_loss, generator_loss
-from kdm_pipe.student.image import ImageKD, ImageKDM, ImageStudentConfig, build_image_student
+from kdm_pipe.student.image import ImageKD, ImageKDM, build_image_student
 from kdm_pipe.student.lpips import LPIPS, TAP_CHANNELS, VGG16_CFG
+from kdm_pipe.student.noise import LatentNoise
 
 SHAPE = (1, 8, 8)
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, dropout=0.0)
@@ -28,7 +29,7 @@ def _one_thread():
 
 def make(shape=SHAPE, label_dim=0, seed=0, **kw) -> ImageKDM | ImageKD:
     torch.manual_seed(seed)
-    cfg = ImageStudentConfig(**{**TINY, "distance": "l2", "w_adv": 0.0, **kw})
+    cfg = StudentConfig(**{**TINY, "distance": "l2", "w_adv": 0.0, **kw})
     return build_image_student(cfg, shape, label_dim)
 
 
@@ -57,7 +58,7 @@ def test_kdm_shapes(kw, label_dim, latent_dim):
     assert m.encode_0(x_0, y).shape == m.encode_T(x_T, y).shape == (4, latent_dim)
     assert m.push(m.encode_T(x_T, y), y).shape == (4, latent_dim)
     assert m(x_T, y).shape == x_0.shape
-    losses = m.losses(x_0, x_T, y, torch.Generator().manual_seed(0))
+    losses = m.losses(x_0, x_T, y, LatentNoise(torch.Generator().manual_seed(0)))
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     assert ("inverse" in losses and "spectrum" in losses) == (kw.get("operator") == "decomposed")
 
@@ -67,7 +68,7 @@ def test_kd_shapes_and_loss():
         m = make(kind="kd", label_dim=label_dim)
         x_0, x_T, y = batch(label_dim=label_dim)
         assert m(x_T, y).shape == x_0.shape
-        losses = m.losses(x_0, x_T, y, torch.Generator())
+        losses = m.losses(x_0, x_T, y, LatentNoise(torch.Generator()))
         assert torch.allclose(losses["total"], ((m(x_T, y) - x_0) ** 2).mean(), rtol=1e-5)
 
 
@@ -76,7 +77,7 @@ def test_conditioning_reaches_unets_and_control():
     x_0, x_T, y = batch(label_dim=3)
     assert m.koopman.control is not None and m.enc_T.map_label is not None and m.dec.map_label is not None
     # EDM's zero-initialised residual convs hide the labels' effect at init; their embeddings still learn.
-    m.losses(x_0, x_T, y, torch.Generator())["total"].backward()
+    m.losses(x_0, x_T, y, LatentNoise(torch.Generator()))["total"].backward()
     for net in (m.enc_0, m.enc_T, m.dec):
         assert net.map_label.weight.grad.abs().sum() > 0
     assert make(label_dim=3, koopman_control=False).koopman.control is None
@@ -98,7 +99,7 @@ def test_time_inputs_are_constant_zero_and_one():
     for name in ("enc_0", "enc_T", "dec"):
         getattr(m, name).map_noise.register_forward_pre_hook(record(name))
     x_0, x_T, _ = batch()
-    m.losses(x_0, x_T, None, torch.Generator())
+    m.losses(x_0, x_T, None, LatentNoise(torch.Generator()))
     assert (seen["enc_0"] == 0).all() and (seen["dec"] == 0).all() and (seen["enc_T"] == 1).all()
 
 
@@ -107,7 +108,7 @@ def test_time_inputs_are_constant_zero_and_one():
 def test_loss_terms_match_hand_computation_with_latent_noise():
     m = make(sigma_z=0.4, w_latent=0.5, w_rec=2.0, w_push=3.0)
     x_0, x_T, _ = batch()
-    losses = m.losses(x_0, x_T, None, torch.Generator().manual_seed(7))
+    losses = m.losses(x_0, x_T, None, LatentNoise(torch.Generator().manual_seed(7)))
     with torch.no_grad():
         g = torch.Generator().manual_seed(7)
         z_0, z_T = m.encode_0(x_0), m.encode_T(x_T)
@@ -125,7 +126,7 @@ def test_loss_terms_match_hand_computation_with_latent_noise():
 def test_latent_loss_without_noise_and_one_step_sample():
     m = make(sigma_z=0.0)
     x_0, x_T, _ = batch()
-    losses = m.losses(x_0, x_T, None, torch.Generator())
+    losses = m.losses(x_0, x_T, None, LatentNoise(torch.Generator()))
     with torch.no_grad():
         z_hat = m.koopman.op(m.encode_T(x_T))
         assert torch.allclose(losses["latent"], ((m.encode_0(x_0) - z_hat) ** 2).mean(), rtol=1e-5)
@@ -135,7 +136,7 @@ def test_latent_loss_without_noise_and_one_step_sample():
 def test_pseudo_huber_value():
     m = make(distance="pseudo_huber", sigma_z=0.0)
     x_0, x_T, _ = batch()
-    losses = m.losses(x_0, x_T, None, torch.Generator())
+    losses = m.losses(x_0, x_T, None, LatentNoise(torch.Generator()))
     with torch.no_grad():
         diff = x_0 - m(x_T)
     expected = (torch.sqrt(diff ** 2 + 0.03 ** 2) - 0.03).mean()
@@ -148,7 +149,7 @@ def test_adversarial_term_has_the_001_factor():
     torch.manual_seed(3)
     disc = Discriminator(1, 8)
     x_0, x_T, _ = batch()
-    losses = m.losses(x_0, x_T, None, torch.Generator(), disc=disc)
+    losses = m.losses(x_0, x_T, None, LatentNoise(torch.Generator()), disc=disc)
     with torch.no_grad():
         logits = disc(m.last_sample)                  # train-mode BN: batch statistics, same value again
     adv = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
@@ -156,13 +157,13 @@ def test_adversarial_term_has_the_001_factor():
     rest = losses["latent"] + losses["rec"] + losses["push"]
     assert torch.allclose(losses["total"] - rest, 0.01 * 2.0 * adv, rtol=1e-4)
     with pytest.raises(ValueError, match="needs the discriminator"):
-        m.losses(x_0, x_T, None, torch.Generator())
+        m.losses(x_0, x_T, None, LatentNoise(torch.Generator()))
 
 
 def test_decomposed_regularisers_weighted_by_w_reg():
     m = make(operator="decomposed", spectrum_prior="gradual", w_reg=0.25, sigma_z=0.0)
     x_0, x_T, _ = batch()
-    losses = m.losses(x_0, x_T, None, torch.Generator())
+    losses = m.losses(x_0, x_T, None, LatentNoise(torch.Generator()))
     reg = m.koopman.regularizer()
     expected = losses["latent"] + losses["rec"] + losses["push"] + 0.25 * (reg["inverse"] + reg["spectrum"])
     assert torch.allclose(losses["total"], expected, rtol=1e-5)
@@ -172,7 +173,7 @@ def test_gradients_reach_every_part():
     m = make(label_dim=3, projection=12, w_adv=1.0, sigma_z=0.4)
     disc = Discriminator(1, 8)
     x_0, x_T, y = batch(label_dim=3)
-    m.losses(x_0, x_T, y, torch.Generator(), disc=disc)["total"].backward()
+    m.losses(x_0, x_T, y, LatentNoise(torch.Generator()), disc=disc)["total"].backward()
     for name in ("enc_0", "enc_T", "dec", "koopman.op", "koopman.control", "proj_0", "proj_T", "unproj"):
         part = m.get_submodule(name)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), name
@@ -263,7 +264,7 @@ def test_student_with_lpips_distance(lpips_files, kind):
     m = make(distance=kind, sigma_z=0.0, lpips_vgg=lpips_files / "vgg16.pth", lpips_lin=lpips_files / "vgg.pth")
     assert not any("lpips" in k for k in m.state_dict())
     x_0, x_T, _ = batch()
-    losses = m.losses(x_0, x_T, None, torch.Generator())
+    losses = m.losses(x_0, x_T, None, LatentNoise(torch.Generator()))
     with torch.no_grad():
         x_hat = m(x_T)
         expected = m.lpips(x_0, x_hat).mean() + (((x_0 - x_hat) ** 2).mean() if kind == "l2+lpips" else 0)
@@ -316,11 +317,11 @@ def test_disc_loss_hand_case():
 
 def test_config_rejects_unknown_keys_and_bad_sizes():
     with pytest.raises(ValidationError):
-        ImageStudentConfig(hidden=3)
+        StudentConfig(hiden=3)
     with pytest.raises(ConfigError, match="divides by 8"):
         make(shape=(1, 12, 12), channel_mult=[1, 2, 2, 2])
     with pytest.raises(ConfigError, match=r"\(C, H, W\)"):
-        build_image_student(ImageStudentConfig(), (64,), 0)
+        build_image_student(StudentConfig(), (64,), 0)
 
 
 # --- overfit ---------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def test_kdm_overfits_64_fixed_digit_pairs():
         before = ((m(x_T) - x_0) ** 2).mean()
     for _ in range(120):
         opt.zero_grad()
-        m.losses(x_0, x_T, None, gen)["total"].backward()
+        m.losses(x_0, x_T, None, LatentNoise(gen))["total"].backward()
         opt.step()
     with torch.no_grad():
         after = ((m(x_T) - x_0) ** 2).mean()

@@ -16,58 +16,27 @@ The discriminator is not part of the student (its weights must not follow the st
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from kdm_pipe.config import ConfigError, Strict
+from kdm_pipe.config import ConfigError, StudentConfig
 from kdm_pipe.networks import ARCHITECTURES
 from kdm_pipe.networks.layers import Linear
 from kdm_pipe.networks.unets import SongUNet
 from kdm_pipe.student.discriminator import generator_loss
 from kdm_pipe.student.koopman import KoopmanOperator
+from kdm_pipe.student.noise import LatentNoise
 from kdm_pipe.student.lpips import LPIPS
 from kdm_pipe.student.vector import distance
 
-ImageDistance = Literal["l2", "pseudo_huber", "lpips", "l2+lpips"]
 # DDPM++ without its CIFAR widths: those come from the student config.
 DDPMPP = {k: v for k, v in ARCHITECTURES["ddpmpp"].items() if k not in ("model_type", "model_channels", "channel_mult")}
-
-
-class ImageStudentConfig(Strict):
-    """The image student; defaults are the official CIFAR-10 settings except `distance` (LPIPS needs weights)."""
-
-    kind: Literal["kdm", "kd"] = "kdm"
-    model_channels: int = Field(default=64, ge=1)
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2, 2], min_length=1)
-    num_blocks: int = Field(default=4, ge=1)
-    attn_resolutions: list[int] = Field(default_factory=lambda: [16])
-    dropout: float = Field(default=0.10, ge=0, lt=1)
-    latent_channels: int = Field(default=1, ge=1)
-    projection: int | None = Field(default=None, ge=1, description="p: Linear(H·W·c → p) after each encoder")
-    operator: Literal["affine", "linear", "decomposed"] = "affine"
-    spectrum_prior: Literal["none", "uniform", "gradual", "circle"] = "none"
-    prior_seed: int = 0
-    koopman_control: bool = Field(default=True, description="add B y to the pushed latent when labels exist")
-    sigma_z: float = Field(default=0.4, ge=0)
-    w_latent: float = 1.0
-    w_rec: float = 1.0
-    w_push: float = 1.0
-    w_reg: float = 1.0
-    w_adv: float = Field(default=1.0, ge=0, description="0 turns the discriminator off")
-    distance: ImageDistance = "pseudo_huber"
-    huber_c: float = Field(default=0.03, gt=0)
-    lpips_vgg: Path | None = None
-    lpips_lin: Path | None = None
 
 
 class ImageStudent(nn.Module):
     """What both image students share: U-Net factory, constant time inputs, distance, adversarial term."""
 
-    def __init__(self, cfg: ImageStudentConfig, shape: tuple[int, int, int], label_dim: int) -> None:
+    def __init__(self, cfg: StudentConfig, shape: tuple[int, int, int], label_dim: int) -> None:
         super().__init__()
         channels, height, width = shape
         depth = 2 ** (len(cfg.channel_mult) - 1)
@@ -115,7 +84,7 @@ class ImageStudent(nn.Module):
 class ImageKDM(ImageStudent):
     """The KDM image student; latents are returned flattened, (B, latent_dim)."""
 
-    def __init__(self, cfg: ImageStudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
+    def __init__(self, cfg: StudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
         super().__init__(cfg, shape, label_dim)
         channels, res, _ = self.shape
         grid = cfg.latent_channels * res * res
@@ -157,12 +126,12 @@ class ImageKDM(ImageStudent):
         """One-step generation x̂_0 = D(C(E_T(x_T)))."""
         return self.decode(self.push(self.encode_T(x_T, labels), labels), labels)
 
-    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, gen: torch.Generator,
+    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, noise: LatentNoise,
                disc: nn.Module | None = None) -> dict[str, Tensor]:
         c = self.cfg
         z_0, z_T = self.encode_0(x_0, labels), self.encode_T(x_T, labels)
-        eps = torch.randn(z_T.shape, generator=gen, device=z_T.device, dtype=z_T.dtype)
-        eps_rec = torch.randn(z_0.shape, generator=gen, device=z_0.device, dtype=z_0.dtype)
+        eps = noise(z_T)
+        eps_rec = noise(z_0)
         z_hat = self.push(z_T + c.sigma_z * eps, labels)
         x_push = self.decode(z_hat, labels)
         out = {"latent": ((z_0 - z_hat) ** 2).mean(),
@@ -178,14 +147,14 @@ class ImageKDM(ImageStudent):
 class ImageKD(ImageStudent):
     """Knowledge-distillation baseline: one U-Net G(x_T) ≈ x_0, as wide as KDM's."""
 
-    def __init__(self, cfg: ImageStudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
+    def __init__(self, cfg: StudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
         super().__init__(cfg, shape, label_dim)
         self.net = self.unet(self.shape[0], self.shape[0])
 
     def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.net(x_T, self.time(x_T, 1.0), self.labels_like(labels, x_T))
 
-    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, gen: torch.Generator,
+    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, noise: LatentNoise,
                disc: nn.Module | None = None) -> dict[str, Tensor]:
         x_hat = self(x_T, labels)
         out = {"rec": self.distance(x_0, x_hat), **self.adversarial(disc, x_hat)}
@@ -196,8 +165,8 @@ class ImageKD(ImageStudent):
 IMAGE_STUDENTS: dict[str, type[ImageStudent]] = {"kdm": ImageKDM, "kd": ImageKD}
 
 
-def build_image_student(cfg: ImageStudentConfig, shape: tuple[int, ...], label_dim: int) -> ImageStudent:
+def build_image_student(cfg: StudentConfig, shape: tuple[int, ...], label_dim: int) -> ImageStudent:
     """The student named by `cfg.kind` for images of `shape` = (C, H, W)."""
     if len(shape) != 3:
         raise ConfigError(f"image students need (C, H, W) data, got shape {tuple(shape)}")
-    return IMAGE_STUDENTS[cfg.kind](cfg, tuple(shape), label_dim)
+    return IMAGE_STUDENTS[cfg.kind](cfg.for_data(image=True), tuple(shape), label_dim)

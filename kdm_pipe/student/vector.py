@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from kdm_pipe.config import StudentConfig
 from kdm_pipe.student.koopman import KoopmanOperator
+from kdm_pipe.student.noise import LatentNoise
 
 
 def mlp(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential:
@@ -54,19 +55,23 @@ class VectorKDM(nn.Module):
     def encode_0(self, x_0: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.enc_0(self._cat(x_0, labels))
 
+    def push(self, z_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        """ẑ_0 = C z_T [+ B y]."""
+        return self.koopman(z_T, labels)
+
     def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.dec(self._cat(z, labels))
 
     def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         """One-step generation x̂_0 = D(C(E_T(x_T)))."""
-        return self.decode(self.koopman(self.encode_T(x_T, labels), labels), labels)
+        return self.decode(self.push(self.encode_T(x_T, labels), labels), labels)
 
-    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, gen: torch.Generator) -> dict[str, Tensor]:
+    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, noise: LatentNoise) -> dict[str, Tensor]:
         c = self.cfg
         z_0, z_T = self.encode_0(x_0, labels), self.encode_T(x_T, labels)
-        eps = torch.randn(z_T.shape, generator=gen, device=z_T.device, dtype=z_T.dtype)
-        eps_rec = torch.randn(z_0.shape, generator=gen, device=z_0.device, dtype=z_0.dtype)
-        z_hat = self.koopman(z_T + c.sigma_z * eps, labels)
+        eps = noise(z_T)
+        eps_rec = noise(z_0)
+        z_hat = self.push(z_T + c.sigma_z * eps, labels)
         out = {"latent": ((z_0 - z_hat) ** 2).mean(),
                "rec": distance(c.distance, x_0, self.decode(z_0 + c.sigma_z * eps_rec, labels))}
         if c.w_push:
@@ -90,7 +95,7 @@ class VectorKD(nn.Module):
         x = x_T * self.x_T_scale
         return self.net(x if labels is None else torch.cat([x, labels], dim=1))
 
-    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, gen: torch.Generator) -> dict[str, Tensor]:
+    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, noise: LatentNoise) -> dict[str, Tensor]:
         loss = distance(self.cfg.distance, x_0, self(x_T, labels))
         return {"rec": loss, "total": loss}
 
@@ -98,5 +103,5 @@ class VectorKD(nn.Module):
 STUDENTS = {"kdm": VectorKDM, "kd": VectorKD}
 
 
-def build_student(cfg: StudentConfig, data_dim: int, label_dim: int, sigma_max: float) -> nn.Module:
-    return STUDENTS[cfg.kind](cfg, data_dim, label_dim, sigma_max)
+def build_vector_student(cfg: StudentConfig, data_dim: int, label_dim: int, sigma_max: float) -> nn.Module:
+    return STUDENTS[cfg.kind](cfg.for_data(image=False), data_dim, label_dim, sigma_max)

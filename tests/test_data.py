@@ -1,0 +1,73 @@
+"""The pair stream: each pair once per epoch, batches independent of how readers are spread over ranks, and a
+resume that starts exactly where the uninterrupted stream was."""
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from kdm_pipe.config import ConfigError
+from kdm_pipe.data import PairStream, batches
+from kdm_pipe.shards import write_shard
+
+SIZES = [97, 80, 103, 90, 64]          # unequal shards and records that do not divide the batch
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    out, start = [], 0
+    for k, n in enumerate(SIZES):
+        seeds = np.arange(start, start + n)
+        recs = [{"x_T": np.stack([s, -s]).T.astype(np.float32), "x_0": s[:, None].astype(np.float32), "seed": s}
+                for s in np.array_split(seeds, 3)]
+        write_shard(root / f"s{k}.tar", recs)
+        out.append((f"s{k}.tar", n))
+        start += n
+    return root, out
+
+
+def seeds_of(stream, steps):
+    return [b["seed"].numpy().tolist() for b in itertools.islice(stream, steps)]
+
+
+def test_every_pair_once_per_epoch(shards):
+    root, names = shards
+    micro = 16
+    plan = list(itertools.islice(PairStream(names, micro, 40, 0).plan(0, 1), 3))
+    steps = sum(ep.batches for ep in plan)
+    got = seeds_of(batches(root, names, micro, 40, seed=0, workers=0), steps)
+    assert all(len(b) == micro for b in got)
+    first = Counter(itertools.chain(*got[: plan[0].batches]))
+    assert max(first.values()) == 1 and len(first) == sum(SIZES) - plan[0].tail
+    counts = Counter(itertools.chain(*got))
+    assert len(counts) == sum(SIZES)
+    # three epochs: every pair three times, except the last epoch's carried tail (emitted early in epoch 4)
+    assert sorted(Counter(counts.values()).items()) == [(2, plan[2].tail), (3, sum(SIZES) - plan[2].tail)]
+
+
+@pytest.mark.parametrize("start", [1, 7, 24, 40])
+def test_resume_starts_where_the_stream_was(shards, start):
+    root, names = shards
+    full = seeds_of(batches(root, names, 16, 40, seed=3, workers=0), start + 12)
+    resumed = seeds_of(batches(root, names, 16, 40, seed=3, workers=0, start=start), 12)
+    assert resumed == full[start:]
+
+
+def test_global_batch_does_not_depend_on_how_readers_are_spread(shards):
+    root, names = shards
+    one_rank = seeds_of(batches(root, names, 32, 40, seed=1, workers=2), 15)
+    ranks = [seeds_of(batches(root, names, 32, 40, seed=1, workers=0, rank=r, world=2), 15) for r in (0, 1)]
+    assert one_rank == [a + b for a, b in zip(*ranks)]
+    assert len(set(one_rank[0])) == 32
+
+
+def test_refusals(shards):
+    root, names = shards
+    with pytest.raises(ConfigError, match="divide evenly"):
+        batches(root, names, 33, 40, seed=0, workers=2)
+    with pytest.raises(ConfigError, match="cannot feed"):
+        batches(root, names[:1], 32, 40, seed=0, workers=2)
+    with pytest.raises(ConfigError, match="smaller than"):
+        batches(root, names, 128, 40, seed=0, workers=0)

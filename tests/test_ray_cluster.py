@@ -1,0 +1,90 @@
+"""generate on a two-node Ray cluster (two `ray start`s on this machine) that loses a node mid-run."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from kdm_pipe.config import GenerateConfig
+from kdm_pipe.generation import make_shard
+from kdm_pipe.shards import load_manifest, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.cluster_throughput import LocalCluster  # noqa: E402
+
+CLI = [sys.executable, "-m", "kdm_pipe.cli"]
+SHARDS, PER_SHARD, BATCH, STEPS = 8, 3000, 1000, 30     # ~1.5 s a shard: time to kill a node mid-shard
+
+
+@pytest.fixture
+def cluster():
+    c = LocalCluster(object_store_mb=100)
+    try:
+        c.add_node(num_cpus=1)
+        c.add_node(num_cpus=1, resources={"node2": 1})
+        yield c
+    finally:
+        c.stop()
+
+
+def nodes(address: str) -> list[dict]:
+    ray.init(address=address, log_to_driver=False)
+    try:
+        return ray.nodes()
+    finally:
+        ray.shutdown()
+
+
+def digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("shard-*.tar"))}
+
+
+def test_generate_survives_losing_a_node(cluster, tmp_path):
+    second = [n for n in nodes(cluster.address) if "node2" in n["Resources"]]
+    assert len(second) == 1 and second[0]["Alive"] and len(nodes(cluster.address)) == 2
+
+    out, log = tmp_path / "pairs", tmp_path / "driver.log"
+    args = ["generate", "--shards", str(SHARDS), "--pairs-per-shard", str(PER_SHARD), "--batch", str(BATCH),
+            "--steps", str(STEPS), "--workers", "2", "-q", "--out", str(out), "--address", cluster.address]
+    with open(log, "w") as f:
+        driver = subprocess.Popen(CLI + args, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Kill once a shard has landed and both nodes are mid-shard (one CPU each, one temp file per running task).
+        deadline, busy = time.time() + 90, None
+        while driver.poll() is None and time.time() < deadline:
+            done = len(json.loads((out / "manifest.json").read_text())["shards"]) \
+                if (out / "manifest.json").exists() else 0
+            running = sorted(p.name for p in out.glob(".shard-*.tmp-*"))
+            if 1 <= done < SHARDS - 1 and len(running) == 2:
+                cluster.kill_raylet(1)
+                busy = running
+                break
+            time.sleep(0.02)
+        assert busy, f"never saw a shard landed with both nodes busy; driver output:\n{log.read_text()[-2000:]}"
+        assert driver.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, 9)
+
+    assert [n["Alive"] for n in nodes(cluster.address) if "node2" in n["Resources"]] == [False]
+    manifest = load_manifest(out)
+    assert sorted(s.index for s in manifest.shards) == list(range(SHARDS))     # each shard once, none missing
+    assert verify(out) == {}
+    assert not list(out.glob(".*tmp*"))                 # the lost attempt's half-written shard is gone
+    lines = (out / "generate.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["shard"] for x in lines) == list(range(SHARDS))
+
+    # The same shards written by this process alone, without Ray.
+    cfg = GenerateConfig.model_validate(dict(out=tmp_path / "ref", shards=SHARDS, pairs_per_shard=PER_SHARD,
+                                             batch=BATCH, sampler={"steps": STEPS}))
+    cfg.out.mkdir()
+    for k in range(SHARDS):
+        make_shard(cfg, k)
+    assert digests(out) == digests(cfg.out) and len(digests(out)) == SHARDS

@@ -1,0 +1,129 @@
+"""The trainer at scale: image students with the discriminator, exact resume of all of it, latent probes,
+TensorBoard, 2-process DDP under torchrun equal to one process, and SIGTERM → checkpoint → resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+
+from kdm_pipe.config import GenerateConfig, TrainConfig
+from kdm_pipe.probes import load_probes
+from kdm_pipe.training import latest_checkpoint, train
+from stages import generate
+
+CLI = [sys.executable, "-m", "kdm_pipe.cli"]
+TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
+
+
+def make_pairs(out, **kw):
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    try:
+        generate.run(GenerateConfig.model_validate({"out": out, **kw}), progress=False)
+    finally:
+        ray.shutdown()
+    return out
+
+
+@pytest.fixture(scope="module")
+def digit_pairs(tmp_path_factory):
+    return make_pairs(tmp_path_factory.mktemp("digits"), teacher={"name": "digits"}, shards=3, pairs_per_shard=64,
+                      batch=32, sampler={"steps": 3})
+
+
+@pytest.fixture(scope="module")
+def vector_pairs(tmp_path_factory):
+    return make_pairs(tmp_path_factory.mktemp("board"), shards=5, pairs_per_shard=1000, batch=500)
+
+
+def weights_equal(a, b, part):
+    return all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+def image_cfg(data, out, **kw):
+    return TrainConfig.model_validate({"data": data, "out": out, "batch": 16, "loader_workers": 0, "shuffle_buffer": 32,
+                                       "log_every": 1, "ckpt_every": 3, "probe_every": 2, "probe_pairs": 20,
+                                       "student": {**TINY_UNET, "w_adv": 1.0}, **kw})
+
+
+def test_image_kdm_with_discriminator_resumes_exactly(digit_pairs, tmp_path):
+    train(image_cfg(digit_pairs, tmp_path / "full", steps=6), progress=False)
+    train(image_cfg(digit_pairs, tmp_path / "half", steps=3), progress=False)
+    train(image_cfg(digit_pairs, tmp_path / "half", steps=6), resume=True, progress=False)
+    a = torch.load(latest_checkpoint(tmp_path / "full"), weights_only=True)
+    b = torch.load(latest_checkpoint(tmp_path / "half"), weights_only=True)
+    assert {"disc", "opt_d"} <= set(a)
+    for part in ("model", "ema", "disc"):
+        assert weights_equal(a, b, part), part
+    # the discriminator really trained and the student felt it
+    rows = [json.loads(line) for line in (tmp_path / "full" / "train.jsonl").read_text().splitlines()]
+    assert all({"adv", "disc", "latent", "rec", "push"} <= set(r) for r in rows)
+    probes = load_probes(tmp_path / "full" / "latents.zarr")
+    assert probes["step"].tolist() == [2, 4, 6]
+    assert probes["z_T/mean"].shape == (3, 64) and probes["eigenvalues"].shape == (3, 64, 2)
+    resumed = load_probes(tmp_path / "half" / "latents.zarr")
+    assert resumed["step"].tolist() == [2, 3, 4, 6]           # the first run probed its last step, 3
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "full" / "tensorboard").iterdir())
+
+
+def test_kd_image_baseline_trains(digit_pairs, tmp_path):
+    out = train(image_cfg(digit_pairs, tmp_path / "kd", steps=2, student={**TINY_UNET, "kind": "kd", "w_adv": 0.0}),
+                progress=False)
+    assert out["status"] == "done"
+    state = torch.load(latest_checkpoint(tmp_path / "kd"), weights_only=True)
+    assert "disc" not in state and any(k.startswith("net.") for k in state["model"])
+    assert set(load_probes(tmp_path / "kd" / "latents.zarr")) == {"step", "paired_mse"}
+
+
+def cli_train(data, out, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--batch", "64", "--device", "cpu", "--threads", "1",
+            "--ckpt-every", "10", "--quiet", *extra]
+
+
+def test_two_process_ddp_equals_one_process(vector_pairs, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    small = ["--preset", "checkerboard"]          # the official 2-D student, shortened below
+    args = ["--steps", "20", "--no-tensorboard"]
+    subprocess.run(CLI + cli_train(vector_pairs, tmp_path / "one", "--loader-workers", "2", *args, *small),
+                   check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "kdm_pipe.cli"] + cli_train(vector_pairs, tmp_path / "ddp", "--loader-workers", "0", *args, *small),
+                   check=True, env=env, timeout=300)
+    a = torch.load(latest_checkpoint(tmp_path / "one"), weights_only=True)
+    b = torch.load(latest_checkpoint(tmp_path / "ddp"), weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+    assert not weights_equal(a, torch.load(sorted((tmp_path / "one" / "checkpoints").glob("*.pt"))[0],
+                                           weights_only=True), "model")
+
+
+def test_sigterm_checkpoints_and_resume_finishes_the_same_run(vector_pairs, tmp_path):
+    common = ["--loader-workers", "0", "--no-tensorboard", "--steps", "3000"]
+    proc = subprocess.Popen(CLI + cli_train(vector_pairs, tmp_path / "pre", *common, "--preset", "checkerboard"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpts = tmp_path / "pre" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ckpts.glob("ckpt-*.pt")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in out
+    stopped = torch.load(latest_checkpoint(tmp_path / "pre"), weights_only=True)["step"]
+    assert 10 <= stopped < 3000
+    n = stopped + 20
+    subprocess.run(CLI + cli_train(vector_pairs, tmp_path / "pre", *common[:-1], str(n), "--resume",
+                                   "--preset", "checkerboard"), check=True, timeout=300)
+    subprocess.run(CLI + cli_train(vector_pairs, tmp_path / "ref", *common[:-1], str(n), "--preset", "checkerboard"),
+                   check=True, timeout=300)
+    a = torch.load(latest_checkpoint(tmp_path / "pre"), weights_only=True)
+    b = torch.load(latest_checkpoint(tmp_path / "ref"), weights_only=True)
+    assert a["step"] == b["step"] == n
+    assert weights_equal(a, b, "model") and weights_equal(a, b, "ema")
