@@ -1,5 +1,6 @@
-"""generate pairs/s on one Ray node with 2 CPUs ÷ a two-node local cluster (head 1 CPU + node 1 CPU), and the
-per-NFE cost of a CIFAR-size DDPM++ teacher, projected to 1M pairs on N GPUs.
+"""generate pairs/s on a two-node local Ray cluster (head 1 CPU + node 1 CPU) ÷ one node with 2 CPUs, both
+joined with `generate --address`; then the per-NFE cost of a CIFAR-size DDPM++ teacher (FLOPs counted, CPU
+time measured) and a projection of wall time for 1M CIFAR pairs at 35 NFE on N GPUs.
 
 Also home of `LocalCluster`, the multi-node Ray cluster on one machine that tests/test_ray_cluster.py uses.
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-# The GCS declares a silent node dead after initial delay + period × threshold: ~35 s by default, 3 s here.
+# The GCS declares a node dead after `threshold` failed health checks `period` apart: 5 × 3 s by default,
+# 3 × 0.5 s here. Tasks are retried sooner (the owner sees its worker die); this only speeds up the verdict.
 FAST_FAILURE_DETECTION = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "500",
                           "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
 
@@ -125,3 +127,86 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+SHARDS, PER_SHARD, BATCH, STEPS = 16, 10000, 1000, 18     # as bench/generate_throughput.py
+REPEATS = 2
+CIFAR_PAIRS, CIFAR_NFE, NET_BATCH, FORWARDS = 1_000_000, 35, 64, 2     # ~30 s a forward here
+# NVIDIA A100 datasheet peaks (dense): FP32 19.5 TFLOP/s; TF32 tensor cores 156 TFLOP/s, which PyTorch uses for
+# cuDNN convolutions by default. Utilisation is our assumption for a 32×32 U-Net at large batch: its convolutions
+# have few pixels per channel and GroupNorm/attention are memory-bound, so well under half of peak.
+GPU_ASSUMPTIONS = {"A100, TF32 convs, 25% of 156 TFLOP/s": 156e12 * 0.25,
+                   "A100, strict FP32, 50% of 19.5 TFLOP/s": 19.5e12 * 0.50}
+
+
+def generate_pairs_per_s(nodes: list[int]) -> float:
+    """generate pairs/s with one Ray node per entry of `nodes` (its CPUs), 2 workers × 1 thread in all."""
+    from kdm_pipe.config import GenerateConfig
+    from stages import generate
+
+    with LocalCluster() as cluster:
+        for cpus in nodes:
+            cluster.add_node(cpus)
+        out = tempfile.mkdtemp()
+        try:
+            cfg = GenerateConfig(out=out, shards=SHARDS, pairs_per_shard=PER_SHARD, batch=BATCH,
+                                 sampler={"steps": STEPS}, workers=2, threads_per_worker=1, cpus_per_worker=1,
+                                 address=cluster.address)
+            t = time.perf_counter()      # includes connecting the driver and starting workers, as a real run does
+            generate.run(cfg, progress=False)
+            return SHARDS * PER_SHARD / (time.perf_counter() - t)
+        finally:
+            shutil.rmtree(out)
+
+
+def ddpmpp_cost() -> tuple[int, float, float]:
+    """(parameters, FLOPs per image per NFE, CPU seconds per image per NFE) of EDM's CIFAR-10 VP teacher."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kdm_pipe.networks import ARCHITECTURES, build_network
+
+    torch.manual_seed(0)
+    net = build_network("VPPrecond", img_resolution=32, img_channels=3, **ARCHITECTURES["ddpmpp"], dropout=0.13,
+                        augment_dim=9).eval()
+    x, sigma = 80 * torch.randn(NET_BATCH, 3, 32, 32), torch.full((NET_BATCH,), 80.0)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            net(x, sigma)
+        t = time.perf_counter()
+        for _ in range(FORWARDS):
+            net(x, sigma)
+        seconds = time.perf_counter() - t
+    return (sum(p.numel() for p in net.parameters()), counter.get_total_flops() / NET_BATCH,
+            seconds / (FORWARDS * NET_BATCH))
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:,.1f} min"
+
+
+if __name__ == "__main__":
+    print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores; other jobs on the machine skew every number)")
+    runs: dict[str, list[float]] = {"1 node × 2 CPUs": [], "2 nodes × 1 CPU": []}
+    for _ in range(REPEATS):                  # interleaved, so drift on the machine hits both alike
+        runs["1 node × 2 CPUs"].append(generate_pairs_per_s([2]))
+        runs["2 nodes × 1 CPU"].append(generate_pairs_per_s([1, 1]))
+    mean = {k: sum(v) / len(v) for k, v in runs.items()}
+    for k, v in runs.items():
+        print(f"generate, {k}: {mean[k]:10,.0f} pairs/s   (runs: {', '.join(f'{r:,.0f}' for r in v)})")
+    print(f"2 nodes ÷ 1 node at equal cores: {mean['2 nodes × 1 CPU'] / mean['1 node × 2 CPUs']:.2f}")
+
+    import torch
+    torch.set_num_threads(2)
+    params, flops, cpu_s = ddpmpp_cost()
+    work = CIFAR_PAIRS * CIFAR_NFE * flops
+    print(f"\nDDPM++ CIFAR-10 (VPPrecond): {params / 1e6:.1f}M parameters, {flops / 1e9:.2f} GFLOP per image per NFE")
+    print(f"this CPU, 2 threads, batch {NET_BATCH}: {cpu_s * 1e3:.1f} ms per image per NFE "
+          f"({flops / cpu_s / 1e9:.0f} GFLOP/s); {CIFAR_PAIRS:,} pairs × {CIFAR_NFE} NFE here: "
+          f"{CIFAR_PAIRS * CIFAR_NFE * cpu_s / 86400:,.0f} days")
+    print(f"{CIFAR_PAIRS:,} pairs × {CIFAR_NFE} NFE = {work / 1e15:,.0f} PFLOP; wall time on N GPUs "
+          f"(perfect scaling over shards):")
+    for name, rate in GPU_ASSUMPTIONS.items():
+        print(f"  {name} = {rate / 1e12:.1f} TFLOP/s effective: " +
+              ", ".join(f"N={n}: {hours(work / (n * rate))}" for n in (1, 8, 32, 128)))
+    print(f"load average after: {os.getloadavg()[0]:.1f}")

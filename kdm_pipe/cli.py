@@ -119,14 +119,30 @@ def verify(directory: Path = typer.Argument(..., help="pair directory written by
 @app.command()
 @user_errors
 def stats(
-    directory: Path = typer.Argument(..., help="pair directory written by generate"),
+    target: str = typer.Argument(..., help="a pair directory written by generate, or `ref` (then SOURCE)"),
+    source: Optional[str] = typer.Argument(None, help="with `ref`: images (folder, EDM zip, .npy, "
+                                           "sklearn-digits, a pair directory or a `sample` output)"),
+    out: Optional[Path] = typer.Option(None, help="with `ref`: the reference .npz to write (mu, sigma)"),
+    detector: Optional[Path] = typer.Option(None, help="with `ref`: TorchScript feature net, e.g. "
+                                            "inception-2015-12-05.pt (default: pixel features)"),
+    num: Optional[int] = typer.Option(None, help="with `ref`: images used (default: all)"),
+    device: str = typer.Option("auto"),
     workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
     cov_max_dim: int = typer.Option(1024, min=0, help="store covariances only up to this flattened dimension"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Per-shard sufficient statistics (Ray) merged into a zarr store DIR/stats.zarr."""
+    """`stats DIR`: per-shard sufficient statistics (Ray) merged into DIR/stats.zarr.
+    `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images."""
+    if target == "ref":
+        if source is None or out is None:
+            raise ConfigError("usage: kdm-pipe stats ref SOURCE --out REF.npz [--detector PATH] [--num N]")
+        from stages import stats as stage
+        stage.reference(source, out, detector, num, device)
+        return
+    if source is not None:
+        raise ConfigError(f"stats {target}: unexpected second argument {source!r} (only `stats ref SOURCE` takes one)")
     from stages import stats as stage
-    stage.run(directory, workers=workers, address=address, cov_max_dim=cov_max_dim, progress=not quiet)
+    stage.run(Path(target), workers=workers, address=address, cov_max_dim=cov_max_dim, progress=not quiet)
 
 
 @app.command()
@@ -176,15 +192,39 @@ def evaluate(
     num: Optional[int] = typer.Option(None, help="held-out pairs for the reported metrics"),
     weights: Optional[str] = typer.Option(None, help="auto | ema | raw"),
     seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    detector: Optional[Path] = typer.Option(None, help="TorchScript feature net (inception-2015-12-05.pt); "
+                                            "default: pixel features"),
+    ref: Optional[str] = typer.Option(None, help="FID reference: EDM .npz (mu, sigma) or images to compute it from"),
+    fid_num: Optional[int] = typer.Option(None, help="fresh one-step samples for the FID against --ref (50000)"),
+    batch: Optional[int] = typer.Option(None, help="images per batch"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
 ):
     """Metrics of the student's one-step samples against held-out teacher pairs → RUN/eval.json and figures."""
     cfg = resolve(EvaluateConfig, "evaluate", preset,
-                  dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device))
+                  dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device, detector=detector,
+                       ref=ref, fid_num=fid_num, batch=batch))
     if finish(cfg, dry_run):
         return
     from stages import evaluate as stage
     stage.run(cfg)
+
+
+@app.command()
+@user_errors
+def sample(
+    run: Path = typer.Argument(..., help="run directory written by train"),
+    out: Path = typer.Option(..., help="output directory (PNGs per seed, samples.npz, grid.png, samples.json)"),
+    num: int = typer.Option(64, min=1, help="samples, from seeds SEED … SEED+NUM−1"),
+    seed: int = typer.Option(0, min=0, help="first seed"),
+    weights: str = typer.Option("auto", help="auto (what evaluate chose, else EMA) | ema | raw"),
+    class_label: Optional[int] = typer.Option(None, "--class", help="class for every sample (conditional runs)"),
+    batch: int = typer.Option(250, min=1), device: str = typer.Option("auto"),
+):
+    """One-step samples of a trained student, written as EDM writes them."""
+    if weights not in ("auto", "ema", "raw"):
+        raise ConfigError(f"--weights {weights!r}: choose auto, ema or raw")
+    from stages import sample as stage
+    stage.run(run, out, num, seed, weights, class_label, batch, device)
 
 
 @app.command()

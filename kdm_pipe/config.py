@@ -153,6 +153,12 @@ class EvaluateConfig(Strict):
         default="auto", description="auto: whichever has the lower paired error on a held-out selection split")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    detector: Path | None = Field(default=None, description="TorchScript feature net for image metrics, e.g. "
+                                  "inception-2015-12-05.pt (default: pixel features)")
+    ref: str | None = Field(default=None, description="FID reference: EDM-format .npz (mu, sigma) or images "
+                            "(folder, EDM zip, .npy, sklearn-digits) to compute it from")
+    fid_num: int = Field(default=50000, ge=2, description="fresh one-step samples (seeds 0…) compared with --ref")
+    batch: int = Field(default=250, ge=1, description="images per detector / student batch")
 
 
 class Preset(Strict):

@@ -1,7 +1,11 @@
-"""Evaluation of a trained student against held-out teacher pairs (vector data).
+"""Evaluation of a trained student against held-out teacher pairs, for vector and image data.
 
 Held-out shards never reach the trainer. They are split in two: the first half chooses which weights to report
-(EMA or raw, by paired error), the second half is what every reported number is computed on.
+(EMA or raw, by paired error), the second half is what every reported number is computed on. Each number comes
+with two references: an untrained student of the same init (the floor of "learned nothing") and, for
+distribution metrics, teacher-vs-teacher on the two halves of the report split (the metric's own noise floor).
+Images are also compared in a feature space (`--detector`, default pixels) and, with `--ref`, by FID of fresh
+one-step samples from seeds 0… against reference statistics.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ from sklearn.cluster import KMeans
 
 from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.metrics import mmd_rbf, off_support_fraction, paired_errors, sliced_wasserstein
+from kdm_pipe.metrics.detectors import features, load_detector
+from kdm_pipe.metrics.fid import FeatureStats, image_metrics, load_ref_stats, reference_stats
 from kdm_pipe.plots import pairs_scatter
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.sampling import edm_sigmas, solve
+from kdm_pipe.sample_io import save_grid
+from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
 from kdm_pipe.shards import read_shard
+from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.training import load_weights, student_for
 
@@ -86,7 +94,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     labels = lambda p: p.get("label")  # noqa: E731
 
     # Choose EMA or raw on the selection half only.
-    sel_err = {w: paired_errors(one_step(m[0], select["x_T"], labels(select), device), select["x_0"])["mse"]
+    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+    sel_err = {w: paired_errors(flat(one_step(m[0], select["x_T"], labels(select), device, cfg.batch)),
+                                flat(select["x_0"]))["mse"]
                for w, m in models.items()}
     chosen = min(sel_err, key=sel_err.get) if cfg.weights == "auto" else cfg.weights
     model = models[chosen][0]
@@ -94,18 +104,27 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     torch.manual_seed(tcfg.seed)                       # the same init the run started from
     untrained = student_for(tcfg, manifest).eval()
     x_T, x_0 = report["x_T"], report["x_0"]
-    outputs = {"student": one_step(model, x_T, labels(report), device),
-               "untrained": one_step(untrained, x_T, labels(report), device)}
+    outputs = {"student": one_step(model, x_T, labels(report), device, cfg.batch),
+               "untrained": one_step(untrained, x_T, labels(report), device, cfg.batch)}
     t_name, t_params = manifest.teacher["name"], manifest.teacher["params"]
     results: dict[str, Any] = {"run": str(run), "data": str(data), "step": step, "weights": chosen,
                                "selection_mse": sel_err, "num_pairs": len(x_0)}
     for name, x in outputs.items():
-        results[name] = {**distribution_metrics(x, x_0, cfg.seed, t_name, t_params), **paired_errors(x, x_0)}
+        results[name] = paired_errors(flat(x), flat(x_0))
     h = len(x_0) // 2                                  # the metric's own noise floor: teacher vs teacher
-    results["teacher_floor"] = distribution_metrics(x_0[:h], x_0[h:], cfg.seed, t_name, t_params)
+    if is_image(manifest.shape):
+        image_results(results, cfg, outputs, x_0, device)
+        results["fid"] = fid_report(cfg, model, manifest, device) if cfg.ref else None
+        save_grid(run / "samples.png", np.concatenate([x_0[:16], outputs["student"][:16], outputs["untrained"][:16]]),
+                  ncol=16, scale=max(1, 64 // manifest.shape[-1]))
+        results["figures"] = [str(run / "samples.png")]
+    else:
+        for name, x in outputs.items():
+            results[name].update(distribution_metrics(x, x_0, cfg.seed, t_name, t_params))
+        results["teacher_floor"] = distribution_metrics(x_0[:h], x_0[h:], cfg.seed, t_name, t_params)
 
-    results["speed"] = speed_report(model, tcfg, manifest, x_T[:1024], labels(report), device)
-    modes = KMeans(8, n_init=4, random_state=cfg.seed).fit_predict(x_0) if x_0.shape[1] == 2 else None
+    results["speed"] = speed_report(model, tcfg, manifest, x_T[:cfg.batch], labels(report), device)
+    modes = KMeans(8, n_init=4, random_state=cfg.seed).fit_predict(x_0) if x_0.ndim == 2 and x_0.shape[1] == 2 else None
     if modes is not None:
         extent = t_params.get("extent")
         pairs_scatter(run / "samples.png", x_T / manifest.sigma_max, x_0,
@@ -114,6 +133,47 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["figures"] = [str(run / "samples.png")]
     (run / "eval.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def image_results(results: dict, cfg: EvaluateConfig, outputs: dict[str, np.ndarray], x_0: np.ndarray, device) -> None:
+    """Feature-space distances to the teacher's held-out samples (Fréchet distance, IS, precision/recall)."""
+    net = load_detector(cfg.detector, device)
+    chunks = lambda x: (x[b:b + cfg.batch] for b in range(0, len(x), cfg.batch))  # noqa: E731
+    real = features(net, chunks(x_0), cfg.batch, device)
+    ref = FeatureStats.of(real, net.name)
+    for name, x in outputs.items():
+        m = image_metrics(chunks(x), net, ref, real_features=real, batch=cfg.batch, device=device)
+        results[name].update({("fd_teacher" if k in ("fid", "frechet_distance") else k): v for k, v in m.items()
+                              if k not in ("note", "detector", "num_samples")})
+    h = len(x_0) // 2
+    floor = image_metrics(chunks(x_0[:h]), net, FeatureStats.of(real[h:], net.name), real_features=real[h:],
+                          batch=cfg.batch, device=device)
+    results["teacher_floor"] = {"fd_teacher": floor.get("fid", floor.get("frechet_distance"))}
+    results["detector"] = net.name
+    results["feature_note"] = ("pixel features (no --detector): Fréchet distances between pixel-space Gaussians"
+                               if cfg.detector is None else f"features of {cfg.detector}")
+
+
+def fid_report(cfg: EvaluateConfig, model: torch.nn.Module, manifest, device) -> dict[str, Any]:
+    """FID of `fid_num` fresh one-step samples (seeds 0…, x_T = σ_max·z as the teacher drew them) against --ref."""
+    net = load_detector(cfg.detector, device)
+    ref_path = Path(cfg.ref)
+    ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
+           else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
+
+    def samples():
+        for b in range(0, cfg.fid_num, cfg.batch):
+            seeds = list(range(b, min(b + cfg.batch, cfg.fid_num)))
+            z, y = seed_noise(seeds, tuple(manifest.shape), manifest.label_dim, device)
+            yield one_step(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(),
+                           device, cfg.batch)
+    return image_metrics(samples(), net, ref, batch=cfg.batch, device=device)
+
+
+def _has_images(path: Path) -> bool:
+    """An .npz of images (arr_0, as `sample` writes) rather than statistics (mu, sigma)."""
+    with np.load(path) as f:
+        return "mu" not in f.files
 
 
 def speed_report(model, tcfg, manifest, x_T: np.ndarray, labels, device) -> dict[str, float]:

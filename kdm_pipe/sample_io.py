@@ -37,6 +37,13 @@ def image_grid(images: np.ndarray, ncol: int | None = None, gap: int = 0) -> np.
     return grid
 
 
+def save_grid(path: str | Path, images: np.ndarray, ncol: int | None = None, scale: int = 1, gap: int = 2) -> Path:
+    """`image_grid` as a PNG, each pixel repeated `scale` times (small images stay visible)."""
+    images = np.asarray(images).repeat(scale, axis=2).repeat(scale, axis=3)
+    _png(image_grid(images, ncol, gap)).save(path)
+    return Path(path)
+
+
 def _png(pixels: np.ndarray) -> Image.Image:
     """HWC uint8 → a PIL image, grey as mode L (what EDM writes for one channel)."""
     return Image.fromarray(pixels[..., 0], "L") if pixels.shape[-1] == 1 else Image.fromarray(pixels, "RGB")

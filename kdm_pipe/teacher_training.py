@@ -29,7 +29,8 @@ from kdm_pipe.networks import ARCHITECTURES, build_network  # noqa: E402
 from kdm_pipe.runtime import pick_device, set_threads  # noqa: E402
 from kdm_pipe.teachers.edm import EDMTeacher  # noqa: E402
 from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint  # noqa: E402
-from kdm_pipe.teachers.images import ImageData, load_images, save_image_grid  # noqa: E402
+from kdm_pipe.sample_io import save_grid  # noqa: E402
+from kdm_pipe.teachers.images import ImageData, load_images  # noqa: E402
 
 PRECONDS = {"edm": "EDMPrecond", "vp": "VPPrecond", "ve": "VEPrecond"}
 CKPT_DIR = "checkpoints"
@@ -203,5 +204,5 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = False) -> Path:
     plot_loss(out / "train.jsonl", out / "loss.png")
     if cfg.grid:
         samples = sample_grid(ema, cfg.grid, device).float().cpu().numpy()
-        save_image_grid(out / "samples.png", samples, scale=max(1, 64 // data.shape[1]))
+        save_grid(out / "samples.png", samples, scale=max(1, 64 // data.shape[1]))
     return out

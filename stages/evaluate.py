@@ -10,13 +10,19 @@ from kdm_pipe.evaluation import evaluate
 
 def table(results: dict[str, Any]) -> str:
     rows = [("", "student", "untrained", "teacher floor")]
-    for key in ("sliced_wasserstein", "mmd", "off_support", "mse", "psnr"):
+    for key in ("sliced_wasserstein", "mmd", "off_support", "fd_teacher", "precision", "recall", "inception_score",
+                "mse", "psnr"):
         if key in results["student"]:
             floor = results["teacher_floor"].get(key)
             rows.append((key, f"{results['student'][key]:.4g}", f"{results['untrained'][key]:.4g}",
                          "" if floor is None else f"{floor:.4g}"))
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+    fid = results.get("fid")
+    if fid:
+        name = "FID" if "fid" in fid else "Fréchet distance"
+        lines.append(f"{name} vs {fid.get('ref', 'reference')}: {fid.get('fid', fid.get('frechet_distance')):.4g} "
+                     f"({fid['num_samples']} one-step samples, {fid['detector']})")
     sp = results["speed"]
     if "speedup" in sp:
         lines.append(f"speed: student {sp['student_samples_per_s']:,.0f} samples/s (1 step) vs teacher "

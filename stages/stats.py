@@ -69,3 +69,19 @@ def run(directory: Path, workers: int = 2, address: str | None = None, cov_max_d
            f"{pairs / seconds:,.0f} pairs/s)" if todo else f"all {len(manifest.shards)} shards up to date"
     print(f"{path}: {done}; merged {manifest.num_pairs} pairs")
     return path
+
+
+def reference(source: str, out: Path, detector: Path | None = None, num: int | None = None,
+              device: str = "auto") -> Path:
+    """FID reference statistics (`mu`, `sigma`, EDM's .npz format) of `source`'s images in `detector`'s features."""
+    from kdm_pipe.metrics.detectors import load_detector
+    from kdm_pipe.metrics.fid import reference_stats, save_ref_stats
+    from kdm_pipe.runtime import pick_device
+
+    dev = pick_device(device)
+    t = time.perf_counter()
+    stats = reference_stats(source, load_detector(detector, dev), num=num, device=dev)
+    path = save_ref_stats(out, stats)
+    rate = stats.num / (time.perf_counter() - t)
+    print(f"{path}: reference statistics of {stats.num} images from {source} ({stats.detector}, {rate:,.0f} images/s)")
+    return path

@@ -126,18 +126,3 @@ def load_images(source: str | Path) -> ImageData:
     if path.suffix == ".npy":
         return _npy(path)
     raise ConfigError(f"--data {path}: unsupported file type {path.suffix!r}; use a folder, .zip or .npy")
-
-
-def save_image_grid(path: str | Path, images: np.ndarray, cols: int | None = None, scale: int = 1,
-                    gap: int = 2) -> Path:
-    """Images (N, C, H, W) in [−1, 1], each pixel repeated `scale` times, tiled row-major with grey `gap` lines."""
-    pixels = to_uint8_nhwc(images).repeat(scale, axis=1).repeat(scale, axis=2)
-    n, h, w, c = pixels.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 128, dtype=np.uint8)
-    for i, im in enumerate(pixels):
-        r, k = divmod(i, cols)
-        grid[r * (h + gap):r * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = im
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-    return Path(path)

@@ -1,0 +1,66 @@
+"""sample: one-step samples of a trained student from seeds, written as EDM writes them.
+
+Images → OUT/{seed//1000*1000:06d}/{seed:06d}.png, OUT/samples.npz (arr_0 uint8 NHWC, seeds, labels), grid.png and
+samples.json. Vector data → OUT/samples.npz (x_0, seeds, labels) and samples.json. x_T = σ_max·z with z from one
+generator per seed (and the class label drawn from it next), exactly as the teacher's pairs were drawn, so
+`sample` from seed s is comparable with the teacher's pair of seed s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdm_pipe.config import ConfigError
+from kdm_pipe.evaluation import one_step
+from kdm_pipe.runtime import pick_device
+from kdm_pipe.sample_io import write_samples
+from kdm_pipe.sampling import seed_noise
+from kdm_pipe.shards import atomic_write_text
+from kdm_pipe.student import is_image
+from kdm_pipe.training import load_weights
+
+
+def chosen_weights(run: Path, weights: str) -> str:
+    """`auto`: the weights `evaluate` chose on its selection split, else EMA."""
+    if weights != "auto":
+        return weights
+    report = Path(run) / "eval.json"
+    return json.loads(report.read_text())["weights"] if report.is_file() else "ema"
+
+
+def run(run_dir: Path, out: Path, num: int, seed: int = 0, weights: str = "auto", class_label: int | None = None,
+        batch: int = 250, device: str = "auto") -> dict:
+    if not (Path(run_dir) / "config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
+    which = chosen_weights(run_dir, weights)
+    model, _, manifest, step = load_weights(run_dir, which)
+    if class_label is not None and not 0 <= class_label < manifest.label_dim:
+        raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"
+                          + ("" if manifest.label_dim else " (it is unconditional: drop --class)"))
+    dev = pick_device(device)
+    seeds = np.arange(seed, seed + num)
+    xs, ys = [], []
+    for b in range(0, num, batch):
+        z, y = seed_noise(seeds[b:b + batch].tolist(), tuple(manifest.shape), manifest.label_dim)
+        if class_label is not None:
+            y = torch.nn.functional.one_hot(torch.full((len(z),), class_label), manifest.label_dim).float()
+        y = None if y is None else y.numpy()
+        xs.append(one_step(model, (manifest.sigma_max * z).numpy(), y, dev, batch))
+        ys.append(y)
+    x = np.concatenate(xs)
+    labels = None if ys[0] is None else np.concatenate(ys)
+    settings = {"run": str(run_dir), "step": step, "weights": which, "seed": seed, "class": class_label,
+                "x_T": "sigma_max * z, one generator per seed (EDM)"}
+    if is_image(manifest.shape):
+        paths = write_samples(out, x, seeds, labels, settings)
+    else:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        np.savez(Path(out) / "samples.npz", x_0=x, seeds=seeds, **({} if labels is None else {"labels": labels}))
+        atomic_write_text(Path(out) / "samples.json", json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
+        paths = {"dir": Path(out), "npz": Path(out) / "samples.npz"}
+    print(f"{out}: {num} one-step samples (seeds {seed}…{seed + num - 1}) from {run_dir} step {step}, {which} weights")
+    return paths
