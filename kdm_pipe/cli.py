@@ -13,7 +13,8 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel
 
-from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig, TrainConfig, build, load_preset
+from kdm_pipe.config import (ConfigError, EvaluateConfig, GenerateConfig, ImportConfig, TrainConfig, build,
+                             load_preset)
 from kdm_pipe.teachers import TEACHERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -162,6 +163,7 @@ def train(
     loader_workers: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
     threads: Optional[int] = typer.Option(None),
     ckpt_every: Optional[int] = typer.Option(None), probe_every: Optional[int] = typer.Option(None),
+    holdout_shards: Optional[int] = typer.Option(None, help="last shards kept out of training, for evaluation"),
     amp: Optional[str] = typer.Option(None, help="off | bf16 (autocast)"),
     tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="TF32 matmuls on NVIDIA GPUs"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
@@ -174,7 +176,7 @@ def train(
                          lpips_lin=lpips_lin)
     flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, seed=seed,
                  loader_workers=loader_workers, device=device, threads=threads, ckpt_every=ckpt_every,
-                 probe_every=probe_every, amp=amp, tf32=tf32, compile=compile, tensorboard=tensorboard,
+                 probe_every=probe_every, holdout_shards=holdout_shards, amp=amp, tf32=tf32, compile=compile, tensorboard=tensorboard,
                  student={k: v for k, v in student_flags.items() if v is not None})
     cfg = resolve(TrainConfig, "train", preset, flags)
     if finish(cfg, dry_run):
@@ -227,16 +229,51 @@ def sample(
     stage.run(run, out, num, seed, weights, class_label, batch, device)
 
 
+@app.command("import")
+@user_errors
+def import_(
+    src: Optional[Path] = typer.Argument(None, help="kdm-npz / get: the folder; npy: a (T, N, ...) stack "
+                                         "(x_T at index 0, x_0 at −1); omit with --x-T/--x-0"),
+    out: Optional[Path] = typer.Option(None, help="output directory (manifest.json + shards)"),
+    format: str = typer.Option(..., "--format", help="kdm-npz | get | npy"),
+    x_t: Optional[Path] = typer.Option(None, "--x-T", help="npy: (N, ...) x_T array"),
+    x_0: Optional[Path] = typer.Option(None, "--x-0", help="npy: (N, ...) x_0 array"),
+    labels: Optional[Path] = typer.Option(None, help="npy: (N,) int classes or (N, label_dim) one-hot"),
+    label_dim: Optional[int] = typer.Option(None, help="number of classes for int labels (default: max + 1)"),
+    order: Optional[str] = typer.Option(None, help="kdm-npz / npy stack: auto | xT-first | x0-first "
+                                        "(auto: the end that looks like N(0, sigma_max²) noise is x_T)"),
+    sigma_max: Optional[float] = typer.Option(None, help="std of x_T in the source (default 80; 1 for a stack)"),
+    tolerance: Optional[float] = typer.Option(None, help="relative tolerance of the check std(x_T) ≈ sigma_max"),
+    pairs_per_shard: Optional[int] = typer.Option(None, help="at most this many pairs per shard"),
+    batch: Optional[int] = typer.Option(None, help="pairs per tar record"),
+    x0_dtype: Optional[str] = typer.Option(None, help="storage dtype of x_0: float16 | float32 | float64"),
+    xt_dtype: Optional[str] = typer.Option(None, "--xT-dtype", help="storage dtype of x_T"),
+    dry_run: bool = DryRun,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Convert an existing pair set (official KDM .npz folder, GET files, .npy arrays) into verified shards."""
+    flags: dict[str, Any] = dict(src=src, out=out, format=format, x_T=x_t, x_0=x_0, labels=labels,
+                                 label_dim=label_dim, order=order, sigma_max=sigma_max, tolerance=tolerance,
+                                 pairs_per_shard=pairs_per_shard, batch=batch, x0_dtype=x0_dtype, xT_dtype=xt_dtype)
+    cfg = build(ImportConfig, flags, where="import config")
+    if finish(cfg, dry_run):
+        return
+    from stages import import_pairs as stage
+    stage.run(cfg, progress=not quiet)
+
+
 @app.command()
 @user_errors
 def demo(
-    preset: str = typer.Option("checkerboard", "--preset", "-p", help="preset to run end to end"),
-    out: Path = typer.Option(Path("runs/demo"), help="directory for pairs/ and run/"),
+    preset: str = typer.Option("digits", "--preset", "-p", help="preset to run end to end (digits: real 8×8 images; "
+                               "checkerboard: the 2-D setup)"),
+    out: Path = typer.Option(Path("runs/demo"), help="directory for pairs/, kdm/, kd/ and report.html"),
+    scale: float = typer.Option(1.0, min=0.01, max=1.0, help="shrink pairs per shard and training steps (quick look)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """The whole pipeline on a preset: generate → verify → stats → train → evaluate."""
+    """The whole pipeline on a preset: generate → verify → stats → train KDM and the KD baseline → evaluate → report."""
     from stages import demo as stage
-    stage.run(preset, out, progress=not quiet)
+    stage.run(preset, out, progress=not quiet, scale=scale)
 
 
 teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdm_pipe.teachers import TeacherConfig
 from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig
@@ -159,6 +159,59 @@ class EvaluateConfig(Strict):
                             "(folder, EDM zip, .npy, sklearn-digits) to compute it from")
     fid_num: int = Field(default=50000, ge=2, description="fresh one-step samples (seeds 0…) compared with --ref")
     batch: int = Field(default=250, ge=1, description="images per detector / student batch")
+
+
+ImportFormat = Literal["kdm-npz", "get", "npy"]
+
+
+class ImportConfig(Strict):
+    """Settings of `kdm-pipe import`."""
+
+    format: ImportFormat
+    src: Path | None = Field(default=None, description="kdm-npz / get: the folder; npy: a (T, N, ...) stack")
+    out: Path = Path("runs/pairs")
+    x_T: Path | None = Field(default=None, description="npy: the (N, ...) x_T array (with x_0, instead of src)")
+    x_0: Path | None = Field(default=None, description="npy: the (N, ...) x_0 array")
+    labels: Path | None = Field(default=None, description="npy: (N,) int classes or (N, label_dim) one-hot")
+    label_dim: int | None = Field(default=None, ge=1, description="classes, for int labels (default: max + 1)")
+    order: Literal["auto", "xT-first", "x0-first"] = Field(
+        default="auto", description="kdm-npz / npy stack: which end of each array is x_T (auto: the noisy one)")
+    sigma_max: float | None = Field(default=None, gt=0,
+                                    description="std of x_T (default 80; 1 for a (T, N, ...) stack)")
+    tolerance: float = Field(default=0.1, gt=0, lt=1, description="relative tolerance of std(x_T) ≈ sigma_max")
+    pairs_per_shard: int = Field(default=4096, ge=1, description="at most this many pairs per shard")
+    batch: int = Field(default=1024, ge=1, description="pairs per tar record")
+    x0_dtype: Dtype = "float32"
+    xT_dtype: Dtype = "float32"
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "ImportConfig":
+        pair_files = self.x_T is not None or self.x_0 is not None
+        if self.format != "npy" and (pair_files or self.labels is not None):
+            raise ValueError("--x-T, --x-0 and --labels belong to --format npy")
+        if self.format == "npy" and pair_files:
+            if self.x_T is None or self.x_0 is None or self.src is not None:
+                raise ValueError("npy pairs need both --x-T and --x-0 and no SRC (or SRC alone: a (T, N, ...) stack)")
+            if self.order != "auto":
+                raise ValueError("--order applies to kdm-npz and (T, N, ...) stacks; --x-T/--x-0 already name the ends")
+        elif self.src is None:
+            raise ValueError(f"--format {self.format} needs SRC")
+        if self.format == "get" and self.order != "auto":
+            raise ValueError("--order does not apply to GET files (latent/ is x_T, image/ is x_0)")
+        return self
+
+    @property
+    def stack(self) -> bool:
+        return self.format == "npy" and self.src is not None
+
+    @property
+    def sigma(self) -> float:
+        return self.sigma_max if self.sigma_max is not None else (1.0 if self.stack else 80.0)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the bytes of every shard (compared on rerun)."""
+        return self.model_dump(mode="json", exclude={"out", "tolerance"}) | {"sigma_max": self.sigma} | {
+            k: str(p.resolve()) for k in ("src", "x_T", "x_0", "labels") if (p := getattr(self, k)) is not None}
 
 
 class Preset(Strict):

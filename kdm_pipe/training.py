@@ -193,13 +193,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, device, rank, world) -> dict:
     run, lead = Path(cfg.out), rank == 0
-    if lead:
-        (run / CKPT_DIR).mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(cfg.model_dump_json(indent=1))
-        (run / "split.json").write_text(json.dumps({"train": train_names, "holdout": holdout_names}, indent=1))
-
     torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
-    model = student_for(cfg, manifest).to(device)
+    model = student_for(cfg, manifest).to(device)      # (a bad student config fails here, before anything is written)
     disc = discriminator_for(cfg, manifest)
     disc = disc.to(device) if disc is not None else None
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -229,6 +224,10 @@ def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext())
     stream = batches(cfg.data, [(n, counts[n]) for n in train_names], cfg.batch, cfg.shuffle_buffer, cfg.seed,
                      cfg.loader_workers, rank, world, start=step)
+    if lead:
+        (run / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(cfg.model_dump_json(indent=1))
+        (run / "split.json").write_text(json.dumps({"train": train_names, "holdout": holdout_names}, indent=1))
     probes = probe_pairs(cfg, holdout_names, device) if lead else None
     store = ProbeStore(run / "latents.zarr", step) if probes is not None else None
     tb = tensorboard(run, step) if lead and cfg.tensorboard else None

@@ -1,23 +1,33 @@
-"""demo: a preset's whole pipeline, generate → verify → stats → train → evaluate, into one output directory.
+"""demo: a preset's whole pipeline into one directory — generate → verify → stats → train the KDM student and the
+KD baseline on the same pairs, steps and batch → evaluate both → reports.
 
-This is the composition of the stages (what a cluster scheduler would chain), not a stage of its own.
+This is the composition of the stages (what a cluster scheduler would chain), not a stage of its own. Reruns
+resume: finished shards are kept, finished runs are re-evaluated only.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig, TrainConfig, build, load_preset
+from kdm_pipe.report import write_comparison
 from kdm_pipe.shards import verify
 from stages import evaluate, generate, stats, train
 
+STUDENTS = ("kdm", "kd")
 
-def run(preset: str, out: Path, progress: bool = True, resume: bool = True) -> dict:
+
+def run(preset: str, out: Path, progress: bool = True, resume: bool = True, scale: float = 1.0) -> dict:
+    """Run the preset's pipeline; `scale` < 1 shrinks pairs and steps (for tests and quick looks)."""
     sections = load_preset(preset)
-    pairs, run_dir = Path(out) / "pairs", Path(out) / "run"
-    gcfg = build(GenerateConfig, sections.get("generate", {}), {"out": pairs}, where="generate")
-    tcfg = build(TrainConfig, sections.get("train", {}), {"data": pairs, "out": run_dir}, where="train")
-    ecfg = build(EvaluateConfig, sections.get("evaluate", {}), {"run": run_dir, "data": pairs}, where="evaluate")
+    out = Path(out)
+    pairs = out / "pairs"
+    g = sections.get("generate", {})
+    t = sections.get("train", {})
+    small = {} if scale == 1 else {"pairs_per_shard": max(16, int(g.get("pairs_per_shard", 16) * scale))}
+    gcfg = build(GenerateConfig, g, {"out": pairs, **small}, where="generate")
+    start = time.perf_counter()
     print(f"== generate ({gcfg.shards} shards × {gcfg.pairs_per_shard} pairs, teacher {gcfg.teacher.name})")
     generate.run(gcfg, progress=progress)
     print("== verify")
@@ -27,9 +37,20 @@ def run(preset: str, out: Path, progress: bool = True, resume: bool = True) -> d
     print(f"{pairs}: all shards match the manifest")
     print("== stats")
     stats.run(pairs, workers=gcfg.workers, progress=progress)
-    print(f"== train ({tcfg.steps} steps, student {tcfg.student.kind})")
-    train.run(tcfg, resume=resume and (run_dir / "config.json").exists(), progress=progress)
-    print("== evaluate")
-    results = evaluate.run(ecfg)
-    print(f"report: {run_dir / 'eval.json'}" + "".join(f"\nfigure: {f}" for f in results.get("figures", [])))
+    results = {}
+    for kind in STUDENTS:
+        run_dir = out / kind
+        steps = {} if scale == 1 else {"steps": max(2, int(t.get("steps", 2) * scale))}
+        tcfg = build(TrainConfig, t, {"data": pairs, "out": run_dir, "student": {"kind": kind}, **steps},
+                     where="train")
+        ecfg = build(EvaluateConfig, sections.get("evaluate", {}), {"run": run_dir, "data": pairs}, where="evaluate")
+        print(f"== train {kind} ({tcfg.steps} steps, batch {tcfg.batch})")
+        done = (run_dir / "config.json").exists()
+        train.run(tcfg, resume=resume and done, progress=progress)
+        print(f"== evaluate {kind}")
+        results[kind] = evaluate.run(ecfg)
+    report = write_comparison({k: out / k for k in STUDENTS}, out / "report.html")
+    print(f"== {preset} done in {time.perf_counter() - start:.0f} s")
+    print(evaluate.comparison(results))
+    print(f"report: {report}" + "".join(f"\nrun report: {out / k / 'report.html'}" for k in STUDENTS))
     return results

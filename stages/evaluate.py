@@ -8,16 +8,23 @@ from kdm_pipe.config import EvaluateConfig
 from kdm_pipe.evaluation import evaluate
 
 
+METRICS = ("sliced_wasserstein", "mmd", "off_support", "fd_teacher", "precision", "recall", "inception_score", "mse",
+           "psnr")
+
+
+def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+
+
 def table(results: dict[str, Any]) -> str:
     rows = [("", "student", "untrained", "teacher floor")]
-    for key in ("sliced_wasserstein", "mmd", "off_support", "fd_teacher", "precision", "recall", "inception_score",
-                "mse", "psnr"):
+    for key in METRICS:
         if key in results["student"]:
             floor = results["teacher_floor"].get(key)
             rows.append((key, f"{results['student'][key]:.4g}", f"{results['untrained'][key]:.4g}",
                          "" if floor is None else f"{floor:.4g}"))
-    width = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+    lines = aligned(rows)
     fid = results.get("fid")
     if fid:
         name = "FID" if "fid" in fid else "Fréchet distance"
@@ -28,6 +35,19 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"speed: student {sp['student_samples_per_s']:,.0f} samples/s (1 step) vs teacher "
                      f"{sp['teacher_samples_per_s']:,.0f} samples/s ({sp['teacher_nfe']} NFE): {sp['speedup']:.0f}×")
     return "\n".join(lines)
+
+
+def comparison(results: dict[str, dict[str, Any]]) -> str:
+    """Several runs side by side (e.g. KDM vs the KD baseline on the same pairs), with the ratio to the first."""
+    names = list(results)
+    rows = [("", *names, *(f"{n}/{names[0]}" for n in names[1:]))]
+    for key in METRICS:
+        if all(key in r["student"] for r in results.values()):
+            vals = [r["student"][key] for r in results.values()]
+            rows.append((key, *(f"{v:.4g}" for v in vals), *(f"{v / vals[0]:.3g}" if vals[0] else "" for v in vals[1:])))
+    rows.append(("samples/s", *(f"{r['speed']['student_samples_per_s']:,.0f}" for r in results.values()),
+                 *("" for _ in names[1:])))
+    return "\n".join(aligned(rows))
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError
-from kdm_pipe.importers import ImportConfig, Source, open_source, orient, pairs
+from kdm_pipe.config import ImportConfig
+from kdm_pipe.importers import Source, open_source, orient, pairs
 from kdm_pipe.shards import (MANIFEST, Manifest, ShardInfo, check_shard, load_manifest, save_manifest, shard_name,
                              verify, write_shard)
 from kdm_pipe.teachers.base import fingerprint

@@ -8,3 +8,33 @@ import torch  # noqa: E402
 
 # Two cores shared by the test process and any Ray workers: one torch thread each avoids oversubscription.
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+def make_pairs(out, **kw):
+    """Real pairs through the real generate stage (a private 2-CPU Ray session)."""
+    import ray
+
+    from kdm_pipe.config import GenerateConfig
+    from stages import generate
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    try:
+        generate.run(GenerateConfig.model_validate({"out": out, **kw}), progress=False)
+    finally:
+        ray.shutdown()
+    return out
+
+
+@pytest.fixture(scope="session")
+def digit_pairs(tmp_path_factory):
+    """3 shards × 64 image pairs from the shipped digits teacher (3 Heun steps: fast, still digit-like)."""
+    return make_pairs(tmp_path_factory.mktemp("digits"), teacher={"name": "digits"}, shards=3, pairs_per_shard=64,
+                      batch=32, sampler={"steps": 3})
+
+
+@pytest.fixture(scope="session")
+def vector_pairs(tmp_path_factory):
+    """5 shards × 1000 checkerboard pairs."""
+    return make_pairs(tmp_path_factory.mktemp("board"), shards=5, pairs_per_shard=1000, batch=500)

@@ -9,37 +9,15 @@ import sys
 import time
 
 import pytest
-import ray
 import torch
 
-from kdm_pipe.config import GenerateConfig, TrainConfig
+from kdm_pipe.config import TrainConfig
 from kdm_pipe.probes import load_probes
 from kdm_pipe.training import latest_checkpoint, train
-from stages import generate
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
-
-
-def make_pairs(out, **kw):
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    try:
-        generate.run(GenerateConfig.model_validate({"out": out, **kw}), progress=False)
-    finally:
-        ray.shutdown()
-    return out
-
-
-@pytest.fixture(scope="module")
-def digit_pairs(tmp_path_factory):
-    return make_pairs(tmp_path_factory.mktemp("digits"), teacher={"name": "digits"}, shards=3, pairs_per_shard=64,
-                      batch=32, sampler={"steps": 3})
-
-
-@pytest.fixture(scope="module")
-def vector_pairs(tmp_path_factory):
-    return make_pairs(tmp_path_factory.mktemp("board"), shards=5, pairs_per_shard=1000, batch=500)
 
 
 def weights_equal(a, b, part):

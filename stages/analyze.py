@@ -1,0 +1,24 @@
+"""analyze: the paper's analyses of a trained run → RUN/analysis/ (spectrum, noise structure, interpolation PNGs
+and analysis.json). Reads the run's config, checkpoints, latents.zarr, eval.json (for the reported weights) and its
+held-out shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdm_pipe.analysis import OUT_DIR, analyze
+
+
+def run(run_dir: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    result = analyze(run_dir, num=num, seed=seed, device=device)
+    print(f"{run_dir}: step {result['step']}, {result['weights']} weights, {result['num_pairs']} held-out pairs")
+    if "spectrum" in result:
+        s = result["spectrum"]
+        print(f"Koopman spectrum: radius {s['spectral_radius']:.4g}, {100 * s['fraction_inside']:.1f}% of "
+              f"{s['dim']} eigenvalues inside the unit circle, operator norm {s['operator_norm']:.4g}")
+    else:
+        print(result["note"])
+    print(f"wrote {Path(run_dir) / OUT_DIR / 'analysis.json'}"
+          + "".join(f", {Path(run_dir) / f}" for f in result["figures"]))
+    return result

@@ -1,0 +1,80 @@
+"""Presets reproduce the official KDM configurations (REFERENCE §1) and build the students they describe."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kdm_pipe.config import PRESET_DIR, GenerateConfig, TrainConfig, build, load_preset
+from kdm_pipe.student import build_student
+
+CLI = [sys.executable, "-m", "kdm_pipe.cli"]
+OFFICIAL = {  # preset: (teacher pickle, sampler steps, pairs, U-Net channels, latent d, operator, label_dim, shape)
+    "cifar10-uncond": ("edm-cifar10-32x32-uncond-vp.pkl", 18, 1_000_000, 64, 1024, "affine", 0, (3, 32, 32)),
+    "cifar10-cond": ("edm-cifar10-32x32-cond-vp.pkl", 18, 1_000_000, 64, 1024, "affine", 10, (3, 32, 32)),
+    "cifar10-uncond-decomposed": ("edm-cifar10-32x32-uncond-vp.pkl", 18, 1_000_000, 64, 1024, "decomposed", 0,
+                                  (3, 32, 32)),
+    "ffhq64": ("edm-ffhq-64x64-uncond-vp.pkl", 40, 1_000_000, 32, 512, "affine", 0, (3, 64, 64)),
+    "afhqv2-64": ("edm-afhqv2-64x64-uncond-vp.pkl", 40, 250_000, 32, 512, "affine", 0, (3, 64, 64)),
+}
+
+
+def sections(name):
+    s = load_preset(name)
+    return build(GenerateConfig, s["generate"]), build(TrainConfig, s["train"])
+
+
+def test_every_preset_is_valid():
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert set(OFFICIAL) | {"checkerboard", "digits"} <= set(names)
+    for name in names:
+        sections(name)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_configuration(name):
+    pkl, steps, pairs, channels, latent, operator, label_dim, shape = OFFICIAL[name]
+    g, t = sections(name)
+    assert g.teacher.name == "edm" and g.teacher.checkpoint.name == pkl
+    assert (g.sampler.solver, g.sampler.steps, g.sampler.sigma_min, g.sampler.sigma_max, g.sampler.rho) == \
+        ("heun", steps, 0.002, 80.0, 7.0)
+    assert g.shards * g.pairs_per_shard == pairs
+    s = t.student
+    assert (t.batch, t.steps, t.lr, t.ema, t.betas) == (128, 800_001, 3e-4, 0.9999, (0.9, 0.999))
+    assert (s.kind, s.model_channels, s.channel_mult, s.operator, s.sigma_z) == ("kdm", channels, [1, 2, 2, 2],
+                                                                                 operator, 0.4)
+    assert (s.w_latent, s.w_rec, s.w_push, s.w_adv, s.distance) == (1.0, 1.0, 1.0, 1.0, "lpips")
+    assert s.spectrum_prior == ("uniform" if operator == "decomposed" else "none")
+    # Build the student as the trainer would (LPIPS weights are not on this machine: measure it with L2).
+    torch.manual_seed(0)
+    model = build_student(s.model_copy(update={"distance": "l2"}), shape, label_dim, 80.0)
+    assert model.latent_dim == latent
+    assert (model.koopman.control is not None) == (label_dim > 0)
+    if operator == "affine":
+        assert model.koopman.op.bias is not None
+
+
+def test_checkerboard_preset_is_the_official_2d_setup():
+    g, t = sections("checkerboard")
+    s = t.student.for_data(image=False)
+    assert (s.hidden, s.depth, s.latent_dim, s.operator, s.distance, s.w_push, s.w_adv) == \
+        (256, 5, 256, "affine", "l2", 0.0, 0.0)
+
+
+def test_preset_without_its_checkpoint_is_refused_before_writing(tmp_path):
+    out = tmp_path / "pairs"
+    r = subprocess.run(CLI + ["generate", "--preset", "cifar10-uncond", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "edm-cifar10-32x32-uncond-vp.pkl does not exist" in r.stderr and "--checkpoint" in r.stderr
+    assert not out.exists()
+
+
+def test_lpips_without_weights_says_how_to_get_them(tmp_path):
+    r = subprocess.run(CLI + ["train", "--preset", "digits", "--data", str(tmp_path), "--distance", "lpips",
+                              "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and '"distance": "lpips"' in r.stdout
+    from kdm_pipe.config import ConfigError
+    with pytest.raises(ConfigError, match="vgg16-397923af.pth"):
+        build_student(sections("digits")[1].student.model_copy(update={"distance": "lpips"}), (1, 8, 8), 0, 80.0)

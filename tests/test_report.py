@@ -1,0 +1,185 @@
+"""report.html per run and the comparison page: valid HTML, existing images, eval.json's numbers in the table."""
+
+import json
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+import ray
+
+from kdm_pipe.analysis import analyze
+from kdm_pipe.config import EvaluateConfig, GenerateConfig, TrainConfig
+from kdm_pipe.evaluation import evaluate
+from kdm_pipe.report import write_comparison, write_report
+from kdm_pipe.training import train
+from stages import generate
+
+SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
+TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+             "w_adv": 0.0}
+VOID = {"meta", "img", "br", "hr", "link", "input", "col", "source", "wbr"}
+
+
+class StrictHTML(HTMLParser):
+    """Fails on any unclosed or misnested element; collects <img src>, <a href>, tables (cell texts) and text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.imgs, self.hrefs, self.tables, self.text, self.doctype = [], [], [], [], [], None
+        self.cell = None
+
+    def handle_decl(self, decl):
+        self.doctype = decl
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        assert tag != "script" and not (tag == "link" and attrs.get("rel") == "stylesheet"), tag
+        if tag == "img":
+            self.imgs.append(attrs["src"])
+        if tag == "a":
+            self.hrefs.append(attrs["href"])
+        if tag == "table":
+            self.tables.append([])
+        if tag == "tr":
+            self.tables[-1].append([])
+        if tag in ("td", "th"):
+            self.cell = []
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert tag not in VOID and self.stack and self.stack[-1] == tag, (tag, self.stack)
+        self.stack.pop()
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append("".join(self.cell))
+            self.cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def parse(path):
+    p = StrictHTML()
+    p.feed(path.read_text(encoding="utf-8"))
+    p.close()
+    assert p.doctype == "DOCTYPE html" and not p.stack
+    assert all(not s.startswith(("http:", "https:", "//", "/")) for s in p.imgs + p.hrefs)   # nothing external
+    return p
+
+
+def table_with(parsed, header):
+    tables = [t for t in parsed.tables if t and t[0] == header]
+    assert len(tables) == 1, header
+    return tables[0][1:]
+
+
+def assert_numbers(rows, expected: dict[str, list]):
+    """Each row `name, v1, v2 …` shows expected[name] to 4 significant digits ('' for missing values)."""
+    assert sorted(r[0] for r in rows) == sorted(expected)
+    for row in rows:
+        for cell, want in zip(row[1:], expected[row[0]], strict=True):
+            if want is None:
+                assert cell == ""
+            elif isinstance(want, str):
+                assert cell == want
+            else:
+                assert float(cell) == pytest.approx(want, rel=1e-3, abs=1e-12), (row[0], cell, want)
+
+
+def student_keys(results):
+    return [k for k, v in results["student"].items() if isinstance(v, float)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    try:
+        generate.run(GenerateConfig(out=root / "board", shards=3, pairs_per_shard=1000, batch=500), progress=False)
+        generate.run(GenerateConfig.model_validate({"out": root / "digits", "teacher": {"name": "digits"}, "shards": 3,
+                                                    "pairs_per_shard": 64, "batch": 32, "sampler": {"steps": 3}}),
+                     progress=False)
+    finally:
+        ray.shutdown()
+    common = {"loader_workers": 0, "ckpt_every": 30, "log_every": 10, "tensorboard": False}
+    specs = {"kdm": {"data": root / "board", "student": SMALL_MLP, "steps": 60, "batch": 128, "probe_every": 20},
+             "kd": {"data": root / "board", "student": {**SMALL_MLP, "kind": "kd"}, "steps": 20, "batch": 128},
+             "image": {"data": root / "digits", "student": TINY_UNET, "steps": 6, "batch": 16, "probe_every": 2,
+                       "probe_pairs": 20, "shuffle_buffer": 32, "log_every": 2}}
+    out = {}
+    for name, spec in specs.items():
+        out[name] = root / name
+        train(TrainConfig.model_validate({**common, **spec, "out": out[name]}), progress=False)
+        evaluate(EvaluateConfig(run=out[name], num=32 if name == "image" else 500))
+    analyze(out["kdm"], num=500)
+    return out
+
+
+@pytest.mark.parametrize("name", ["kdm", "kd", "image"])
+def test_report_is_valid_html_with_images_and_the_eval_numbers(runs, name):
+    run = runs[name]
+    path = write_report(run)
+    assert path == run / "report.html"
+    html = parse(path)
+    for src in html.imgs:
+        assert (run / src).is_file(), src
+    for href in html.hrefs:
+        assert (run / href).is_file(), href
+    assert {"eval.json", "config.json"} <= set(html.hrefs)
+
+    results = json.loads((run / "eval.json").read_text())
+    rows = table_with(html, ["metric", "student", "untrained", "teacher floor"])
+    assert_numbers(rows, {k: [results[p].get(k) for p in ("student", "untrained", "teacher_floor")]
+                          for k in student_keys(results)})
+    text = "".join(html.text)
+    assert f"{results['speed']['student_samples_per_s']:,.0f} samples/s" in text
+    assert "samples.png" in html.imgs and "report_files/losses.png" in html.imgs
+    config = dict(table_with(html, ["setting", "value"]))
+    assert config["steps × batch"] == {"kdm": "60 × 128", "kd": "20 × 128", "image": "6 × 16"}[name]
+    assert config["teacher NFE"] == {"kdm": "35", "kd": "35", "image": "5"}[name]
+
+    if name == "kdm":                 # analysed: its figures and proximity table are shown
+        assert {"analysis/spectrum.png", "analysis/noise_structure.png", "analysis/interpolation.png",
+                "report_files/probes.png"} <= set(html.imgs)
+        prox = json.loads((run / "analysis" / "analysis.json").read_text())["proximity"]["rows"]
+        assert_numbers(table_with(html, ["representation", "ARI", "NMI", "Davies–Bouldin", "Calinski–Harabasz"]),
+                       {k: [v["ari"], v["nmi"], v["davies_bouldin"], v["calinski_harabasz"]] for k, v in prox.items()})
+    elif name == "image":             # not analysed: the spectrum comes from the latest probe
+        assert "report_files/spectrum.png" in html.imgs and "not analysed yet" in text
+    else:
+        assert "no Koopman operator" in text and not any("spectrum" in s for s in html.imgs)
+
+
+def test_report_of_a_moved_run_and_of_an_unevaluated_one(runs, tmp_path):
+    moved = tmp_path / "elsewhere" / "kdm"
+    shutil.copytree(runs["kdm"], moved, ignore=shutil.ignore_patterns("report*"))
+    html = parse(write_report(moved))
+    assert "samples.png" in html.imgs and all(".." not in s for s in html.imgs)   # found inside the moved run
+    (moved / "eval.json").unlink()
+    html = parse(write_report(moved))
+    assert "not evaluated yet" in "".join(html.text)
+    assert not any(t and t[0] == ["metric", "student", "untrained", "teacher floor"] for t in html.tables)
+
+
+def test_comparison_page_puts_runs_side_by_side(runs, tmp_path):
+    for run in runs.values():
+        write_report(run)
+    names = {"KDM": runs["kdm"], "KD <baseline> & co": runs["kd"]}
+    out = write_comparison(names, tmp_path / "cmp" / "compare.html")
+    raw = out.read_text(encoding="utf-8")
+    assert "KD &lt;baseline&gt; &amp; co" in raw and "<baseline>" not in raw
+    html = parse(out)
+    for ref in html.imgs + html.hrefs:
+        assert (out.parent / ref).is_file(), ref
+    assert len(html.imgs) == 2 and len(html.hrefs) == 2
+    results = {n: json.loads((r / "eval.json").read_text()) for n, r in names.items()}
+    rows = table_with(html, ["metric", *names, "teacher floor"])          # same data: one floor column
+    floor = results["KDM"]["teacher_floor"]
+    expected = {"step": [60, 20, None], "weights": [results[n]["weights"] for n in names] + [None]}
+    expected |= {k: [results[n]["student"][k] for n in names] + [floor.get(k)] for k in student_keys(results["KDM"])}
+    expected["samples/s (1 step)"] = [results[n]["speed"]["student_samples_per_s"] for n in names] + [None]
+    assert_numbers(rows, expected)
+    with pytest.raises(FileNotFoundError, match="evaluate"):
+        write_comparison({"nothing": tmp_path}, tmp_path / "x.html")
