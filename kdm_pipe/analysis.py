@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from sklearn.metrics import (adjusted_rand_score, calinski_harabasz_score, davie
 
 from kdm_pipe import plots
 from kdm_pipe.config import ConfigError
-from kdm_pipe.evaluation import heldout_pairs
+from kdm_pipe.evaluation import apply, chosen_weights, heldout_pairs
 from kdm_pipe.probes import load_probes
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sample_io import class_indices
@@ -36,24 +36,9 @@ DBSCAN_EPS, DBSCAN_MIN_SAMPLES, Z_THRESHOLD, MODES = 0.15, 5, 3.0, 8
 IMAGE_ALPHAS, PATH_ALPHAS, PATHS = 9, 41, 6
 
 
-def chosen_weights(run: Path) -> str:
-    """The weights `evaluate` reported (eval.json), else EMA."""
-    report = Path(run) / "eval.json"
-    return json.loads(report.read_text())["weights"] if report.is_file() else "ema"
-
-
-@torch.no_grad()
-def apply(fn: Callable, x: np.ndarray, labels: np.ndarray | None, device, batch: int = 512) -> np.ndarray:
-    """fn(x, labels) over `x` in batches on `device`, back as numpy."""
-    out = []
-    for b in range(0, len(x), batch):
-        y = None if labels is None else torch.as_tensor(labels[b:b + batch], dtype=torch.float32, device=device)
-        out.append(fn(torch.as_tensor(x[b:b + batch], dtype=torch.float32, device=device), y).cpu().numpy())
-    return np.concatenate(out)
-
-
 def spectrum_summary(lam: np.ndarray) -> dict[str, float]:
-    """|λ| < 1 for every λ means C z_T contracts: pushing the latent forward cannot blow it up."""
+    """Where the eigenvalues sit against the unit circle (|λ| < 1: repeated pushes decay). One push of a
+    non-normal C can still amplify; its operator norm, reported beside this, bounds that."""
     modulus = np.abs(lam)
     return {"dim": int(len(lam)), "spectral_radius": float(modulus.max()),
             "fraction_inside": float((modulus < 1).mean()), "mean_modulus": float(modulus.mean())}
@@ -201,9 +186,8 @@ def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> 
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
     which = chosen_weights(run)
-    model, cfg, manifest, step = load_weights(run, which)
     dev = pick_device(device)
-    model = model.to(dev)
+    model, cfg, manifest, step = load_weights(run, which, device=dev)
     split = json.loads((run / "split.json").read_text())
     pairs = heldout_pairs(cfg.data, split["holdout"], num)
     x_0, x_T, labels = pairs["x_0"], pairs["x_T"], pairs.get("label")

@@ -264,6 +264,19 @@ def import_(
 
 @app.command()
 @user_errors
+def analyze(
+    run: Path = typer.Argument(..., help="run directory written by train"),
+    num: int = typer.Option(2000, min=2, help="held-out pairs analysed"),
+    seed: int = typer.Option(0, help="seed of the clusterings, the noise baseline and the interpolation endpoints"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Koopman spectrum, 2-D noise structure and outliers, latent proximity, interpolations → RUN/analysis/."""
+    from stages import analyze as stage
+    stage.run(run, num, seed, device)
+
+
+@app.command()
+@user_errors
 def demo(
     preset: str = typer.Option("digits", "--preset", "-p", help="preset to run end to end (digits: real 8×8 images; "
                                "checkerboard: the 2-D setup)"),

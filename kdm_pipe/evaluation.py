@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
 from kdm_pipe.shards import read_shard
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
+from kdm_pipe.teachers.images import BUILTIN
 from kdm_pipe.training import load_weights, student_for
 
 
@@ -48,13 +49,21 @@ def heldout_pairs(data: Path, names: list[str], num: int) -> dict[str, np.ndarra
     return {k: np.concatenate([r[k] for r in recs])[:num] for k in recs[0] if k != "traj"}
 
 
+def chosen_weights(run: Path, weights: str = "auto") -> str:
+    """`auto`: the weights `evaluate` reported (eval.json), else EMA; `ema` / `raw` as given."""
+    if weights != "auto":
+        return weights
+    report = Path(run) / "eval.json"
+    return json.loads(report.read_text())["weights"] if report.is_file() else "ema"
+
+
 @torch.no_grad()
-def one_step(model: torch.nn.Module, x_T: np.ndarray, labels: np.ndarray | None, device, batch: int = 4096) -> np.ndarray:
-    model = model.to(device)
+def apply(fn: Callable, x: np.ndarray, labels: np.ndarray | None, device, batch: int = 512) -> np.ndarray:
+    """fn(x, labels) over `x` in batches on `device` (one-step sampling: fn = the student), back as numpy."""
     out = []
-    for b in range(0, len(x_T), batch):
-        y = None if labels is None else torch.from_numpy(labels[b:b + batch]).to(device, torch.float32)
-        out.append(model(torch.from_numpy(x_T[b:b + batch]).to(device, torch.float32), y).cpu().numpy())
+    for b in range(0, len(x), batch):
+        y = None if labels is None else torch.as_tensor(labels[b:b + batch], dtype=torch.float32, device=device)
+        out.append(fn(torch.as_tensor(x[b:b + batch], dtype=torch.float32, device=device), y).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -82,7 +91,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     run = Path(cfg.run)
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
-    models = {w: load_weights(run, w) for w in ("ema", "raw")}
+    device = pick_device(cfg.device)
+    net = load_detector(cfg.detector, device)          # bad --detector / --ref: refused before any work
+    if cfg.ref and not Path(cfg.ref).exists() and cfg.ref not in BUILTIN:
+        raise ConfigError(f"--ref {cfg.ref} does not exist; pass an EDM-format .npz (mu, sigma) or images to compute "
+                          f"it from (a folder, EDM zip, .npy, sklearn-digits)")
+    models = {w: load_weights(run, w, device=device) for w in ("ema", "raw")}
     _, tcfg, manifest, step = models["ema"]
     data = Path(cfg.data or tcfg.data)
     split = json.loads((run / "split.json").read_text())
@@ -90,22 +104,21 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     half = len(pairs["x_0"]) // 2
     select = {k: v[:half] for k, v in pairs.items()}
     report = {k: v[half:] for k, v in pairs.items()}
-    device = pick_device(cfg.device)
     labels = lambda p: p.get("label")  # noqa: E731
 
     # Choose EMA or raw on the selection half only.
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
-    sel_err = {w: paired_errors(flat(one_step(m[0], select["x_T"], labels(select), device, cfg.batch)),
+    sel_err = {w: paired_errors(flat(apply(m[0], select["x_T"], labels(select), device, cfg.batch)),
                                 flat(select["x_0"]))["mse"]
                for w, m in models.items()}
     chosen = min(sel_err, key=sel_err.get) if cfg.weights == "auto" else cfg.weights
     model = models[chosen][0]
 
     torch.manual_seed(tcfg.seed)                       # the same init the run started from
-    untrained = student_for(tcfg, manifest).eval()
+    untrained = student_for(tcfg, manifest).to(device).eval()
     x_T, x_0 = report["x_T"], report["x_0"]
-    outputs = {"student": one_step(model, x_T, labels(report), device, cfg.batch),
-               "untrained": one_step(untrained, x_T, labels(report), device, cfg.batch)}
+    outputs = {"student": apply(model, x_T, labels(report), device, cfg.batch),
+               "untrained": apply(untrained, x_T, labels(report), device, cfg.batch)}
     t_name, t_params = manifest.teacher["name"], manifest.teacher["params"]
     results: dict[str, Any] = {"run": str(run), "data": str(data), "step": step, "weights": chosen,
                                "selection_mse": sel_err, "num_pairs": len(x_0)}
@@ -113,8 +126,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results[name] = paired_errors(flat(x), flat(x_0))
     h = len(x_0) // 2                                  # the metric's own noise floor: teacher vs teacher
     if is_image(manifest.shape):
-        image_results(results, cfg, outputs, x_0, device)
-        results["fid"] = fid_report(cfg, model, manifest, device) if cfg.ref else None
+        image_results(results, cfg, net, outputs, x_0, device)
+        results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
         save_grid(run / "samples.png", np.concatenate([x_0[:16], outputs["student"][:16], outputs["untrained"][:16]]),
                   ncol=16, scale=max(1, 64 // manifest.shape[-1]))
         results["figures"] = [str(run / "samples.png")]
@@ -135,9 +148,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
-def image_results(results: dict, cfg: EvaluateConfig, outputs: dict[str, np.ndarray], x_0: np.ndarray, device) -> None:
+def image_results(results: dict, cfg: EvaluateConfig, net, outputs: dict[str, np.ndarray], x_0: np.ndarray,
+                  device) -> None:
     """Feature-space distances to the teacher's held-out samples (Fréchet distance, IS, precision/recall)."""
-    net = load_detector(cfg.detector, device)
     chunks = lambda x: (x[b:b + cfg.batch] for b in range(0, len(x), cfg.batch))  # noqa: E731
     real = features(net, chunks(x_0), cfg.batch, device)
     ref = FeatureStats.of(real, net.name)
@@ -154,9 +167,8 @@ def image_results(results: dict, cfg: EvaluateConfig, outputs: dict[str, np.ndar
                                if cfg.detector is None else f"features of {cfg.detector}")
 
 
-def fid_report(cfg: EvaluateConfig, model: torch.nn.Module, manifest, device) -> dict[str, Any]:
+def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, device) -> dict[str, Any]:
     """FID of `fid_num` fresh one-step samples (seeds 0…, x_T = σ_max·z as the teacher drew them) against --ref."""
-    net = load_detector(cfg.detector, device)
     ref_path = Path(cfg.ref)
     ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
            else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
@@ -165,7 +177,7 @@ def fid_report(cfg: EvaluateConfig, model: torch.nn.Module, manifest, device) ->
         for b in range(0, cfg.fid_num, cfg.batch):
             seeds = list(range(b, min(b + cfg.batch, cfg.fid_num)))
             z, y = seed_noise(seeds, tuple(manifest.shape), manifest.label_dim, device)
-            yield one_step(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(),
+            yield apply(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(),
                            device, cfg.batch)
     return image_metrics(samples(), net, ref, batch=cfg.batch, device=device)
 
@@ -180,7 +192,7 @@ def speed_report(model, tcfg, manifest, x_T: np.ndarray, labels, device) -> dict
     """Student one-step samples/s vs the teacher's sampler on the same device and batch."""
     src = manifest.source.get("identity", {})
     out = {"batch": len(x_T), "student_nfe": 1,
-           "student_samples_per_s": speed(lambda: one_step(model, x_T, labels, device), len(x_T))}
+           "student_samples_per_s": speed(lambda: apply(model, x_T, labels, device), len(x_T))}
     if "teacher" in src:
         gcfg = GenerateConfig.model_validate({"teacher": src["teacher"], "sampler": src["sampler"]})
         teacher = build_teacher(gcfg.teacher)

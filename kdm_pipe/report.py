@@ -17,6 +17,7 @@ import numpy as np
 
 from kdm_pipe import plots
 from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR, probe_spectra
+from kdm_pipe.config import ConfigError
 from kdm_pipe.probes import load_probes
 from kdm_pipe.shards import Manifest, load_manifest
 from kdm_pipe.student import is_image
@@ -62,7 +63,8 @@ def metric_rows(results: dict) -> list[list[Any]]:
 
 
 def speed_line(speed: dict) -> str:
-    line = f"student {speed['student_samples_per_s']:,.0f} samples/s ({speed['student_nfe']} NFE, batch {speed['batch']})"
+    line = (f"student {speed['student_samples_per_s']:,.0f} samples/s ({speed['student_nfe']} NFE, "
+            f"batch {speed['batch']})")
     if "speedup" in speed:
         line += (f" vs teacher {speed['teacher_samples_per_s']:,.0f} samples/s ({speed['teacher_nfe']} NFE): "
                  f"{speed['speedup']:.1f}× faster")
@@ -250,7 +252,7 @@ def write_report(run: Path) -> Path:
     run = Path(run)
     cfg = read_json(run / "config.json")
     if cfg is None:
-        raise FileNotFoundError(f"{run} is not a training run (no config.json)")
+        raise ConfigError(f"{run} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
     files = run / FILES
     files.mkdir(exist_ok=True)
     results, analysis = read_json(run / "eval.json"), read_json(run / ANALYSIS_DIR / "analysis.json")
@@ -285,7 +287,7 @@ def write_comparison(runs: dict[str, Path], out: Path) -> Path:
     results = {name: read_json(Path(r) / "eval.json") for name, r in runs.items()}
     missing = [name for name, r in results.items() if r is None]
     if missing:
-        raise FileNotFoundError(f"no eval.json in the runs {', '.join(missing)}: evaluate them first")
+        raise ConfigError(f"no eval.json in the runs {', '.join(missing)}: evaluate them first")
     floors = [r.get("teacher_floor", {}) for r in results.values()]
     floor_cols = ({"teacher floor": floors[0]} if all(f == floors[0] for f in floors)
                   else {f"teacher floor ({n})": f for n, f in zip(results, floors)})

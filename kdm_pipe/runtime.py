@@ -6,10 +6,14 @@ import torch
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    from kdm_pipe.config import ConfigError      # here: config imports the teachers, which import this module
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: choose auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu or auto")
+        raise ConfigError("device 'cuda' requested but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
 
 

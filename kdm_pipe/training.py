@@ -76,7 +76,8 @@ def save_checkpoint(run: Path, step: int, state: dict) -> Path:
     return path
 
 
-def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None) -> tuple[nn.Module, TrainConfig, Manifest, int]:
+def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None,
+                 device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig, Manifest, int]:
     """A trained student (EMA or raw weights) with its config and data manifest, ready for evaluation."""
     cfg = TrainConfig.model_validate_json((Path(run) / "config.json").read_text())
     manifest = load_manifest(cfg.data)
@@ -86,7 +87,7 @@ def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None) -> tup
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model = student_for(cfg, manifest)
     model.load_state_dict(state["model" if which == "raw" else "ema"])
-    return model.eval(), cfg, manifest, state["step"]
+    return model.to(device).eval(), cfg, manifest, state["step"]
 
 
 def prepare_run(cfg: TrainConfig, resume: bool) -> None:

@@ -1,6 +1,6 @@
 """analyze: the paper's analyses of a trained run → RUN/analysis/ (spectrum, noise structure, interpolation PNGs
 and analysis.json). Reads the run's config, checkpoints, latents.zarr, eval.json (for the reported weights) and its
-held-out shards."""
+held-out shards. An existing RUN/report.html is rewritten so that it shows the analysis."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdm_pipe.analysis import OUT_DIR, analyze
+from kdm_pipe.report import write_report
 
 
 def run(run_dir: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> dict[str, Any]:
@@ -19,6 +20,8 @@ def run(run_dir: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> 
               f"{s['dim']} eigenvalues inside the unit circle, operator norm {s['operator_norm']:.4g}")
     else:
         print(result["note"])
-    print(f"wrote {Path(run_dir) / OUT_DIR / 'analysis.json'}"
-          + "".join(f", {Path(run_dir) / f}" for f in result["figures"]))
+    written = [Path(run_dir) / OUT_DIR / "analysis.json", *(Path(run_dir) / f for f in result["figures"])]
+    if (Path(run_dir) / "report.html").is_file():
+        written.append(write_report(run_dir))
+    print("wrote " + ", ".join(map(str, written)))
     return result

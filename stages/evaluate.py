@@ -6,10 +6,9 @@ from typing import Any
 
 from kdm_pipe.config import EvaluateConfig
 from kdm_pipe.evaluation import evaluate
+from kdm_pipe.report import METRICS, write_report
 
 
-METRICS = ("sliced_wasserstein", "mmd", "off_support", "fd_teacher", "precision", "recall", "inception_score", "mse",
-           "psnr")
 
 
 def aligned(rows: list[tuple[str, ...]]) -> list[str]:
@@ -54,5 +53,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     results = evaluate(cfg)
     print(f"{results['run']}: step {results['step']}, {results['weights']} weights, {results['num_pairs']} held-out pairs")
     print(table(results))
+    report = write_report(cfg.run)
     print(f"wrote {cfg.run}/eval.json" + "".join(f", {f}" for f in results.get("figures", [])))
+    print(f"report: {report}")
     return results

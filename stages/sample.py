@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kdm_pipe.config import ConfigError
-from kdm_pipe.evaluation import one_step
+from kdm_pipe.evaluation import apply, chosen_weights
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sample_io import write_samples
 from kdm_pipe.sampling import seed_noise
@@ -24,24 +24,16 @@ from kdm_pipe.student import is_image
 from kdm_pipe.training import load_weights
 
 
-def chosen_weights(run: Path, weights: str) -> str:
-    """`auto`: the weights `evaluate` chose on its selection split, else EMA."""
-    if weights != "auto":
-        return weights
-    report = Path(run) / "eval.json"
-    return json.loads(report.read_text())["weights"] if report.is_file() else "ema"
-
-
 def run(run_dir: Path, out: Path, num: int, seed: int = 0, weights: str = "auto", class_label: int | None = None,
         batch: int = 250, device: str = "auto") -> dict:
     if not (Path(run_dir) / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
     which = chosen_weights(run_dir, weights)
-    model, _, manifest, step = load_weights(run_dir, which)
+    dev = pick_device(device)
+    model, _, manifest, step = load_weights(run_dir, which, device=dev)
     if class_label is not None and not 0 <= class_label < manifest.label_dim:
         raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"
                           + ("" if manifest.label_dim else " (it is unconditional: drop --class)"))
-    dev = pick_device(device)
     seeds = np.arange(seed, seed + num)
     xs, ys = [], []
     for b in range(0, num, batch):
@@ -49,7 +41,7 @@ def run(run_dir: Path, out: Path, num: int, seed: int = 0, weights: str = "auto"
         if class_label is not None:
             y = torch.nn.functional.one_hot(torch.full((len(z),), class_label), manifest.label_dim).float()
         y = None if y is None else y.numpy()
-        xs.append(one_step(model, (manifest.sigma_max * z).numpy(), y, dev, batch))
+        xs.append(apply(model, (manifest.sigma_max * z).numpy(), y, dev, batch))
         ys.append(y)
     x = np.concatenate(xs)
     labels = None if ys[0] is None else np.concatenate(ys)

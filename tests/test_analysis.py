@@ -4,34 +4,20 @@ import json
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
-from kdm_pipe.analysis import analyze, chosen_weights, interpolations, outliers, proximity
-from kdm_pipe.config import GenerateConfig, TrainConfig
-from kdm_pipe.evaluation import heldout_pairs
+from kdm_pipe.analysis import analyze, interpolations, outliers, proximity, spectrum_section
+from kdm_pipe.config import StudentConfig, TrainConfig
+from kdm_pipe.evaluation import chosen_weights, heldout_pairs
+from kdm_pipe.report import write_report
+from kdm_pipe.student import build_student
 from kdm_pipe.training import load_weights, train
 from stages import analyze as stage
-from stages import generate
 
 SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
 TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
              "w_adv": 0.0}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    try:
-        generate.run(GenerateConfig(out=root / "board", shards=3, pairs_per_shard=1000, batch=500), progress=False)
-        generate.run(GenerateConfig.model_validate({"out": root / "digits", "teacher": {"name": "digits"}, "shards": 3,
-                                                    "pairs_per_shard": 64, "batch": 32, "sampler": {"steps": 3}}),
-                     progress=False)
-    finally:
-        ray.shutdown()
-    return root
 
 
 def fit(data, out, student, **kw):
@@ -42,11 +28,12 @@ def fit(data, out, student, **kw):
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
+def runs(vector_pairs, digit_pairs, tmp_path_factory):
+    """Small real runs on the session's pairs (conftest): KDM and KD on the checkerboard, KDM on digits."""
     root = tmp_path_factory.mktemp("runs")
-    return {"kdm": fit(data / "board", root / "kdm", SMALL_MLP),
-            "kd": fit(data / "board", root / "kd", {**SMALL_MLP, "kind": "kd"}, steps=20),
-            "image": fit(data / "digits", root / "image", TINY_UNET, steps=6, batch=16, probe_every=2,
+    return {"kdm": fit(vector_pairs, root / "kdm", SMALL_MLP),
+            "kd": fit(vector_pairs, root / "kd", {**SMALL_MLP, "kind": "kd"}, steps=20),
+            "image": fit(digit_pairs, root / "image", TINY_UNET, steps=6, batch=16, probe_every=2,
                          probe_pairs=20, shuffle_buffer=32)}
 
 
@@ -80,18 +67,21 @@ def test_vector_kdm_analysis(runs):
     assert ns["teacher"]["either"] < 0.05                                  # the teacher's samples sit on the board
     for who in ("student", "teacher"):
         assert max(ns[who]["dbscan"], ns[who]["zscore"]) <= ns[who]["either"] <= 1
-    assert len(res["interpolation"]["alphas"]) == 41 and res["interpolation"]["rows"] == ["linear in x_T",
-                                                                                           "linear in z_T"]
+    assert len(res["interpolation"]["alphas"]) == 41
+    assert res["interpolation"]["rows"] == ["linear in x_T", "linear in z_T"]
 
 
 def test_analysis_uses_the_weights_evaluate_reported(runs, tmp_path, capsys):
     assert chosen_weights(tmp_path) == "ema"
     (tmp_path / "eval.json").write_text(json.dumps({"weights": "raw"}))
     assert chosen_weights(tmp_path) == "raw"
+    report = write_report(runs["kd"])
+    assert "analysis/interpolation.png" not in report.read_text()
     res = stage.run(runs["kd"], num=300)
     assert res["weights"] == "ema"
     printed = capsys.readouterr().out
-    assert "KD student" in printed and "analysis.json" in printed
+    assert "KD student" in printed and "analysis.json" in printed and "report.html" in printed
+    assert 'src="analysis/interpolation.png"' in report.read_text()       # the existing report now shows it
 
 
 def test_kd_student_gets_only_the_sample_analyses(runs):
@@ -109,7 +99,8 @@ def test_image_analysis_draws_the_interpolation_strip(runs):
     assert "noise_structure" not in res and not (out / "noise_structure.png").exists()
     assert res["spectrum"]["dim"] == 64 and res["spectrum"]["history"]["step"] == [2, 4, 6]
     assert set(res["proximity"]["rows"]) == {"x_0", "z_0", "x_T", "z_T", "pure noise"}
-    assert res["interpolation"]["rows"] == ["linear in x_T", "linear in z_T"] and len(res["interpolation"]["alphas"]) == 9
+    assert res["interpolation"]["rows"] == ["linear in x_T", "linear in z_T"]
+    assert len(res["interpolation"]["alphas"]) == 9
     with Image.open(out / "interpolation.png") as im:
         assert im.width > 2 * im.height                                    # a strip: 9 images per row, 2 rows
 
@@ -145,3 +136,15 @@ def test_outlier_masks_and_proximity_on_known_points():
     assert rows["separated"]["ari"] == pytest.approx(1.0) and rows["separated"]["nmi"] == pytest.approx(1.0)
     assert abs(rows["noise"]["ari"]) < 0.05
     assert rows["separated"]["calinski_harabasz"] > 100 * rows["noise"]["calinski_harabasz"]
+
+
+def test_decomposed_operator_spectrum_shows_parameterised_and_applied_eigenvalues(tmp_path):
+    torch.manual_seed(0)
+    cfg = StudentConfig(operator="decomposed", **SMALL_MLP)
+    model = build_student(cfg, (2,), 0, 80.0)
+    section = spectrum_section(model, tmp_path, tmp_path, "untrained")
+    lam = torch.complex(*model.koopman.op.eigen_parts()).detach().abs().numpy()
+    assert section["spectral_radius"] == pytest.approx(lam.max(), rel=1e-5) and section["fraction_inside"] == 1.0
+    applied = torch.linalg.eigvals(model.koopman.matrix().detach().double()).abs().numpy()
+    assert section["applied"]["spectral_radius"] == pytest.approx(applied.max(), rel=1e-6)
+    assert "history" not in section and (tmp_path / "spectrum.png").stat().st_size > 10_000

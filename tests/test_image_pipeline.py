@@ -1,5 +1,5 @@
-"""Images end to end through the CLI: train a tiny KDM on digit pairs → stats ref → evaluate (pixel features and a
-TorchScript detector, FID against the reference) → sample; bad input exits 2."""
+"""Images end to end: train a tiny KDM on digit pairs → stats ref → evaluate (pixel features and a TorchScript
+detector, FID against the reference) → sample (EDM layout, one file per seed); the CLI refuses bad input with 2."""
 
 import json
 import subprocess
@@ -10,16 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from kdm_pipe.config import EvaluateConfig, TrainConfig
+from kdm_pipe.training import train
+from stages import evaluate, sample, stats
+
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
-STUDENT = ["--preset", "digits", "--batch", "16", "--loader-workers", "0", "--device", "cpu", "--threads", "1",
-           "--no-tensorboard", "--holdout-shards", "1", "--quiet"]
-
-
-def cli(*args, check=True):
-    r = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
 
 
 class TinyDetector(torch.nn.Module):
@@ -38,34 +33,34 @@ class TinyDetector(torch.nn.Module):
 @pytest.fixture(scope="module")
 def run(digit_pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("img") / "run"
-    cli("train", "--data", digit_pairs, "--out", out, "--steps", "4", "--ckpt-every", "2", *STUDENT,
-        "--probe-every", "2")
+    student = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    train(TrainConfig.model_validate({"data": digit_pairs, "out": out, "steps": 4, "batch": 16, "loader_workers": 0,
+                                      "holdout_shards": 1, "tensorboard": False, "student": student}), progress=False)
     return out
 
 
-def test_evaluate_with_reference_and_detector(run, digit_pairs, tmp_path):
+def test_evaluate_with_reference_and_detector(run, tmp_path):
     ref = tmp_path / "ref.npz"
-    cli("stats", "ref", "sklearn-digits", "--out", ref)
+    stats.reference("sklearn-digits", ref)
     with np.load(ref) as f:
         assert f["mu"].shape == (64,) and f["sigma"].shape == (64, 64)
-    r = cli("evaluate", run, "--num", "32", "--ref", ref, "--fid-num", "40", "--batch", "16")
-    res = json.loads((run / "eval.json").read_text())
+    res = evaluate.run(EvaluateConfig(run=run, num=32, ref=str(ref), fid_num=40, batch=16))
+    assert res == json.loads((run / "eval.json").read_text())
     assert res["student"]["fd_teacher"] >= 0 and 0 <= res["student"]["precision"] <= 1
+    assert res["student"]["fd_teacher"] < res["untrained"]["fd_teacher"]
     assert res["fid"]["num_samples"] == 40 and res["fid"]["frechet_distance"] > 0
     assert res["speed"]["teacher_nfe"] == 5 and res["speed"]["student_nfe"] == 1
-    assert "fd_teacher" in r.stdout and "Fréchet distance vs" in r.stdout
     Image.open(run / "samples.png").verify()
 
     detector = tmp_path / "tiny.pt"
     torch.jit.script(TinyDetector()).save(str(detector))
-    cli("evaluate", run, "--num", "32", "--detector", detector, "--batch", "16")
-    res = json.loads((run / "eval.json").read_text())
+    res = evaluate.run(EvaluateConfig(run=run, num=32, detector=detector, batch=16))
     assert res["detector"].startswith("tiny.pt") and "inception_score" in res["student"]
 
 
 def test_sample_writes_edm_layout(run, tmp_path):
     out = tmp_path / "samples"
-    cli("sample", run, "--out", out, "--num", "12", "--seed", "995", "--weights", "ema")
+    sample.run(run, out, num=12, seed=995, weights="ema")
     rec = json.loads((out / "samples.json").read_text())
     assert rec["seeds"] == list(range(995, 1007)) and rec["settings"]["weights"] == "ema"
     with np.load(out / "samples.npz") as f:
@@ -73,18 +68,25 @@ def test_sample_writes_edm_layout(run, tmp_path):
         first = f["arr_0"][0, ..., 0]
     assert (out / "000000" / "000995.png").is_file() and (out / "001000" / "001006.png").is_file()
     assert np.array_equal(np.asarray(Image.open(out / "000000" / "000995.png")), first)
-    again = tmp_path / "again"
-    cli("sample", run, "--out", again, "--num", "1", "--seed", "995", "--weights", "ema")
-    with np.load(again / "samples.npz") as f:
+    sample.run(run, tmp_path / "again", num=1, seed=995, weights="ema")
+    with np.load(tmp_path / "again" / "samples.npz") as f:
         assert np.array_equal(f["arr_0"][0, ..., 0], first)       # a sample depends only on its seed
 
 
-def test_bad_input_exits_2(run, tmp_path):
-    r = cli("sample", tmp_path, "--out", tmp_path / "x", check=False)
-    assert r.returncode == 2 and "not a training run" in r.stderr
-    r = cli("sample", run, "--out", tmp_path / "x", "--class", "3", check=False)
-    assert r.returncode == 2 and "unconditional" in r.stderr
-    r = cli("evaluate", run, "--detector", tmp_path / "missing.pt", check=False)
-    assert r.returncode == 2 and "missing.pt" in r.stderr
-    r = cli("stats", "ref", "sklearn-digits", check=False)
-    assert r.returncode == 2 and "--out" in r.stderr
+def test_cli_refuses_bad_input_with_exit_2(run, tmp_path):
+    script = f"""
+import sys
+from typer.testing import CliRunner
+from kdm_pipe.cli import app
+cases = [["sample", "{tmp_path}", "--out", "{tmp_path}/x"], ["sample", "{run}", "--out", "{tmp_path}/x", "--class", "3"],
+         ["evaluate", "{run}", "--detector", "{tmp_path}/missing.pt"], ["stats", "ref", "sklearn-digits"],
+         ["evaluate", "{run}", "--ref", "{tmp_path}/nope.npz"]]
+for args in cases:
+    r = CliRunner().invoke(app, args)
+    print(r.exit_code, r.output.replace(chr(10), " "))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout.splitlines()
+    assert [line.split()[0] for line in out] == ["2"] * 5, out
+    for line, needle in zip(out, ["not a training run", "unconditional", "missing.pt", "--out", "nope.npz"]):
+        assert needle in line, line
+    assert not (tmp_path / "x").exists()

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,7 +78,7 @@ def test_generate_survives_losing_a_node(cluster, tmp_path):
         assert most == 2
     finally:
         if driver.poll() is None:
-            os.killpg(driver.pid, 9)
+            os.killpg(driver.pid, signal.SIGKILL)
 
     deadline = time.time() + 30          # the task was retried at once; the GCS's verdict on the node follows
     while [n["Alive"] for n in nodes(cluster.address) if n["NodeID"] in second] != [False]:

@@ -5,14 +5,12 @@ import shutil
 from html.parser import HTMLParser
 
 import pytest
-import ray
 
 from kdm_pipe.analysis import analyze
-from kdm_pipe.config import EvaluateConfig, GenerateConfig, TrainConfig
+from kdm_pipe.config import ConfigError, EvaluateConfig, TrainConfig
 from kdm_pipe.evaluation import evaluate
 from kdm_pipe.report import write_comparison, write_report
 from kdm_pipe.training import train
-from stages import generate
 
 SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
 TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
@@ -93,20 +91,13 @@ def student_keys(results):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(vector_pairs, digit_pairs, tmp_path_factory):
+    """KDM (analysed) and KD on the session's checkerboard pairs, KDM (not analysed) on digits; all evaluated."""
     root = tmp_path_factory.mktemp("report")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    try:
-        generate.run(GenerateConfig(out=root / "board", shards=3, pairs_per_shard=1000, batch=500), progress=False)
-        generate.run(GenerateConfig.model_validate({"out": root / "digits", "teacher": {"name": "digits"}, "shards": 3,
-                                                    "pairs_per_shard": 64, "batch": 32, "sampler": {"steps": 3}}),
-                     progress=False)
-    finally:
-        ray.shutdown()
     common = {"loader_workers": 0, "ckpt_every": 30, "log_every": 10, "tensorboard": False}
-    specs = {"kdm": {"data": root / "board", "student": SMALL_MLP, "steps": 60, "batch": 128, "probe_every": 20},
-             "kd": {"data": root / "board", "student": {**SMALL_MLP, "kind": "kd"}, "steps": 20, "batch": 128},
-             "image": {"data": root / "digits", "student": TINY_UNET, "steps": 6, "batch": 16, "probe_every": 2,
+    specs = {"kdm": {"data": vector_pairs, "student": SMALL_MLP, "steps": 60, "batch": 128, "probe_every": 20},
+             "kd": {"data": vector_pairs, "student": {**SMALL_MLP, "kind": "kd"}, "steps": 20, "batch": 128},
+             "image": {"data": digit_pairs, "student": TINY_UNET, "steps": 6, "batch": 16, "probe_every": 2,
                        "probe_pairs": 20, "shuffle_buffer": 32, "log_every": 2}}
     out = {}
     for name, spec in specs.items():
@@ -158,6 +149,8 @@ def test_report_of_a_moved_run_and_of_an_unevaluated_one(runs, tmp_path):
     html = parse(write_report(moved))
     assert "samples.png" in html.imgs and all(".." not in s for s in html.imgs)   # found inside the moved run
     (moved / "eval.json").unlink()
+    with pytest.raises(ConfigError, match="not a training run"):
+        write_report(tmp_path)
     html = parse(write_report(moved))
     assert "not evaluated yet" in "".join(html.text)
     assert not any(t and t[0] == ["metric", "student", "untrained", "teacher floor"] for t in html.tables)
@@ -181,5 +174,5 @@ def test_comparison_page_puts_runs_side_by_side(runs, tmp_path):
     expected |= {k: [results[n]["student"][k] for n in names] + [floor.get(k)] for k in student_keys(results["KDM"])}
     expected["samples/s (1 step)"] = [results[n]["speed"]["student_samples_per_s"] for n in names] + [None]
     assert_numbers(rows, expected)
-    with pytest.raises(FileNotFoundError, match="evaluate"):
+    with pytest.raises(ConfigError, match="evaluate"):
         write_comparison({"nothing": tmp_path}, tmp_path / "x.html")
