@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdm_pipe.data import loader
+from kdm_pipe.data import batches
 from kdm_pipe.shards import write_shard
 
 N, PER_SHARD, REC, BATCH, BATCHES = 20000, 2500, 250, 128, 150
@@ -56,7 +56,7 @@ if __name__ == "__main__":
         f = root / "npz" / f"{i:06d}.npz"
         np.savez(f, arr_0=np.stack([80 * rng.standard_normal((3, 32, 32)), rng.uniform(-1, 1, (3, 32, 32))]))
         files.append(f)
-    ours = rate(loader(root, names, BATCH, 4096, 0, workers=2))
+    ours = rate(batches(root, [(n, PER_SHARD) for n in names], BATCH, 4096, 0, workers=2))
     theirs = rate(DataLoader(NpzFolder(files), batch_size=BATCH, shuffle=True, num_workers=2))
     tar_bytes = sum((root / n).stat().st_size for n in names) / N
     npz_bytes = sum(f.stat().st_size for f in files) / N

@@ -16,7 +16,8 @@ if __name__ == "__main__":
     preset = load_preset("checkerboard")
     generate.run(build(GenerateConfig, preset["generate"], {"out": root / "pairs"}), progress=False)
     cfg = build(TrainConfig, preset["train"], {"data": root / "pairs", "out": root / "run", "steps": 600,
-                                                "log_every": 100, "ckpt_every": 600})
+                                                "log_every": 100, "ckpt_every": 600,
+                                                "tensorboard": False})
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (root / "run" / "train.jsonl").read_text().splitlines()][1:]
     sps = sum(r["steps_per_s"] for r in rows) / len(rows)

@@ -8,16 +8,29 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from kdm_pipe.teachers import TeacherConfig
 from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "manifests"
 Dtype = Literal["float16", "float32", "float64"]
+
+
+def _no_url(v: Any) -> Any:
+    # Shards are made whole by an atomic rename, which object stores do not have: outputs and inputs are paths, on a
+    # shared filesystem or a mounted bucket (mountpoint-s3, gcsfuse, a Kubernetes PVC); see stages/README.md.
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(v)):      # typer's Path has already folded s3:// to s3:/
+        raise ValueError(f"{str(v)!r} is a URL; kdm-pipe reads and writes filesystem paths — mount the bucket "
+                         f"(e.g. mountpoint-s3, gcsfuse) or use a shared filesystem, and pass the mounted path")
+    return v
+
+
+LocalPath = Annotated[Path, BeforeValidator(_no_url)]
 
 
 class ConfigError(ValueError):
@@ -39,7 +52,7 @@ class SamplerConfig(Strict):
 class GenerateConfig(Strict):
     teacher: TeacherConfig = Field(default_factory=CheckerboardTeacherConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    out: Path = Path("runs/pairs")
+    out: LocalPath = Path("runs/pairs")
     shards: int = Field(default=8, ge=1)
     pairs_per_shard: int = Field(default=4096, ge=1)
     seed: int = Field(default=0, ge=0, description="shard k holds seeds seed + k·pairs_per_shard … + pairs_per_shard − 1")
@@ -121,8 +134,8 @@ def unset_or(value: Any, default: Any) -> Any:
 
 
 class TrainConfig(Strict):
-    data: Path = Path("runs/pairs")
-    out: Path = Path("runs/train")
+    data: LocalPath = Path("runs/pairs")
+    out: LocalPath = Path("runs/train")
     student: StudentConfig = Field(default_factory=StudentConfig)
     steps: int = Field(default=4000, ge=1)
     batch: int = Field(default=256, ge=1)
@@ -146,8 +159,8 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    run: Path = Path("runs/train")
-    data: Path | None = None
+    run: LocalPath = Path("runs/train")
+    data: LocalPath | None = None
     num: int = Field(default=10000, ge=1, description="held-out pairs compared")
     weights: Literal["auto", "ema", "raw"] = Field(
         default="auto", description="auto: whichever has the lower paired error on a held-out selection split")
@@ -169,7 +182,7 @@ class ImportConfig(Strict):
 
     format: ImportFormat
     src: Path | None = Field(default=None, description="kdm-npz / get: the folder; npy: a (T, N, ...) stack")
-    out: Path = Path("runs/pairs")
+    out: LocalPath = Path("runs/pairs")
     x_T: Path | None = Field(default=None, description="npy: the (N, ...) x_T array (with x_0, instead of src)")
     x_0: Path | None = Field(default=None, description="npy: the (N, ...) x_0 array")
     labels: Path | None = Field(default=None, description="npy: (N,) int classes or (N, label_dim) one-hot")

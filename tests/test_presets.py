@@ -78,3 +78,10 @@ def test_lpips_without_weights_says_how_to_get_them(tmp_path):
     from kdm_pipe.config import ConfigError
     with pytest.raises(ConfigError, match="vgg16-397923af.pth"):
         build_student(sections("digits")[1].student.model_copy(update={"distance": "lpips"}), (1, 8, 8), 0, 80.0)
+
+
+@pytest.mark.parametrize("cmd", [["generate", "--out", "s3://bucket/pairs"], ["train", "--data", "gs://b/pairs"],
+                                 ["import", "x.npy", "--format", "npy", "--out", "s3://b/p"]])
+def test_object_store_urls_are_refused_with_a_way_out(cmd):
+    r = subprocess.run(CLI + cmd + ["--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is a URL" in r.stderr and "mount" in r.stderr

@@ -83,14 +83,14 @@ def test_two_process_ddp_equals_one_process(vector_pairs, tmp_path):
 
 
 def test_sigterm_checkpoints_and_resume_finishes_the_same_run(vector_pairs, tmp_path):
-    common = ["--loader-workers", "0", "--no-tensorboard", "--steps", "3000"]
+    common = ["--loader-workers", "1", "--no-tensorboard", "--steps", "3000"]
     proc = subprocess.Popen(CLI + cli_train(vector_pairs, tmp_path / "pre", *common, "--preset", "checkerboard"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpts = tmp_path / "pre" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and not list(ckpts.glob("ckpt-*.pt")):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)        # as SLURM does: every process of the job, loader workers too
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in out
