@@ -2,7 +2,7 @@
 
     python bench/generate_throughput.py --teacher checkerboard     # analytic 2-D teacher, batch 1000, 35 NFE
     python bench/generate_throughput.py --teacher digits           # shipped 8×8 EDM teacher, batch 64, 35 NFE
-    python bench/generate_throughput.py --teacher cifar-random     # random-init DDPM++ CIFAR (55.7M), batch 64
+    python bench/generate_throughput.py --teacher cifar-random     # random-init DDPM++ CIFAR (55.7M), batch 64, 1 NFE
 
 The bare loop is `sample_pairs` in one process at 1 and at 2 torch threads (the best is the baseline); the
 pipeline is `stages.generate.run` with 2 Ray workers × 1 thread and with 1 worker × 2 threads, timed from the
@@ -28,7 +28,7 @@ from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint  # noqa:
 from stages import generate  # noqa: E402
 
 # teacher: (shards, pairs per shard, batch, sampler steps)
-SIZES = {"checkerboard": (16, 10000, 1000, 18), "digits": (4, 128, 64, 18), "cifar-random": (2, 64, 64, 2)}
+SIZES = {"checkerboard": (16, 10000, 1000, 18), "digits": (4, 128, 64, 18), "cifar-random": (2, 64, 64, 1)}
 
 
 def cifar_random(root: Path) -> dict:

@@ -124,17 +124,19 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                "selection_mse": sel_err, "num_pairs": len(x_0)}
     for name, x in outputs.items():
         results[name] = paired_errors(flat(x), flat(x_0))
-    h = len(x_0) // 2                                  # the metric's own noise floor: teacher vs teacher
+    # Distribution metrics compare samples of the first half's x_T with the teacher's samples of the second half:
+    # the same sizes as the teacher-vs-teacher floor, and no pairing between the two sides.
+    h = len(x_0) // 2
+    samples = {**{name: x[:h] for name, x in outputs.items()}, "teacher_floor": x_0[:h]}
     if is_image(manifest.shape):
-        image_results(results, cfg, net, outputs, x_0, device)
+        image_results(results, cfg, net, samples, x_0[h:], device)
         results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
         save_grid(run / "samples.png", np.concatenate([x_0[:16], outputs["student"][:16], outputs["untrained"][:16]]),
                   ncol=16, scale=max(1, 64 // manifest.shape[-1]))
         results["figures"] = [str(run / "samples.png")]
     else:
-        for name, x in outputs.items():
-            results[name].update(distribution_metrics(x, x_0, cfg.seed, t_name, t_params))
-        results["teacher_floor"] = distribution_metrics(x_0[:h], x_0[h:], cfg.seed, t_name, t_params)
+        for name, x in samples.items():
+            results.setdefault(name, {}).update(distribution_metrics(x, x_0[h:], cfg.seed, t_name, t_params))
 
     results["speed"] = speed_report(model, tcfg, manifest, x_T[:cfg.batch], labels(report), device)
     modes = KMeans(8, n_init=4, random_state=cfg.seed).fit_predict(x_0) if x_0.ndim == 2 and x_0.shape[1] == 2 else None
@@ -148,20 +150,17 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
-def image_results(results: dict, cfg: EvaluateConfig, net, outputs: dict[str, np.ndarray], x_0: np.ndarray,
+def image_results(results: dict, cfg: EvaluateConfig, net, samples: dict[str, np.ndarray], ref: np.ndarray,
                   device) -> None:
-    """Feature-space distances to the teacher's held-out samples (Fréchet distance, IS, precision/recall)."""
+    """Feature-space distances (Fréchet distance, IS, precision/recall) of each set of `samples` (the teacher's
+    own among them, as the floor) to the teacher's samples `ref`."""
     chunks = lambda x: (x[b:b + cfg.batch] for b in range(0, len(x), cfg.batch))  # noqa: E731
-    real = features(net, chunks(x_0), cfg.batch, device)
-    ref = FeatureStats.of(real, net.name)
-    for name, x in outputs.items():
-        m = image_metrics(chunks(x), net, ref, real_features=real, batch=cfg.batch, device=device)
-        results[name].update({("fd_teacher" if k in ("fid", "frechet_distance") else k): v for k, v in m.items()
-                              if k not in ("note", "detector", "num_samples")})
-    h = len(x_0) // 2
-    floor = image_metrics(chunks(x_0[:h]), net, FeatureStats.of(real[h:], net.name), real_features=real[h:],
-                          batch=cfg.batch, device=device)
-    results["teacher_floor"] = {"fd_teacher": floor.get("fid", floor.get("frechet_distance"))}
+    real = features(net, chunks(ref), cfg.batch, device)
+    stats = FeatureStats.of(real, net.name)
+    for name, x in samples.items():
+        m = image_metrics(chunks(x), net, stats, real_features=real, batch=cfg.batch, device=device)
+        results.setdefault(name, {}).update({("fd_teacher" if k in ("fid", "frechet_distance") else k): v
+                                             for k, v in m.items() if k not in ("note", "detector", "num_samples")})
     results["detector"] = net.name
     results["feature_note"] = ("pixel features (no --detector): Fréchet distances between pixel-space Gaussians"
                                if cfg.detector is None else f"features of {cfg.detector}")

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kdm_pipe.config import GenerateConfig, SamplerConfig

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
+import sys
 import tarfile
 import uuid
 from pathlib import Path
@@ -173,3 +173,29 @@ def verify(directory: Path) -> dict[str, str]:
         if k not in listed:
             problems[shard_name(k)] = "not generated yet (rerun the same generate command to complete it)"
     return problems
+
+
+def remove_temp_files(out: Path) -> None:
+    """Half-written shards of attempts that died with their worker, driver or node (call when none is running)."""
+    for tmp in Path(out).glob(".shard-*.tar.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def reconcile(out: Path, manifest: Manifest) -> list[int]:
+    """Shards still to write: drop manifest entries whose file is missing or corrupt, remove orphans (files of a run
+    killed after its rename but before its manifest update) and temp files. Mutates `manifest.shards`."""
+    out = Path(out)
+    remove_temp_files(out)
+    good = []
+    for info in manifest.shards:
+        problem = check_shard(out / info.name, info)
+        if problem:
+            print(f"rebuilding {info.name}: {problem}", file=sys.stderr)
+        else:
+            good.append(info)
+    manifest.shards = good
+    done = {s.index for s in good}
+    todo = [k for k in range(manifest.num_shards) if k not in done]
+    for k in todo:
+        (out / shard_name(k)).unlink(missing_ok=True)
+    return todo

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.generation import make_shard
 from kdm_pipe.raypool import ray_session, remote, run_bounded
 from kdm_pipe.sampling import edm_sigmas, nfe, trajectory_steps
-from kdm_pipe.shards import MANIFEST, Manifest, check_shard, load_manifest, save_manifest, shard_name
+from kdm_pipe.shards import MANIFEST, Manifest, load_manifest, reconcile, remove_temp_files, save_manifest
 from kdm_pipe.teachers import build_teacher
 
 
@@ -53,38 +52,11 @@ def open_manifest(cfg: GenerateConfig) -> Manifest:
     return old
 
 
-def remove_temp_files(out: Path) -> None:
-    """Half-written shards of attempts that died with their worker, driver or node (no attempt is running)."""
-    for tmp in out.glob(".shard-*.tar.tmp-*"):
-        tmp.unlink(missing_ok=True)
-
-
-def reconcile(cfg: GenerateConfig, manifest: Manifest) -> list[int]:
-    """Shards still to make: drop entries whose file is missing or corrupt, remove orphans and temp files."""
-    out = Path(cfg.out)
-    remove_temp_files(out)
-    good = []
-    for info in manifest.shards:
-        problem = check_shard(out / info.name, info)
-        if problem:
-            print(f"rebuilding {info.name}: {problem}", file=sys.stderr)
-        else:
-            good.append(info)
-    manifest.shards = good
-    done = {s.index for s in good}
-    todo = []
-    for k in range(cfg.shards):
-        if k not in done:
-            (out / shard_name(k)).unlink(missing_ok=True)   # an orphan of a run killed after its rename
-            todo.append(k)
-    return todo
-
-
 def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
     manifest = open_manifest(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = reconcile(cfg, manifest)
+    todo = reconcile(cfg.out, manifest)
     save_manifest(out, manifest)
     (out / "generate.config.json").write_text(cfg.model_dump_json(indent=1))
     if not todo:

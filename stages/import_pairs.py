@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from kdm_pipe.config import ConfigError
-from kdm_pipe.config import ImportConfig
+from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.importers import Source, open_source, orient, pairs
-from kdm_pipe.shards import (MANIFEST, Manifest, ShardInfo, check_shard, load_manifest, save_manifest, shard_name,
+from kdm_pipe.shards import (MANIFEST, Manifest, ShardInfo, load_manifest, reconcile, save_manifest, shard_name,
                              verify, write_shard)
 from kdm_pipe.teachers.base import fingerprint
 
@@ -59,25 +57,6 @@ def open_manifest(cfg: ImportConfig, fresh: Manifest) -> Manifest:
 
 def shard_range(n: int, shards: int, k: int) -> range:
     return range(k * n // shards, (k + 1) * n // shards)
-
-
-def reconcile(out: Path, manifest: Manifest) -> list[int]:
-    """Shards still to write: drop entries whose file is missing or corrupt, remove orphans and temp files."""
-    for tmp in out.glob(".shard-*.tar.tmp-*"):
-        tmp.unlink(missing_ok=True)
-    good = []
-    for info in manifest.shards:
-        problem = check_shard(out / info.name, info)
-        if problem:
-            print(f"rebuilding {info.name}: {problem}", file=sys.stderr)
-        else:
-            good.append(info)
-    manifest.shards = good
-    done = {s.index for s in good}
-    todo = [k for k in range(manifest.num_shards) if k not in done]
-    for k in todo:
-        (out / shard_name(k)).unlink(missing_ok=True)
-    return todo
 
 
 def write_one(cfg: ImportConfig, src: Source, swap: bool, manifest: Manifest, k: int) -> ShardInfo:

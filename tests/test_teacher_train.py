@@ -149,3 +149,31 @@ def test_cli_teacher_train(png_folder, tmp_path):
     assert (tmp_path / "r" / "teacher.pt").is_file()
     bad = CliRunner().invoke(app, ["teacher", "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "s")])
     assert bad.exit_code == 2 and not (tmp_path / "s").exists()
+
+
+def test_animal_mnist_arrays_load_and_code_is_refused(tmp_path):
+    import gzip
+    import os
+    import pickle
+
+    from kdm_pipe.teachers.images import animal_mnist
+
+    rng = np.random.default_rng(0)
+    pixels, labels = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20) % 10
+    for name, a in (("animal_data_version_3.gz", pixels), ("animal_label_version_3.gz", labels)):
+        with gzip.open(tmp_path / name, "wb") as f:
+            pickle.dump(a, f)
+    data = animal_mnist(tmp_path)
+    assert data.shape == (1, 28, 28) and data.num_classes == 10
+    assert np.array_equal(((data.images[:, 0] + 1) * 127.5).round().astype(np.uint8), pixels)
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    with gzip.open(tmp_path / "animal_data_version_3.gz", "wb") as f:
+        pickle.dump(Payload(), f)
+    with pytest.raises(ConfigError, match="refusing to unpickle"):
+        animal_mnist(tmp_path)
+    assert not marker.exists()

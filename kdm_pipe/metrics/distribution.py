@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Iterator
 
 import numpy as np
@@ -46,7 +48,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1Σ2)^{1/2}), real part."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():      # singular Σ (e.g. constant border pixels) is expected; handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.all(np.isfinite(covmean)):
         # Singular products (fewer samples than dimensions) can make sqrtm blow up; a tiny ridge regularises
         # both covariances just enough without measurably moving the distance.

@@ -2,13 +2,18 @@
 
 Sources: a folder of images or an EDM-style dataset zip (both may carry EDM's `dataset.json`
 {"labels": [[relative/path.png, class], ...]}), an `.npy` array (NHWC uint8 or NCHW float in [−1, 1]),
-and `sklearn-digits` (scikit-learn's 1,797 8×8 digits, labelled 0–9).
+`sklearn-digits` (scikit-learn's 1,797 8×8 digits, labelled 0–9) and `animal-mnist` (10,000 28×28 animal
+silhouettes in 10 classes, MIT; `pip install --no-deps animal-mnist`: its gzip pickles are read with an unpickler
+that rebuilds numpy arrays and nothing else, and its TensorFlow-importing loader is never run).
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import io
 import json
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,7 @@ from PIL import Image
 from kdm_pipe.config import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
-BUILTIN = ("sklearn-digits",)
+BUILTIN = ("sklearn-digits", "animal-mnist")
 
 
 @dataclass
@@ -111,11 +116,49 @@ def sklearn_digits() -> ImageData:
     return ImageData(images, d.target.astype(np.int64))
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds pickled numpy arrays; any other global (code) is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise ConfigError(f"refusing to unpickle {module}.{name}: only numpy arrays are read from data files")
+        from numpy._core import multiarray
+        return multiarray._reconstruct if name == "_reconstruct" else getattr(np, name)
+
+
+def read_array_pickle(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        a = _ArrayUnpickler(f).load()
+    if not isinstance(a, np.ndarray):
+        raise ConfigError(f"{path}: expected a pickled numpy array, got {type(a).__name__}")
+    return a
+
+
+def animal_mnist(root: Path | None = None) -> ImageData:
+    """The animal-mnist package's bundled arrays: (10000, 28, 28) uint8 silhouettes and their 10 classes."""
+    if root is None:
+        spec = importlib.util.find_spec("animal_mnist")       # locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("animal-mnist is not installed: pip install --no-deps animal-mnist "
+                              "(--no-deps: its own loader needs TensorFlow, which kdm-pipe does not use)")
+        root = Path(spec.submodule_search_locations[0]) / "data" / "Animal_MNIST"
+    pixels = read_array_pickle(root / "animal_data_version_3.gz")
+    labels = read_array_pickle(root / "animal_label_version_3.gz")
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or len(labels) != len(pixels):
+        raise ConfigError(f"{root}: unexpected animal-mnist arrays {pixels.dtype} {pixels.shape}, labels {labels.shape}")
+    return ImageData(from_uint8_nhwc(pixels), labels.astype(np.int64))
+
+
 def load_images(source: str | Path) -> ImageData:
-    """Load `source`: 'sklearn-digits', a folder of images, an EDM dataset .zip, or an .npy."""
+    """Load `source`: 'sklearn-digits', 'animal-mnist', a folder of images, an EDM dataset .zip, or an .npy."""
     name = str(source)
     if name == "sklearn-digits":
         return sklearn_digits()
+    if name == "animal-mnist":
+        return animal_mnist()
     path = Path(source)
     if not path.exists():
         raise ConfigError(f"--data {path}: no such file or folder (or use one of {', '.join(BUILTIN)})")
