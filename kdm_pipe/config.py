@@ -170,7 +170,9 @@ class EvaluateConfig(Strict):
                                   "inception-2015-12-05.pt (default: pixel features)")
     ref: str | None = Field(default=None, description="FID reference: EDM-format .npz (mu, sigma) or images "
                             "(folder, EDM zip, .npy, sklearn-digits) to compute it from")
-    fid_num: int = Field(default=50000, ge=2, description="fresh one-step samples (seeds 0…) compared with --ref")
+    fid_num: int = Field(default=50000, ge=2, description="fresh one-step samples compared with --ref")
+    fid_seed: int = Field(default=0, ge=0, description="first seed of those samples (EDM: 0…49999); pick seeds the "
+                          "teacher's pairs did not use when --ref is the teacher's own samples")
     batch: int = Field(default=250, ge=1, description="images per detector / student batch")
 
 

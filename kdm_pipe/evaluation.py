@@ -167,14 +167,15 @@ def image_results(results: dict, cfg: EvaluateConfig, net, samples: dict[str, np
 
 
 def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, device) -> dict[str, Any]:
-    """FID of `fid_num` fresh one-step samples (seeds 0…, x_T = σ_max·z as the teacher drew them) against --ref."""
+    """FID of `fid_num` fresh one-step samples (seeds fid_seed…, x_T = σ_max·z as the teacher drew them) against
+    --ref."""
     ref_path = Path(cfg.ref)
     ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
            else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
 
     def samples():
-        for b in range(0, cfg.fid_num, cfg.batch):
-            seeds = list(range(b, min(b + cfg.batch, cfg.fid_num)))
+        for b in range(cfg.fid_seed, cfg.fid_seed + cfg.fid_num, cfg.batch):
+            seeds = list(range(b, min(b + cfg.batch, cfg.fid_seed + cfg.fid_num)))
             z, y = seed_noise(seeds, tuple(manifest.shape), manifest.label_dim, device)
             yield apply(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(),
                            device, cfg.batch)

@@ -25,7 +25,9 @@ def run(preset: str, out: Path, progress: bool = True, resume: bool = True, scal
     pairs = out / "pairs"
     g = sections.get("generate", {})
     t = sections.get("train", {})
-    small = {} if scale == 1 else {"pairs_per_shard": max(16, int(g.get("pairs_per_shard", 16) * scale))}
+    # Scaled down, a shard must still hold a whole training batch (the loader's smallest unit).
+    batch = t.get("batch", TrainConfig.model_fields["batch"].default)
+    small = {} if scale == 1 else {"pairs_per_shard": max(batch, int(g.get("pairs_per_shard", batch) * scale))}
     gcfg = build(GenerateConfig, g, {"out": pairs, **small}, where="generate")
     start = time.perf_counter()
     print(f"== generate ({gcfg.shards} shards × {gcfg.pairs_per_shard} pairs, teacher {gcfg.teacher.name})")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 import torch
 
 from kdm_pipe.config import TrainConfig
@@ -104,3 +106,23 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(vector_pairs, tmp_
     b = torch.load(latest_checkpoint(tmp_path / "ref"), weights_only=True)
     assert a["step"] == b["step"] == n
     assert weights_equal(a, b, "model") and weights_equal(a, b, "ema")
+
+
+def test_bf16_autocast_trains_the_image_student(digit_pairs, tmp_path):
+    out = train(image_cfg(digit_pairs, tmp_path / "bf16", steps=2, amp="bf16"), progress=False)
+    state = torch.load(latest_checkpoint(tmp_path / "bf16"), weights_only=True)
+    assert out["status"] == "done" and all(v.dtype == torch.float32 for v in state["model"].values()
+                                           if v.is_floating_point())    # autocast: fp32 weights, bf16 compute
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "train.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["total"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_like_the_eager_one(vector_pairs, tmp_path):
+    small = {"student": SMALL_MLP, "batch": 128, "loader_workers": 0, "log_every": 1, "tensorboard": False}
+    for name, flag in (("eager", False), ("compiled", True)):
+        train(TrainConfig.model_validate({"data": vector_pairs, "out": tmp_path / name, "steps": 5, "compile": flag,
+                                          **small}), progress=False)
+    a, b = (torch.load(latest_checkpoint(tmp_path / n), weights_only=True) for n in ("eager", "compiled"))
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-4), k

@@ -1,0 +1,25 @@
+"""`make demo`'s pipeline at a reduced size: digits teacher → generate (Ray) → verify → stats → KDM and KD → evaluate →
+reports, through the real CLI."""
+
+import json
+import subprocess
+import sys
+
+
+def test_digits_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "demo", "--out", str(out), "--scale", "0.05", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("== generate", "== verify", "== stats", "== train kdm", "== train kd", "== evaluate kd"):
+        assert stage in r.stdout
+    assert "kd/kdm" in r.stdout and "fd_teacher" in r.stdout
+    html = (out / "report.html").read_text()
+    assert 'src="kdm/samples.png"' in html and 'src="kd/samples.png"' in html
+    for kind in ("kdm", "kd"):
+        res = json.loads((out / kind / "eval.json").read_text())
+        assert res["student"]["fd_teacher"] < res["untrained"]["fd_teacher"]
+        assert res["student"]["mse"] < res["untrained"]["mse"]
+        assert (out / kind / "report.html").is_file()
+    assert json.loads((out / "kdm" / "config.json").read_text())["student"]["kind"] == "kdm"
+    assert json.loads((out / "kd" / "config.json").read_text())["student"]["kind"] == "kd"
