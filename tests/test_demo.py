@@ -23,3 +23,14 @@ def test_digits_demo_end_to_end(tmp_path):
         assert (out / kind / "report.html").is_file()
     assert json.loads((out / "kdm" / "config.json").read_text())["student"]["kind"] == "kdm"
     assert json.loads((out / "kd" / "config.json").read_text())["student"]["kind"] == "kd"
+
+
+def test_checkerboard_demo_keeps_the_2d_pipeline(tmp_path):
+    out = tmp_path / "cb"
+    r = subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "demo", "--preset", "checkerboard", "--out", str(out),
+                        "--scale", "0.02", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sliced_wasserstein" in r.stdout and "off_support" in r.stdout
+    for kind in ("kdm", "kd"):
+        res = json.loads((out / kind / "eval.json").read_text())
+        assert res["student"]["sliced_wasserstein"] < res["untrained"]["sliced_wasserstein"]
