@@ -156,6 +156,17 @@ def sanitize_grads(params) -> None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
+def rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The global generators dropout draws from: CPU, and the device's on CUDA."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
+def set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[0].cpu())
+    if device.type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1].cpu(), device)
+
+
 def probe_pairs(cfg: TrainConfig, holdout: list[str], device) -> dict[str, torch.Tensor] | None:
     """The first `probe_pairs` held-out pairs (fixed for the whole run), or None without held-out shards."""
     recs, n = [], 0
@@ -212,7 +223,7 @@ def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, 
         if disc is not None:
             disc.load_state_dict(state["disc"])
             opt_d.load_state_dict(state["opt_d"])
-        torch.set_rng_state(state["rng"]["torch"][rank % len(state["rng"]["torch"])])
+        set_rng_state(state["rng"]["torch"][rank % len(state["rng"]["torch"])], device)
         gen.set_state(state["rng"]["noise"])
         step = state["step"]
 
@@ -238,10 +249,10 @@ def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, 
     t_last, step_last, status = time.perf_counter(), step, "done"
 
     def checkpoint() -> None:
-        rngs = [torch.get_rng_state()]
+        rngs = [rng_state(device)]
         if world > 1:
             rngs = [None] * world
-            dist.all_gather_object(rngs, torch.get_rng_state())
+            dist.all_gather_object(rngs, rng_state(device))
         if lead:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                      "rng": {"torch": rngs, "noise": gen.get_state()}}
