@@ -62,7 +62,8 @@ def test_trained_student_beats_untrained_and_lands_on_the_board(pairs, tmp_path)
     s, u = res["student"], res["untrained"]
     assert s["sliced_wasserstein"] < 0.25 * u["sliced_wasserstein"]
     assert s["mse"] < 0.1 * u["mse"]
-    assert s["off_support"] < 0.3                  # most samples on the black squares (teacher itself: ~3%)
+    # most samples on the black squares after 800 steps (untrained: none; the teacher itself: ~3%)
+    assert s["off_support"] < 0.4 and u["off_support"] > 0.9
     assert (run / "eval.json").is_file() and (run / "samples.png").stat().st_size > 10_000
 
 
