@@ -27,7 +27,7 @@ from kdm_pipe.plots import pairs_scatter
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sample_io import save_grid
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
-from kdm_pipe.shards import read_shard
+from kdm_pipe.shards import read_pairs
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.images import BUILTIN
@@ -35,18 +35,10 @@ from kdm_pipe.training import load_weights, student_for
 
 
 def heldout_pairs(data: Path, names: list[str], num: int) -> dict[str, np.ndarray]:
-    recs, n = [], 0
-    for name in names:
-        for rec in read_shard(Path(data) / name):
-            recs.append(rec)
-            n += len(rec["x_0"])
-            if n >= num:
-                break
-        if n >= num:
-            break
-    if not recs:
+    pairs = read_pairs(data, names, num)
+    if pairs is None:
         raise ConfigError(f"no held-out pairs in {data}: train with holdout_shards ≥ 1")
-    return {k: np.concatenate([r[k] for r in recs])[:num] for k in recs[0] if k != "traj"}
+    return pairs
 
 
 def chosen_weights(run: Path, weights: str = "auto") -> str:

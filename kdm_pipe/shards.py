@@ -139,6 +139,22 @@ def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
         yield rec
 
 
+def read_pairs(directory: Path, names: list[str], num: int) -> dict[str, np.ndarray] | None:
+    """The first `num` pairs of shards `names` (in that order), trajectories left out; None if there are none."""
+    recs, n = [], 0
+    for name in names:
+        for rec in read_shard(Path(directory) / name):
+            recs.append(rec)
+            n += len(rec["x_0"])
+            if n >= num:
+                break
+        if n >= num:
+            break
+    if not recs:
+        return None
+    return {k: np.concatenate([r[k] for r in recs])[:num] for k in recs[0] if k != "traj"}
+
+
 def check_shard(path: Path, info: ShardInfo, full: bool = True) -> str | None:
     """None if the shard on disk matches its manifest entry, else what is wrong with it."""
     if not path.is_file():

@@ -30,7 +30,7 @@ from kdm_pipe.config import ConfigError, TrainConfig
 from kdm_pipe.data import batches
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.shards import Manifest, load_manifest, read_shard
+from kdm_pipe.shards import Manifest, load_manifest, read_pairs
 from kdm_pipe.student import build_student, is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
 from kdm_pipe.student.noise import LatentNoise
@@ -169,19 +169,10 @@ def set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
 
 def probe_pairs(cfg: TrainConfig, holdout: list[str], device) -> dict[str, torch.Tensor] | None:
     """The first `probe_pairs` held-out pairs (fixed for the whole run), or None without held-out shards."""
-    recs, n = [], 0
-    for name in holdout:
-        for rec in read_shard(Path(cfg.data) / name):
-            recs.append(rec)
-            n += len(rec["x_0"])
-            if n >= cfg.probe_pairs:
-                break
-        if n >= cfg.probe_pairs:
-            break
-    if not recs:
+    pairs = read_pairs(cfg.data, holdout, cfg.probe_pairs)
+    if pairs is None:
         return None
-    return {k: torch.from_numpy(np.concatenate([r[k] for r in recs])[: cfg.probe_pairs]).to(device, torch.float32)
-            for k in ("x_0", "x_T", "label") if k in recs[0]}
+    return {k: torch.from_numpy(pairs[k]).to(device, torch.float32) for k in ("x_0", "x_T", "label") if k in pairs}
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -322,10 +313,6 @@ def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, 
 
 
 def tensorboard(run: Path, step: int):
-    """A TensorBoard writer for RUN/tensorboard, or None when the tensorboard package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("kdm-pipe: tensorboard is not installed; logging to train.jsonl only", flush=True)
-        return None
+    """A TensorBoard writer for RUN/tensorboard; on resume, events past `step` are purged."""
+    from torch.utils.tensorboard import SummaryWriter     # imported here: it is slow and only rank 0 needs it
     return SummaryWriter(str(run / "tensorboard"), purge_step=step or None)

@@ -19,14 +19,6 @@ SHAPE = (1, 8, 8)
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(shape=SHAPE, label_dim=0, seed=0, **kw) -> ImageKDM | ImageKD:
     torch.manual_seed(seed)
     cfg = StudentConfig(**{**TINY, "distance": "l2", "w_adv": 0.0, **kw})

@@ -13,15 +13,6 @@ from kdm_pipe.networks.precond import EDMPrecond, VEPrecond, VPPrecond
 from kdm_pipe.networks.unets import DhariwalUNet, SongUNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions gain nothing from threads, and spinning threads stall badly on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def n_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
