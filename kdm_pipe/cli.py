@@ -6,15 +6,18 @@ Invalid input of any kind prints one message on stderr and exits with code 2 bef
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 from pydantic import BaseModel
 
-from kdm_pipe.config import (ConfigError, EvaluateConfig, GenerateConfig, ImportConfig, TrainConfig, build,
-                             load_preset)
+from kdm_pipe.config import EvaluateConfig, GenerateConfig, ImportConfig, TrainConfig, build, load_preset
+from kdm_pipe.errors import ConfigError, DataError, one_line
 from kdm_pipe.teachers import TEACHERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,15 +28,31 @@ DryRun = typer.Option(False, "--dry-run", help="print the resolved config and ex
 
 
 def user_errors(fn):
-    """ConfigError (and a missing file) → one line on stderr, exit code 2."""
+    """The one error boundary, every failure as one line on stderr: invalid input (ConfigError, a path that cannot
+    be read or written) → exit 2; corrupt data (DataError) and runtime failures → exit 1. KDM_DEBUG=1 adds the
+    traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+            raise
         except ConfigError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            fail(2, str(e))
+        except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+            fail(2, f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e))
+        except DataError as e:
+            fail(1, str(e))
+        except Exception as e:  # noqa: BLE001  (a failed Ray task, a torch error, a full disk: exit 1, one line)
+            fail(1, f"{fn.__name__.rstrip('_')} failed: {type(e).__name__}: {e}")
     return wrapper
+
+
+def fail(code: int, message: str) -> None:
+    if os.environ.get("KDM_DEBUG"):
+        traceback.print_exc()
+    typer.echo(f"error: {one_line(message)}", err=True)
+    raise typer.Exit(code)
 
 
 def resolve(model: type[BaseModel], section: str, preset: str | None, flags: dict[str, Any]) -> Any:
@@ -91,13 +110,7 @@ def generate(
     if finish(cfg, dry_run):
         return
     from stages import generate as stage
-    try:
-        stage.run(cfg, progress=not quiet)
-    except Exception as e:  # a failed task (e.g. non-finite teacher output) arrives wrapped by Ray
-        if isinstance(e, ConfigError):
-            raise
-        typer.echo(f"error: generate failed: {e}", err=True)
-        raise typer.Exit(1)
+    stage.run(cfg, progress=not quiet)
 
 
 @app.command()
@@ -153,9 +166,13 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run directory"),
     steps: Optional[int] = typer.Option(None), batch: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None), ema: Optional[float] = typer.Option(None),
+    ema_rampup: Optional[float] = typer.Option(None, help="EMA half-life ≤ this fraction of the steps so far (0: off)"),
+    update_order: Optional[str] = typer.Option(None, help="disc-first (official) | student-first"),
     seed: Optional[int] = typer.Option(None),
     student: Optional[str] = typer.Option(None, help="kdm | kd (the direct-regression baseline)"),
     operator: Optional[str] = typer.Option(None, help="affine | linear | decomposed"),
+    spectrum_prior: Optional[str] = typer.Option(None, help="none | uniform | gradual | circle (eigenvalue prior)"),
+    mlp: Optional[str] = typer.Option(None, help="vector students: official (the KDM 2-D nets) | linear-head"),
     distance: Optional[str] = typer.Option(None, help="l2 | pseudo_huber | lpips | l2+lpips"),
     w_adv: Optional[float] = typer.Option(None, help="adversarial weight (images; 0 turns the discriminator off)"),
     lpips_vgg: Optional[Path] = typer.Option(None, help="torchvision's vgg16-397923af.pth (for LPIPS)"),
@@ -172,9 +189,10 @@ def train(
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Fit the Koopman student on streamed pairs; checkpoints and logs under --out. Multi-GPU: torchrun ... -m kdm_pipe.cli train."""
-    student_flags = dict(kind=student, operator=operator, distance=distance, w_adv=w_adv, lpips_vgg=lpips_vgg,
-                         lpips_lin=lpips_lin)
-    flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, seed=seed,
+    student_flags = dict(kind=student, operator=operator, spectrum_prior=spectrum_prior, mlp=mlp, distance=distance,
+                         w_adv=w_adv, lpips_vgg=lpips_vgg, lpips_lin=lpips_lin)
+    flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, ema_rampup=ema_rampup,
+                 update_order=update_order, seed=seed,
                  loader_workers=loader_workers, device=device, threads=threads, ckpt_every=ckpt_every,
                  probe_every=probe_every, holdout_shards=holdout_shards, amp=amp, tf32=tf32, compile=compile, tensorboard=tensorboard,
                  student={k: v for k, v in student_flags.items() if v is not None})
@@ -218,7 +236,7 @@ def sample(
     out: Path = typer.Option(..., help="output directory (PNGs per seed, samples.npz, grid.png, samples.json)"),
     num: int = typer.Option(64, min=1, help="samples, from seeds SEED … SEED+NUM−1"),
     seed: int = typer.Option(0, min=0, help="first seed"),
-    weights: str = typer.Option("auto", help="auto (what evaluate chose, else EMA) | ema | raw"),
+    weights: str = typer.Option("auto", help="auto (the run's recorded choice, RUN/weights.json) | ema | raw"),
     class_label: Optional[int] = typer.Option(None, "--class", help="class for every sample (conditional runs)"),
     batch: int = typer.Option(250, min=1), device: str = typer.Option("auto"),
 ):

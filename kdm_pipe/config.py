@@ -14,6 +14,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from kdm_pipe.errors import ConfigError  # noqa: F401  (re-exported: stages raise it via config)
 from kdm_pipe.teachers import TeacherConfig
 from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig
 
@@ -33,20 +34,23 @@ def _no_url(v: Any) -> Any:
 LocalPath = Annotated[Path, BeforeValidator(_no_url)]
 
 
-class ConfigError(ValueError):
-    """Invalid user input: the CLI prints it and exits with code 2."""
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class SamplerConfig(Strict):
     solver: Literal["heun", "euler"] = "heun"
-    steps: int = Field(default=18, ge=1)
-    sigma_min: float = Field(default=0.002, gt=0)
-    sigma_max: float = Field(default=80.0, gt=0)
-    rho: float = Field(default=7.0, gt=0)
+    steps: int = Field(default=18, ge=1, le=10_000)
+    sigma_min: float = Field(default=0.002, gt=0, allow_inf_nan=False)
+    sigma_max: float = Field(default=80.0, gt=0, allow_inf_nan=False)
+    rho: float = Field(default=7.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "SamplerConfig":
+        # The ODE runs from sigma_max down to sigma_min: reversed, it writes garbage pairs with exit 0.
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        return self
 
 
 class GenerateConfig(Strict):
@@ -75,6 +79,14 @@ class GenerateConfig(Strict):
             return v
         raise ValueError(f"trajectory must be 'none', 'all' or 'every-K' (K ≥ 1), got {v!r}")
 
+    @model_validator(mode="after")
+    def _seeds(self) -> "GenerateConfig":
+        # Seeds are stored as int64; sizes that large are refused later anyway (disk), but before any arithmetic.
+        if self.seed + self.shards * self.pairs_per_shard >= 2**63:
+            raise ValueError(f"seed + shards × pairs_per_shard must stay below 2^63 (int64 seeds); got "
+                             f"{self.seed} + {self.shards} × {self.pairs_per_shard}")
+        return self
+
     def identity(self) -> dict[str, Any]:
         """The settings that determine the bytes of every shard (compared on rerun)."""
         return self.model_dump(mode="json", include={"teacher", "sampler", "pairs_per_shard", "seed", "batch",
@@ -92,6 +104,11 @@ class StudentConfig(Strict):
     # Vector students (MLPs)
     hidden: int = Field(default=256, ge=1)
     depth: int = Field(default=5, ge=1, description="hidden layers per MLP")
+    mlp: Literal["official", "linear-head"] = Field(
+        default="official", description="official: the KDM 2-D networks — encoders depth × (Linear + Swish) on "
+        "[x, t] (t = 0 for E_0, 1 for E_T: the latent is Swish-activated), decoder (depth − 1) × (Linear + Swish) on "
+        "[z, 0] then Linear; linear-head: kdm-pipe's earlier MLPs — depth × (Linear + SiLU) then Linear, no time "
+        "input (linear latent)")
     latent_dim: int = Field(default=256, ge=1)
     # Image students (U-Nets); defaults are the official CIFAR-10 ones
     model_channels: int = Field(default=64, ge=1)
@@ -103,7 +120,9 @@ class StudentConfig(Strict):
     projection: int | None = Field(default=None, ge=1, description="p: Linear(H·W·c → p) after each encoder")
     # The Koopman operator
     operator: Literal["affine", "linear", "decomposed"] = "affine"
-    spectrum_prior: Literal["none", "uniform", "gradual", "circle"] = "none"
+    spectrum_prior: Literal["none", "uniform", "gradual", "circle"] = Field(
+        default="none", description="eigenvalue prior on the operator (dense: eigvals of its weight; decomposed: its "
+        "λ, plus the inverse loss on P⁻¹ as the official code adds them together)")
     prior_seed: int = 0
     koopman_control: bool = Field(default=True, description="add B y to the pushed latent when labels exist")
     sigma_z: float = Field(default=0.4, ge=0)
@@ -142,6 +161,13 @@ class TrainConfig(Strict):
     lr: float = Field(default=3e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     ema: float = Field(default=0.9999, ge=0, lt=1)
+    ema_rampup: float = Field(
+        default=0.05, ge=0, description="EMA warm-up as in EDM: the EMA half-life is at most this fraction of the "
+        "steps taken so far (0: a constant decay `ema` from step 1)")
+    update_order: Literal["disc-first", "student-first"] = Field(
+        default="disc-first", description="with a discriminator: disc-first (official) steps it on this pass's "
+        "samples, then the student against the updated discriminator; student-first steps the student, then the "
+        "discriminator on the same samples")
     seed: int = 0
     holdout_shards: int = Field(default=1, ge=0, description="last shards kept out of training, for evaluation")
     shuffle_buffer: int = Field(default=8192, ge=1)
@@ -163,7 +189,8 @@ class EvaluateConfig(Strict):
     data: LocalPath | None = None
     num: int = Field(default=10000, ge=1, description="held-out pairs compared")
     weights: Literal["auto", "ema", "raw"] = Field(
-        default="auto", description="auto: whichever has the lower paired error on a held-out selection split")
+        default="auto", description="auto: the run's recorded choice (RUN/weights.json): whichever of EMA and raw is "
+        "closer in distribution to the teacher on the held-out selection split (never the reported split)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     detector: Path | None = Field(default=None, description="TorchScript feature net for image metrics, e.g. "
@@ -255,9 +282,11 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     """Raw preset sections (validated when a stage config is built from them)."""
     path = preset_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None or data == {}:       # an empty file would otherwise run the built-in defaults silently
+        raise ConfigError(f"{path}: the preset is empty; give at least one of the sections generate/train/evaluate")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with sections generate/train/evaluate, got {type(data).__name__}")
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import itertools
 import signal
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.errors import ConfigError, DataError, one_line
 
 FIELDS = ("x_T", "x_0", "label", "seed")
 Block = dict[str, np.ndarray]
@@ -38,10 +39,21 @@ def _decode(sample: dict) -> Block:
     return {f: np.load(io.BytesIO(sample[k]), allow_pickle=False) for f in FIELDS if (k := f"{f.lower()}.npy") in sample}
 
 
-def _records(urls: list[str]) -> Iterator[Block]:
+def _records(url: str) -> Iterator[Block]:
+    """One shard's records; a structural error (truncated tar, bad member) becomes a DataError naming the shard."""
     # Splitting by reader is done here, so WebDataset must not split or shuffle again.
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    return map(_decode, ds)
+    ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    try:
+        for sample in ds:
+            block = _decode(sample)
+            sizes = {len(block.get(f, ())) for f in ("x_T", "x_0", "seed")} | {len(a) for a in block.values()}
+            if len(sizes) != 1 or 0 in sizes:
+                raise ValueError(f"record {sample.get('__key__')} lacks fields or has unequal lengths")
+            yield block
+    except (tarfile.TarError, OSError, ValueError, EOFError, KeyError) as e:
+        what = str(e.args[0]).split(" @ <")[0] if isinstance(e, tarfile.TarError) and e.args else e
+        raise DataError(f"shard {url} is unreadable ({what}); `kdm-pipe verify {Path(url).parent}` lists every bad "
+                        f"shard, and rerunning the command that wrote the pairs (generate or import) repairs them") from e
 
 
 def _cat(blocks: list[Block]) -> Block:
@@ -50,6 +62,13 @@ def _cat(blocks: list[Block]) -> Block:
 
 def _take(block: Block, sl: slice) -> Block:
     return {f: a[sl] for f, a in block.items()}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An exception raised in a reader, carried to the trainer as a stream item and raised there as one line."""
+    message: str
+    data: bool                         # corrupt data (DataError, exit 1 naming the shard) rather than a bug
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,7 @@ class PairStream(IterableDataset):
         last_url, last_n = ep.shards[-1]
         seen_last, tail = 0, []
         for i, url in enumerate(u for u, _ in ep.shards):
-            for rec in _records([url]):
+            for rec in _records(url):
                 if i == len(ep.shards) - 1:        # hold back the last `tail` pairs of the epoch
                     n, cut = len(rec["x_0"]), max(0, last_n - ep.tail - seen_last)
                     seen_last += n
@@ -102,7 +121,16 @@ class PairStream(IterableDataset):
             yield from (_take(pool, slice(b, b + self.micro)) for b in range(0, size, self.micro))
         yield "tail", (_cat(tail) if tail else None)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor] | Failure]:
+        # A loader worker's exception would reach the trainer wrapped in a multi-line traceback: pass it as an item.
+        try:
+            yield from self._stream()
+        except DataError as e:
+            yield Failure(one_line(str(e)), data=True)
+        except Exception as e:  # noqa: BLE001
+            yield Failure(f"loader: {type(e).__name__}: {one_line(str(e))}", data=False)
+
+    def _stream(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         parts, part = self.world * nw, self.rank * nw + wid
@@ -114,7 +142,7 @@ class PairStream(IterableDataset):
                 continue
             if prev is not None and carry is None and ep.carried:   # resuming: re-read the carried pairs
                 url, n = prev.shards[-1]
-                carry = _take(_cat(list(_records([url]))), slice(n - ep.carried, n))
+                carry = _take(_cat(list(_records(url))), slice(n - ep.carried, n))
             rng = np.random.default_rng([self.seed, part, ep.index, 1])
             for out in self._epoch(ep, carry, rng):
                 if isinstance(out, tuple):
@@ -127,10 +155,11 @@ class PairStream(IterableDataset):
 
 
 def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: int, seed: int, workers: int,
-            rank: int = 0, world: int = 1, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+            rank: int = 0, world: int = 1, start: int = 0) -> "Loader":
     """This rank's endless stream of step batches (batch/world pairs each), beginning after `start` steps.
 
-    `shards` are (file name, pairs) pairs; `buffer` is the shuffle buffer of each reader.
+    `shards` are (file name, pairs) pairs; `buffer` is the shuffle buffer of each reader. Close the result (in a
+    `finally`) to stop its worker processes: a live persistent worker keeps the interpreter from exiting.
     """
     readers = world * max(workers, 1)
     if batch % readers:
@@ -143,9 +172,12 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
         raise ConfigError(f"shards of {min(n for _, n in shards)} pairs are smaller than a reader's micro-batch "
                           f"({micro}); lower --batch or generate larger shards")
     stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start)
+    # Its own generator: the DataLoader draws its worker seeds from it, not from the global RNG that dropout uses
+    # (those draws came after a resume's RNG restore and shifted every later dropout mask).
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                    prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigterm if workers else None)
-    return _concat(iter(dl), max(workers, 1))
+                    prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigterm if workers else None,
+                    generator=torch.Generator().manual_seed(seed))
+    return Loader(iter(dl), max(workers, 1))
 
 
 def _ignore_sigterm(_: int) -> None:
@@ -154,7 +186,25 @@ def _ignore_sigterm(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _concat(micro_batches: Iterator[dict[str, torch.Tensor]], per_step: int) -> Iterator[dict[str, torch.Tensor]]:
-    while True:
-        parts = [next(micro_batches) for _ in range(per_step)]
-        yield parts[0] if per_step == 1 else {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+class Loader:
+    """Step batches from the DataLoader's micro-batches (one per worker, in turn); reader failures raised here."""
+
+    def __init__(self, micro_batches: Iterator, per_step: int) -> None:
+        self._it, self.per_step = micro_batches, per_step
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        parts = []
+        for _ in range(self.per_step):
+            item = next(self._it)
+            if isinstance(item, Failure):
+                raise (DataError if item.data else RuntimeError)(item.message)
+            parts.append(item)
+        return parts[0] if self.per_step == 1 else {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)     # multiprocess iterators only
+        if shutdown is not None:
+            shutdown()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from kdm_pipe.errors import ConfigError
+
 
 def pick_device(name: str = "auto") -> torch.device:
-    from kdm_pipe.config import ConfigError      # here: config imports the teachers, which import this module
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):

@@ -1,0 +1,179 @@
+"""A training run directory, and the one place that reads and writes its files.
+
+    RUN/config.json            the resolved TrainConfig
+    RUN/split.json             training and held-out shard names, and the pairs they came from: the pair set's
+                               path relative to RUN and each shard's sha256 (so a moved run finds its pairs, and
+                               a resume refuses different pairs under the same path)
+    RUN/checkpoints/ckpt-STEP.pt (+ .sha256)   state dicts; the checksum file is written before the checkpoint
+                               appears, so every visible checkpoint can be checked; a damaged one is passed over
+                               for the newest intact one, with a warning
+    RUN/train.jsonl, eval.json, latents.zarr, tensorboard/, report.html
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from kdm_pipe.config import TrainConfig, format_validation
+from kdm_pipe.errors import ConfigError
+from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, load_manifest, sha256_file
+
+CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
+
+
+class Run:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return (self.path / CONFIG).is_file()
+
+    def require(self) -> "Run":
+        if not self.exists():
+            raise ConfigError(f"{self.path} is not a training run (no {CONFIG}); pass the --out directory of "
+                              f"`kdm-pipe train`")
+        return self
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{self.path / name} is missing; the run is incomplete (rerun `kdm-pipe train "
+                              f"--out {self.path} --resume`)") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.path / name} is not valid JSON ({e}); restore it or retrain") from None
+
+    @cached_property
+    def config(self) -> TrainConfig:
+        self.require()
+        try:
+            return TrainConfig.model_validate(self.read_json(CONFIG))
+        except ValidationError as e:
+            raise ConfigError(f"{self.path / CONFIG} is not a kdm-pipe run config: {format_validation(e)}") from None
+
+    @cached_property
+    def split(self) -> dict[str, Any]:
+        return self.require().read_json(SPLIT)
+
+    def write_split(self, data: Path, manifest: Manifest, train: list[str], holdout: list[str]) -> None:
+        sha = {s.name: s.sha256 for s in manifest.shards}
+        atomic_write_text(self.path / SPLIT, json.dumps({
+            "train": train, "holdout": holdout, "data_from_run": os.path.relpath(Path(data).resolve(), self.path.resolve()),
+            "sha256": {n: sha[n] for n in train + holdout}}, indent=1))
+        self.__dict__.pop("split", None)
+
+    def same_pairs(self, manifest: Manifest) -> bool:
+        """Whether `manifest` lists exactly the shards (by sha256) this run was split on."""
+        recorded = self.split.get("sha256")
+        have = {s.name: s.sha256 for s in manifest.shards}
+        return recorded is None or all(have.get(n) == h for n, h in recorded.items())
+
+    def data_dir(self, override: Path | None = None) -> Path:
+        """Where the run's pairs are: --data if given, else the recorded path, else the same place relative to
+        RUN (a run moved together with its pairs)."""
+        if override is not None:
+            return Path(override)
+        candidates = [Path(self.config.data)]
+        if "data_from_run" in (split := self.split if (self.path / SPLIT).is_file() else {}):
+            candidates.append(self.path / split["data_from_run"])
+        for c in candidates:
+            if (c / MANIFEST).is_file():
+                return c
+        raise ConfigError(f"the pairs of run {self.path} are not at {' nor '.join(map(str, candidates))}; "
+                          f"pass --data DIR")
+
+    def manifest(self, data: Path | None = None) -> Manifest:
+        """The manifest of the run's pairs (or of --data, which must be pairs of the same kind)."""
+        directory = self.data_dir(data)
+        try:
+            manifest = load_manifest(directory)
+        except ValueError as e:
+            raise ConfigError(f"{directory / MANIFEST} is not a valid kdm-pipe manifest ({e})") from None
+        if data is not None:
+            trained = self.manifest()
+            if (manifest.shape, manifest.label_dim) != (trained.shape, trained.label_dim):
+                raise ConfigError(f"--data {data}: pairs of shape {manifest.shape} with {manifest.label_dim} labels, "
+                                  f"but the run trained on shape {trained.shape} with {trained.label_dim}")
+        return manifest
+
+    # Checkpoints
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / CKPT_DIR
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint files, oldest first (intact or not)."""
+        return sorted(self.ckpt_dir.glob("ckpt-*.pt"))
+
+    def save_checkpoint(self, step: int, state: dict) -> Path:
+        """Write RUN/checkpoints/ckpt-STEP.pt all or nothing: temp file, fsync, checksum file, then rename."""
+        path = self.ckpt_dir / f"ckpt-{step:08d}.pt"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"step": step, **state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            atomic_write_text(path.with_name(path.name + ".sha256"), sha256_file(tmp) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def damage(self, path: Path) -> str | None:
+        """What is wrong with checkpoint `path` (checksum mismatch), or None."""
+        sidecar = path.with_name(path.name + ".sha256")
+        if sidecar.is_file() and sidecar.read_text().strip() != sha256_file(path):
+            return "sha256 mismatch"
+        return None
+
+    def load_checkpoint(self, map_location: Any = "cpu", set_aside: bool = False) -> tuple[dict, Path] | None:
+        """The newest intact checkpoint's state and path; None when there are none. Damaged newer ones are passed
+        over with a warning (and, for a resumed run, renamed *.damaged so they stay out of the way)."""
+        found = self.checkpoints()
+        for path in reversed(found):
+            problem = self.damage(path)
+            if problem is None:
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True), path
+                except Exception as e:  # noqa: BLE001  (torch raises many kinds on a damaged file)
+                    problem = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"warning: checkpoint {path} is damaged ({problem}); falling back to the one before it",
+                  file=sys.stderr)
+            if set_aside:
+                os.replace(path, path.with_name(path.name + ".damaged"))
+                path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+        if found:
+            raise ConfigError(f"{self.path} has {len(found)} checkpoint(s) and none is intact; retrain, or restore "
+                              f"{self.ckpt_dir} from a copy")
+        return None
+
+    def latest_checkpoint(self) -> Path | None:
+        loaded = self.load_checkpoint()
+        return loaded[1] if loaded else None
+
+    def trim_log(self, step: int) -> None:
+        """Drop train.jsonl rows past `step` (a resume from an earlier checkpoint repeats those steps)."""
+        log = self.path / LOG
+        if log.is_file():
+            rows = [ln for ln in log.read_text().splitlines() if _step(ln) is not None and _step(ln) <= step]
+            atomic_write_text(log, "".join(r + "\n" for r in rows))
+
+
+def _step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):      # a row cut short by a kill
+        return None

@@ -1,0 +1,41 @@
+"""Helpers of the fault-injection suites (tests/test_faults_*.py): run the real CLI in a subprocess with a
+timeout (a hang fails the test instead of stalling CI), check the one-line error, and compare directory trees to
+show that nothing was lost or left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "kdm_pipe.cli"]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def kdm(*args, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+    """`kdm-pipe ARGS` in a fresh process; raises TimeoutExpired (the test fails) if it does not end in time."""
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=kw.pop("env", ENV), **kw)
+
+
+def error_line(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """Assert exit `code` and a single `error: …` line on stderr containing every fragment; return the line."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}\nstderr:\n{proc.stderr}"
+    assert len(errors) == 1, f"expected one 'error:' line, got:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f.lower() in errors[0].lower(), f"{f!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under root (hidden ones included), for before/after comparisons."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
