@@ -3,18 +3,94 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
 
+class Terminated(SystemExit):
+    """SIGTERM / SIGINT arrived: unwinds through every `finally` (cleanup, ray.shutdown), then the process exits
+    with 128 + signal (143 / 130), the shell's convention, without a traceback (SystemExit is not an Exception)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class _Interrupted(KeyboardInterrupt):
+    # What the handler raises. Inside a blocking Ray call only a KeyboardInterrupt survives: Ray's C++ signal check
+    # turns it into its own KeyboardInterrupt, any SystemExit into exit code 1, anything else into nothing at all.
+    # So the signal number is kept aside and the interrupt becomes Terminated where the body is left.
+    pass
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    raise _Interrupted()
+
+
+def _as_terminated() -> Terminated | None:
+    """The Terminated that a KeyboardInterrupt being handled stands for, if one of our handlers raised it."""
+    return Terminated(_received[-1]) if _received else None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Terminated in the main thread for the body (restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _raise_terminated) for s in SIGNALS}
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise (_as_terminated() or Terminated(signal.SIGINT)) from None
+    finally:
+        _restore(old)
+
+
 @contextmanager
 def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> Iterator[None]:
-    """Connect to `address`, or start a local cluster sized for the job; shut down what we started."""
+    """Connect to `address`, or start a local cluster sized for the job; shut down what we started.
+
+    While the session is open SIGTERM / SIGINT raise Terminated (ray.init replaces the SIGTERM handler with
+    sys.exit(15), and its C++ core installs a failure handler that dumps a stack and aborts with 134); the handlers
+    from before are restored after ray.shutdown.
+    """
     if ray.is_initialized():                     # a caller (a test, a notebook) already owns the session
         yield
         return
+    main = threading.current_thread() is threading.main_thread()
+    before = {s: signal.getsignal(s) for s in SIGNALS} if main else {}
+    try:
+        _init(address, num_cpus, num_gpus)
+    except SystemExit as e:                      # Ray's own handler fired during init
+        ray.shutdown()
+        _restore(before)
+        if e.code == signal.SIGTERM:
+            raise Terminated(signal.SIGTERM) from None
+        raise
+    try:
+        for s in before:
+            signal.signal(s, _raise_terminated)
+        yield
+    except KeyboardInterrupt:
+        raise (_as_terminated() or Terminated(signal.SIGINT)) from None
+    finally:
+        try:
+            ray.shutdown()
+        finally:
+            _restore(before)
+
+
+def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
     address = address or os.environ.get("RAY_ADDRESS")     # set inside a RayJob / a Ray cluster's containers
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -24,21 +100,27 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=max(1, int(round(num_cpus))), num_gpus=int(num_gpus) if num_gpus else None,
                  include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
-def run_bounded(remote_fn: Any, calls: list[tuple], max_in_flight: int) -> Iterator[Any]:
+def _restore(handlers: dict) -> None:
+    for s, handler in handlers.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> Iterator[Any]:
     """Submit `remote_fn.remote(*args)` for each call with at most `max_in_flight` pending; yield results as they finish.
 
-    Bounding keeps the driver's memory and the object store flat for any number of shards.
+    Bounding keeps the driver's memory and the object store flat for any number of shards; `calls` is consumed
+    lazily, so it may be a generator over a huge plan.
     """
-    pending, queue = [], list(calls)
-    while queue or pending:
-        while queue and len(pending) < max_in_flight:
-            pending.append(remote_fn.remote(*queue.pop(0)))
+    pending, queue = [], iter(calls)
+    while True:
+        for args in queue:
+            pending.append(remote_fn.remote(*args))
+            if len(pending) >= max_in_flight:
+                break
+        if not pending:
+            return
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
 

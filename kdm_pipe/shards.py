@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import math
 import os
+import re
 import sys
 import tarfile
 import uuid
@@ -19,10 +22,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kdm_pipe.errors import DataError, one_line
 
 MANIFEST = "manifest.json"
+VERIFIED = ".kdm-verified.json"        # check_shards' cache: shards whose sha256 matched, keyed by their stat
 FIELDS = ("x_T", "x_0", "seed", "label", "traj")
+REQUIRED = ("x_T", "x_0", "seed")
+MAX_SAMPLE_ELEMENTS = 1 << 28          # one pair of 2^28 values (1 GiB in float32) is no pair set anyone writes
 
 
 class ShardInfo(BaseModel):
@@ -55,6 +63,21 @@ class Manifest(BaseModel):
     trajectory_sigmas: list[float] | None = None
     shards: list[ShardInfo] = Field(default_factory=list)
 
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        # Readers size their buffers from the shape: an absurd one must not reach an allocation.
+        if not v or any(d < 1 for d in v) or math.prod(v) > MAX_SAMPLE_ELEMENTS:
+            raise ValueError(f"shape {v} is not a sample shape (positive sizes, at most {MAX_SAMPLE_ELEMENTS} values)")
+        return v
+
+    @field_validator("num_shards", "pairs_per_shard", "label_dim")
+    @classmethod
+    def _count(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be ≥ 0, got {v}")
+        return v
+
     @property
     def num_pairs(self) -> int:
         return sum(s.pairs for s in self.shards)
@@ -69,8 +92,11 @@ def shard_name(index: int) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:                                        # interrupted (SIGTERM, a full disk): leave no temp file
+        tmp.unlink(missing_ok=True)
 
 
 def save_manifest(directory: Path, manifest: Manifest) -> None:
@@ -89,6 +115,21 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
+
+
+def pair_bytes(manifest: Manifest) -> int:
+    """Bytes one pair takes in a shard: x_T, x_0, the kept trajectory states, its seed and one-hot label."""
+    d = math.prod(manifest.shape)
+    size = {k: np.dtype(manifest.dtypes.get(k, "float32")).itemsize for k in ("x_T", "x_0", "traj")}
+    traj = len(manifest.trajectory_steps or []) * d * size["traj"]
+    return d * (size["x_T"] + size["x_0"]) + traj + 8 + 4 * manifest.label_dim
+
+
+def estimated_shard_bytes(manifest: Manifest, pairs: int, batch: int) -> int:
+    """A shard's size on disk: its pairs plus, per record, a tar header, an .npy header and padding per member."""
+    members = 3 + (manifest.label_dim > 0) + bool(manifest.trajectory_steps)
+    records = -(-pairs // max(1, min(batch, pairs)))
+    return pairs * pair_bytes(manifest) + records * members * 1536 + 10240
 
 
 def write_shard(path: Path, records: Iterable[dict[str, np.ndarray]]) -> tuple[int, str]:
@@ -123,20 +164,119 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
-    """Records of one shard, in order (plain tarfile: used by verify and stats; training streams via webdataset)."""
+def repair_hint(directory: Path) -> str:
+    return f"rerun the `kdm-pipe generate` (or import) command that wrote {directory} to repair it"
+
+
+class ShardError(DataError):
+    """An unreadable shard: one line naming the file, what is wrong (`.what`) and how to repair it."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = Path(path), one_line(what)
+        super().__init__(f"{self.path}: {self.what}; {repair_hint(self.path.parent)}")
+
+    def __reduce__(self):                               # crosses Ray's process boundary intact
+        return ShardError, (self.path, self.what)
+
+
+def shard_error(path: Path, what: str) -> ShardError:
+    return ShardError(path, what)
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy version {version}")
+
+
+def read_npy(f: Any, size: int) -> np.ndarray:
+    """A `.npy` of `size` bytes from stream `f`, allocating only once the header has been shown to describe exactly
+    the bytes that are there (np.load would allocate whatever a crafted header declares). ValueError if not."""
+    start = f.tell()
+    shape, fortran, dtype = _npy_header(f)
+    if dtype.hasobject:
+        raise ValueError("object arrays are refused (they would need pickle)")
+    nbytes = math.prod(shape) * dtype.itemsize              # Python ints: no overflow for crafted shapes
+    have = size - (f.tell() - start)
+    if nbytes != have:
+        raise ValueError(f"header declares shape {tuple(shape)} {dtype} ({nbytes} bytes) but {have} bytes follow")
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise ValueError(f"ends after {got} of {nbytes} data bytes")
+        got += n
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def npy_from_bytes(data: bytes) -> np.ndarray:
+    """`read_npy` of an in-memory member (e.g. a WebDataset sample's bytes)."""
+    return read_npy(io.BytesIO(data), len(data))
+
+
+def _check_record(rec: dict[str, np.ndarray]) -> None:
+    missing = [f for f in REQUIRED if f not in rec]
+    if missing:
+        raise ValueError(f"a record lacks {', '.join(missing)}")
+    n = {len(a) if a.ndim else -1 for a in rec.values()}
+    if len(n) != 1:
+        raise ValueError(f"a record's members hold different numbers of pairs ({sorted(n)})")
+
+
+def _records(tar: tarfile.TarFile, f: Any, file_size: int) -> Iterator[dict[str, np.ndarray]]:
     rec: dict[str, np.ndarray] = {}
     key = None
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            k, field = member.name.split(".", 1)
-            if key is not None and k != key:
-                yield rec
-                rec = {}
-            key = k
-            rec[field.removesuffix(".npy")] = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+    for member in tar:
+        k, _, field = member.name.partition(".")
+        field = field.removesuffix(".npy")
+        if not member.isfile() or field not in FIELDS or not member.name.endswith(".npy"):
+            raise ValueError(f"unexpected member {member.name!r}")
+        if member.offset_data + member.size > file_size:
+            raise ValueError(f"member {member.name} declares {member.size} bytes past the end of the file")
+        if key is not None and k != key:
+            _check_record(rec)
+            yield rec
+            rec = {}
+        key = k
+        try:
+            rec[field] = read_npy(tar.extractfile(member), member.size)
+        except ValueError as e:
+            raise ValueError(f"member {member.name}: {e}") from None
+    _check_end(f, tar.offset, file_size)
     if rec:
+        _check_record(rec)
         yield rec
+
+
+def _check_end(f: Any, offset: int, file_size: int) -> None:
+    # tarfile stops quietly at a header cut short; a whole tar ends in two zero blocks right after its last member.
+    f.seek(offset)
+    if file_size < offset + 1024 or f.read(1024).strip(b"\0"):
+        raise ValueError("truncated (no end-of-archive marker after the last member)")
+
+
+def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
+    """Records of one shard, in order (plain tarfile: used by verify and stats; training streams via webdataset).
+
+    Any structural problem (not a tar, truncated, a member that is not a plain `.npy` of the size its header
+    declares, a record without x_T / x_0 / seed) raises DataError naming the file and the repair; memory stays
+    bounded by the file's size whatever its headers declare.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                yield from _records(tar, f, size)
+    except FileNotFoundError:
+        raise shard_error(path, "missing") from None
+    except (tarfile.TarError, EOFError, ValueError, KeyError, OverflowError, UnicodeError, MemoryError) as e:
+        kind = "" if type(e) is ValueError else f"{type(e).__name__}: "     # our own checks need no type name
+        raise shard_error(path, f"unreadable: {kind}{e}") from None
 
 
 def read_pairs(directory: Path, names: list[str], num: int) -> dict[str, np.ndarray] | None:
@@ -168,15 +308,103 @@ def check_shard(path: Path, info: ShardInfo, full: bool = True) -> str | None:
             return f"sha256 {digest[:12]}…, manifest says {info.sha256[:12]}…"
         try:
             seeds = np.concatenate([r["seed"] for r in read_shard(path)])
-        except (tarfile.TarError, ValueError, KeyError, EOFError) as e:
-            return f"unreadable: {e}"
+        except ShardError as e:
+            return e.what
         if len(seeds) != info.pairs or not np.array_equal(seeds, np.arange(info.seed_start, info.seed_end)):
             return f"holds {len(seeds)} pairs / seeds not {info.seed_start}..{info.seed_end - 1}"
     return None
 
 
+def _stamp(info: ShardInfo, st: os.stat_result) -> list:
+    # ctime changes on every write and cannot be set by users: a same-size rewrite with its mtime restored still
+    # misses the cache. The inode catches a replaced file; the manifest's sha256 a changed entry.
+    return [info.sha256, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _load_verified(directory: Path) -> dict[str, list]:
+    try:
+        data = json.loads((directory / VERIFIED).read_text())
+        return {k: v for k, v in data["shards"].items() if isinstance(v, list)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}                                  # no cache, or one we cannot trust: hash everything
+
+
+def _save_verified(directory: Path, entries: dict[str, list]) -> None:
+    try:
+        atomic_write_text(directory / VERIFIED, json.dumps({"format": "kdm-pipe/verified-v1", "shards": entries}))
+    except OSError:
+        pass                                        # a read-only pair set: verify every run, write nothing
+
+
+def check_shards(directory: Path, manifest: Manifest, names: Iterable[str] | None = None) -> dict[str, str]:
+    """{name: problem} for the named complete shards (default: every shard of the manifest) whose size or sha256
+    differs from the manifest; empty when all match.
+
+    Shards whose sha256 matched before and whose (size, mtime, ctime, inode) and manifest sha256 are unchanged since
+    are not re-hashed: DIR/.kdm-verified.json remembers them (skipped when DIR is read-only).
+    """
+    directory = Path(directory)
+    listed = {s.name: s for s in manifest.shards}
+    cache = _load_verified(directory)
+    keep = {k: v for k, v in cache.items() if k in listed}
+    problems: dict[str, str] = {}
+    for name in (listed if names is None else names):
+        info = listed.get(name)
+        if info is None:
+            problems[name] = "not a complete shard of the manifest"
+            continue
+        problem, stamp = _check_one(directory / name, info, cache.get(name))
+        if problem:
+            problems[name] = problem
+            keep.pop(name, None)
+        else:
+            keep[name] = stamp
+    if keep != cache:
+        _save_verified(directory, keep)
+    return problems
+
+
+def _check_one(path: Path, info: ShardInfo, cached: list | None) -> tuple[str | None, list | None]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing", None
+    if st.st_size != info.bytes:
+        return f"size {st.st_size} bytes, manifest says {info.bytes}", None
+    stamp = _stamp(info, st)
+    if cached == stamp:
+        return None, stamp
+    digest = sha256_file(path)
+    if digest != info.sha256:
+        return f"sha256 {digest[:12]}…, manifest says {info.sha256[:12]}… (same size: changed in place)", None
+    return None, stamp
+
+
+def bad_shards_error(directory: Path, problems: dict[str, str]) -> DataError:
+    """One line for `check_shards`' problems: which shards, what is wrong, how to repair."""
+    listed = "; ".join(f"{name}: {p}" for name, p in list(problems.items())[:5])
+    more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+    return DataError(f"{directory}: {len(problems)} shard(s) do not match the manifest ({listed}{more}); "
+                     f"{repair_hint(Path(directory))}")
+
+
+def missing_ranges(manifest: Manifest) -> Iterator[tuple[int, int]]:
+    """[start, stop) runs of planned shard indices with no complete shard: O(complete shards), whatever num_shards."""
+    nxt = 0
+    for k in sorted({s.index for s in manifest.shards if s.index < manifest.num_shards}):
+        if k > nxt:
+            yield nxt, k
+        nxt = k + 1
+    if nxt < manifest.num_shards:
+        yield nxt, manifest.num_shards
+
+
 def verify(directory: Path) -> dict[str, str]:
-    """Every problem in a pair directory: {shard name: what is wrong}. Empty when all shards match."""
+    """Every problem in a pair directory: {shard name: what is wrong}. Empty when all shards match.
+
+    Shards not generated yet are reported as runs ("shard-000004.tar … shard-000009.tar": "6 shards …"), so a plan
+    of 10^12 shards costs no memory.
+    """
     directory = Path(directory)
     manifest = load_manifest(directory)
     problems = {}
@@ -184,10 +412,12 @@ def verify(directory: Path) -> dict[str, str]:
         err = check_shard(directory / info.name, info)
         if err:
             problems[info.name] = err
-    listed = {s.index for s in manifest.shards}
-    for k in range(manifest.num_shards):
-        if k not in listed:
-            problems[shard_name(k)] = "not generated yet (rerun the same generate command to complete it)"
+    rerun = "rerun the same generate command to complete it"
+    for start, stop in missing_ranges(manifest):
+        if stop - start == 1:
+            problems[shard_name(start)] = f"not generated yet ({rerun})"
+        else:
+            problems[f"{shard_name(start)} … {shard_name(stop - 1)}"] = f"{stop - start} shards not generated yet ({rerun})"
     return problems
 
 
@@ -197,7 +427,29 @@ def remove_temp_files(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def reconcile(out: Path, manifest: Manifest) -> list[int]:
+class Pending:
+    """Shard indices still to write: range(num_shards) minus the complete ones, lazily (a plan may be huge)."""
+
+    def __init__(self, num_shards: int, done: set[int]):
+        self.num_shards, self.done = num_shards, done
+
+    def __iter__(self) -> Iterator[int]:
+        return (k for k in range(self.num_shards) if k not in self.done)
+
+    def __len__(self) -> int:
+        return self.num_shards - sum(1 for k in self.done if k < self.num_shards)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __repr__(self) -> str:
+        return f"Pending({len(self)} of {self.num_shards} shards)"
+
+
+SHARD_FILE = re.compile(r"shard-(\d{6,})\.tar")
+
+
+def reconcile(out: Path, manifest: Manifest) -> Pending:
     """Shards still to write: drop manifest entries whose file is missing or corrupt, remove orphans (files of a run
     killed after its rename but before its manifest update) and temp files. Mutates `manifest.shards`."""
     out = Path(out)
@@ -211,7 +463,8 @@ def reconcile(out: Path, manifest: Manifest) -> list[int]:
             good.append(info)
     manifest.shards = good
     done = {s.index for s in good}
-    todo = [k for k in range(manifest.num_shards) if k not in done]
-    for k in todo:
-        (out / shard_name(k)).unlink(missing_ok=True)
-    return todo
+    for path in out.glob("shard-*.tar"):            # the files there, not every planned index
+        m = SHARD_FILE.fullmatch(path.name)
+        if m and path.name == shard_name(int(m[1])) and int(m[1]) < manifest.num_shards and int(m[1]) not in done:
+            path.unlink(missing_ok=True)
+    return Pending(manifest.num_shards, done)

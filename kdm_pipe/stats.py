@@ -22,8 +22,10 @@ layout, e.g. after changing cov_max_dim, is deleted and rebuilt from scratch.)
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,7 +35,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from kdm_pipe.config import ConfigError
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard, sha256_file
+from kdm_pipe.errors import DataError
+from kdm_pipe.shards import Manifest, ShardInfo, read_shard, repair_hint, sha256_file, shard_error
 
 STORE = "stats.zarr"
 FORMAT = "kdm-pipe/stats-v1"
@@ -44,7 +47,7 @@ def compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-class ShardMismatch(ValueError):
+class ShardMismatch(DataError):
     """A shard file is not the one its manifest entry describes."""
 
 
@@ -124,10 +127,14 @@ def shard_moments(path: Path, specs: list[FieldSpec], label_dim: int) -> dict[st
     moments = {s.name: Moments(s) for s in specs}
     labels = np.zeros(label_dim, np.int64)
     for rec in read_shard(path):
-        for name, m in moments.items():
-            m.add(rec[name])
-        if label_dim:
-            labels += np.bincount(rec[LABEL].argmax(1), minlength=label_dim)
+        try:
+            for name, m in moments.items():
+                m.add(rec[name])
+            if label_dim:
+                labels += np.bincount(rec[LABEL].argmax(1), minlength=label_dim)
+        except (KeyError, ValueError, IndexError) as e:      # a record whose arrays the manifest does not describe
+            raise shard_error(path, f"a record does not match the manifest's shape/fields ({type(e).__name__}: "
+                                    f"{e})") from None
     out = {name: m.arrays() for name, m in moments.items()}
     if label_dim:
         out[LABEL] = {"count": labels}
@@ -147,7 +154,7 @@ def write_shard_stats(store: str, directory: str, info: ShardInfo, specs: list[F
     digest = sha256_file(path)
     if digest != info.sha256:
         raise ShardMismatch(f"{path} has sha256 {digest[:12]}…, its manifest entry says {info.sha256[:12]}…; "
-                            f"run `kdm-pipe verify {directory}` and rerun generate to repair it")
+                            f"{repair_hint(Path(directory))}")
     for field, arrays in shard_moments(path, specs, label_dim).items():
         for name, a in arrays.items():
             rows[f"{field}/{name}"][row] = a
@@ -161,27 +168,28 @@ def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, ch
                               overwrite=True)
 
 
-def prepare_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zarr.Group:
-    """Open the store with one row per planned shard, creating its per-shard arrays here, in the driver.
+def open_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zarr.Group | None:
+    """The store at `path` if it has this layout (resized to one row per planned shard: more shards only add rows),
+    else None: another layout (shape, trajectory steps, labels, cov_max_dim) or an unreadable store is rebuilt."""
+    if not path.exists():
+        return None
+    try:
+        root = zarr.open_group(path, mode="r+")
+    except (OSError, ValueError):
+        return None
+    if root.attrs.get("format") != FORMAT or root.attrs.get("layout") != layout(specs, manifest.label_dim):
+        return None
+    for _, a in root["per_shard"].members(max_depth=None):
+        if isinstance(a, zarr.Array) and a.shape[0] != manifest.num_shards:
+            a.resize((manifest.num_shards,) + a.shape[1:])
+    return root
 
-    More planned shards only add rows. Anything else at `path` (another layout: shape, trajectory steps, labels,
-    cov_max_dim; an unreadable store) is deleted and rebuilt: the name is reserved for this store.
-    """
+
+def create_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zarr.Group:
+    """A new store with one row per planned shard, its per-shard arrays created here, in the driver."""
     n = manifest.num_shards
-    want = layout(specs, manifest.label_dim)
-    if path.exists():
-        try:
-            root = zarr.open_group(path, mode="r+")
-        except (OSError, ValueError):
-            root = None
-        if root is not None and root.attrs.get("format") == FORMAT and root.attrs.get("layout") == want:
-            for _, a in root["per_shard"].members(max_depth=None):
-                if isinstance(a, zarr.Array) and a.shape[0] != n:
-                    a.resize((n,) + a.shape[1:])
-            return root
-        shutil.rmtree(path)
     root = zarr.open_group(path, mode="w", zarr_format=3)
-    root.attrs.update({"format": FORMAT, "layout": want, "complete": False})
+    root.attrs.update({"format": FORMAT, "layout": layout(specs, manifest.label_dim), "complete": False})
     rows = root.create_group("per_shard")
     for s in specs:
         g = rows.create_group(s.name)
@@ -194,10 +202,44 @@ def prepare_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zar
     return root
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Put the finished store `tmp` at `path`, replacing whatever is there (the name is reserved for this store)."""
+    if path.exists() or path.is_symlink():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, path)
+
+
+def temp_store_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+
+
+def remove_temp_stores(path: Path) -> None:
+    """Stores of runs killed before they were published (call under the directory's lock)."""
+    for p in path.parent.glob(f".{path.name}.*-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def prepare_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zarr.Group:
+    """The store at `path` if compatible, else a new one in its place (kept for callers that build in place)."""
+    root = open_store(path, manifest, specs)
+    if root is None:
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        root = create_store(path, manifest, specs)
+    return root
+
+
 def stale_shards(root: zarr.Group, manifest: Manifest) -> list[ShardInfo]:
     """The manifest's shards whose row was not computed from exactly their bytes."""
-    done = root["per_shard/sha256"][:]
-    return [s for s in manifest.shards if done[s.index].tobytes().hex() != s.sha256]
+    if not manifest.shards:
+        return []
+    index = [s.index for s in manifest.shards]          # only the listed rows: a plan may have 10^12 of them
+    done = root["per_shard/sha256"].get_orthogonal_selection((index, slice(None)))
+    return [s for s, row in zip(manifest.shards, done) if row.tobytes().hex() != s.sha256]
 
 
 def merge(spec: FieldSpec, rows: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -229,19 +271,21 @@ def merge(spec: FieldSpec, rows: Iterable[dict[str, np.ndarray]]) -> dict[str, n
 
 def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], cov_max_dim: int) -> None:
     """Rewrite `merged/` from the rows of the manifest's shards, then publish it with `complete: true`."""
-    root.attrs.update({"complete": False})
     rows, index = root["per_shard"], [s.index for s in manifest.shards]
+    computed = {}                # everything that can fail on odd data, before the published view is touched
+    for spec in specs:
+        arrays = {name: rows[f"{spec.name}/{name}"] for name in spec.row_shapes()}
+        computed[spec.name] = merge(spec, ({name: a[k] for name, a in arrays.items()} for k in index))
+    counts = sum(rows[f"{LABEL}/count"][k] for k in index) if manifest.label_dim else None
+    root.attrs.update({"complete": False})
     if "merged" in root:
         del root["merged"]
     merged = root.create_group("merged")
     for spec in specs:
-        arrays = {name: rows[f"{spec.name}/{name}"] for name in spec.row_shapes()}
-        stats = merge(spec, ({name: a[k] for name, a in arrays.items()} for k in index))
         g = merged.create_group(spec.name)
-        for name, a in stats.items():
+        for name, a in computed[spec.name].items():
             _create(g, name, a.shape, str(a.dtype), (1,) * len(spec.lead) + a.shape[len(spec.lead):])[...] = a
-    if manifest.label_dim:
-        counts = sum(rows[f"{LABEL}/count"][k] for k in index)
+    if counts is not None:
         _create(merged.create_group(LABEL), "count", counts.shape, "int64", counts.shape)[...] = counts
     d = math.prod(manifest.shape)
     skipped = {} if d <= cov_max_dim else {s.name: f"d = {d} > cov_max_dim = {cov_max_dim}" for s in specs}

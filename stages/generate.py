@@ -1,8 +1,16 @@
-"""generate: teacher pairs into tar shards, scheduled by Ray. Rerunning the same command completes or repairs."""
+"""generate: teacher pairs into tar shards, scheduled by Ray. Rerunning the same command completes or repairs.
+
+One run per directory (a lock); sizes are checked against the free disk before anything is written; SIGTERM /
+SIGINT stop the run with 143 / 130 after Ray is shut down and the temp files of unfinished shards are removed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -10,10 +18,17 @@ from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.generation import make_shard
-from kdm_pipe.raypool import ray_session, remote, run_bounded
+from kdm_pipe.locks import directory_lock
+from kdm_pipe.raypool import Terminated, ray_session, remote, run_bounded, stop_on_signals
 from kdm_pipe.sampling import edm_sigmas, nfe, trajectory_steps
-from kdm_pipe.shards import MANIFEST, Manifest, load_manifest, reconcile, remove_temp_files, save_manifest
+from kdm_pipe.shards import (MANIFEST, Manifest, ShardInfo, atomic_write_text, check_shard, estimated_shard_bytes,
+                             load_manifest, pair_bytes, reconcile, remove_temp_files, save_manifest)
 from kdm_pipe.teachers import build_teacher
+
+CONFIG = "generate.config.json"
+LOG = "generate.jsonl"
+MAX_SHARD_BYTES = 16 << 30      # beyond this a shard is unwieldy to stream, copy or regenerate: use more shards
+MAX_RECORD_BYTES = 2 << 30      # one sampler batch is held in memory (in float64) while it is solved
 
 
 def new_manifest(cfg: GenerateConfig) -> Manifest:
@@ -29,17 +44,35 @@ def new_manifest(cfg: GenerateConfig) -> Manifest:
         trajectory_steps=keep, trajectory_sigmas=[sigmas[i] for i in keep] if keep else None)
 
 
+def identity_hash(cfg: GenerateConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()
+
+
+def same_settings_wrote(out: Path, cfg: GenerateConfig) -> bool:
+    """Whether DIR's generate.config.json records these very settings (so its shard files are ours to replace)."""
+    try:
+        return GenerateConfig.model_validate_json((out / CONFIG).read_text()).identity() == cfg.identity()
+    except (OSError, ValueError):
+        return False
+
+
 def open_manifest(cfg: GenerateConfig) -> Manifest:
     """The directory's manifest if its settings match `cfg` (more shards allowed), else a refusal."""
     out = Path(cfg.out)
-    if not (out / MANIFEST).exists():
-        if any(out.glob("shard-*.tar")):
-            raise ConfigError(f"{out} holds shard files but no {MANIFEST}; choose an empty --out directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a directory; choose a directory for the pairs")
+    path = out / MANIFEST
+    if not path.exists():
+        if any(out.glob("shard-*.tar")) and not same_settings_wrote(out, cfg):
+            raise ConfigError(f"{out} holds shard files but no {MANIFEST} (and no {CONFIG} with these settings); "
+                              f"choose an empty --out directory, or delete the shard files to regenerate them here")
         return new_manifest(cfg)
     try:
         old = load_manifest(out)
     except ValueError as e:
-        raise ConfigError(f"{out / MANIFEST} is not a valid kdm-pipe manifest: {e}") from None
+        raise ConfigError(f"{path} is not a valid kdm-pipe manifest ({type(e).__name__}); move it aside (`mv {path} "
+                          f"{path}.bad`) and rerun the same generate command: it rebuilds the manifest, keeping the "
+                          f"complete shards that {LOG} records and regenerating the rest") from None
     was = old.source.get("identity")
     if was != cfg.identity():
         diff = sorted(k for k in cfg.identity() if (was or {}).get(k) != cfg.identity()[k])
@@ -52,30 +85,100 @@ def open_manifest(cfg: GenerateConfig) -> Manifest:
     return old
 
 
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_limits(cfg: GenerateConfig, manifest: Manifest) -> None:
+    """Refuse, before anything is written, a shard or batch too large to handle or a plan the disk cannot hold."""
+    per_pair = pair_bytes(manifest)
+    shard = estimated_shard_bytes(manifest, cfg.pairs_per_shard, cfg.batch)
+    if shard > MAX_SHARD_BYTES:
+        fit = max(1, MAX_SHARD_BYTES // per_pair)
+        raise ConfigError(f"one shard of {cfg.pairs_per_shard} pairs would take ~{gib(shard)} (limit "
+                          f"{gib(MAX_SHARD_BYTES)}); use more shards with --pairs-per-shard {fit} or fewer")
+    record = min(cfg.batch, cfg.pairs_per_shard) * per_pair * 4      # float64 while solving, then the stored copy
+    if record > MAX_RECORD_BYTES:
+        raise ConfigError(f"a batch of {cfg.batch} pairs would hold ~{gib(record)} in memory (limit "
+                          f"{gib(MAX_RECORD_BYTES)}); lower --batch to {max(1, MAX_RECORD_BYTES // (4 * per_pair))}")
+    todo = manifest.num_shards - len(manifest.shards)
+    need = todo * shard
+    free = shutil.disk_usage(existing_parent(Path(cfg.out))).free
+    if need > free:
+        raise ConfigError(f"{todo} shards × {cfg.pairs_per_shard} pairs need ~{gib(need)} ({need:,} bytes) but "
+                          f"{cfg.out} has {gib(free)} ({free:,} bytes) free; lower --shards / --pairs-per-shard "
+                          f"or choose another --out")
+
+
+def existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def adopt_logged(out: Path, cfg: GenerateConfig, manifest: Manifest) -> None:
+    """A manifest rebuilt after it was lost keeps the shards generate.jsonl recorded for these settings, when their
+    files still match (size, sha256, seeds)."""
+    if manifest.shards or not (out / LOG).is_file():
+        return
+    mine, found = identity_hash(cfg), {}
+    with open(out / LOG) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+                if entry.get("identity") == mine:
+                    info = ShardInfo.model_validate(entry["info"])
+                    found[info.index] = info
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue                     # a line cut short by a crash, or an older log format
+    kept = [i for k, i in sorted(found.items()) if k < manifest.num_shards and not check_shard(out / i.name, i)]
+    if kept:
+        print(f"{out}: rebuilt the manifest with {len(kept)} complete shards recorded in {LOG}", file=sys.stderr)
+    manifest.shards = kept
+
+
 def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
-    manifest = open_manifest(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = reconcile(cfg.out, manifest)
+    with stop_on_signals():
+        manifest = open_manifest(cfg)
+        check_limits(cfg, manifest)
+        out.mkdir(parents=True, exist_ok=True)
+        with directory_lock(out, f"generate --out {out}"):
+            manifest = open_manifest(cfg)       # again, under the lock: a run that held it may have added shards
+            try:
+                return generate(cfg, manifest, progress)
+            except Terminated as e:
+                print(f"error: generate stopped by {signal.Signals(e.signum).name}; {len(manifest.shards)} complete "
+                      f"shards kept, rerun the same command to finish", file=sys.stderr)
+                raise
+            finally:
+                remove_temp_files(out)          # Ray is shut down: no worker still writes one
+
+
+def generate(cfg: GenerateConfig, manifest: Manifest, progress: bool) -> Manifest:
+    out = Path(cfg.out)
+    adopt_logged(out, cfg, manifest)
+    todo = reconcile(out, manifest)
     save_manifest(out, manifest)
-    (out / "generate.config.json").write_text(cfg.model_dump_json(indent=1))
+    atomic_write_text(out / CONFIG, cfg.model_dump_json(indent=1))
     if not todo:
         print(f"{out}: all {cfg.shards} shards complete ({manifest.num_pairs} pairs)")
         return manifest
     task = remote(make_shard, num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
     bar = tqdm(total=len(todo) * cfg.pairs_per_shard, unit="pair", disable=not progress, desc="generate",
                dynamic_ncols=True)
-    t0 = time.perf_counter()
+    t0, mine = time.perf_counter(), identity_hash(cfg)
     with ray_session(cfg.address, cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker), \
-            open(out / "generate.jsonl", "a") as log:
-        for info, stats in run_bounded(task, [(cfg, k) for k in todo], cfg.max_in_flight or 2 * cfg.workers):
+            open(out / LOG, "a") as log:
+        calls = ((cfg, k) for k in todo)
+        for info, stats in run_bounded(task, calls, cfg.max_in_flight or 2 * cfg.workers):
             manifest.shards.append(info)
             save_manifest(out, manifest)
-            log.write(json.dumps(stats) + "\n")
+            log.write(json.dumps({**stats, "identity": mine, "info": info.model_dump()}) + "\n")
             log.flush()
             bar.update(info.pairs)
     bar.close()
-    remove_temp_files(out)      # a retried task's first attempt, lost with its node, left its temp file behind
     seconds = time.perf_counter() - t0
     pairs = len(todo) * cfg.pairs_per_shard
     print(f"{out}: wrote {len(todo)} shards, {pairs} pairs in {seconds:.1f}s ({pairs / seconds:,.0f} pairs/s); "

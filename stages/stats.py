@@ -2,38 +2,42 @@
 
 One Ray task per shard writes its own rows; rerunning recomputes only shards that are new or whose bytes changed,
 then rewrites the merged group (see `kdm_pipe.stats` for the layout and why a reader never sees half of it).
+
+All or nothing: the manifest and every shard's size and sha256 (`check_shards`, cached) are checked before anything
+is written; a new store (or one of another layout) is built under a temporary name and renamed into place when
+complete; one run per directory (a lock).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError
-from kdm_pipe.raypool import ray_session, remote, run_bounded
-from kdm_pipe.shards import Manifest, check_shard, load_manifest
-from kdm_pipe.stats import (STORE, ShardMismatch, field_specs, prepare_store, stale_shards, write_merged,
-                            write_shard_stats)
+from kdm_pipe.errors import DataError
+from kdm_pipe.locks import directory_lock
+from kdm_pipe.raypool import ray_session, remote, run_bounded, stop_on_signals
+from kdm_pipe.shards import Manifest, bad_shards_error, check_shards, load_manifest
+from kdm_pipe.stats import (STORE, create_store, field_specs, open_store, publish, remove_temp_stores,
+                            stale_shards, temp_store_path, write_merged, write_shard_stats)
 
 
 def checked_manifest(directory: Path) -> Manifest:
-    """The directory's manifest, refused (before anything is written) unless its shards are there to read."""
+    """The directory's manifest, refused (before anything is written) unless it lists shards to read."""
     try:
         manifest = load_manifest(directory)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{directory}: unreadable manifest: {e}") from None
+        raise ConfigError(f"{directory}: unreadable manifest ({type(e).__name__}): rerun the `kdm-pipe generate` "
+                          f"(or import) command that wrote it") from None
     if not manifest.shards:
         raise ConfigError(f"{directory} holds no complete shards yet; run `kdm-pipe generate` first")
-    problems = {s.name: p for s in manifest.shards if (p := check_shard(directory / s.name, s, full=False))}
-    if problems:
-        listed = "; ".join(f"{name}: {p}" for name, p in problems.items())
-        raise ConfigError(f"{directory}: shards do not match the manifest ({listed}); "
-                          f"run `kdm-pipe verify {directory}` and rerun generate to repair them")
     return manifest
 
 
@@ -42,33 +46,65 @@ def run(directory: Path, workers: int = 2, address: str | None = None, cov_max_d
     directory = Path(directory)
     if workers < 1 or cov_max_dim < 0:
         raise ConfigError(f"workers must be ≥ 1 and cov_max_dim ≥ 0 (got {workers}, {cov_max_dim})")
-    manifest = checked_manifest(directory)
+    checked_manifest(directory)
+    with ExitStack() as stack:
+        stack.enter_context(stop_on_signals())
+        try:
+            stack.enter_context(directory_lock(directory, f"stats {directory}"))
+        except OSError as e:     # a directory we cannot write in: invalid input (exit 2), nothing written
+            raise ConfigError(f"cannot write the statistics store in {directory}: {e.strerror or e}") from None
+        manifest = checked_manifest(directory)
+        problems = check_shards(directory, manifest)
+        if problems:
+            raise bad_shards_error(directory, problems)
+        return update(directory, manifest, workers, address, cov_max_dim, progress)
+
+
+def update(directory: Path, manifest: Manifest, workers: int, address: str | None, cov_max_dim: int,
+           progress: bool) -> Path:
     specs = field_specs(manifest, cov_max_dim)
     path = directory / STORE
-    root = prepare_store(path, manifest, specs)
-    todo = stale_shards(root, manifest)
-    pairs, seconds = sum(s.pairs for s in todo), 0.0
-    if todo:
-        task = remote(write_shard_stats, num_cpus=1)
-        calls = [(str(path), str(directory), s, specs, manifest.label_dim) for s in todo]
-        bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
-        with ray_session(address, workers):
-            t0 = time.perf_counter()                  # throughput of the work, not of starting a cluster
-            try:
-                for done in run_bounded(task, calls, 2 * workers):
-                    bar.update(done)
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, ShardMismatch):
-                    raise ConfigError(str(e.cause)) from None
-                raise
-            finally:
-                bar.close()
-            seconds = time.perf_counter() - t0
-    write_merged(root, manifest, specs, cov_max_dim)
+    remove_temp_stores(path)
+    root = open_store(path, manifest, specs)
+    build = root is None                         # a new store is built aside and renamed into place when complete
+    target = temp_store_path(path) if build else path
+    try:
+        if build:
+            root = create_store(target, manifest, specs)
+        todo = stale_shards(root, manifest)
+        pairs, seconds = sum(s.pairs for s in todo), 0.0
+        if todo:
+            seconds = compute(directory, target, manifest, specs, todo, workers, address, progress)
+        write_merged(root, manifest, specs, cov_max_dim)
+        if build:
+            publish(target, path)
+    finally:
+        if build and target.exists():
+            shutil.rmtree(target, ignore_errors=True)
     done = f"recomputed {len(todo)} of {len(manifest.shards)} shards ({pairs} pairs in {seconds:.1f}s, " \
            f"{pairs / seconds:,.0f} pairs/s)" if todo else f"all {len(manifest.shards)} shards up to date"
     print(f"{path}: {done}; merged {manifest.num_pairs} pairs")
     return path
+
+
+def compute(directory: Path, store: Path, manifest: Manifest, specs: list, todo: list, workers: int,
+            address: str | None, progress: bool) -> float:
+    """Ray tasks write the rows of `todo`; returns the seconds they took. A failed task → one-line error."""
+    task = remote(write_shard_stats, num_cpus=1)
+    calls = ((str(store), str(directory), s, specs, manifest.label_dim) for s in todo)
+    bar = tqdm(total=sum(s.pairs for s in todo), unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
+    with ray_session(address, workers):
+        t0 = time.perf_counter()                  # throughput of the work, not of starting a cluster
+        try:
+            for done in run_bounded(task, calls, 2 * workers):
+                bar.update(done)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, DataError):        # a shard unreadable or changed since it was checked
+                raise e.cause from None
+            raise RuntimeError(f"a statistics task failed: {type(e.cause).__name__}: {e.cause}") from None
+        finally:
+            bar.close()
+        return time.perf_counter() - t0
 
 
 def reference(source: str, out: Path, detector: Path | None = None, num: int | None = None,

@@ -9,6 +9,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from kdm_pipe.config import ConfigError, GenerateConfig
+from kdm_pipe.errors import DataError
 from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, load_manifest, read_shard, save_manifest, write_shard
 from kdm_pipe.stats import STORE, load_stats
 from stages import generate, stats
@@ -160,7 +161,7 @@ def test_corrupt_shard_refused_and_previous_stats_kept(pairs_copy):
     raw = bytearray((pairs_copy / info.name).read_bytes())
     raw[2000] ^= 0xFF                                  # same size, other bytes: only the sha256 tells
     (pairs_copy / info.name).write_bytes(bytes(raw))
-    with pytest.raises(ConfigError, match="shard-000002.tar.*sha256"):
+    with pytest.raises(DataError, match="shard-000002.tar.*sha256.*rerun the `kdm-pipe generate`"):
         stats.run(pairs_copy, progress=False)
     after = load_stats(pairs_copy)
     for field in before:
