@@ -20,6 +20,18 @@ def kdm(*args, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
                           env=kw.pop("env", ENV), **kw)
 
 
+def cli(*args) -> subprocess.CompletedProcess:
+    """`kdm-pipe ARGS` inside this process (no interpreter start-up: ~10× faster than `kdm`); use `kdm` where a
+    hang or a signal is what is tested."""
+    from typer.testing import CliRunner
+
+    from kdm_pipe.cli import app
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
 def error_line(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
     """Assert exit `code` and a single `error: …` line on stderr containing every fragment; return the line."""
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
