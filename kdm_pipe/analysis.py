@@ -27,6 +27,7 @@ from kdm_pipe import plots
 from kdm_pipe.config import ConfigError
 from kdm_pipe.evaluation import apply, chosen_weights, heldout_pairs
 from kdm_pipe.probes import load_probes
+from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sample_io import class_indices
 from kdm_pipe.training import load_weights
@@ -183,13 +184,11 @@ def interpolation_section(model: torch.nn.Module, x_0: np.ndarray, x_T: np.ndarr
 def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Write RUN/analysis/ (figures + analysis.json) and return what analysis.json holds."""
     run = Path(run)
-    if not (run / "config.json").is_file():
-        raise ConfigError(f"{run} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
+    Run(run).require()
     which = chosen_weights(run)
     dev = pick_device(device)
     model, cfg, manifest, step = load_weights(run, which, device=dev)
-    split = json.loads((run / "split.json").read_text())
-    pairs = heldout_pairs(cfg.data, split["holdout"], num)
+    pairs = heldout_pairs(Run(run).data_dir(), Run(run).split["holdout"], num)
     x_0, x_T, labels = pairs["x_0"], pairs["x_T"], pairs.get("label")
     latent = hasattr(model, "koopman")
     extent = manifest.teacher.get("params", {}).get("extent")

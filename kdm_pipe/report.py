@@ -19,7 +19,8 @@ from kdm_pipe import plots
 from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR, probe_spectra
 from kdm_pipe.config import ConfigError
 from kdm_pipe.probes import load_probes
-from kdm_pipe.shards import Manifest, load_manifest
+from kdm_pipe.run import Run
+from kdm_pipe.shards import Manifest
 from kdm_pipe.student import is_image
 
 FILES = "report_files"
@@ -130,11 +131,11 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def data_manifest(cfg: dict) -> Manifest | str:
+def data_manifest(run: Path, cfg: dict) -> Manifest | str:
     """The run's data manifest, or why it cannot be read now (the pairs may live elsewhere by report time)."""
     try:
-        return load_manifest(cfg["data"])
-    except (FileNotFoundError, ValueError, KeyError) as e:
+        return Run(run).manifest()
+    except (ConfigError, ValueError, KeyError) as e:
         return f"{cfg.get('data')} (unreadable now: {e})"
 
 
@@ -256,7 +257,7 @@ def write_report(run: Path) -> Path:
     files = run / FILES
     files.mkdir(exist_ok=True)
     results, analysis = read_json(run / "eval.json"), read_json(run / ANALYSIS_DIR / "analysis.json")
-    manifest = data_manifest(cfg)
+    manifest = data_manifest(run, cfg)
     image = is_image(manifest.shape) if isinstance(manifest, Manifest) else "detector" in (results or {})
     curves = [figure(relative(p, run), c) for p, c in ((loss_figure(run, files), "training losses"),
                                                        (probe_figure(run, files), "held-out probes of the EMA weights"))
