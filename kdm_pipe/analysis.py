@@ -24,7 +24,7 @@ from sklearn.metrics import (adjusted_rand_score, calinski_harabasz_score, davie
                              normalized_mutual_info_score)
 
 from kdm_pipe import plots
-from kdm_pipe.config import ConfigError
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.evaluation import apply, chosen_weights, heldout_pairs
 from kdm_pipe.probes import load_probes
 from kdm_pipe.run import Run

@@ -17,7 +17,7 @@ import numpy as np
 
 from kdm_pipe import plots
 from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR, probe_spectra
-from kdm_pipe.config import ConfigError
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.probes import load_probes
 from kdm_pipe.run import Run
 from kdm_pipe.shards import Manifest

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.shards import sha256_file
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"

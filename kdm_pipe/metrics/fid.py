@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed
 from kdm_pipe.metrics.distribution import feature_stats, frechet_distance, precision_recall
 from kdm_pipe.sample_io import SAMPLES_JSON, SAMPLES_NPZ

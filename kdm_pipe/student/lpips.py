@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.errors import ConfigError
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 TAPS = (3, 8, 15, 22, 29)                       # relu1_2 … relu5_3 in torchvision's `features` numbering

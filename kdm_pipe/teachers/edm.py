@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.teachers.base import Teacher
 from kdm_pipe.teachers.edm_checkpoint import CheckpointError, EDMCheckpoint, load_edm_pickle, load_state_dict_checkpoint
@@ -59,26 +60,21 @@ class EDMTeacher(Teacher):
         return self.net(x.to(self.device), sigma.to(self.device), labels).to(x.device, torch.float64)
 
 
-def _config_error(message: str) -> Exception:
-    from kdm_pipe.config import ConfigError  # config imports this registry, so not at module level
-    return ConfigError(message)
-
-
 def _load(path: Path, key: str, device: torch.device) -> EDMCheckpoint:
     if not path.is_file():
-        raise _config_error(f"EDM checkpoint {path} does not exist; pass --checkpoint with an official EDM .pkl or a "
+        raise ConfigError(f"EDM checkpoint {path} does not exist; pass --checkpoint with an official EDM .pkl or a "
                             f"kdm-pipe .pt (with its .json beside it), e.g. one written by `kdm-pipe teacher train`")
     if path.suffix not in (".pkl", ".pt"):
-        raise _config_error(f"EDM checkpoint {path}: unknown format {path.suffix!r}; use an official .pkl or a .pt")
+        raise ConfigError(f"EDM checkpoint {path}: unknown format {path.suffix!r}; use an official .pkl or a .pt")
     if path.suffix == ".pt" and not path.with_suffix(".json").is_file():
-        raise _config_error(f"EDM checkpoint {path} has no spec {path.with_suffix('.json').name} beside it; "
+        raise ConfigError(f"EDM checkpoint {path} has no spec {path.with_suffix('.json').name} beside it; "
                             f"put the .json written with the .pt next to it")
     try:
         if path.suffix == ".pkl":
             return load_edm_pickle(path, key, device)
         return load_state_dict_checkpoint(path, device=device)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
-        raise _config_error(f"cannot load EDM checkpoint {path}: {e}") from None
+        raise ConfigError(f"cannot load EDM checkpoint {path}: {e}") from None
 
 
 def _teacher(name: str, path: Path, key: str, allow_tf32: bool, use_fp16: bool) -> EDMTeacher:
