@@ -14,7 +14,8 @@ import torch
 
 from kdm_pipe.config import TrainConfig
 from kdm_pipe.probes import load_probes
-from kdm_pipe.training import latest_checkpoint, train
+from kdm_pipe.shards import load_manifest
+from kdm_pipe.training import discriminator_for, ema_decay, latest_checkpoint, student_for, train
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
@@ -40,7 +41,13 @@ def test_image_kdm_with_discriminator_resumes_exactly(digit_pairs, tmp_path):
     assert {"disc", "opt_d"} <= set(a)
     for part in ("model", "ema", "disc"):
         assert weights_equal(a, b, part), part
-    # the discriminator really trained and the student felt it
+    # the discriminator really trained (every one of its tensors moved from the seeded init) and the student felt it
+    torch.manual_seed(0)
+    cfg = image_cfg(digit_pairs, tmp_path / "full", steps=6)
+    student_for(cfg, load_manifest(digit_pairs))
+    init = discriminator_for(cfg, load_manifest(digit_pairs)).state_dict()
+    params = [k for k in init if k.endswith(("weight", "bias"))]
+    assert params and all(not torch.equal(init[k], a["disc"][k]) for k in params)
     rows = [json.loads(line) for line in (tmp_path / "full" / "train.jsonl").read_text().splitlines()]
     assert all({"adv", "disc", "latent", "rec", "push"} <= set(r) for r in rows)
     probes = load_probes(tmp_path / "full" / "latents.zarr")
@@ -49,6 +56,29 @@ def test_image_kdm_with_discriminator_resumes_exactly(digit_pairs, tmp_path):
     resumed = load_probes(tmp_path / "half" / "latents.zarr")
     assert resumed["step"].tolist() == [2, 3, 4, 6]           # the first run probed its last step, 3
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "full" / "tensorboard").iterdir())
+
+
+def test_update_orders(digit_pairs, tmp_path):
+    """One step from the same init: the discriminator steps on the same samples in either order (same weights
+    after), but only disc-first (the default, official) scores the student with the updated discriminator."""
+    states = {}
+    for order in ("disc-first", "student-first"):
+        train(image_cfg(digit_pairs, tmp_path / order, steps=1, update_order=order), progress=False)
+        states[order] = torch.load(latest_checkpoint(tmp_path / order), weights_only=True)
+    a, b = states["disc-first"], states["student-first"]
+    params = [k for k in a["disc"] if "running" not in k]     # BN running stats see the passes in another order
+    assert all(torch.equal(a["disc"][k], b["disc"][k]) for k in params)
+    assert not weights_equal(a, b, "model")
+    assert TrainConfig().update_order == "disc-first"
+
+
+def test_ema_warms_up_with_the_steps_taken():
+    cfg = TrainConfig(ema=0.999, ema_rampup=0.05)
+    assert ema_decay(cfg, 1) < 1e-6                           # the first update copies the weights
+    assert ema_decay(cfg, 1000) == pytest.approx(0.5 ** (1 / 50))   # half-life 5% of the steps so far
+    assert ema_decay(cfg, 10**6) == pytest.approx(0.999)      # capped by the configured decay
+    assert [ema_decay(cfg, s) for s in (10, 100, 1000)] == sorted(ema_decay(cfg, s) for s in (10, 100, 1000))
+    assert ema_decay(TrainConfig(ema=0.99, ema_rampup=0), 1) == 0.99
 
 
 def test_kd_image_baseline_trains(digit_pairs, tmp_path):

@@ -12,7 +12,9 @@ As in the official code the U-Nets' time input is a constant (0 for E_0 and D, 1
 acts as a learned bias. x_T (std ≈ σ_max = 80) enters E_T unscaled: no input preconditioning.
 Labels (one-hot) feed every U-Net's label embedding and, with `koopman_control`, the control term B y.
 The discriminator is not part of the student (its weights must not follow the student's optimiser): pass it to
-`losses(..., disc=)`; the detached x̂ of the last `losses` call is kept in `last_sample` for its own step.
+`losses(..., disc=)`, or call `losses(..., defer_adv=True)` and add `adv_weight · adversarial_loss(disc)` yourself
+(the trainer does, so that it can step the discriminator first, as the official code does). x̂ of the last `losses`
+call is kept in `last_sample` (detached, or with its graph when the adversarial term is deferred).
 """
 from __future__ import annotations
 
@@ -70,14 +72,26 @@ class ImageStudent(nn.Module):
         perceptual = self.lpips(x, y).mean()
         return perceptual if kind == "lpips" else distance("l2", x, y) + perceptual
 
-    def adversarial(self, disc: nn.Module | None, fake: Tensor) -> dict[str, Tensor]:
-        """{"adv": BCE(Disc(x̂), 1)} when the GAN is on; keeps x̂ (detached) for the discriminator's step."""
-        self.last_sample = fake.detach()
-        if not self.cfg.w_adv:
+    @property
+    def adv_weight(self) -> float:
+        """The adversarial term's weight in the total: 0.01·w_adv, as in the official code."""
+        return 0.01 * self.cfg.w_adv
+
+    def adversarial_loss(self, disc: nn.Module) -> Tensor:
+        """BCE(Disc(x̂), 1) on the last `losses(..., defer_adv=True)` call's x̂, gradients flowing into the student."""
+        if self.last_sample is None or not self.last_sample.requires_grad:
+            raise ValueError("adversarial_loss needs a preceding losses(..., defer_adv=True) call with gradients on")
+        return generator_loss(disc, self.last_sample)
+
+    def adversarial(self, disc: nn.Module | None, fake: Tensor, defer: bool = False) -> dict[str, Tensor]:
+        """{"adv": BCE(Disc(x̂), 1)} when the GAN is on and not deferred; keeps x̂ for the discriminator's step
+        (detached) or for the caller's `adversarial_loss` (with its graph, when deferred)."""
+        self.last_sample = fake if defer else fake.detach()
+        if not self.cfg.w_adv or defer:
             return {}
         if disc is None:
             raise ValueError("w_adv > 0 needs the discriminator: call losses(..., disc=Discriminator(...)), "
-                             "or set w_adv = 0")
+                             "defer it with losses(..., defer_adv=True), or set w_adv = 0")
         return {"adv": generator_loss(disc, fake)}
 
 
@@ -127,7 +141,7 @@ class ImageKDM(ImageStudent):
         return self.decode(self.push(self.encode_T(x_T, labels), labels), labels)
 
     def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, noise: LatentNoise,
-               disc: nn.Module | None = None) -> dict[str, Tensor]:
+               disc: nn.Module | None = None, defer_adv: bool = False) -> dict[str, Tensor]:
         c = self.cfg
         z_0, z_T = self.encode_0(x_0, labels), self.encode_T(x_T, labels)
         eps = noise(z_T)
@@ -138,8 +152,8 @@ class ImageKDM(ImageStudent):
                "rec": self.distance(x_0, self.decode(z_0 + c.sigma_z * eps_rec, labels)),
                "push": self.distance(x_0, x_push)}
         out.update(self.koopman.regularizer())
-        out.update(self.adversarial(disc, x_push))
-        weights = {"latent": c.w_latent, "rec": c.w_rec, "push": c.w_push, "adv": 0.01 * c.w_adv}
+        out.update(self.adversarial(disc, x_push, defer_adv))
+        weights = {"latent": c.w_latent, "rec": c.w_rec, "push": c.w_push, "adv": self.adv_weight}
         out["total"] = sum(weights.get(k, c.w_reg) * v for k, v in out.items())
         return out
 
@@ -155,10 +169,10 @@ class ImageKD(ImageStudent):
         return self.net(x_T, self.time(x_T, 1.0), self.labels_like(labels, x_T))
 
     def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, noise: LatentNoise,
-               disc: nn.Module | None = None) -> dict[str, Tensor]:
+               disc: nn.Module | None = None, defer_adv: bool = False) -> dict[str, Tensor]:
         x_hat = self(x_T, labels)
-        out = {"rec": self.distance(x_0, x_hat), **self.adversarial(disc, x_hat)}
-        out["total"] = out["rec"] + 0.01 * self.cfg.w_adv * out.get("adv", 0)
+        out = {"rec": self.distance(x_0, x_hat), **self.adversarial(disc, x_hat, defer_adv)}
+        out["total"] = out["rec"] + self.adv_weight * out.get("adv", 0)
         return out
 
 
