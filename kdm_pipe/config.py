@@ -215,7 +215,8 @@ class ImportConfig(Strict):
     x_T: Path | None = Field(default=None, description="npy: the (N, ...) x_T array (with x_0, instead of src)")
     x_0: Path | None = Field(default=None, description="npy: the (N, ...) x_0 array")
     labels: Path | None = Field(default=None, description="npy: (N,) int classes or (N, label_dim) one-hot")
-    label_dim: int | None = Field(default=None, ge=1, description="classes, for int labels (default: max + 1)")
+    label_dim: int | None = Field(default=None, ge=1, le=1 << 16,
+                                  description="classes, for int labels (default: max + 1; at most 65,536)")
     order: Literal["auto", "xT-first", "x0-first"] = Field(
         default="auto", description="kdm-npz / npy stack: which end of each array is x_T (auto: the noisy one)")
     sigma_max: float | None = Field(default=None, gt=0,

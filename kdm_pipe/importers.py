@@ -17,6 +17,7 @@ official flow-matching checkerboard draws x_T ~ N(0, I)); pass `sigma_max` for a
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import math
 import pickle
@@ -27,11 +28,14 @@ import numpy as np
 import torch
 
 from kdm_pipe.config import ConfigError, ImportConfig
+from kdm_pipe.npyfiles import Header, human, load_npy, npz_arrays
 from kdm_pipe.shards import sha256_file
 
 Ends = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 CHECK_VALUES = 1 << 16      # std to ±0.3%, kurtosis to ±0.02 (one standard error)
 MAX_EXCESS_KURTOSIS = 0.5   # Gaussian noise: 0; images and the checkerboard: about −1 or far from 0
+MAX_LABEL_DIM = 1 << 16     # classes (ImageNet-21k has 21,841); also ImportConfig.label_dim's bound
+MAX_NPZ_MEMBER = 256 << 20  # one official pair file holds two float64 images or a short trajectory: a few MB
 
 
 def natural_key(path: Path) -> list:
@@ -48,7 +52,7 @@ def listing(folder: Path, pattern: str = "*") -> list[Path]:
 
 
 def one_hot(y: np.ndarray, label_dim: int | None, where: str) -> np.ndarray:
-    """(B,) int classes or (B, label_dim) one-hot rows → float32 one-hot."""
+    """(B,) int classes or (B, label_dim) one-hot rows → float32 one-hot (B × label_dim floats, nothing more)."""
     if y.ndim == 2:
         if label_dim is not None and y.shape[1] != label_dim:
             raise ConfigError(f"{where}: one-hot labels of width {y.shape[1]}, expected {label_dim}")
@@ -61,8 +65,28 @@ def one_hot(y: np.ndarray, label_dim: int | None, where: str) -> np.ndarray:
     if label_dim is None:
         raise ConfigError(f"{where}: int class labels need --label-dim")
     if y.size and (y.min() < 0 or y.max() >= label_dim):
-        raise ConfigError(f"{where}: class labels outside 0..{label_dim - 1}")
-    return np.eye(label_dim, dtype=np.float32)[y]
+        bad = int(np.flatnonzero((y < 0) | (y >= label_dim))[0])
+        raise ConfigError(f"{where}: class label {int(y[bad])} (row {bad}) is outside 0..{label_dim - 1}; "
+                          f"pass --label-dim with the number of classes, or fix the labels")
+    out = np.zeros((len(y), label_dim), dtype=np.float32)
+    out[np.arange(len(y)), y] = 1
+    return out
+
+
+def int_label_dim(y: np.ndarray, label_dim: int | None, where: str) -> int:
+    """The one-hot width for (N,) int class labels `y`: `label_dim` or max + 1, refused beyond MAX_LABEL_DIM."""
+    if not y.size:
+        return label_dim or 1
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise ConfigError(f"{where}: negative class label {lo} (row {int(y.argmin())}); labels are 0..classes−1")
+    if label_dim is not None and hi >= label_dim:
+        raise ConfigError(f"{where}: class label {hi} (row {int(y.argmax())}) is outside 0..{label_dim - 1} "
+                          f"(--label-dim {label_dim}); fix the labels or pass the right --label-dim")
+    if hi >= MAX_LABEL_DIM:
+        raise ConfigError(f"{where}: class label {hi} (row {int(y.argmax())}) would need a {hi + 1:,}-wide one-hot "
+                          f"(limit {MAX_LABEL_DIM:,} classes); are these class indices 0..classes−1?")
+    return label_dim or hi + 1
 
 
 def files_digest(files: list[Path], root: Path | None, contents: bool) -> str:
@@ -88,6 +112,10 @@ class Source:
     def ends(self, start: int, stop: int) -> Ends:
         raise NotImplementedError
 
+    def where(self, i: int) -> str:
+        """Where pair i lives in the source, for messages."""
+        raise NotImplementedError
+
 
 class KdmNpz(Source):
     """Official KDM folders: one `.npz` per pair, `arr_0` (K, ...) or `endpoints` (2, ...) [+ `label` one-hot]."""
@@ -97,30 +125,53 @@ class KdmNpz(Source):
     def __init__(self, folder: Path, label_dim: int | None):
         self.files = listing(folder, "*.npz")
         self.n, self.digest = len(self.files), files_digest(self.files, folder, contents=False)
+        self.shape, self.member_bytes = None, None
         a, _, y = self._read(self.files[0], label_dim)
         self.shape = a.shape
         self.label_dim = 0 if y is None else len(y)
 
+    def _check(self, path: Path, name: str, h: Header) -> None:
+        """Before a member is read: the ends' array must hold (K ≥ 2, ...) and, after the first file, pairs of the
+        first file's shape in at most twice its bytes (so one crafted file cannot cost more memory than two
+        genuine ones); labels at most MAX_LABEL_DIM values."""
+        if name == "label":
+            if math.prod(h.shape) > MAX_LABEL_DIM:
+                raise ConfigError(f"{path}: 'label' has shape {h.shape}; expected one class or one one-hot row")
+            return
+        if len(h.shape) < 2 or h.shape[0] < 2:
+            raise ConfigError(f"{path}: '{name}' has shape {h.shape}; expected (K ≥ 2, ...) holding both ends")
+        if self.shape is not None:
+            first = self.files[0].name
+            if h.shape[1:] != self.shape:
+                raise ConfigError(f"{path}: pairs of shape {h.shape[1:]}, unlike {first} {self.shape}; one pair "
+                                  f"set holds one shape")
+            if h.nbytes > max(2 * self.member_bytes, 1 << 20):
+                raise ConfigError(f"{path}: '{name}' {h.describe()} is more than twice {first}'s "
+                                  f"({human(self.member_bytes)}): crafted or from another set; remove it")
+        else:
+            self.member_bytes = h.nbytes
+
     def _read(self, path: Path, label_dim: int | None) -> Ends:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                key = next((k for k in ("endpoints", "arr_0") if k in z.files), None)
-                if key is None:
-                    raise ConfigError(f"{path}: no 'arr_0' or 'endpoints' array (has {', '.join(z.files)})")
-                arr, y = z[key], (z["label"] if "label" in z.files else None)
-        except (OSError, ValueError, EOFError) as e:
-            raise ConfigError(f"{path}: not a readable .npz ({e})") from None
-        if arr.ndim < 2 or len(arr) < 2:
-            raise ConfigError(f"{path}: '{key}' has shape {arr.shape}; expected (K ≥ 2, ...) holding both ends")
+        arrays, members = npz_arrays(path, ("endpoints", "arr_0", "label"), MAX_NPZ_MEMBER,
+                                     "for one official KDM pair file (crafted or corrupt?)",
+                                     lambda name, h: self._check(path, name, h))
+        key = next((k for k in ("endpoints", "arr_0") if k in arrays), None)
+        if key is None:
+            raise ConfigError(f"{path}: no 'arr_0' or 'endpoints' array (has {', '.join(members) or 'nothing'}); "
+                              f"is this an official KDM pair file?")
+        arr, y = arrays[key], arrays.get("label")
         if y is not None:
             y = one_hot(y.reshape(1) if y.ndim == 0 else y.reshape(1, -1), label_dim, str(path))[0]
         return arr[0], arr[-1], y
+
+    def where(self, i: int) -> str:
+        return str(self.files[i])
 
     def ends(self, start: int, stop: int) -> Ends:
         rows = []
         for path in self.files[start:stop]:
             a, b, y = self._read(path, self.label_dim or None)
-            if a.shape != self.shape or (y is None) != (self.label_dim == 0):
+            if (y is None) != (self.label_dim == 0):
                 raise ConfigError(f"{path}: pair of shape {a.shape}{' with' if y is not None else ' without'} "
                                   f"labels, unlike {self.files[0].name} {self.shape}")
             rows.append((a, b, y))
@@ -169,6 +220,10 @@ class GetFiles(Source):
             self._cached = (i, (z, y, x))
         return self._cached[1]
 
+    def where(self, i: int) -> str:
+        f = bisect.bisect_right(self.starts, i) - 1
+        return f"{self.latent[f]} / {self.image[f].name} (pair {i - self.starts[f]} of that file)"
+
     def ends(self, start: int, stop: int) -> Ends:
         parts = []
         i = bisect.bisect_right(self.starts, start) - 1
@@ -184,11 +239,12 @@ class GetFiles(Source):
         return np.concatenate(a), np.concatenate(b), np.concatenate(y) if self.label_dim else None
 
 
-def npy_file(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable .npy array ({e})") from None
+def npy_file(path: Path, what: str) -> np.ndarray:
+    """A `.npy` array, memory-mapped once its header has been checked (numeric, sizes ≥ 0, fits the file)."""
+    if Path(path).suffix == ".npz":
+        raise ConfigError(f"{what} {path} is an .npz archive; --x-T/--x-0/--labels and a stack take .npy arrays "
+                          f"(numpy.save); a folder of official KDM .npz pairs is imported with --format kdm-npz")
+    return load_npy(path)
 
 
 class NpyArrays(Source):
@@ -196,41 +252,76 @@ class NpyArrays(Source):
 
     def __init__(self, cfg: ImportConfig):
         paths = [cfg.src] if cfg.stack else [cfg.x_T, cfg.x_0]
-        arrays = [npy_file(p) for p in paths]
         if cfg.stack:
-            (s,) = arrays
+            s = npy_file(cfg.src, "SRC")
             if s.ndim < 3 or len(s) < 2:
-                raise ConfigError(f"{cfg.src}: shape {s.shape}; a stack is (T ≥ 2, N, ...), x_T at 0, x_0 at −1")
+                raise ConfigError(f"{cfg.src}: shape {s.shape}; a stack is (T ≥ 2, N, ...), x_T at 0, x_0 at −1 "
+                                  f"(two (N, ...) arrays go to --x-T and --x-0)")
             self.a, self.b = s[0], s[-1]
         else:
-            self.a, self.b = arrays
-            if self.a.shape != self.b.shape or self.a.ndim < 2:
-                raise ConfigError(f"x_T {self.a.shape} and x_0 {self.b.shape} must both be (N, ...) of one shape")
+            self.a, self.b = npy_file(cfg.x_T, "--x-T"), npy_file(cfg.x_0, "--x-0")
+            if self.a.ndim < 2 or self.b.ndim < 2:
+                raise ConfigError(f"--x-T {cfg.x_T} {self.a.shape} and --x-0 {cfg.x_0} {self.b.shape} must both be "
+                                  f"(N, ...) arrays with one pair per row")
+            if self.a.shape != self.b.shape:
+                what = "numbers of pairs" if self.a.shape[1:] == self.b.shape[1:] else "pair shapes"
+                raise ConfigError(f"--x-T {cfg.x_T} {self.a.shape} and --x-0 {cfg.x_0} {self.b.shape} differ in "
+                                  f"{what}; pass the two ends of the same pairs, row i of each being pair i")
+        self.paths = [str(p) for p in paths]
         self.two_ended = cfg.stack
         self.n, self.shape = len(self.a), tuple(self.a.shape[1:])
         self.y = None
         if cfg.labels is not None:
-            y = npy_file(cfg.labels)
-            if len(y) != self.n:
-                raise ConfigError(f"{cfg.labels}: {len(y)} labels for {self.n} pairs")
-            dim = cfg.label_dim or (y.shape[1] if y.ndim == 2 else int(y.max()) + 1)
+            y = npy_file(cfg.labels, "--labels")
+            if y.ndim not in (1, 2) or len(y) != self.n:
+                raise ConfigError(f"--labels {cfg.labels}: shape {y.shape}; expected ({self.n},) int classes or "
+                                  f"({self.n}, label_dim) one-hot rows, one per pair")
+            if y.ndim == 1:
+                if y.dtype.kind not in "iu":
+                    raise ConfigError(f"--labels {cfg.labels}: (N,) labels of dtype {y.dtype}; class labels are "
+                                      f"integers (or pass (N, label_dim) one-hot rows)")
+                dim = int_label_dim(y, cfg.label_dim, f"--labels {cfg.labels}")
+            else:
+                dim = y.shape[1]
+                if cfg.label_dim is not None and dim != cfg.label_dim:
+                    raise ConfigError(f"--labels {cfg.labels}: one-hot rows of width {dim}, but --label-dim "
+                                      f"{cfg.label_dim}")
+                if dim > MAX_LABEL_DIM:
+                    raise ConfigError(f"--labels {cfg.labels}: one-hot rows of width {dim:,}, over the limit of "
+                                      f"{MAX_LABEL_DIM:,} classes")
             self.y, self.label_dim = y, dim
             paths.append(cfg.labels)
-        self.digest = files_digest(paths, None, contents=True)
+        self.digest_paths = paths
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of every byte: computed when first needed, i.e. after the cheap checks (free disk space)."""
+        return files_digest(self.digest_paths, None, contents=True)
 
     def ends(self, start: int, stop: int) -> Ends:
         y = None if self.y is None else one_hot(np.asarray(self.y[start:stop]), self.label_dim, "labels")
         return np.array(self.a[start:stop]), np.array(self.b[start:stop]), y
 
+    def where(self, i: int) -> str:
+        return " / ".join(self.paths) + f" (row {i})"
+
 
 def open_source(cfg: ImportConfig) -> Source:
     if cfg.src is not None and not cfg.src.exists():
-        raise ConfigError(f"{cfg.src} does not exist")
+        raise ConfigError(f"SRC {cfg.src} does not exist")
+    if cfg.format in ("kdm-npz", "get") and not cfg.src.is_dir():
+        raise ConfigError(f"SRC {cfg.src} is a file; --format {cfg.format} takes a folder "
+                          f"({'of .npz pair files' if cfg.format == 'kdm-npz' else 'holding latent/ and image/'})"
+                          f"{'; a single .npy array is --format npy' if cfg.src.suffix == '.npy' else ''}")
     if cfg.format == "kdm-npz":
-        return KdmNpz(cfg.src, cfg.label_dim)
-    if cfg.format == "get":
-        return GetFiles(cfg.src, cfg.sigma)
-    return NpyArrays(cfg)
+        src: Source = KdmNpz(cfg.src, cfg.label_dim)
+    elif cfg.format == "get":
+        src = GetFiles(cfg.src, cfg.sigma)
+    else:
+        src = NpyArrays(cfg)
+    if src.n == 0 or math.prod(src.shape) == 0:
+        raise ConfigError(f"{cfg.src or cfg.x_T}: {src.n} pairs of shape {src.shape}: nothing to import")
+    return src
 
 
 def noise_misfit(x: np.ndarray, sigma: float, tolerance: float) -> str | None:
@@ -254,8 +345,11 @@ def orient(src: Source, order: str, sigma_max: float, tolerance: float) -> tuple
     """(swap, check): whether b is x_T, decided on the first pairs; ConfigError saying what was found when unsure."""
     k = min(src.n, max(1, math.ceil(CHECK_VALUES / max(1, math.prod(src.shape)))))
     a, b, _ = src.ends(0, k)
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ConfigError(f"non-finite values among source pairs 0..{k - 1}")
+    finite = np.isfinite(a.reshape(k, -1)).all(1) & np.isfinite(b.reshape(k, -1)).all(1)
+    if not finite.all():
+        first = src.where(int(np.argmin(finite)))
+        raise ConfigError(f"non-finite values among source pairs 0..{k - 1}, first at {first}; fix or drop those pairs "
+                          f"and rerun (nothing was imported)")
     bad_a, bad_b = noise_misfit(a, sigma_max, tolerance), noise_misfit(b, sigma_max / src.x_T_scale, tolerance)
     guess = order == "auto" and src.two_ended
     swap = order == "x0-first" or (guess and bad_a is not None and bad_b is None)
@@ -283,6 +377,9 @@ def pairs(src: Source, swap: bool, start: int, stop: int) -> dict[str, np.ndarra
     a, b, y = src.ends(start, stop)
     x_T, x_0 = (b, a) if swap else (a, b)
     for name, v in (("x_T", x_T), ("x_0", x_0)):
-        if not np.isfinite(v).all():
-            raise ConfigError(f"non-finite {name} among source pairs {start}..{stop - 1}")
+        finite = np.isfinite(v.reshape(len(v), -1)).all(1)
+        if not finite.all():
+            i = start + int(np.argmin(finite))
+            raise ConfigError(f"{src.where(i)}: non-finite {name} (NaN or inf) in pair {i} of the source; fix or "
+                              f"drop that pair and rerun (nothing was imported)")
     return {"x_T": x_T, "x_0": x_0} | ({} if y is None else {"label": y})
