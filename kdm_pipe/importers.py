@@ -22,6 +22,7 @@ import hashlib
 import math
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,12 +183,16 @@ class KdmNpz(Source):
 def torch_file(path: Path) -> object:
     """A torch.save'd file, tensors only (weights_only), memory-mapped when the file format allows it."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:    # legacy (non-zip) files cannot be mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        raise ConfigError(f"{path}: not a tensor file loadable with torch.load(weights_only=True) ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # e.g. "pickle protocol 4": the refusal below says what matters
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:    # legacy (non-zip) files cannot be mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        why = ("it holds Python objects other than tensors, which kdm-pipe never unpickles; re-save plain tensors "
+               "with torch.save" if "Weights only load failed" in str(e) else f"{type(e).__name__}: {e}")
+        raise ConfigError(f"{path}: not a tensor file loadable with torch.load(weights_only=True) ({why})") from None
 
 
 class GetFiles(Source):
@@ -213,10 +218,10 @@ class GetFiles(Source):
         if self._cached is None or self._cached[0] != i:
             lat, x = torch_file(self.latent[i]), torch_file(self.image[i])
             z, y = lat if isinstance(lat, (list, tuple)) and len(lat) == 2 else (lat, None)
-            if not (isinstance(z, torch.Tensor) and isinstance(x, torch.Tensor)) or len(z) != len(x) \
+            if not (isinstance(z, torch.Tensor) and isinstance(x, torch.Tensor)) or z.ndim < 2 or len(z) != len(x) \
                     or (y is not None and (not isinstance(y, torch.Tensor) or y.ndim != 2 or len(y) != len(z))):
-                raise ConfigError(f"{self.latent[i]} / {self.image[i].name}: expected tensors z (or [z, labels]) and "
-                                  f"x_0 with the same number of pairs")
+                raise ConfigError(f"{self.latent[i]} / {self.image[i].name}: expected (N, ...) tensors z (or [z, "
+                                  f"labels]) and x_0 with the same number of pairs N")
             self._cached = (i, (z, y, x))
         return self._cached[1]
 

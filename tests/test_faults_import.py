@@ -189,6 +189,14 @@ def zip_with(path: Path, members: dict[str, bytes], compress=zipfile.ZIP_STORED)
             z.writestr(name, data)
 
 
+def record_size(path: Path, size: int):
+    """Make the zip directory claim `size` uncompressed bytes for the last member (a bomb's claim, for free)."""
+    data = bytearray(path.read_bytes())
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 24:central + 28] = size.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
 def test_npz_zip_bombs_refused_before_inflating(tmp_path):
     x_T, x_0 = pairs(n=40, d=48)
     src = tmp_path / "src"
@@ -201,10 +209,7 @@ def test_npz_zip_bombs_refused_before_inflating(tmp_path):
     # A member whose zip directory records 2.8 GB uncompressed (patched: nothing of that size exists anywhere).
     bomb = src / "0.npz"
     zip_with(bomb, {"arr_0.npy": npy_header((2, 48)) + np.stack([x_0[0], x_T[0]]).tobytes()})
-    data = bytearray(bomb.read_bytes())
-    central = data.rindex(b"PK\x01\x02")
-    data[central + 24:central + 28] = (2_800_000_000).to_bytes(4, "little")
-    bomb.write_bytes(bytes(data))
+    record_size(bomb, 2_800_000_000)
     error_line(run(), 2, "0.npz", "arr_0.npy", "2.8 GB once inflated", "over the", "limit")
 
     # A header declaring a huge shape in a small member.
@@ -303,3 +308,56 @@ def test_bad_image_arrays(tmp_path, command, case, fragments):
         proc = cli("stats", "ref", bad, "--out", tmp_path / "ref.npz")
     error_line(proc, 2, "data.npy", *fragments)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npy"]
+
+
+def test_bad_get_files(tmp_path):
+    import pickle
+
+    import torch
+    src = tmp_path / "get"
+    for d in ("latent", "image"):
+        (src / d).mkdir(parents=True)
+    torch.save(torch.rand(5, 2), src / "image" / "0.pkl")
+    (src / "latent" / "0.pkl").write_bytes(pickle.dumps(os.system))         # code, not tensors
+    error_line(cli("import", src, "--format", "get", "--out", tmp_path / "out", "-q"), 2, "latent/0.pkl",
+               "never unpickles", "torch.save")
+    torch.save(torch.randn(5), src / "latent" / "0.pkl")                    # no pair dimension
+    error_line(cli("import", src, "--format", "get", "--out", tmp_path / "out", "-q"), 2, "latent/0.pkl",
+               "(N, ...) tensors")
+    error_line(cli("import", src / "latent" / "0.pkl", "--format", "get", "--out", tmp_path / "out", "-q"), 2,
+               "is a file", "takes a folder")
+    assert not (tmp_path / "out").exists()
+
+
+def png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("corrupt", ("data.zip/b.png", "not a readable image", "re-encode")),
+    ("huge-member", ("data.zip/b.png", "over the 67.1 MB limit", "remove it")),
+    ("labels", ("dataset.json", "class 1000000000 for b.png", "65,536")),
+    ("json", ("dataset.json", "labels", "fix or remove")),
+    ("out-file", ("--out", "is a file")),
+])
+def test_bad_image_zip_and_teacher_out(tmp_path, case, fragments):
+    a = png(np.zeros((8, 8), np.uint8))
+    members = {"a.png": a, "b.png": b"\x89PNG garbage" if case == "corrupt" else a}
+    if case == "labels":
+        members["dataset.json"] = b'{"labels": [["a.png", 0], ["b.png", 1000000000]]}'
+    if case == "json":
+        members["dataset.json"] = b'{"labels": 7}'
+    zip_with(tmp_path / "data.zip", members)
+    if case == "huge-member":
+        record_size(tmp_path / "data.zip", 3_000_000_000)
+    out = tmp_path / "run"
+    if case == "out-file":
+        out.write_text("x")
+    error_line(cli("teacher", "train", "--data", tmp_path / "data.zip", "--out", out, "--steps", "1", "-q"), 2,
+               *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.zip"] + (["run"] if case == "out-file" else [])
