@@ -125,7 +125,7 @@ def wait_for(predicate, proc, timeout=60):
 def test_lock_and_sigterm(tmp_path):
     """A slow import (one fsynced shard per 2 pairs) holds --out: a second one exits 2 naming it; SIGTERM then
     ends the first with 143, and everything it wrote, --out included, is gone."""
-    x_T, x_0 = pairs(n=4000, d=16)
+    x_T, x_0 = pairs(n=20000, d=16)            # 10,000 shards: minutes of work, stopped after the first few
     src = save(tmp_path / "src", xT=x_T, x0=x_0)
     out = tmp_path / "out"
     first = subprocess.Popen(CLI + ["import", "--format", "npy", "--x-T", str(src["xT"]), "--x-0", str(src["x0"]),
@@ -135,7 +135,7 @@ def test_lock_and_sigterm(tmp_path):
         wait_for(lambda: len(list(out.glob("shard-*.tar"))) >= 2, first)
         second = npy_import(src, out, "--pairs-per-shard", "2")
         error_line(second, 2, str(out), "in use by", "kdm-pipe import", f"pid {first.pid}")
-        assert first.poll() is None
+        assert first.poll() is None and len(list(out.glob("shard-*.tar"))) >= 2     # the refused run removed nothing
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=30)
     finally:
