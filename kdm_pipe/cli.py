@@ -120,13 +120,16 @@ def verify(directory: Path = typer.Argument(..., help="pair directory written by
     from kdm_pipe.shards import verify as check
     try:
         problems = check(directory)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(f"{directory}: unreadable manifest ({type(e).__name__}); rerun the `kdm-pipe generate` "
+                          f"(or import) command that wrote it") from None
     if problems:
         for name, what in problems.items():
             typer.echo(f"BAD {directory / name}: {what}", err=True)
-        typer.echo(f"{len(problems)} bad shard(s) in {directory}; rerun the same `kdm-pipe generate` to repair", err=True)
-        raise typer.Exit(1)
+        raise DataError(f"{len(problems)} problem(s) in {directory}; rerun the `kdm-pipe generate` (or import) "
+                        f"command that wrote it to repair")
     typer.echo(f"{directory}: all shards match the manifest")
 
 
