@@ -1,4 +1,6 @@
 """Koopman operators: maths of the decomposed form against numpy, losses, priors, dense kinds, control."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -82,21 +84,21 @@ def test_inverse_loss_equals_block_mse_zero_when_exact():
     P, _, P_inv = complex_factors(k)
     eye = np.eye(2 * D)
     expected = np.mean((block(P_inv) @ block(P) - eye) ** 2) + np.mean((block(P) @ block(P_inv) - eye) ** 2)
-    loss = k.regularizer()["inverse"]
+    loss = k.op.inverse_loss()
     assert loss.item() == pytest.approx(expected, rel=1e-10) and loss.item() > 0.1
     set_exact_inverse(k)
-    assert k.regularizer()["inverse"].item() < 1e-20
+    assert k.op.inverse_loss().item() < 1e-20
 
 
 def test_adam_on_inverse_loss_alone_drives_it_down():
     k = make(seed=3, dtype=torch.float32)
-    start = k.regularizer()["inverse"].item()
+    start = k.op.inverse_loss().item()
     opt = torch.optim.Adam(k.parameters(), lr=1e-2)
     for _ in range(300):
         opt.zero_grad()
-        k.regularizer()["inverse"].backward()
+        k.op.inverse_loss().backward()
         opt.step()
-    assert k.regularizer()["inverse"].item() < 1e-2 * start
+    assert k.op.inverse_loss().item() < 1e-2 * start
 
 
 @pytest.mark.parametrize("prior", ["uniform", "gradual", "circle"])
@@ -130,14 +132,38 @@ def test_prior_targets():
     assert "prior_target" in a.state_dict() and "prior_target" not in make().state_dict()
 
 
-def test_prior_needs_decomposed():
-    with pytest.raises(ValueError, match="decomposed"):
-        KoopmanOperator(D, "affine", spectrum_prior="uniform")
+def test_regularisers_as_the_official_code_adds_them():
+    """The inverse loss comes only with a spectrum prior (both inside the official `eigen_loss`); dense operators
+    take a prior too."""
     with pytest.raises(ValueError, match="kind"):
         KoopmanOperator(D, "dense")
-    assert set(make().regularizer()) == {"inverse"}
+    with pytest.raises(ValueError, match="spectrum prior"):
+        KoopmanOperator(D, "affine", spectrum_prior="unit")
+    assert make().regularizer() == {} and make("affine").regularizer() == {}
     assert set(make(spectrum_prior="circle").regularizer()) == {"inverse", "spectrum"}
-    assert make("affine").regularizer() == {}
+    for kind in ("affine", "linear"):
+        assert set(make(kind, spectrum_prior="uniform").regularizer()) == {"spectrum"}
+
+
+@pytest.mark.parametrize("prior", ["uniform", "gradual", "circle"])
+@pytest.mark.parametrize("kind", ["affine", "linear"])
+def test_dense_spectrum_prior_is_the_best_matched_mean_distance_and_trains(kind, prior):
+    k = make(kind, spectrum_prior=prior, prior_seed=3)
+    lam = np.linalg.eigvals(k.op.weight.detach().numpy())
+    u = k.prior_target.numpy() @ np.array([1, 1j])
+    perms = np.array(list(itertools.permutations(range(D))))            # brute force over all 8! matchings
+    best = np.abs(lam[None, :] - u[perms]).mean(axis=1).min()
+    start = k.regularizer()["spectrum"]
+    assert start.item() == pytest.approx(best, rel=1e-10)
+    opt = torch.optim.Adam(k.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        k.regularizer()["spectrum"].backward()
+        opt.step()
+    assert k.op.weight.grad.abs().sum() > 0
+    assert k.regularizer()["spectrum"].item() < 0.7 * start.item()
+    if prior == "circle":                                               # every eigenvalue pulled towards 1
+        assert (k.eigenvalues() - 1).abs().max() < np.abs(lam - 1).max()
 
 
 @pytest.mark.parametrize("kind", ["affine", "linear"])
@@ -170,7 +196,7 @@ def test_control_adds_B_y(kind):
 @pytest.mark.parametrize("kind", ["affine", "linear", "decomposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dtype_device_and_gradients(kind, dtype):
-    k = make(kind, dtype=dtype, label_dim=2, spectrum_prior="uniform" if kind == "decomposed" else "none")
+    k = make(kind, dtype=dtype, label_dim=2, spectrum_prior="uniform")
     z = torch.randn(3, D, dtype=dtype)
     out = k(z, torch.eye(2, dtype=dtype)[[0, 1, 1]])
     assert out.dtype == dtype and out.device == z.device and out.shape == (3, D)

@@ -27,7 +27,7 @@ def sections(name):
 
 def test_every_preset_is_valid():
     names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    assert set(OFFICIAL) | {"checkerboard", "digits"} <= set(names)
+    assert set(OFFICIAL) | {"checkerboard", "checkerboard-quick", "digits"} <= set(names)
     for name in names:
         sections(name)
 
@@ -58,8 +58,33 @@ def test_official_configuration(name):
 def test_checkerboard_preset_is_the_official_2d_setup():
     g, t = sections("checkerboard")
     s = t.student.for_data(image=False)
-    assert (s.hidden, s.depth, s.latent_dim, s.operator, s.distance, s.w_push, s.w_adv) == \
-        (256, 5, 256, "affine", "l2", 0.0, 0.0)
+    assert (t.batch, t.steps, t.lr, t.betas) == (4096, 20_001, 3e-4, (0.9, 0.999))
+    assert (s.mlp, s.hidden, s.depth, s.latent_dim, s.operator, s.sigma_z) == ("official", 256, 5, 256, "affine", 0.4)
+    assert (s.distance, s.w_latent, s.w_rec, s.w_push, s.w_adv, s.spectrum_prior) == ("l2", 1.0, 1.0, 0.0, 0.0, "none")
+    assert (g.shards - t.holdout_shards) * g.pairs_per_shard == 50_000
+    assert g.teacher.name == "checkerboard" and g.teacher.extent == 4.0 and g.sampler.sigma_max == 80.0
+    # the networks, layer by layer: E = 5 × (Linear + Swish) on [x, t]; D = 4 × (Linear + Swish) on [z, t], Linear
+    torch.manual_seed(0)
+    m = build_student(s, (2,), 0, g.sampler.sigma_max)
+    for enc in (m.enc_0, m.enc_T):
+        layers = list(enc.net)
+        assert [type(x).__name__ for x in layers] == ["Linear", "SiLU"] * 5
+        assert layers[0].in_features == 3 and all(x.out_features == 256 for x in layers[::2])
+    dec = list(m.dec.net)
+    assert [type(x).__name__ for x in dec] == ["Linear", "SiLU"] * 4 + ["Linear"]
+    assert dec[0].in_features == 257 and dec[-1].out_features == 2
+    assert (m.enc_0.t, m.enc_T.t, m.dec.t) == (0.0, 1.0, 0.0)
+    assert type(m.koopman.op).__name__ == "Linear" and m.koopman.op.bias is not None
+    z = torch.randn(5, 2)
+    assert torch.allclose(m.encode_T(80 * z), m.enc_T.net(torch.cat([z, torch.ones(5, 1)], 1)), atol=1e-6)  # x_T/σ_max
+    assert (m.encode_T(80 * z) > -0.2785).all()                    # Swish-activated latent: min of x·σ(x)
+
+
+def test_checkerboard_quick_is_the_same_design_smaller():
+    g, t = sections("checkerboard")
+    gq, tq = sections("checkerboard-quick")
+    assert tq.student == t.student and gq.teacher == g.teacher and gq.sampler == g.sampler
+    assert tq.batch * tq.steps < t.batch * t.steps / 40
 
 
 def test_preset_without_its_checkpoint_is_refused_before_writing(tmp_path):

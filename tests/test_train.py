@@ -62,8 +62,9 @@ def test_trained_student_beats_untrained_and_lands_on_the_board(pairs, tmp_path)
     s, u = res["student"], res["untrained"]
     assert s["sliced_wasserstein"] < 0.25 * u["sliced_wasserstein"]
     assert s["mse"] < 0.1 * u["mse"]
-    # most samples on the black squares after 800 steps (untrained: none; the teacher itself: ~3%)
-    assert s["off_support"] < 0.4 and u["off_support"] > 0.9
+    # most samples on the black squares after 800 steps (the teacher itself: ~3% off). The untrained student puts
+    # every sample near one point, on or off the board by chance of its init: its off-support fraction says nothing.
+    assert s["off_support"] < 0.4 and res["teacher_floor"]["off_support"] < 0.1
     assert (run / "eval.json").is_file() and (run / "samples.png").stat().st_size > 10_000
 
 

@@ -5,6 +5,7 @@ import math
 from typing import Literal, get_args
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 OperatorKind = Literal["affine", "linear", "decomposed"]
@@ -34,6 +35,18 @@ def spectrum_target(prior: SpectrumPrior, dim: int, seed: int) -> Tensor:
     if prior == "circle":
         return torch.tensor([1.0, 0.0]).expand(dim, 2).clone()
     raise ValueError(f"unknown spectrum prior {prior!r}; expected one of {get_args(SpectrumPrior)}")
+
+
+def matched_targets(lam: Tensor, targets: Tensor) -> Tensor:
+    """`targets` (d, 2) reordered so that row j is the target of λ_j under the one-to-one matching of least total
+    distance Σ_j |λ_j − u_π(j)| (the Hungarian algorithm, on detached values: the matching is piecewise constant)."""
+    if bool((targets == targets[:1]).all()):                           # one target for all ("circle")
+        return targets
+    u = targets.detach().cpu().double()
+    lam = lam.detach().cpu().to(torch.complex128)
+    cost = (lam[:, None] - torch.complex(u[:, 0], u[:, 1])[None, :]).abs().numpy()
+    _, cols = linear_sum_assignment(cost)
+    return targets[torch.as_tensor(cols, device=targets.device)]
 
 
 class DecomposedOperator(nn.Module):
@@ -87,8 +100,17 @@ class KoopmanOperator(nn.Module):
 
     kind "affine": Linear(dim, dim) with bias (official default); "linear": bias-free; "decomposed": see
     `DecomposedOperator`. label_dim > 0 adds the Koopman control B y with B = Linear(label_dim, dim), bias
-    included as in the official code. A spectrum prior (decomposed only) is the regulariser mean|λ − u| with u
-    from `spectrum_target`.
+    included as in the official code.
+
+    A spectrum prior adds the regulariser mean_j |λ_j − u_j| with u from `spectrum_target`, on either form: for the
+    decomposed form its parameterised λ_j (λ_j always meets u_j); for the dense forms λ = torch.linalg.eigvals(weight)
+    (differentiable), each λ meeting the target of a minimum-cost one-to-one matching (`matched_targets`). The
+    official code pairs them in the order eigvals returns them, which LAPACK does not keep from one step to the next:
+    measured on an 8×8 operator, Adam on that loss does not converge (uniform prior 1.01 → 0.94 after 600 steps,
+    oscillating), while the matched loss is a function of the spectrum alone and decreases. For "circle" every target
+    is 1 and both are the same. As in the official code the decomposed form's inverse loss
+    MSE(P⁻¹P, I) + MSE(PP⁻¹, I) is added only together with a spectrum prior; without one, P⁻¹ is a free matrix
+    and the applied map Re(P Λ P⁻¹ z) is just another parameterisation of a dense linear map.
     """
 
     def __init__(self, dim: int, kind: OperatorKind = "affine", label_dim: int = 0,
@@ -96,9 +118,8 @@ class KoopmanOperator(nn.Module):
         super().__init__()
         if kind not in get_args(OperatorKind):
             raise ValueError(f"unknown operator kind {kind!r}; expected one of {get_args(OperatorKind)}")
-        if spectrum_prior != "none" and kind != "decomposed":
-            raise ValueError(f"spectrum prior {spectrum_prior!r} needs kind='decomposed' (got kind={kind!r}): "
-                             "only the decomposed operator has parameterised eigenvalues")
+        if spectrum_prior not in get_args(SpectrumPrior):
+            raise ValueError(f"unknown spectrum prior {spectrum_prior!r}; expected one of {get_args(SpectrumPrior)}")
         self.dim, self.kind, self.label_dim, self.spectrum_prior = dim, kind, label_dim, spectrum_prior
         self.op = DecomposedOperator(dim) if kind == "decomposed" else nn.Linear(dim, dim, bias=kind == "affine")
         self.control = nn.Linear(label_dim, dim) if label_dim > 0 else None
@@ -114,15 +135,18 @@ class KoopmanOperator(nn.Module):
         return z_hat
 
     def regularizer(self) -> dict[str, Tensor]:
-        """Loss terms the operator asks for: {} for dense, {"inverse"[, "spectrum"]} for decomposed."""
-        if not isinstance(self.op, DecomposedOperator):
+        """Loss terms the operator asks for: {} without a spectrum prior; with one, {"spectrum"} for the dense
+        forms and {"inverse", "spectrum"} for the decomposed one."""
+        if self.spectrum_prior == "none":
             return {}
-        terms = {"inverse": self.op.inverse_loss()}
-        if self.spectrum_prior != "none":
+        u = self.prior_target
+        if isinstance(self.op, DecomposedOperator):
             lam_re, lam_im = self.op.eigen_parts()
-            u = self.prior_target
-            terms["spectrum"] = torch.hypot(lam_re - u[:, 0], lam_im - u[:, 1]).mean()
-        return terms
+            return {"inverse": self.op.inverse_loss(),
+                    "spectrum": torch.hypot(lam_re - u[:, 0], lam_im - u[:, 1]).mean()}
+        lam = torch.linalg.eigvals(self.op.weight)
+        u = matched_targets(lam.detach(), u)
+        return {"spectrum": torch.hypot(lam.real - u[:, 0], lam.imag - u[:, 1]).mean()}
 
     def eigenvalues(self) -> Tensor:
         """Complex (dim,): eigvals of the dense weight, or the parameterised λ of the decomposed form.

@@ -1,12 +1,20 @@
 """Students for vector data (2-D and other flat pairs), as the official checkerboard configuration builds them.
 
-KDM: encoders E_T, E_0 and decoder D are MLPs (depth × hidden, SiLU); C is the Koopman operator on the latent.
+KDM: encoders E_T, E_0 and decoder D are MLPs; C is the Koopman operator on the latent.
     z_0 = E_0(x_0)   z_T = E_T(x_T)   ẑ_0 = C(z_T + σ_z ε) [+ B y]
     L = w_lat·mean((z_0 − ẑ_0)²) + w_rec·d(x_0, D(z_0 + σ_z ε')) + w_push·d(x_0, D(ẑ_0)) + w_reg·(operator regularisers)
     one step: x̂_0 = D(C(E_T(x_T)))
 KD (Luhman & Luhman 2021): one network regressing x_0 from x_T, L = d(x_0, G(x_T)).
 
 x_T enters scaled by 1/σ_max: the official 2-D setup draws x_T ~ N(0, I), while our pairs store x_T = σ_max·z.
+
+Two MLP designs (`StudentConfig.mlp`; Swish = SiLU):
+- "official", the official 2-D networks: E_0 and E_T are depth × (Linear + Swish) on [x, t] with a constant time
+  input t = 0 (E_0) or 1 (E_T), so the latent itself is Swish-activated; D is (depth − 1) × (Linear + Swish) on
+  [z, 0] then Linear(hidden → data). With depth 5, hidden = latent = 256 this is the official checkerboard student.
+- "linear-head", kdm-pipe's earlier MLPs: depth × (Linear + SiLU) then Linear, for all three nets, no time input
+  (the latent is linear).
+Labels (conditional vector data, a kdm-pipe extension) are appended to every network's input.
 """
 
 from __future__ import annotations
@@ -20,10 +28,43 @@ from kdm_pipe.student.noise import LatentNoise
 
 
 def mlp(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential:
+    """depth × (Linear + SiLU) then Linear(→ d_out): a linear head."""
     layers: list[nn.Module] = []
     for i in range(depth):
         layers += [nn.Linear(d_in if i == 0 else hidden, hidden), nn.SiLU()]
     return nn.Sequential(*layers, nn.Linear(hidden if depth else d_in, d_out))
+
+
+def swish_stack(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential:
+    """depth × (Linear + Swish), the last one to d_out: the official 2-D encoder (its output is activated)."""
+    widths = [d_in] + [hidden] * (depth - 1) + [d_out]
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
+class TimeInput(nn.Module):
+    """`net` applied to [x, t] with a constant time t (the official 2-D networks' time input: a learned bias)."""
+
+    def __init__(self, net: nn.Module, t: float) -> None:
+        super().__init__()
+        self.net, self.t = net, t
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(torch.cat([x, x.new_full((x.shape[0], 1), self.t)], dim=1))
+
+
+def kdm_networks(cfg: StudentConfig, data_dim: int, label_dim: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(E_T, E_0, D) of the MLP design `cfg.mlp`, each taking [input, labels] (built in this order: it fixes the
+    seeded initial weights)."""
+    x_in, z_in = data_dim + label_dim, cfg.latent_dim + label_dim
+    if cfg.mlp == "official":
+        return (TimeInput(swish_stack(x_in + 1, cfg.latent_dim, cfg.hidden, cfg.depth), 1.0),
+                TimeInput(swish_stack(x_in + 1, cfg.latent_dim, cfg.hidden, cfg.depth), 0.0),
+                TimeInput(mlp(z_in + 1, data_dim, cfg.hidden, cfg.depth - 1), 0.0))
+    return (mlp(x_in, cfg.latent_dim, cfg.hidden, cfg.depth), mlp(x_in, cfg.latent_dim, cfg.hidden, cfg.depth),
+            mlp(z_in, data_dim, cfg.hidden, cfg.depth))
 
 
 def distance(kind: str, x: Tensor, y: Tensor, c: float = 0.03) -> Tensor:
@@ -40,10 +81,8 @@ class VectorKDM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("x_T_scale", torch.tensor(1.0 / sigma_max))
-        self.enc_T = mlp(data_dim + label_dim, cfg.latent_dim, cfg.hidden, cfg.depth)
-        self.enc_0 = mlp(data_dim + label_dim, cfg.latent_dim, cfg.hidden, cfg.depth)
-        self.dec = mlp(cfg.latent_dim + label_dim, data_dim, cfg.hidden, cfg.depth)
-        self.koopman = KoopmanOperator(cfg.latent_dim, cfg.operator, label_dim, cfg.spectrum_prior)
+        self.enc_T, self.enc_0, self.dec = kdm_networks(cfg, data_dim, label_dim)
+        self.koopman = KoopmanOperator(cfg.latent_dim, cfg.operator, label_dim, cfg.spectrum_prior, cfg.prior_seed)
 
     @staticmethod
     def _cat(x: Tensor, labels: Tensor | None) -> Tensor:
@@ -83,7 +122,8 @@ class VectorKDM(nn.Module):
 
 
 class VectorKD(nn.Module):
-    """Knowledge-distillation baseline: G(x_T) ≈ x_0 by direct regression."""
+    """Knowledge-distillation baseline: G(x_T) ≈ x_0 by direct regression (a linear-head MLP; the official 2-D code
+    has no KD baseline)."""
 
     def __init__(self, cfg: StudentConfig, data_dim: int, label_dim: int, sigma_max: float):
         super().__init__()
