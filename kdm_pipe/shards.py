@@ -236,7 +236,7 @@ def _records(tar: tarfile.TarFile, f: Any, file_size: int) -> Iterator[dict[str,
         if not member.isfile() or field not in FIELDS or not member.name.endswith(".npy"):
             raise ValueError(f"unexpected member {member.name!r}")
         if member.offset_data + member.size > file_size:
-            raise ValueError(f"member {member.name} declares {member.size} bytes past the end of the file")
+            raise ValueError(f"member {member.name} declares {member.size} bytes, past the end of the file")
         if key is not None and k != key:
             _check_record(rec)
             yield rec

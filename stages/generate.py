@@ -145,7 +145,8 @@ def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
         check_limits(cfg, manifest)
         out.mkdir(parents=True, exist_ok=True)
         with directory_lock(out, f"generate --out {out}"):
-            manifest = open_manifest(cfg)       # again, under the lock: a run that held it may have added shards
+            if (out / MANIFEST).exists():       # again, under the lock: a run that held it may have added shards
+                manifest = open_manifest(cfg)   # (a new plan is not rebuilt: building a teacher can take a while)
             try:
                 return generate(cfg, manifest, progress)
             except Terminated as e:
