@@ -12,9 +12,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from pydantic import BaseModel
+from typer.exceptions import TyperException
 
 from kdm_pipe.config import EvaluateConfig, GenerateConfig, ImportConfig, TrainConfig, build, load_preset
 from kdm_pipe.errors import ConfigError, DataError, one_line
@@ -35,7 +35,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort, TyperException):     # typer's own control flow and usage errors
             raise
         except ConfigError as e:
             fail(2, str(e))

@@ -1,67 +1,52 @@
-"""Streaming pairs from tar shards with WebDataset: shard shuffling, disjoint readers, a shuffle buffer, batches
-that do not depend on how the readers are spread over ranks, and a fast exact resume.
+"""Streaming pairs from tar shards: shard shuffling, disjoint readers, a shuffle buffer, batches that do not depend
+on how the readers are spread over ranks, any batch size with any shard size, and a fast exact resume.
+
+Shards are WebDataset tars; they are read with `shards.read_shard` (one read per member, every member checked
+against the file's size: ~3× WebDataset's streaming reader here, and a damaged shard is one DataError naming it).
 
 Readers. P = ranks × loader workers readers each stream a disjoint part of the shards: in epoch e reader p reads
-permutation(seed, e)[p::P]. Every reader yields micro-batches of batch/P pairs; a rank's step batch is its workers'
-micro-batches concatenated (DataLoader returns workers in turn), so the global batch of a step is the same for
-1 rank × 2 workers as for 2 ranks × 1 worker.
+permutation(seed, e)[p::P]. Every reader emits micro-batches of m = batch/P pairs; a rank's step batch is the next
+micro-batch of each of its readers, concatenated, so the global batch of a step is the same for 1 rank × 2 workers
+as for 2 ranks × 1 worker. A loader worker sends its micro-batches in groups of about ITEM_PAIRS pairs, written
+straight into shared memory: per-item IPC, not reading, was what limited the loader.
 
-Epochs. Reader p's epoch e holds c_e carried pairs plus its shards' pairs; it emits ⌊total/m⌋ micro-batches of m
-pairs through a shuffle buffer that is flushed at the end of the epoch, and carries the last `total mod m` pairs of
-its last shard into epoch e+1. So every pair is seen exactly once per epoch (a carried pair once, early in the
-next), and the stream's state at an epoch boundary is known from the manifest's pair counts alone: resuming at
-step k replays only the current epoch, not the whole run.
+Epochs. Reader p's epoch e holds c_e carried pairs plus its shards' pairs; it emits ⌊total/m⌋ micro-batches
+through a shuffle buffer (SlotPool) that is flushed at the end of the epoch, and carries the last `total mod m`
+pairs of its reading order into epoch e+1 (they may span several shards, or epochs when shards are smaller than m).
+So every pair is seen exactly once per epoch (a carried pair once, early in the next), and the stream's state at
+an epoch boundary is known from the manifest's pair counts alone: resuming at step k replays only the current
+epoch, not the whole run.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import signal
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdm_pipe.errors import ConfigError, DataError, one_line
+from kdm_pipe.shards import read_shard
 
-FIELDS = ("x_T", "x_0", "label", "seed")
+ITEM_PAIRS = 512
 Block = dict[str, np.ndarray]
 
 
-def _decode(sample: dict) -> Block:
-    # WebDataset lower-cases member suffixes: x_T.npy arrives as x_t.npy.
-    return {f: np.load(io.BytesIO(sample[k]), allow_pickle=False) for f in FIELDS if (k := f"{f.lower()}.npy") in sample}
-
-
-def _records(url: str) -> Iterator[Block]:
-    """One shard's records; a structural error (truncated tar, bad member) becomes a DataError naming the shard."""
-    # Splitting by reader is done here, so WebDataset must not split or shuffle again.
-    ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    try:
-        for sample in ds:
-            block = _decode(sample)
-            sizes = {len(block.get(f, ())) for f in ("x_T", "x_0", "seed")} | {len(a) for a in block.values()}
-            if len(sizes) != 1 or 0 in sizes:
-                raise ValueError(f"record {sample.get('__key__')} lacks fields or has unequal lengths")
-            yield block
-    except (tarfile.TarError, OSError, ValueError, EOFError, KeyError) as e:
-        what = str(e.args[0]).split(" @ <")[0] if isinstance(e, tarfile.TarError) and e.args else e
-        raise DataError(f"shard {url} is unreadable ({what}); `kdm-pipe verify {Path(url).parent}` lists every bad "
-                        f"shard, and rerunning the command that wrote the pairs (generate or import) repairs them") from e
-
-
 def _cat(blocks: list[Block]) -> Block:
-    return {f: np.concatenate([b[f] for b in blocks]) for f in blocks[0]}
+    return blocks[0] if len(blocks) == 1 else {f: np.concatenate([b[f] for b in blocks]) for f in blocks[0]}
 
 
 def _take(block: Block, sl: slice) -> Block:
     return {f: a[sl] for f, a in block.items()}
+
+
+def _len(block: Block) -> int:
+    return len(block["x_0"])
 
 
 @dataclass(frozen=True)
@@ -77,14 +62,68 @@ class Epoch:
     shards: list[tuple[str, int]]      # (url, pairs) in reading order
     carried: int                       # pairs carried in from the previous epoch
     batches: int                       # micro-batches emitted
-    tail: int                          # pairs of the last shard carried out to the next epoch
+    tail: int                          # last pairs of the epoch's reading order, carried out to the next epoch
+
+
+class SlotPool:
+    """The shuffle buffer: `size` slots; an arriving pair takes a random slot and that slot's pair leaves. Each
+    pair is copied twice (in, out) whatever the buffer size; the rest leaves in random order when drained."""
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.size, self.rng, self.n, self.slots = size, rng, 0, None
+
+    def push(self, block: Block) -> Iterator[tuple[Block, np.ndarray]]:
+        """(source, row indices) of the pairs that leave, in order; the caller copies them out before the next."""
+        if self.slots is None:
+            self.slots = {f: np.empty((self.size, *a.shape[1:]), a.dtype) for f, a in block.items()}
+        fill = min(_len(block), self.size - self.n)
+        for f, a in block.items():
+            self.slots[f][self.n:self.n + fill] = a[:fill]
+        self.n += fill
+        for b in range(fill, _len(block), self.size):
+            incoming = _take(block, slice(b, b + self.size))
+            idx = self.rng.choice(self.size, _len(incoming), replace=False)
+            yield self.slots, idx
+            for f, a in incoming.items():
+                self.slots[f][idx] = a
+
+    def drain(self) -> tuple[Block, np.ndarray]:
+        idx, self.n = self.rng.permutation(self.n), 0
+        return self.slots, idx
+
+
+class Batcher:
+    """Packs leaving pairs into items of `group` micro-batches (the unit that crosses to the trainer process),
+    dropping the first `skip` pairs (a resume). Items are written in place: shared memory inside a loader worker,
+    so the DataLoader sends them without another copy."""
+
+    def __init__(self, size: int, skip: int, shared: bool) -> None:
+        self.size, self.skip, self.shared, self.item, self.pos = size, skip, shared, None, 0
+
+    def put(self, source: Block, idx: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        drop = min(self.skip, len(idx))
+        self.skip -= drop
+        idx = idx[drop:]
+        while len(idx):
+            if self.item is None:
+                self.item = {f: torch.empty((self.size, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype)
+                             for f, a in source.items()}
+                if self.shared:
+                    self.item = {f: t.share_memory_() for f, t in self.item.items()}
+            k = min(len(idx), self.size - self.pos)
+            for f, a in source.items():
+                np.take(a, idx[:k], axis=0, out=self.item[f][self.pos:self.pos + k].numpy())
+            self.pos, idx = self.pos + k, idx[k:]
+            if self.pos == self.size:
+                yield self.item
+                self.item, self.pos = None, 0
 
 
 class PairStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], micro: int, buffer: int, seed: int, rank: int = 0,
-                 world: int = 1, start: int = 0):
+                 world: int = 1, start: int = 0, group: int = 1):
         self.shards, self.micro, self.buffer, self.seed = shards, micro, buffer, seed
-        self.rank, self.world, self.start = rank, world, start
+        self.rank, self.world, self.start, self.group = rank, world, start, group
 
     def plan(self, part: int, parts: int) -> Iterator[Epoch]:
         carried = 0
@@ -95,31 +134,38 @@ class PairStream(IterableDataset):
             yield Epoch(e, mine, carried, batches, tail)
             carried = tail
 
-    def _epoch(self, ep: Epoch, carry: Block | None, rng: np.random.Generator) -> Iterator[Block | tuple[str, Block]]:
-        """The epoch's micro-batches, then ("tail", pairs carried out)."""
-        held, size = ([carry], len(carry["x_0"])) if carry else ([], 0)
-        last_url, last_n = ep.shards[-1]
-        seen_last, tail = 0, []
-        for i, url in enumerate(u for u, _ in ep.shards):
-            for rec in _records(url):
-                if i == len(ep.shards) - 1:        # hold back the last `tail` pairs of the epoch
-                    n, cut = len(rec["x_0"]), max(0, last_n - ep.tail - seen_last)
-                    seen_last += n
-                    if cut < n:
-                        tail.append(_take(rec, slice(cut, None)))
-                        rec = _take(rec, slice(0, cut))
-                held.append(rec)
-                size += len(rec["x_0"])
-                if size >= 2 * self.buffer + self.micro:   # refill to 2× buffer: each shuffle moves O(1) per pair
-                    pool = _cat(held)
-                    pool = _take(pool, rng.permutation(size))
-                    keep = size - (size - self.buffer) // self.micro * self.micro
-                    yield from (_take(pool, slice(b, b + self.micro)) for b in range(keep, size, self.micro))
-                    held, size = [_take(pool, slice(0, keep))], keep
-        if size:                                    # flush: `size` is a whole number of micro-batches by construction
-            pool = _take(_cat(held), rng.permutation(size))
-            yield from (_take(pool, slice(b, b + self.micro)) for b in range(0, size, self.micro))
-        yield "tail", (_cat(tail) if tail else None)
+    def _epoch(self, ep: Epoch, carry: Block | None, rng: np.random.Generator,
+               out: Batcher) -> Iterator[dict[str, torch.Tensor]]:
+        """The epoch's pairs through the shuffle buffer into `out`'s items; returns the pairs carried out."""
+        pool, keep, seen, tail = SlotPool(self.buffer, rng), ep.batches * self.micro, 0, []
+        reading = itertools.chain([carry] if carry else [], *(read_shard(url) for url, _ in ep.shards))
+        for block in reading:
+            n = min(_len(block), keep - seen)
+            if n < _len(block):                 # the epoch's last `tail` pairs wait for the next epoch
+                tail.append(_take(block, slice(n, None)))
+                block = _take(block, slice(0, n))
+            seen += n
+            for source, idx in pool.push(block) if n else ():
+                yield from out.put(source, idx)
+        if pool.n:
+            yield from out.put(*pool.drain())
+        return _cat(tail) if tail else None
+
+    def _carry(self, history: list[Epoch]) -> Block | None:
+        """The pairs carried into history[-1], re-read from the end of the epochs before it (a resume)."""
+        need = history[-1].carried
+        if not need:
+            return None
+        blocks, got = [], 0
+        for url, n in reversed(history[-2].shards):
+            blocks.insert(0, _cat(list(read_shard(url))))
+            got += n
+            if got >= need:
+                break
+        if got < need:                              # shards smaller than a micro-batch: the carry spans epochs
+            blocks.insert(0, self._carry(history[:-1]))
+        pairs = _cat(blocks)
+        return _take(pairs, slice(_len(pairs) - need, None))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor] | Failure]:
         # A loader worker's exception would reach the trainer wrapped in a multi-line traceback: pass it as an item.
@@ -134,24 +180,18 @@ class PairStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         parts, part = self.world * nw, self.rank * nw + wid
-        skip, carry, prev = self.start, None, None
+        skip, history, carry, out = self.start, [], None, None
+        depth = self.micro // min(n for _, n in self.shards) + 2     # epochs a carry can reach back over
         for ep in self.plan(part, parts):
-            if skip >= ep.batches:                  # fast-forward whole epochs by arithmetic
-                skip -= ep.batches
-                prev = ep
-                continue
-            if prev is not None and carry is None and ep.carried:   # resuming: re-read the carried pairs
-                url, n = prev.shards[-1]
-                carry = _take(_cat(list(_records(url))), slice(n - ep.carried, n))
+            history = (history + [ep])[-depth:]
+            if out is None:
+                if skip >= ep.batches:              # fast-forward whole epochs by arithmetic
+                    skip -= ep.batches
+                    continue
+                out = Batcher(self.group * self.micro, skip * self.micro, shared=info is not None)
+                carry = self._carry(history) if len(history) > 1 else None
             rng = np.random.default_rng([self.seed, part, ep.index, 1])
-            for out in self._epoch(ep, carry, rng):
-                if isinstance(out, tuple):
-                    carry = out[1]
-                elif skip:
-                    skip -= 1
-                else:
-                    yield {f: torch.from_numpy(a) for f, a in out.items()}
-            prev = ep
+            carry = yield from self._epoch(ep, carry, rng, out)
 
 
 def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: int, seed: int, workers: int,
@@ -168,16 +208,16 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
     if len(shards) < readers:
         raise ConfigError(f"{len(shards)} training shards cannot feed {readers} readers (ranks × loader workers); "
                           f"lower --loader-workers or generate more shards")
-    if min(n for _, n in shards) < micro:
-        raise ConfigError(f"shards of {min(n for _, n in shards)} pairs are smaller than a reader's micro-batch "
-                          f"({micro}); lower --batch or generate larger shards")
-    stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start)
+    # Micro-batches cross from a loader worker in groups of about ITEM_PAIRS pairs: per-item IPC costs dominated.
+    group = max(1, ITEM_PAIRS // micro) if workers else 1
+    stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start,
+                        group)
     # Its own generator: the DataLoader draws its worker seeds from it, not from the global RNG that dropout uses
     # (those draws came after a resume's RNG restore and shifted every later dropout mask).
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                    prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigterm if workers else None,
+                    prefetch_factor=2 if workers else None, worker_init_fn=_ignore_sigterm if workers else None,
                     generator=torch.Generator().manual_seed(seed))
-    return Loader(iter(dl), max(workers, 1))
+    return Loader(iter(dl), max(workers, 1), micro)
 
 
 def _ignore_sigterm(_: int) -> None:
@@ -187,22 +227,28 @@ def _ignore_sigterm(_: int) -> None:
 
 
 class Loader:
-    """Step batches from the DataLoader's micro-batches (one per worker, in turn); reader failures raised here."""
+    """Step batches: the next micro-batch of each of this rank's readers, concatenated. Readers send items of equal
+    size (groups of micro-batches), so they run out together and the DataLoader's turn order is the one needed."""
 
-    def __init__(self, micro_batches: Iterator, per_step: int) -> None:
-        self._it, self.per_step = micro_batches, per_step
+    def __init__(self, items: Iterator, readers: int, micro: int) -> None:
+        self._it, self.micro = items, micro
+        self.items: list[dict[str, torch.Tensor] | None] = [None] * readers
+        self.pos = [0] * readers
 
     def __iter__(self) -> "Loader":
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         parts = []
-        for _ in range(self.per_step):
-            item = next(self._it)
-            if isinstance(item, Failure):
-                raise (DataError if item.data else RuntimeError)(item.message)
-            parts.append(item)
-        return parts[0] if self.per_step == 1 else {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+        for r, item in enumerate(self.items):
+            if item is None or self.pos[r] == len(item["x_0"]):
+                item = next(self._it)
+                if isinstance(item, Failure):
+                    raise (DataError if item.data else RuntimeError)(item.message)
+                self.items[r], self.pos[r] = item, 0
+            parts.append({f: t[self.pos[r]:self.pos[r] + self.micro] for f, t in item.items()})
+            self.pos[r] += self.micro
+        return parts[0] if len(parts) == 1 else {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
 
     def close(self) -> None:
         shutdown = getattr(self._it, "_shutdown_workers", None)     # multiprocess iterators only

@@ -32,9 +32,9 @@ def seeds_of(stream, steps):
     return [b["seed"].numpy().tolist() for b in itertools.islice(stream, steps)]
 
 
-def test_every_pair_once_per_epoch(shards):
+@pytest.mark.parametrize("micro", [16, 128])         # 128: larger than every shard
+def test_every_pair_once_per_epoch(shards, micro):
     root, names = shards
-    micro = 16
     plan = list(itertools.islice(PairStream(names, micro, 40, 0).plan(0, 1), 3))
     steps = sum(ep.batches for ep in plan)
     got = seeds_of(batches(root, names, micro, 40, seed=0, workers=0), steps)
@@ -69,5 +69,27 @@ def test_refusals(shards):
         batches(root, names, 33, 40, seed=0, workers=2)
     with pytest.raises(ConfigError, match="cannot feed"):
         batches(root, names[:1], 32, 40, seed=0, workers=2)
-    with pytest.raises(ConfigError, match="smaller than"):
-        batches(root, names, 128, 40, seed=0, workers=0)
+
+
+@pytest.mark.parametrize("batch,workers", [(128, 0), (512, 2)])
+def test_any_batch_with_any_shard_size(shards, batch, workers):
+    """Micro-batches larger than every shard (the carry then spans shards, even epochs), still each pair once per
+    epoch, resumable anywhere and independent of how the readers are spread."""
+    root, names = shards
+    readers = max(workers, 1)
+    plans = [list(itertools.islice(PairStream(names, batch // readers, 40, 5).plan(p, readers), 8))
+             for p in range(readers)]
+    assert any(ep.batches == 0 for plan in plans for ep in plan) or batch == 128
+    steps = 9
+    full = seeds_of(batches(root, names, batch, 40, seed=5, workers=workers), steps)
+    assert all(len(b) == batch for b in full)
+    for p, plan in enumerate(plans):                 # reader p's pairs, epoch by epoch, each exactly once
+        micro = batch // readers
+        mine = list(itertools.chain(*(b[p * micro:(p + 1) * micro] for b in full)))
+        first = plan[0].batches * micro
+        assert len(set(mine[:first])) == first
+    for start in (1, 4, 7):
+        assert seeds_of(batches(root, names, batch, 40, seed=5, workers=workers, start=start), 2) == full[start:start + 2]
+    if workers:
+        ranks = [seeds_of(batches(root, names, batch, 40, seed=5, workers=0, rank=r, world=2), steps) for r in (0, 1)]
+        assert full == [a + b for a, b in zip(*ranks)]
