@@ -1,9 +1,14 @@
 """Evaluation of a trained student against held-out teacher pairs, for vector and image data.
 
-Held-out shards never reach the trainer. They are split in two: the first half chooses which weights to report
-(EMA or raw, by paired error), the second half is what every reported number is computed on. Each number comes
-with two references: an untrained student of the same init (the floor of "learned nothing") and, for
-distribution metrics, teacher-vs-teacher on the two halves of the report split (the metric's own noise floor).
+Held-out shards never reach the trainer. Their pairs are split in two (`heldout_split`): the selection split
+(the first half, at most SELECTION_MAX pairs) chooses which weights a run's consumers use — EMA or raw, whichever
+one-step samples are closer *in distribution* to the teacher's (`weight_choice`: sliced Wasserstein for vectors,
+Fréchet distance of pooled pixels for images; a paired error would favour blurry, regression-like students) —
+and the report split (the pairs after it) is what every reported number is computed on, for both weights. The
+choice is recorded once per checkpoint in RUN/weights.json, so `evaluate`, `sample` and `analyze` pick the same
+weights whichever runs first. Each number comes with two references: an untrained student of the same init (the
+floor of "learned nothing") and, for distribution metrics, teacher-vs-teacher on the two halves of the report split
+(the metric's own noise floor).
 Images are also compared in a feature space (`--detector`, default pixels) and, with `--ref`, by FID of fresh
 one-step samples from seeds 0… against reference statistics.
 """
@@ -20,18 +25,23 @@ import torch
 from sklearn.cluster import KMeans
 
 from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
-from kdm_pipe.metrics import mmd_rbf, off_support_fraction, paired_errors, sliced_wasserstein
+from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
 from kdm_pipe.metrics.fid import FeatureStats, image_metrics, load_ref_stats, reference_stats
 from kdm_pipe.plots import pairs_scatter
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sample_io import save_grid
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
-from kdm_pipe.shards import read_pairs
+from kdm_pipe.run import Run
+from kdm_pipe.shards import atomic_write_text, read_pairs
 from kdm_pipe.student import is_image
-from kdm_pipe.teachers import build_teacher
+from kdm_pipe.teachers import TEACHERS, build_teacher
 from kdm_pipe.teachers.images import BUILTIN
-from kdm_pipe.training import load_weights, student_for
+from kdm_pipe.training import latest_checkpoint, load_weights, student_for
+
+WEIGHTS_JSON = "weights.json"
+SELECTION_MAX = 4096          # held-out pairs that choose the weights (the rest is the report split)
+POOL_TO = 16                  # images are average-pooled to at most POOL_TO × POOL_TO pixels for the choice
 
 
 def heldout_pairs(data: Path, names: list[str], num: int) -> dict[str, np.ndarray]:
@@ -41,12 +51,76 @@ def heldout_pairs(data: Path, names: list[str], num: int) -> dict[str, np.ndarra
     return pairs
 
 
-def chosen_weights(run: Path, weights: str = "auto") -> str:
-    """`auto`: the weights `evaluate` reported (eval.json), else EMA; `ema` / `raw` as given."""
+def heldout_split(run: Path, data: Path | None = None, num: int | None = None) -> tuple[dict, dict | None]:
+    """(selection pairs, report pairs) of a run's held-out shards: the first ⌊n/2⌋ (at most SELECTION_MAX) pairs
+    select the weights, up to `num` of the pairs after them are reported on (None: the report split not read)."""
+    r = Run(run)
+    data, holdout = r.data_dir(data), r.split["holdout"]
+    counts = {s.name: s.pairs for s in r.manifest(data).shards}
+    n = sum(counts.get(name, 0) for name in holdout)
+    if n < 2:
+        raise ConfigError(f"{run} has {n} held-out pairs in {data}; evaluation needs ≥ 2: train with holdout_shards ≥ 1")
+    select = min(n // 2, SELECTION_MAX)
+    pairs = heldout_pairs(data, holdout, select + (num or 0))
+    head = {k: v[:select] for k, v in pairs.items()}
+    return head, ({k: v[select:] for k, v in pairs.items()} if num else None)
+
+
+def pooled(x: np.ndarray) -> np.ndarray:
+    """Images (N, C, H, W) average-pooled by an integer factor to at most POOL_TO px a side, flattened."""
+    f = max(1, -(-x.shape[-1] // POOL_TO))
+    n, c, h, w = x.shape
+    x = x[:, :, : h - h % f, : w - w % f].reshape(n, c, h // f, f, w // f, f).mean(axis=(3, 5))
+    return x.reshape(n, -1)
+
+
+def choice_distance(samples: np.ndarray, ref: np.ndarray) -> float:
+    """The distribution distance the weights are chosen on (see `weight_choice`)."""
+    if samples.ndim == 4:
+        return frechet_distance_between(pooled(samples), pooled(ref))
+    return sliced_wasserstein(samples.reshape(len(samples), -1), ref.reshape(len(ref), -1), seed=0)
+
+
+def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 512, data: Path | None = None,
+                  models: dict | None = None) -> dict[str, Any]:
+    """The run's choice between its EMA and raw weights, computed once per checkpoint and kept in RUN/weights.json.
+
+    Both weights' one-step samples from the selection split's x_T are compared with the same split's teacher
+    outputs x_0 as distributions (no pairing): sliced Wasserstein on vectors, Fréchet distance on images pooled to
+    ≤ 16 px (pixels, so that every consumer can compute it without a feature network); the lower one is chosen.
+    """
+    run = Path(run)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise ConfigError(f"{run} has no checkpoints; train it first with `kdm-pipe train --out {run}`")
+    path = run / WEIGHTS_JSON
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("checkpoint") == ckpt.name:
+            return record
+    device = pick_device(device) if isinstance(device, str) else device
+    models = models or {w: load_weights(run, w, ckpt, device=device)[0] for w in ("ema", "raw")}
+    select, _ = heldout_split(run, data)
+    samples = {w: apply(m, select["x_T"], select.get("label"), device, batch) for w, m in models.items()}
+    scores = {w: choice_distance(x, select["x_0"]) for w, x in samples.items()}
+    record = {"weights": min(scores, key=scores.get), "checkpoint": ckpt.name,
+              "criterion": "fd_pooled_pixels" if select["x_0"].ndim == 4 else "sliced_wasserstein",
+              "scores": scores, "selection_pairs": len(select["x_0"]),
+              "note": "EMA or raw: the lower distribution distance of one-step samples to the teacher's outputs on the "
+                      "held-out selection split (never the reported split)"}
+    try:
+        atomic_write_text(path, json.dumps(record, indent=1))
+    except OSError:                                    # a read-only run directory: choose, do not record
+        pass
+    return record
+
+
+def chosen_weights(run: Path, weights: str = "auto", device: torch.device | str = "cpu") -> str:
+    """`ema` / `raw` as given; `auto`: the run's recorded choice (`weight_choice`), computed now if not yet."""
     if weights != "auto":
         return weights
-    report = Path(run) / "eval.json"
-    return json.loads(report.read_text())["weights"] if report.is_file() else "ema"
+    Run(run).require()
+    return weight_choice(run, device)["weights"]
 
 
 @torch.no_grad()
@@ -59,10 +133,20 @@ def apply(fn: Callable, x: np.ndarray, labels: np.ndarray | None, device, batch:
     return np.concatenate(out)
 
 
-def distribution_metrics(x: np.ndarray, ref: np.ndarray, seed: int, teacher_name: str, teacher_params: dict) -> dict:
+def declared_support(teacher: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The support the pairs' teacher declares (its config's `support_mask`, e.g. the checkerboard's black squares),
+    or None (EDM and image teachers, imported pairs)."""
+    cls = TEACHERS.get(teacher.get("name"))
+    if cls is None or not hasattr(cls, "support_mask"):
+        return None
+    return cls.model_validate(teacher.get("params", {})).support_mask
+
+
+def distribution_metrics(x: np.ndarray, ref: np.ndarray, seed: int, teacher: dict[str, Any]) -> dict:
     m = {"sliced_wasserstein": sliced_wasserstein(x, ref, seed=seed), "mmd": mmd_rbf(x, ref, seed=seed)}
-    if teacher_name == "checkerboard":
-        m["off_support"] = off_support_fraction(x, size=teacher_params["size"], extent=teacher_params["extent"])
+    support = declared_support(teacher)
+    if support is not None:
+        m["off_support"] = float(1.0 - support(x).mean())
     return m
 
 
@@ -88,32 +172,30 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.ref and not Path(cfg.ref).exists() and cfg.ref not in BUILTIN:
         raise ConfigError(f"--ref {cfg.ref} does not exist; pass an EDM-format .npz (mu, sigma) or images to compute "
                           f"it from (a folder, EDM zip, .npy, sklearn-digits)")
-    models = {w: load_weights(run, w, device=device) for w in ("ema", "raw")}
-    _, tcfg, manifest, step = models["ema"]
-    data = Path(cfg.data or tcfg.data)
-    split = json.loads((run / "split.json").read_text())
-    pairs = heldout_pairs(data, split["holdout"], 2 * cfg.num)
-    half = len(pairs["x_0"]) // 2
-    select = {k: v[:half] for k, v in pairs.items()}
-    report = {k: v[half:] for k, v in pairs.items()}
+    ckpt = latest_checkpoint(run)
+    data = Run(run).data_dir(cfg.data)
+    loaded = {w: load_weights(run, w, ckpt, device=device, data=cfg.data) for w in ("ema", "raw")}
+    _, tcfg, manifest, step = loaded["ema"]
+    # EMA or raw: the run's recorded choice (computed now on the selection split if no consumer has yet).
+    choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()})
+    chosen = choice["weights"] if cfg.weights == "auto" else cfg.weights
+    _, report = heldout_split(run, data, cfg.num)
+    if not len(report["x_0"]):
+        raise ConfigError(f"{run}: no held-out pairs left to report on after the selection split; generate more "
+                          f"shards or raise holdout_shards")
     labels = lambda p: p.get("label")  # noqa: E731
-
-    # Choose EMA or raw on the selection half only.
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
-    sel_err = {w: paired_errors(flat(apply(m[0], select["x_T"], labels(select), device, cfg.batch)),
-                                flat(select["x_0"]))["mse"]
-               for w, m in models.items()}
-    chosen = min(sel_err, key=sel_err.get) if cfg.weights == "auto" else cfg.weights
-    model = models[chosen][0]
 
     torch.manual_seed(tcfg.seed)                       # the same init the run started from
     untrained = student_for(tcfg, manifest).to(device).eval()
     x_T, x_0 = report["x_T"], report["x_0"]
-    outputs = {"student": apply(model, x_T, labels(report), device, cfg.batch),
+    other = "raw" if chosen == "ema" else "ema"
+    outputs = {"student": apply(loaded[chosen][0], x_T, labels(report), device, cfg.batch),
+               f"{other}_weights": apply(loaded[other][0], x_T, labels(report), device, cfg.batch),
                "untrained": apply(untrained, x_T, labels(report), device, cfg.batch)}
-    t_name, t_params = manifest.teacher["name"], manifest.teacher["params"]
+    model = loaded[chosen][0]
     results: dict[str, Any] = {"run": str(run), "data": str(data), "step": step, "weights": chosen,
-                               "selection_mse": sel_err, "num_pairs": len(x_0)}
+                               "weights_choice": choice, "num_pairs": len(x_0)}
     for name, x in outputs.items():
         results[name] = paired_errors(flat(x), flat(x_0))
     # Distribution metrics compare samples of the first half's x_T with the teacher's samples of the second half:
@@ -128,12 +210,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["figures"] = [str(run / "samples.png")]
     else:
         for name, x in samples.items():
-            results.setdefault(name, {}).update(distribution_metrics(x, x_0[h:], cfg.seed, t_name, t_params))
+            results.setdefault(name, {}).update(distribution_metrics(x, x_0[h:], cfg.seed, manifest.teacher))
 
+    # Both weights' numbers on the report split (the chosen ones are also "student").
+    results["by_weights"] = {chosen: results["student"], other: results.pop(f"{other}_weights")}
     results["speed"] = speed_report(model, tcfg, manifest, x_T[:cfg.batch], labels(report), device)
     modes = KMeans(8, n_init=4, random_state=cfg.seed).fit_predict(x_0) if x_0.ndim == 2 and x_0.shape[1] == 2 else None
     if modes is not None:
-        extent = t_params.get("extent")
+        extent = manifest.teacher["params"].get("extent")
         pairs_scatter(run / "samples.png", x_T / manifest.sigma_max, x_0,
                       {f"student x̂_0 ({chosen}, step {step})": outputs["student"], "untrained student": outputs["untrained"]},
                       modes, extent)

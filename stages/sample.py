@@ -28,8 +28,8 @@ def run(run_dir: Path, out: Path, num: int, seed: int = 0, weights: str = "auto"
         batch: int = 250, device: str = "auto") -> dict:
     if not (Path(run_dir) / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
-    which = chosen_weights(run_dir, weights)
     dev = pick_device(device)
+    which = chosen_weights(run_dir, weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
     model, _, manifest, step = load_weights(run_dir, which, device=dev)
     if class_label is not None and not 0 <= class_label < manifest.label_dim:
         raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"

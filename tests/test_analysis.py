@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kdm_pipe.analysis import analyze, interpolations, outliers, proximity, spectrum_section
-from kdm_pipe.config import StudentConfig, TrainConfig
+from kdm_pipe.config import ConfigError, StudentConfig, TrainConfig
 from kdm_pipe.evaluation import chosen_weights, heldout_pairs
 from kdm_pipe.report import write_report
 from kdm_pipe.student import build_student
@@ -42,12 +42,13 @@ def test_vector_kdm_analysis(runs):
     res = analyze(run, num=1000)
     out = run / "analysis"
     assert json.loads((out / "analysis.json").read_text()) == json.loads(json.dumps(res))
-    assert res["weights"] == "ema" and res["num_pairs"] == 1000 and res["latent"]
+    chosen = json.loads((run / "weights.json").read_text())["weights"]      # recorded by the first consumer
+    assert res["weights"] == chosen and res["num_pairs"] == 1000 and res["latent"]
     for name in ("spectrum", "noise_structure", "interpolation"):
         assert (out / f"{name}.png").stat().st_size > 10_000
     assert res["figures"] == [f"analysis/{n}.png" for n in ("spectrum", "noise_structure", "interpolation")]
 
-    model = load_weights(run, "ema")[0]
+    model = load_weights(run, chosen)[0]
     lam = torch.linalg.eigvals(model.koopman.matrix().detach()).abs().numpy()
     spec = res["spectrum"]
     assert spec["dim"] == 16 and spec["spectral_radius"] == pytest.approx(lam.max(), rel=1e-5)
@@ -71,14 +72,13 @@ def test_vector_kdm_analysis(runs):
     assert res["interpolation"]["rows"] == ["linear in x_T", "linear in z_T"]
 
 
-def test_analysis_uses_the_weights_evaluate_reported(runs, tmp_path, capsys):
-    assert chosen_weights(tmp_path) == "ema"
-    (tmp_path / "eval.json").write_text(json.dumps({"weights": "raw"}))
-    assert chosen_weights(tmp_path) == "raw"
+def test_analysis_uses_the_weights_the_run_recorded(runs, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="not a training run"):
+        chosen_weights(tmp_path)
     report = write_report(runs["kd"])
     assert "analysis/interpolation.png" not in report.read_text()
     res = stage.run(runs["kd"], num=300)
-    assert res["weights"] == "ema"
+    assert res["weights"] == json.loads((runs["kd"] / "weights.json").read_text())["weights"]
     printed = capsys.readouterr().out
     assert "KD student" in printed and "analysis.json" in printed and "report.html" in printed
     assert 'src="analysis/interpolation.png"' in report.read_text()       # the existing report now shows it
