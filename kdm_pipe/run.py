@@ -103,8 +103,8 @@ class Run:
         if data is not None:
             trained = self.manifest()
             if (manifest.shape, manifest.label_dim) != (trained.shape, trained.label_dim):
-                raise ConfigError(f"--data {data}: pairs of shape {manifest.shape} with {manifest.label_dim} labels, "
-                                  f"but the run trained on shape {trained.shape} with {trained.label_dim}")
+                raise ConfigError(f"--data {data}: pairs of shape {manifest.shape} ({manifest.label_dim} classes), but "
+                                  f"the run trained on shape {trained.shape} ({trained.label_dim} classes)")
         return manifest
 
     # Checkpoints

@@ -25,10 +25,11 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from kdm_pipe.config import TrainConfig
+from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.data import batches
 from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.probes import ProbeStore, probe
@@ -213,6 +214,9 @@ def checked_pairs(cfg: TrainConfig) -> Manifest:
     unchanged set is not re-hashed): nothing corrupt is learned silently."""
     try:
         manifest = load_manifest(cfg.data)
+    except ValidationError as e:
+        raise ConfigError(f"--data {cfg.data}: manifest.json is not a kdm-pipe manifest ({format_validation(e)}); "
+                          f"pass a pair directory written by generate or import") from None
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"--data {cfg.data}: {e}") from None
     problems = check_shards(cfg.data, manifest)
