@@ -417,7 +417,8 @@ def verify(directory: Path) -> dict[str, str]:
         if stop - start == 1:
             problems[shard_name(start)] = f"not generated yet ({rerun})"
         else:
-            problems[f"{shard_name(start)} … {shard_name(stop - 1)}"] = f"{stop - start} shards not generated yet ({rerun})"
+            run = f"{shard_name(start)} … {shard_name(stop - 1)}"
+            problems[run] = f"{stop - start} shards not generated yet ({rerun})"
     return problems
 
 

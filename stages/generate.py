@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
@@ -140,21 +141,25 @@ def adopt_logged(out: Path, cfg: GenerateConfig, manifest: Manifest) -> None:
 
 def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
     out = Path(cfg.out)
-    with stop_on_signals():
+    with ExitStack() as stack:
+        stack.enter_context(stop_on_signals())
         manifest = open_manifest(cfg)
         check_limits(cfg, manifest)
-        out.mkdir(parents=True, exist_ok=True)
-        with directory_lock(out, f"generate --out {out}"):
-            if (out / MANIFEST).exists():       # again, under the lock: a run that held it may have added shards
-                manifest = open_manifest(cfg)   # (a new plan is not rebuilt: building a teacher can take a while)
-            try:
-                return generate(cfg, manifest, progress)
-            except Terminated as e:
-                print(f"error: generate stopped by {signal.Signals(e.signum).name}; {len(manifest.shards)} complete "
-                      f"shards kept, rerun the same command to finish", file=sys.stderr)
-                raise
-            finally:
-                remove_temp_files(out)          # Ray is shut down: no worker still writes one
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(directory_lock(out, f"generate --out {out}"))
+        except OSError as e:          # a directory we cannot write in: invalid input (exit 2), nothing written
+            raise ConfigError(f"cannot write the pairs in --out {out}: {e.strerror or e}") from None
+        if (out / MANIFEST).exists():         # again, under the lock: a run that held it may have added shards
+            manifest = open_manifest(cfg)     # (a new plan is not rebuilt: building a teacher can take a while)
+        try:
+            return generate(cfg, manifest, progress)
+        except Terminated as e:
+            print(f"error: generate stopped by {signal.Signals(e.signum).name}; {len(manifest.shards)} complete "
+                  f"shards kept, rerun the same command to finish", file=sys.stderr)
+            raise
+        finally:
+            remove_temp_files(out)            # Ray is shut down: no worker still writes one
 
 
 def generate(cfg: GenerateConfig, manifest: Manifest, progress: bool) -> Manifest:

@@ -25,7 +25,7 @@ from kdm_pipe.shards import (MANIFEST, VERIFIED, Manifest, ShardInfo, check_shar
 from kdm_pipe.stats import STORE, load_stats
 
 REPAIR = "rerun the `kdm-pipe generate` (or import) command"
-SAME = ["--shards", "5", "--pairs-per-shard", "1000", "--batch", "500", "-q"]     # how conftest's vector_pairs were made
+SAME = ["--shards", "5", "--pairs-per-shard", "1000", "--batch", "500", "-q"]    # as conftest made vector_pairs
 
 
 def small_set(d: Path, n: int = 3) -> Path:
@@ -284,12 +284,14 @@ def test_stats_on_a_crafted_shard_writes_no_store(tmp_path):
     assert without(tree(pairs), VERIFIED) == without(before, VERIFIED)
 
 
-def test_stats_into_an_unwritable_directory(tmp_path):
-    """Exit 2 before anything is written. Root writes through permissions, so as root the directory is made
-    read-only by a bind mount private to the command (a mount namespace)."""
+@pytest.mark.parametrize("command", ["stats", "generate"])
+def test_unwritable_directory(tmp_path, command):
+    """stats into / generate under a directory we cannot write: exit 2 before anything is written. Root writes
+    through permissions, so as root the directory is made read-only by a bind mount private to the command."""
     pairs = small_set(tmp_path / "pairs")
     before = tree(pairs)
-    cmd = CLI + ["stats", str(pairs), "-q"]
+    args = ["stats", str(pairs)] if command == "stats" else ["generate", "--out", str(pairs / "new"), "--shards", "1"]
+    cmd = CLI + args + ["-q"]
     if os.geteuid() == 0:
         if not shutil.which("unshare"):
             pytest.skip("running as root without unshare: cannot make a directory unwritable")
@@ -305,7 +307,7 @@ def test_stats_into_an_unwritable_directory(tmp_path):
     if os.geteuid() == 0 and "mount" in r.stderr and "error:" not in r.stderr:
         pytest.skip(f"no private read-only mount here: {r.stderr.strip()}")
     error_line(r, 2, "cannot write", str(pairs))
-    assert tree(pairs) == before
+    assert tree(pairs) == before and not (pairs / "new").exists()
 
 
 # ---- signals ------------------------------------------------------------------------------------------------
