@@ -85,9 +85,11 @@ def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 51
                   models: dict | None = None) -> dict[str, Any]:
     """The run's choice between its EMA and raw weights, computed once per checkpoint and kept in RUN/weights.json.
 
-    Both weights' one-step samples from the selection split's x_T are compared with the same split's teacher
-    outputs x_0 as distributions (no pairing): sliced Wasserstein on vectors, Fréchet distance on images pooled to
-    ≤ 16 px (pixels, so that every consumer can compute it without a feature network); the lower one is chosen.
+    Both weights' one-step samples from the first half of the selection split's x_T are compared with the teacher
+    outputs x_0 of its second half — samples against independent teacher samples, as the reported distribution
+    metrics are, so that being close to one's own pair earns nothing: sliced Wasserstein on vectors, Fréchet
+    distance on images pooled to ≤ 16 px (pixels, so that every consumer can compute it without a feature
+    network). The lower one is chosen.
     """
     run = Path(run)
     ckpt = latest_checkpoint(run)
@@ -101,8 +103,10 @@ def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 51
     device = pick_device(device) if isinstance(device, str) else device
     models = models or {w: load_weights(run, w, ckpt, device=device)[0] for w in ("ema", "raw")}
     select, _ = heldout_split(run, data)
-    samples = {w: apply(m, select["x_T"], select.get("label"), device, batch) for w, m in models.items()}
-    scores = {w: choice_distance(x, select["x_0"]) for w, x in samples.items()}
+    h = len(select["x_0"]) // 2
+    labels = None if select.get("label") is None else select["label"][:h]
+    samples = {w: apply(m, select["x_T"][:h], labels, device, batch) for w, m in models.items()}
+    scores = {w: choice_distance(x, select["x_0"][h:]) for w, x in samples.items()}
     record = {"weights": min(scores, key=scores.get), "checkpoint": ckpt.name,
               "criterion": "fd_pooled_pixels" if select["x_0"].ndim == 4 else "sliced_wasserstein",
               "scores": scores, "selection_pairs": len(select["x_0"]),
