@@ -1,4 +1,4 @@
-"""Ray plumbing shared by the stages: one cluster session and a bounded stream of tasks."""
+"""Ray plumbing shared by the stages: one cluster session and a bounded stream of tasks (signals: kdm_pipe.interrupts)."""
 
 from __future__ import annotations
 
@@ -10,50 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
-
-class Terminated(SystemExit):
-    """SIGTERM / SIGINT arrived: unwinds through every `finally` (cleanup, ray.shutdown), then the process exits
-    with 128 + signal (143 / 130), the shell's convention, without a traceback (SystemExit is not an Exception)."""
-
-    def __init__(self, signum: int):
-        super().__init__(128 + signum)
-        self.signum = signum
-
-
-class _Interrupted(KeyboardInterrupt):
-    # What the handler raises. Inside a blocking Ray call only a KeyboardInterrupt survives: Ray's C++ signal check
-    # turns it into its own KeyboardInterrupt, any SystemExit into exit code 1, anything else into nothing at all.
-    # So the signal number is kept aside and the interrupt becomes Terminated where the body is left.
-    pass
-
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_received: list[int] = []
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    _received.append(signum)
-    raise _Interrupted()
-
-
-def _as_terminated() -> Terminated | None:
-    """The Terminated that a KeyboardInterrupt being handled stands for, if one of our handlers raised it."""
-    return Terminated(_received[-1]) if _received else None
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT raise Terminated in the main thread for the body (restored after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, _raise_terminated) for s in SIGNALS}
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise (_as_terminated() or Terminated(signal.SIGINT)) from None
-    finally:
-        _restore(old)
+from kdm_pipe.interrupts import SIGNALS, Terminated, as_terminated, raise_terminated, restore
 
 
 @contextmanager
@@ -73,21 +30,21 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
         _init(address, num_cpus, num_gpus)
     except SystemExit as e:                      # Ray's own handler fired during init
         ray.shutdown()
-        _restore(before)
+        restore(before)
         if e.code == signal.SIGTERM:
             raise Terminated(signal.SIGTERM) from None
         raise
     try:
         for s in before:
-            signal.signal(s, _raise_terminated)
+            signal.signal(s, raise_terminated)
         yield
     except KeyboardInterrupt:
-        raise (_as_terminated() or Terminated(signal.SIGINT)) from None
+        raise (as_terminated() or Terminated(signal.SIGINT)) from None
     finally:
         try:
             ray.shutdown()
         finally:
-            _restore(before)
+            restore(before)
 
 
 def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
@@ -100,11 +57,6 @@ def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=max(1, int(round(num_cpus))), num_gpus=int(num_gpus) if num_gpus else None,
                  include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=True)
-
-
-def _restore(handlers: dict) -> None:
-    for s, handler in handlers.items():
-        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> Iterator[Any]:

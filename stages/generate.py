@@ -1,29 +1,27 @@
 """generate: teacher pairs into tar shards, scheduled by Ray. Rerunning the same command completes or repairs.
 
-One run per directory (a lock); sizes are checked against the free disk before anything is written; SIGTERM /
-SIGINT stop the run with 143 / 130 after Ray is shut down and the temp files of unfinished shards are removed.
+Resumable: every shard committed stays. The directory, its lock, manifest, commits, cleanup and signals are
+kdm_pipe.pairset's (shared with import); sizes are checked against the free disk before anything is written;
+SIGTERM / SIGINT stop the run with 143 / 130 after Ray is shut down and the temp files of unfinished shards are
+removed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import signal
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.generation import make_shard
-from kdm_pipe.locks import directory_lock
-from kdm_pipe.raypool import Terminated, ray_session, remote, run_bounded, stop_on_signals
+from kdm_pipe.pairset import PairSetWriter, free_bytes
+from kdm_pipe.raypool import ray_session, remote, run_bounded
 from kdm_pipe.sampling import edm_sigmas, nfe, trajectory_steps
-from kdm_pipe.shards import (MANIFEST, Manifest, ShardInfo, atomic_write_text, check_shard, estimated_shard_bytes,
-                             load_manifest, pair_bytes, reconcile, remove_temp_files, save_manifest)
+from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, check_shard, estimated_shard_bytes, pair_bytes
 from kdm_pipe.teachers import build_teacher
 
 CONFIG = "generate.config.json"
@@ -57,33 +55,31 @@ def same_settings_wrote(out: Path, cfg: GenerateConfig) -> bool:
         return False
 
 
-def open_manifest(cfg: GenerateConfig) -> Manifest:
+def open_manifest(w: PairSetWriter, cfg: GenerateConfig) -> Manifest:
     """The directory's manifest if its settings match `cfg` (more shards allowed), else a refusal."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is an existing file, not a directory; choose a directory for the pairs")
-    path = out / MANIFEST
-    if not path.exists():
-        if any(out.glob("shard-*.tar")) and not same_settings_wrote(out, cfg):
-            raise ConfigError(f"{out} holds shard files but no {MANIFEST} (and no {CONFIG} with these settings); "
-                              f"choose an empty --out directory, or delete the shard files to regenerate them here")
-        return new_manifest(cfg)
-    try:
-        old = load_manifest(out)
-    except ValueError as e:
-        raise ConfigError(f"{path} is not a valid kdm-pipe manifest ({type(e).__name__}); move it aside (`mv {path} "
-                          f"{path}.bad`) and rerun the same generate command: it rebuilds the manifest, keeping the "
-                          f"complete shards that {LOG} records and regenerating the rest") from None
-    was = old.source.get("identity")
-    if was != cfg.identity():
-        diff = sorted(k for k in cfg.identity() if (was or {}).get(k) != cfg.identity()[k])
-        raise ConfigError(f"{out} was generated with different settings ({', '.join(diff) or 'source'}); "
-                          f"rerun with the original settings or choose another --out")
-    if cfg.shards < old.num_shards:
-        raise ConfigError(f"{out} already plans {old.num_shards} shards; --shards {cfg.shards} would drop some "
-                          f"(use --shards {old.num_shards} or more)")
-    old.num_shards = cfg.shards
-    return old
+
+    def accept(old: Manifest) -> Manifest:
+        was = old.source.get("identity")
+        if was != cfg.identity():
+            diff = sorted(k for k in cfg.identity() if (was or {}).get(k) != cfg.identity()[k])
+            raise ConfigError(f"{out} was generated with different settings ({', '.join(diff) or 'source'}); "
+                              f"rerun with the original settings or choose another --out")
+        if cfg.shards < old.num_shards:
+            raise ConfigError(f"{out} already plans {old.num_shards} shards; --shards {cfg.shards} would drop some "
+                              f"(use --shards {old.num_shards} or more)")
+        old.num_shards = cfg.shards
+        return old
+
+    def unreadable(path: Path, e: ValueError) -> str:
+        return (f"{path} is not a valid kdm-pipe manifest ({type(e).__name__}); move it aside (`mv {path} "
+                f"{path}.bad`) and rerun the same generate command: it rebuilds the manifest, keeping the "
+                f"complete shards that {LOG} records and regenerating the rest")
+
+    strays = None if same_settings_wrote(out, cfg) else (
+        f"{out} holds shard files but no {MANIFEST} (and no {CONFIG} with these settings); choose an empty --out "
+        f"directory, or delete the shard files to regenerate them here")
+    return w.open_manifest(lambda: new_manifest(cfg), accept, unreadable, strays)
 
 
 def gib(n: float) -> str:
@@ -104,18 +100,11 @@ def check_limits(cfg: GenerateConfig, manifest: Manifest) -> None:
                           f"{gib(MAX_RECORD_BYTES)}); lower --batch to {max(1, MAX_RECORD_BYTES // (4 * per_pair))}")
     todo = manifest.num_shards - len(manifest.shards)
     need = todo * shard
-    free = shutil.disk_usage(existing_parent(Path(cfg.out))).free
+    free = free_bytes(Path(cfg.out))
     if need > free:
         raise ConfigError(f"{todo} shards × {cfg.pairs_per_shard} pairs need ~{gib(need)} ({need:,} bytes) but "
                           f"{cfg.out} has {gib(free)} ({free:,} bytes) free; lower --shards / --pairs-per-shard "
                           f"or choose another --out")
-
-
-def existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def adopt_logged(out: Path, cfg: GenerateConfig, manifest: Manifest) -> None:
@@ -141,33 +130,23 @@ def adopt_logged(out: Path, cfg: GenerateConfig, manifest: Manifest) -> None:
 
 def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
     out = Path(cfg.out)
-    with ExitStack() as stack:
-        stack.enter_context(stop_on_signals())
-        manifest = open_manifest(cfg)
+    w = PairSetWriter(out, "generate", f"generate --out {out}", all_or_nothing=False)
+    with w.stopping():
+        w.refuse_file()
+        manifest = open_manifest(w, cfg)
         check_limits(cfg, manifest)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(directory_lock(out, f"generate --out {out}"))
-        except OSError as e:          # a directory we cannot write in: invalid input (exit 2), nothing written
-            raise ConfigError(f"cannot write the pairs in --out {out}: {e.strerror or e}") from None
-        if (out / MANIFEST).exists():         # again, under the lock: a run that held it may have added shards
-            manifest = open_manifest(cfg)     # (a new plan is not rebuilt: building a teacher can take a while)
-        try:
-            return generate(cfg, manifest, progress)
-        except Terminated as e:
-            print(f"error: generate stopped by {signal.Signals(e.signum).name}; {len(manifest.shards)} complete "
-                  f"shards kept, rerun the same command to finish", file=sys.stderr)
-            raise
-        finally:
-            remove_temp_files(out)            # Ray is shut down: no worker still writes one
+        with w.writing():
+            if (out / MANIFEST).exists():         # again, under the lock: a run that held it may have added shards
+                manifest = open_manifest(w, cfg)  # (a new plan is not rebuilt: building a teacher can take a while)
+            return generate(cfg, w, progress)
 
 
-def generate(cfg: GenerateConfig, manifest: Manifest, progress: bool) -> Manifest:
-    out = Path(cfg.out)
+def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
+    out, manifest = Path(cfg.out), w.manifest
     adopt_logged(out, cfg, manifest)
-    todo = reconcile(out, manifest)
-    save_manifest(out, manifest)
-    atomic_write_text(out / CONFIG, cfg.model_dump_json(indent=1))
+    todo = w.reconcile()
+    w.save()
+    w.record_config(cfg.model_dump_json(indent=1))
     if not todo:
         print(f"{out}: all {cfg.shards} shards complete ({manifest.num_pairs} pairs)")
         return manifest
@@ -175,14 +154,10 @@ def generate(cfg: GenerateConfig, manifest: Manifest, progress: bool) -> Manifes
     bar = tqdm(total=len(todo) * cfg.pairs_per_shard, unit="pair", disable=not progress, desc="generate",
                dynamic_ncols=True)
     t0, mine = time.perf_counter(), identity_hash(cfg)
-    with ray_session(cfg.address, cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker), \
-            open(out / LOG, "a") as log:
+    with ray_session(cfg.address, cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker):
         calls = ((cfg, k) for k in todo)
         for info, stats in run_bounded(task, calls, cfg.max_in_flight or 2 * cfg.workers):
-            manifest.shards.append(info)
-            save_manifest(out, manifest)
-            log.write(json.dumps({**stats, "identity": mine, "info": info.model_dump()}) + "\n")
-            log.flush()
+            w.commit(info, log={**stats, "identity": mine, "info": info.model_dump()})
             bar.update(info.pairs)
     bar.close()
     seconds = time.perf_counter() - t0

@@ -8,32 +8,25 @@ of the same import keeps good shards, rebuilds missing or corrupt ones and is a 
 All or nothing: a run that fails (non-finite values deep in the source, a crafted file, a full disk, SIGTERM,
 Ctrl-C) removes every file it created, --out itself if it made it, and restores the manifest and logs it found,
 so the fixed source can simply be imported again; only SIGKILL leaves a partial import, which the same command
-completes. One run per directory (directory_lock); free disk space is checked against the estimated output first.
+completes. The directory, its lock, manifest, commits, rollback and signals are kdm_pipe.pairset's (shared with
+generate, which is resumable instead; the module says why); free disk space is checked against the estimated
+output first.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import signal
-import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.importers import Source, open_source, orient, pairs
-from kdm_pipe.locks import directory_lock
 from kdm_pipe.npyfiles import human
-from kdm_pipe.shards import (MANIFEST, Manifest, ShardInfo, load_manifest, reconcile,
-                             remove_temp_files, save_manifest, shard_name, verify, write_shard)
+from kdm_pipe.pairset import PairSetWriter, free_bytes
+from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, verify, write_shard
 from kdm_pipe.teachers.base import fingerprint
 
 
@@ -50,31 +43,28 @@ def new_manifest(cfg: ImportConfig, src: Source, swap: bool, check: dict[str, fl
         dtypes={"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype})
 
 
-def open_manifest(cfg: ImportConfig, fresh: Manifest) -> Manifest:
+def open_manifest(w: PairSetWriter, cfg: ImportConfig, fresh: Manifest) -> Manifest:
     """The directory's manifest when it is this very import, `fresh` for a new directory, else a refusal."""
     out = Path(cfg.out)
-    if not (out / MANIFEST).exists():
-        if any(out.glob("shard-*.tar")):
-            raise ConfigError(f"{out} holds shard files but no {MANIFEST}; choose an empty --out directory")
-        return fresh
-    try:
-        old = load_manifest(out)
-    except ValueError as e:
-        raise ConfigError(f"{out / MANIFEST} is not a valid kdm-pipe manifest: {e}") from None
-    keys = ("stage", "identity", "source_sha256", "num_pairs")
-    if [old.source.get(k) for k in keys] != [fresh.source[k] for k in keys]:
-        what = ("another import (source or settings differ)" if old.source.get("stage") == "import"
-                else "pairs from `generate`")
-        raise ConfigError(f"{out} already holds {what}; choose another --out")
-    return old
+
+    def accept(old: Manifest) -> Manifest:
+        keys = ("stage", "identity", "source_sha256", "num_pairs")
+        if [old.source.get(k) for k in keys] != [fresh.source[k] for k in keys]:
+            what = ("another import (source or settings differ)" if old.source.get("stage") == "import"
+                    else "pairs from `generate`")
+            raise ConfigError(f"{out} already holds {what}; choose another --out")
+        return old
+
+    return w.open_manifest(lambda: fresh, accept, lambda path, e: f"{path} is not a valid kdm-pipe manifest: {e}",
+                           strays=f"{out} holds shard files but no {MANIFEST}; choose an empty --out directory")
 
 
 def shard_range(n: int, shards: int, k: int) -> range:
     return range(k * n // shards, (k + 1) * n // shards)
 
 
-def write_one(cfg: ImportConfig, src: Source, swap: bool, manifest: Manifest, k: int) -> ShardInfo:
-    seeds = shard_range(src.n, manifest.num_shards, k)
+def write_one(cfg: ImportConfig, src: Source, swap: bool, w: PairSetWriter, k: int) -> ShardInfo:
+    seeds = shard_range(src.n, w.manifest.num_shards, k)
 
     def records():
         for b in range(seeds.start, seeds.stop, cfg.batch):
@@ -86,54 +76,10 @@ def write_one(cfg: ImportConfig, src: Source, swap: bool, manifest: Manifest, k:
                 rec["label"] = block["label"]
             yield rec
 
-    path = Path(cfg.out) / shard_name(k)
+    path = w.shard_path(k)
     size, digest = write_shard(path, records())
     return ShardInfo(index=k, name=path.name, pairs=len(seeds), seed_start=seeds.start, seed_end=seeds.stop,
                      bytes=size, sha256=digest)
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived: unwinds the run like KeyboardInterrupt so that its partial output is removed."""
-
-
-@contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM (a scheduler stopping the job) raises Terminated in the main thread for the body's duration."""
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)       # the cleanup itself is not interrupted again
-        raise Terminated()
-    if threading.current_thread() is not threading.main_thread():     # only the main thread may set handlers
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def make_out(out: Path) -> Path | None:
-    """Create --out (and missing parents); the topmost directory this process created (a concurrent run that
-    created it first owns it), or None."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; choose a directory (new or one holding this import)")
-    top = None
-    try:
-        for d in [*reversed(out.absolute().parents), out.absolute()]:
-            if not d.is_dir():
-                try:
-                    d.mkdir()
-                    top = top or d
-                except FileExistsError:
-                    pass
-        probe = out / f".kdm-import-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        if top is not None:
-            shutil.rmtree(top, ignore_errors=True)
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable directory") from None
-    return top
 
 
 def estimate_bytes(cfg: ImportConfig, src: Source, pairs: int) -> int:
@@ -149,7 +95,7 @@ def check_free_space(cfg: ImportConfig, src: Source, out: Path) -> None:
     """Refuse before writing when the shards cannot fit: all pairs, less the shards already in --out (a rerun)."""
     existing = sum(p.stat().st_size for p in out.glob("shard-*.tar")) if out.is_dir() else 0
     need = estimate_bytes(cfg, src, src.n) - existing
-    free = shutil.disk_usage(out).free
+    free = free_bytes(out)
     if need > free:
         raise ConfigError(f"import needs about {human(need)} for {src.n:,} pairs in {out} but only {human(free)} are "
                           f"free there; free some space, choose another --out, or store float16 "
@@ -161,83 +107,39 @@ def run(cfg: ImportConfig, progress: bool = True) -> Manifest:
     this run created is removed again (and --out itself if it created it), and a directory holding an import
     already is left as it was (its good shards kept); one run per directory at a time."""
     out = Path(cfg.out)
-    try:
-        with sigterm_unwinds():
-            src = open_source(cfg)
-            swap, check = orient(src, cfg.order, cfg.sigma, cfg.tolerance)
-            created = make_out(out)
-            with directory_lock(out, "import"):     # refused: nothing removed (the holder may use what we made)
-                try:
-                    check_free_space(cfg, src, out)         # before hashing the source (npy: every byte)
-                    manifest = open_manifest(cfg, new_manifest(cfg, src, swap, check))
-                    return write(cfg, src, swap, check, manifest, out, progress)
-                except BaseException:
-                    if created is not None:                 # still holding the lock: no other run is inside
-                        shutil.rmtree(created, ignore_errors=True)
-                    raise
-    except Terminated:
-        print(f"error: import stopped by SIGTERM; removed what it had written into {out}", file=sys.stderr)
-        raise SystemExit(143) from None
+    w = PairSetWriter(out, "import", "import", all_or_nothing=True)
+    with w.stopping():
+        src = open_source(cfg)
+        swap, check = orient(src, cfg.order, cfg.sigma, cfg.tolerance)
+        with w.writing():
+            check_free_space(cfg, src, out)         # before hashing the source (npy: every byte)
+            open_manifest(w, cfg, new_manifest(cfg, src, swap, check))
+            return write(cfg, src, swap, check, w, progress)
 
 
-def write(cfg: ImportConfig, src: Source, swap: bool, check: dict, manifest: Manifest, out: Path,
-          progress: bool) -> Manifest:
-    had = {name: (out / name).read_bytes() for name in (MANIFEST, "import.config.json", "import.jsonl")
-           if (out / name).exists()}
-    written: list[int] = []
-    try:
-        todo = reconcile(out, manifest)
-        if not todo:    # reconcile has just checked every shard in full
-            print(f"{out}: all {manifest.num_shards} shards complete ({manifest.num_pairs} pairs), verified")
-            return manifest
-        t0, pairs_written = time.perf_counter(), 0
-        save_manifest(out, manifest)
-        with tqdm(total=sum(len(shard_range(src.n, manifest.num_shards, k)) for k in todo), unit="pair",
-                  disable=not progress, desc="import", dynamic_ncols=True) as bar:
-            for k in todo:
-                written.append(k)
-                info = write_one(cfg, src, swap, manifest, k)
-                manifest.shards.append(info)
-                save_manifest(out, manifest)
-                pairs_written += info.pairs
-                bar.update(info.pairs)
-        seconds = time.perf_counter() - t0
-        problems = verify(out)
-        if problems:
-            raise RuntimeError(f"{out}: verify failed after import: "
-                               + "; ".join(f"{n}: {p}" for n, p in problems.items()))
-        (out / "import.config.json").write_text(cfg.model_dump_json(indent=1))
-        with open(out / "import.jsonl", "a") as log:
-            log.write(json.dumps({"shards": len(todo), "pairs": pairs_written, "seconds": seconds,
-                                  "pairs_per_s": pairs_written / seconds}) + "\n")
-    except BaseException:
-        roll_back(out, written, had)
-        raise
+def write(cfg: ImportConfig, src: Source, swap: bool, check: dict, w: PairSetWriter, progress: bool) -> Manifest:
+    out, manifest = w.out, w.manifest
+    todo = w.reconcile()
+    if not todo:    # reconcile has just checked every shard in full
+        print(f"{out}: all {manifest.num_shards} shards complete ({manifest.num_pairs} pairs), verified")
+        return manifest
+    t0, pairs_written = time.perf_counter(), 0
+    w.save()
+    with tqdm(total=sum(len(shard_range(src.n, manifest.num_shards, k)) for k in todo), unit="pair",
+              disable=not progress, desc="import", dynamic_ncols=True) as bar:
+        for k in todo:
+            info = write_one(cfg, src, swap, w, k)
+            w.commit(info)
+            pairs_written += info.pairs
+            bar.update(info.pairs)
+    seconds = time.perf_counter() - t0
+    problems = verify(out)
+    if problems:
+        raise RuntimeError(f"{out}: verify failed after import: "
+                           + "; ".join(f"{n}: {p}" for n, p in problems.items()))
+    w.record_config(cfg.model_dump_json(indent=1))
+    w.log({"shards": len(todo), "pairs": pairs_written, "seconds": seconds, "pairs_per_s": pairs_written / seconds})
     print(f"{out}: imported {pairs_written} pairs into {len(todo)} shards in {seconds:.1f}s "
           f"({pairs_written / seconds:,.0f} pairs/s); {manifest.num_pairs} pairs in {manifest.num_shards} shards, "
           f"verified (std(x_T)={check['std_x_T']:.3g}, std(x_0)={check['std_x_0']:.3g})")
     return manifest
-
-
-def roll_back(out: Path, written: list[int], had: dict[str, bytes]) -> None:
-    """Remove the shards of this run and its temp files; the manifest and logs become what they were before (so
-    shards that reconcile found missing or corrupt are listed again, as they were, for the next rerun to repair)."""
-    for k in written:
-        (out / shard_name(k)).unlink(missing_ok=True)
-    remove_temp_files(out)
-    for name in (MANIFEST, "import.config.json", "import.jsonl"):
-        if name in had:
-            atomic_write_bytes(out / name, had[name])
-        else:
-            (out / name).unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    if path.exists() and path.read_bytes() == data:
-        return
-    tmp = path.with_name(f".{path.name}.tmp-import-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

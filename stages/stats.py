@@ -21,7 +21,8 @@ from tqdm import tqdm
 from kdm_pipe.config import ConfigError
 from kdm_pipe.errors import DataError
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.raypool import ray_session, remote, run_bounded, stop_on_signals
+from kdm_pipe.interrupts import stop_on_signals
+from kdm_pipe.raypool import ray_session, remote, run_bounded
 from kdm_pipe.shards import Manifest, bad_shards_error, check_shards, load_manifest
 from kdm_pipe.stats import (STORE, create_store, field_specs, open_store, publish, remove_temp_stores,
                             stale_shards, temp_store_path, write_merged, write_shard_stats)

@@ -1,0 +1,72 @@
+"""SIGTERM / SIGINT → exit 143 / 130, after every `finally` ran: the one signal mechanism of the writing stages
+(generate, import, stats) and of the Ray session (kdm_pipe.raypool).
+
+A signal raises an exception in the main thread where it lands, so each stage's own cleanup (rolling an import
+back, removing temp files, shutting Ray down) runs as for any failure; the first signal starts that cleanup and
+further ones are ignored until it is done (a second Ctrl-C must not leave half of it undone).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+
+class Terminated(SystemExit):
+    """SIGTERM / SIGINT arrived: unwinds through every `finally` (cleanup, ray.shutdown), then the process exits
+    with 128 + signal (143 / 130), the shell's convention, without a traceback (SystemExit is not an Exception)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class _Interrupted(KeyboardInterrupt):
+    # What the handler raises. Inside a blocking Ray call only a KeyboardInterrupt survives: Ray's C++ signal check
+    # turns it into its own KeyboardInterrupt, any SystemExit into exit code 1, anything else into nothing at all.
+    # So the signal number is kept aside and the interrupt becomes Terminated where the body is left.
+    pass
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    """The handler: the first signal unwinds the body; later ones arrive during its cleanup and are ignored."""
+    if _received:
+        return
+    _received.append(signum)
+    raise _Interrupted()
+
+
+def as_terminated() -> Terminated | None:
+    """The Terminated that a KeyboardInterrupt being handled stands for, if one of our handlers raised it."""
+    return Terminated(_received[-1]) if _received else None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Terminated in the main thread for the body (restored after)."""
+    if threading.current_thread() is not threading.main_thread():     # only the main thread may set handlers
+        yield
+        return
+    _received.clear()
+    old = {s: signal.signal(s, raise_terminated) for s in SIGNALS}
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise (as_terminated() or Terminated(signal.SIGINT)) from None
+    finally:
+        restore(old)
+
+
+def restore(handlers: dict) -> None:
+    for s, handler in handlers.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)

@@ -1,0 +1,208 @@
+"""A pair directory being written: the one writer behind `generate` and `import`.
+
+`PairSetWriter` owns what both do to DIR — refuse a file for DIR, create DIR, hold its lock (locks.directory_lock),
+open or create `manifest.json` and compare it with this run's identity, reconcile it with the shard files there
+(shards.reconcile), commit each finished shard (append its ShardInfo, rewrite the manifest atomically, append a log
+line to `STAGE.jsonl`), record the resolved config (`STAGE.config.json`), clean up on the way out, and turn
+SIGTERM / SIGINT into exit 143 / 130 with one `error:` line (kdm_pipe.interrupts). The stages bring what differs:
+how shards are made (Ray workers running the teacher; records read from a source) and how an existing directory is
+recognised as theirs.
+
+Two policies, on purpose:
+
+- resumable (`generate`): a pair depends only on (teacher, sampler, seed), and shards are expensive to make. Every
+  committed shard stays whatever happens afterwards; a failure or a signal keeps them, and the same command
+  finishes the set (reconcile drops what is missing or corrupt and the rest is generated).
+- all or nothing (`import`): the pairs come from a source that may turn out bad deep inside (NaN at pair 1.5M,
+  a crafted file) and is fixed by its owner, not by rerunning. A half import of a bad source is worse than none,
+  so a failed run removes the shards it wrote and temp files, restores the manifest and logs it found, and removes
+  DIR itself (and parents) if it created them; the fixed source then simply imports again. Only SIGKILL leaves a
+  partial import, which the same command completes, since the manifest lists only complete shards.
+
+In both, the manifest lists a shard only after its file is complete (renamed into place), so a reader never meets
+a listed half shard, and a lock refused to a second run removes nothing (its holder may use what is there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from kdm_pipe.errors import ConfigError
+from kdm_pipe.interrupts import Terminated, stop_on_signals
+from kdm_pipe.locks import directory_lock
+from kdm_pipe.shards import (MANIFEST, Manifest, Pending, ShardInfo, atomic_write_text, load_manifest, reconcile,
+                             remove_temp_files, save_manifest, shard_name)
+
+
+def existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free disk space where `path` is (or will be created)."""
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+class PairSetWriter:
+    """One run writing the pair directory `out` for `stage` ("generate" / "import"); `command` names the lock's
+    holder in a second run's refusal. Use: `with w.stopping(): ... with w.writing(): ...`."""
+
+    def __init__(self, out: Path, stage: str, command: str, all_or_nothing: bool):
+        self.out, self.stage, self.command, self.all_or_nothing = Path(out), stage, command, all_or_nothing
+        self.config, self.log_name = f"{stage}.config.json", f"{stage}.jsonl"
+        self.manifest: Manifest | None = None
+        self.created: Path | None = None      # the topmost directory this run created
+        self.written: list[int] = []          # shard indices this run started to write
+        self.found: dict[str, bytes] = {}     # all or nothing: manifest and logs as found, restored on failure
+
+    # ---- the run's frame -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def stopping(self) -> Iterator[None]:
+        """SIGTERM / SIGINT in the body: the run unwinds (cleanup as for any failure), one `error:` line says what
+        was kept, and the process exits 143 / 130."""
+        try:
+            with stop_on_signals():
+                yield
+        except Terminated as e:
+            kept = (f"removed what it had written into {self.out}" if self.all_or_nothing else
+                    f"{len(self.manifest.shards) if self.manifest else 0} complete shards kept, rerun the same "
+                    f"command to finish")
+            print(f"error: {self.stage} stopped by {e.name}; {kept}", file=sys.stderr)
+            raise
+
+    def refuse_file(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a directory; choose a directory for the pairs")
+
+    @contextmanager
+    def writing(self) -> Iterator["PairSetWriter"]:
+        """Create DIR (and missing parents), hold its lock for the body, remove temp files on the way out; all or
+        nothing: a body that fails (or is stopped) leaves DIR as it was found (see the module docstring)."""
+        self.refuse_file()
+        self.created = self._make_out()
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(directory_lock(self.out, self.command))   # refused: nothing removed
+            except OSError as e:       # a directory we cannot write in: invalid input (exit 2), nothing written
+                self._remove_created()
+                raise ConfigError(f"--out {self.out}: cannot write there ({e.strerror or e}); choose a writable "
+                                  f"directory") from None
+            if self.all_or_nothing:
+                self.found = {name: (self.out / name).read_bytes() for name in self.kept_files()
+                              if (self.out / name).exists()}
+            try:
+                yield self
+            except BaseException:
+                if self.all_or_nothing:
+                    self._roll_back()
+                raise
+            finally:
+                remove_temp_files(self.out)          # no writer is left (Ray is shut down before the body ends)
+
+    def _make_out(self) -> Path | None:
+        """Create DIR and missing parents; the topmost directory this process created (a concurrent run that
+        created it first owns it), or None."""
+        top = None
+        try:
+            for d in [*reversed(self.out.absolute().parents), self.out.absolute()]:
+                if not d.is_dir():
+                    try:
+                        d.mkdir()
+                        top = top or d
+                    except FileExistsError:
+                        pass
+        except OSError as e:
+            if top is not None:
+                shutil.rmtree(top, ignore_errors=True)
+            raise ConfigError(f"--out {self.out}: cannot write there ({e.strerror or e}); choose a writable "
+                              f"directory") from None
+        return top
+
+    def _remove_created(self) -> None:
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+    def kept_files(self) -> tuple[str, ...]:
+        return MANIFEST, self.config, self.log_name
+
+    def _roll_back(self) -> None:
+        """Remove this run's shards and temp files; the manifest and logs become what they were (so shards that
+        reconcile found missing or corrupt are listed again, as they were, for the next rerun to repair); DIR
+        itself goes if this run created it. Called holding the lock: no other run is inside."""
+        for k in self.written:
+            (self.out / shard_name(k)).unlink(missing_ok=True)
+        remove_temp_files(self.out)
+        for name in self.kept_files():
+            if name in self.found:
+                atomic_write_bytes(self.out / name, self.found[name])
+            else:
+                (self.out / name).unlink(missing_ok=True)
+        self._remove_created()
+
+    # ---- the manifest -----------------------------------------------------------------------------------------
+
+    def open_manifest(self, fresh: Callable[[], Manifest], accept: Callable[[Manifest], Manifest],
+                      unreadable: Callable[[Path, ValueError], str], strays: str | None) -> Manifest:
+        """DIR's manifest as `accept` takes it (it raises ConfigError for another run's pairs), or `fresh()` when
+        DIR has none. Shard files without a manifest are refused with the message `strays` (None: they are this
+        run's own, to reconcile); a manifest that does not parse with the message `unreadable(path, error)`."""
+        self.refuse_file()
+        path = self.out / MANIFEST
+        if not path.exists():
+            if strays is not None and any(self.out.glob("shard-*.tar")):
+                raise ConfigError(strays)
+            self.manifest = fresh()
+            return self.manifest
+        try:
+            old = load_manifest(self.out)
+        except ValueError as e:
+            raise ConfigError(unreadable(path, e)) from None
+        self.manifest = accept(old)
+        return self.manifest
+
+    def reconcile(self) -> Pending:
+        """Shards still to write (missing or corrupt ones dropped from the manifest, orphans removed)."""
+        return reconcile(self.out, self.manifest)
+
+    def save(self) -> None:
+        save_manifest(self.out, self.manifest)
+
+    def shard_path(self, k: int) -> Path:
+        """Where shard k goes; from now on a rollback removes it."""
+        self.written.append(k)
+        return self.out / shard_name(k)
+
+    def commit(self, info: ShardInfo, log: dict[str, Any] | None = None) -> None:
+        """A complete shard (its file renamed into place) enters the manifest, then the log."""
+        self.manifest.shards.append(info)
+        self.save()
+        if log is not None:
+            self.log(log)
+
+    def log(self, entry: dict[str, Any]) -> None:
+        with open(self.out / self.log_name, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def record_config(self, text: str) -> None:
+        atomic_write_text(self.out / self.config, text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    if path.exists() and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
