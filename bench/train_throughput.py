@@ -1,4 +1,5 @@
-"""Trainer steps/s (and pairs/s) on the checkerboard preset, from the trainer's own JSONL log."""
+"""Trainer steps/s (and pairs/s) on the checkerboard-quick preset (the official 2-D student at batch 512), from the
+trainer's own JSONL log."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from stages import generate  # noqa: E402
 
 if __name__ == "__main__":
     root = Path(tempfile.mkdtemp())
-    preset = load_preset("checkerboard")
+    preset = load_preset("checkerboard-quick")
     generate.run(build(GenerateConfig, preset["generate"], {"out": root / "pairs"}), progress=False)
     cfg = build(TrainConfig, preset["train"], {"data": root / "pairs", "out": root / "run", "steps": 600,
                                                 "log_every": 100, "ckpt_every": 600,
@@ -21,6 +22,6 @@ if __name__ == "__main__":
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (root / "run" / "train.jsonl").read_text().splitlines()][1:]
     sps = sum(r["steps_per_s"] for r in rows) / len(rows)
-    print(f"checkerboard preset trainer: {sps:.1f} steps/s, {sps * cfg.batch:,.0f} pairs/s (batch {cfg.batch}, "
+    print(f"checkerboard-quick preset trainer: {sps:.1f} steps/s, {sps * cfg.batch:,.0f} pairs/s (batch {cfg.batch}, "
           f"MLP {cfg.student.depth}×{cfg.student.hidden}, steps 100–600)")
     shutil.rmtree(root)

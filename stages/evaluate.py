@@ -52,6 +52,9 @@ def comparison(results: dict[str, dict[str, Any]]) -> str:
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     results = evaluate(cfg)
     print(f"{results['run']}: step {results['step']}, {results['weights']} weights, {results['num_pairs']} held-out pairs")
+    choice = results["weights_choice"]
+    print(f"weights chosen on {choice['selection_pairs']} other held-out pairs by {choice['criterion']}: "
+          + ", ".join(f"{w} {v:.4g}" for w, v in choice["scores"].items()) + " (both reported in eval.json)")
     print(table(results))
     report = write_report(cfg.run)
     print(f"wrote {cfg.run}/eval.json" + "".join(f", {f}" for f in results.get("figures", [])))
