@@ -152,6 +152,25 @@ def test_adversarial_term_has_the_001_factor():
         m.losses(x_0, x_T, None, LatentNoise(torch.Generator()))
 
 
+def test_deferred_adversarial_term_is_the_same_term_added_by_the_caller():
+    """The trainer defers the term (to step the discriminator first): same value, gradients reach the student."""
+    m = make(w_adv=2.0, sigma_z=0.0)
+    disc = Discriminator(1, 8)
+    x_0, x_T, _ = batch()
+    inline = m.losses(x_0, x_T, None, LatentNoise(torch.Generator()), disc=disc)
+    deferred = m.losses(x_0, x_T, None, LatentNoise(torch.Generator()), defer_adv=True)
+    assert "adv" not in deferred and m.last_sample.requires_grad
+    adv = m.adversarial_loss(disc)
+    assert torch.allclose(adv, inline["adv"], rtol=1e-5) and m.adv_weight == 0.01 * 2.0
+    total = deferred["total"] + m.adv_weight * adv
+    assert torch.allclose(total, inline["total"], rtol=1e-5)
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.dec.parameters())
+    m.losses(x_0, x_T, None, LatentNoise(torch.Generator()), disc=disc)
+    with pytest.raises(ValueError, match="defer_adv=True"):
+        m.adversarial_loss(disc)                      # x̂ of a non-deferred call is detached
+
+
 def test_decomposed_regularisers_weighted_by_w_reg():
     m = make(operator="decomposed", spectrum_prior="gradual", w_reg=0.25, sigma_z=0.0)
     x_0, x_T, _ = batch()
