@@ -3,6 +3,7 @@ import os
 # Ray writes no auth token into $HOME and reports nothing; must be set before any Ray process starts.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")      # as kdm_pipe.raypool does for its private clusters
 
 import torch  # noqa: E402
 
