@@ -1,11 +1,7 @@
 """Students for image data, as the official KDM code builds them (REFERENCE §1).
 
-KDM: E_0, E_T and D are EDM DDPM++ U-Nets (`SongUNet`); C is the Koopman operator on the flattened latent.
-    z_0 = E_0(x_0)   z_T = E_T(x_T)   ẑ_0 = C(z_T + σ_z ε) [+ B y]
-    x̂_rec = D(z_0 + σ_z ε')   x̂_push = D(ẑ_0)
-    L = w_lat·mean((z_0 − ẑ_0)²) + w_rec·d(x_0, x̂_rec) + w_push·d(x_0, x̂_push)
-        + 0.01·w_adv·BCE(Disc(x̂_push), 1) + w_reg·(operator regularisers)
-    one step: x̂_0 = D(C(E_T(x_T)) [+ B y])
+KDM: E_0, E_T and D are EDM DDPM++ U-Nets (`SongUNet`); C is the Koopman operator on the flattened latent; the
+loss (with the adversarial term 0.01·w_adv·BCE(Disc(x̂_push), 1)) and the one-step sampler are `kdm.KDM`'s.
 KD (Luhman & Luhman 2021): one U-Net regressing x_0 from x_T, L = d(x_0, G(x_T)) [+ the same adversarial term].
 
 As in the official code the U-Nets' time input is a constant (0 for E_0 and D, 1 for E_T and the KD net): it only
@@ -26,10 +22,10 @@ from kdm_pipe.networks import ARCHITECTURES
 from kdm_pipe.networks.layers import Linear
 from kdm_pipe.networks.unets import SongUNet
 from kdm_pipe.student.discriminator import generator_loss
+from kdm_pipe.student.kdm import KDM, distance
 from kdm_pipe.student.koopman import KoopmanOperator
-from kdm_pipe.student.noise import LatentNoise
 from kdm_pipe.student.lpips import LPIPS
-from kdm_pipe.student.vector import distance
+from kdm_pipe.student.noise import LatentNoise
 
 # DDPM++ without its CIFAR widths: those come from the student config.
 DDPMPP = {k: v for k, v in ARCHITECTURES["ddpmpp"].items() if k not in ("model_type", "model_channels", "channel_mult")}
@@ -95,8 +91,11 @@ class ImageStudent(nn.Module):
         return {"adv": generator_loss(disc, fake)}
 
 
-class ImageKDM(ImageStudent):
-    """The KDM image student; latents are returned flattened, (B, latent_dim)."""
+class ImageKDM(ImageStudent, KDM):
+    """The KDM image student; latents are returned flattened, (B, latent_dim). x̂_push is drawn even when
+    w_push = 0: the discriminator and the trainer use it (`last_sample`)."""
+
+    always_push = True
 
     def __init__(self, cfg: StudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
         super().__init__(cfg, shape, label_dim)
@@ -125,37 +124,12 @@ class ImageKDM(ImageStudent):
         """z_T = E_T(x_T)."""
         return self._encode(self.enc_T, self.proj_T, x_T, 1.0, labels)
 
-    def push(self, z_T: Tensor, labels: Tensor | None = None) -> Tensor:
-        """ẑ_0 = C z_T [+ B y]."""
-        return self.koopman(z_T, labels if self.koopman.control is not None else None)
-
     def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """x̂ = D(z) for flattened latents z."""
         if self.unproj is not None:
             z = self.unproj(z)
         z = z.reshape(-1, self.cfg.latent_channels, *self.shape[1:])
         return self.dec(z, self.time(z, 0.0), self.labels_like(labels, z))
-
-    def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
-        """One-step generation x̂_0 = D(C(E_T(x_T)))."""
-        return self.decode(self.push(self.encode_T(x_T, labels), labels), labels)
-
-    def losses(self, x_0: Tensor, x_T: Tensor, labels: Tensor | None, noise: LatentNoise,
-               disc: nn.Module | None = None, defer_adv: bool = False) -> dict[str, Tensor]:
-        c = self.cfg
-        z_0, z_T = self.encode_0(x_0, labels), self.encode_T(x_T, labels)
-        eps = noise(z_T)
-        eps_rec = noise(z_0)
-        z_hat = self.push(z_T + c.sigma_z * eps, labels)
-        x_push = self.decode(z_hat, labels)
-        out = {"latent": ((z_0 - z_hat) ** 2).mean(),
-               "rec": self.distance(x_0, self.decode(z_0 + c.sigma_z * eps_rec, labels)),
-               "push": self.distance(x_0, x_push)}
-        out.update(self.koopman.regularizer())
-        out.update(self.adversarial(disc, x_push, defer_adv))
-        weights = {"latent": c.w_latent, "rec": c.w_rec, "push": c.w_push, "adv": self.adv_weight}
-        out["total"] = sum(weights.get(k, c.w_reg) * v for k, v in out.items())
-        return out
 
 
 class ImageKD(ImageStudent):
