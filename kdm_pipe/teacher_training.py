@@ -31,6 +31,7 @@ from kdm_pipe.teachers.edm import EDMTeacher  # noqa: E402
 from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint  # noqa: E402
 from kdm_pipe.sample_io import save_grid  # noqa: E402
 from kdm_pipe.teachers.images import ImageData, load_images  # noqa: E402
+from kdm_pipe.training import ema_update, sanitize_grads  # noqa: E402
 
 PRECONDS = {"edm": "EDMPrecond", "vp": "VPPrecond", "ve": "VEPrecond"}
 CKPT_DIR = "checkpoints"
@@ -177,16 +178,12 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = False) -> Path:
                         cfg.P_mean, cfg.P_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for p in net.parameters():                     # as EDM: a non-finite gradient must not poison the weights
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        sanitize_grads(net.parameters())               # as EDM: a non-finite gradient must not poison the weights
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(step / cfg.lr_warmup, 1.0) if cfg.lr_warmup else cfg.lr
         opt.step()
         beta = ema_decay(cfg, step * cfg.batch)
-        with torch.no_grad():
-            for pe, pn in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(pn, 1 - beta)
+        ema_update(ema, net, beta)
         window.append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {"step": step, "kimg": step * cfg.batch / 1000, "loss": sum(window) / len(window),
