@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kdm_pipe.config import EvaluateConfig
+from kdm_pipe.config import DemoConfig, EvaluateConfig
 from kdm_pipe.evaluation import evaluate
 from stages import demo
 
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-kd-vs-kdm"))
     args = ap.parse_args()
-    results = demo.run("digits", args.out, progress=False)
+    results = demo.run(DemoConfig(preset="digits", out=args.out), progress=False)
     pairs = args.out / "pairs"
     n = sum(1 for _ in pairs.glob("shard-*.tar")) * 256
     # The held-out FD compares 256 vs 256 samples; a second, lower-variance one compares n fresh one-step samples

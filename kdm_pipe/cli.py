@@ -16,7 +16,8 @@ import typer
 from pydantic import BaseModel
 from typer.exceptions import TyperException
 
-from kdm_pipe.config import EvaluateConfig, GenerateConfig, ImportConfig, TrainConfig, build, load_preset
+from kdm_pipe.config import (AnalyzeConfig, DemoConfig, EvaluateConfig, ImportConfig, RefStatsConfig, SampleConfig,
+                             StatsConfig, TrainConfig, VerifyConfig, build, generate_config, resolve)
 from kdm_pipe.errors import ConfigError, DataError, one_line
 from kdm_pipe.teachers import TEACHERS
 
@@ -53,11 +54,6 @@ def fail(code: int, message: str) -> None:
         traceback.print_exc()
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
-
-
-def resolve(model: type[BaseModel], section: str, preset: str | None, flags: dict[str, Any]) -> Any:
-    base = load_preset(preset).get(section, {}) if preset else {}
-    return build(model, base, flags, where=f"{section} config" + (f" (preset {preset})" if preset else ""))
 
 
 def finish(cfg: BaseModel, dry_run: bool) -> bool:
@@ -97,16 +93,7 @@ def generate(
                                  cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
                                  sampler=dict(steps=steps, solver=solver, sigma_min=sigma_min, sigma_max=sigma_max,
                                               rho=rho))
-    base = load_preset(preset).get("generate", {}) if preset else {}
-    if teacher is not None:
-        if teacher not in TEACHERS:
-            raise ConfigError(f"unknown teacher {teacher!r}; choose one of: {', '.join(TEACHERS)}")
-        if base.get("teacher", {}).get("name") != teacher:     # another teacher: its own defaults, not the preset's
-            base = {**base, "teacher": {"name": teacher}}
-    if checkpoint is not None:
-        base = {**base, "teacher": {**base.get("teacher", {}), "checkpoint": str(checkpoint)}}
-    flags["sampler"] = {k: v for k, v in flags["sampler"].items() if v is not None}
-    cfg = build(GenerateConfig, base, flags, where="generate config")
+    cfg = generate_config(preset, flags, teacher=teacher, checkpoint=checkpoint)
     if finish(cfg, dry_run):
         return
     from stages import generate as stage
@@ -117,20 +104,9 @@ def generate(
 @user_errors
 def verify(directory: Path = typer.Argument(..., help="pair directory written by generate")):
     """Recompute every shard's checksum and contents against the manifest; non-zero exit naming each bad shard."""
-    from kdm_pipe.shards import verify as check
-    try:
-        problems = check(directory)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    except ValueError as e:
-        raise ConfigError(f"{directory}: unreadable manifest ({type(e).__name__}); rerun the `kdm-pipe generate` "
-                          f"(or import) command that wrote it") from None
-    if problems:
-        for name, what in problems.items():
-            typer.echo(f"BAD {directory / name}: {what}", err=True)
-        raise DataError(f"{len(problems)} problem(s) in {directory}; rerun the `kdm-pipe generate` (or import) "
-                        f"command that wrote it to repair")
-    typer.echo(f"{directory}: all shards match the manifest")
+    cfg = build(VerifyConfig, dict(data=directory), where="verify config")
+    from stages import verify as stage
+    stage.run(cfg)
 
 
 @app.command()
@@ -143,7 +119,7 @@ def stats(
     detector: Optional[Path] = typer.Option(None, help="with `ref`: TorchScript feature net, e.g. "
                                             "inception-2015-12-05.pt (default: pixel features)"),
     num: Optional[int] = typer.Option(None, help="with `ref`: images used (default: all)"),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
     cov_max_dim: int = typer.Option(1024, min=0, help="store covariances only up to this flattened dimension"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -153,13 +129,17 @@ def stats(
     if target == "ref":
         if source is None or out is None:
             raise ConfigError("usage: kdm-pipe stats ref SOURCE --out REF.npz [--detector PATH] [--num N]")
+        ref = build(RefStatsConfig, dict(source=source, out=out, detector=detector, num=num, device=device),
+                    where="stats ref config")
         from stages import stats as stage
-        stage.reference(source, out, detector, num, device)
+        stage.reference(ref)
         return
     if source is not None:
         raise ConfigError(f"stats {target}: unexpected second argument {source!r} (only `stats ref SOURCE` takes one)")
+    cfg = build(StatsConfig, dict(data=Path(target), workers=workers, address=address, cov_max_dim=cov_max_dim),
+                where="stats config")
     from stages import stats as stage
-    stage.run(Path(target), workers=workers, address=address, cov_max_dim=cov_max_dim, progress=not quiet)
+    stage.run(cfg, progress=not quiet)
 
 
 @app.command()
@@ -241,13 +221,13 @@ def sample(
     seed: int = typer.Option(0, min=0, help="first seed"),
     weights: str = typer.Option("auto", help="auto (the run's recorded choice, RUN/weights.json) | ema | raw"),
     class_label: Optional[int] = typer.Option(None, "--class", help="class for every sample (conditional runs)"),
-    batch: int = typer.Option(250, min=1), device: str = typer.Option("auto"),
+    batch: int = typer.Option(250, min=1), device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """One-step samples of a trained student, written as EDM writes them."""
-    if weights not in ("auto", "ema", "raw"):
-        raise ConfigError(f"--weights {weights!r}: choose auto, ema or raw")
+    cfg = build(SampleConfig, dict(run=run, out=out, num=num, seed=seed, weights=weights, class_label=class_label,
+                                   batch=batch, device=device), where="sample config")
     from stages import sample as stage
-    stage.run(run, out, num, seed, weights, class_label, batch, device)
+    stage.run(cfg)
 
 
 @app.command("import")
@@ -292,8 +272,9 @@ def analyze(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Koopman spectrum, 2-D noise structure and outliers, latent proximity, interpolations → RUN/analysis/."""
+    cfg = build(AnalyzeConfig, dict(run=run, num=num, seed=seed, device=device), where="analyze config")
     from stages import analyze as stage
-    stage.run(run, num, seed, device)
+    stage.run(cfg)
 
 
 @app.command()
@@ -306,8 +287,9 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """The whole pipeline on a preset: generate → verify → stats → train KDM and the KD baseline → evaluate → report."""
+    cfg = build(DemoConfig, dict(preset=preset, out=out, scale=scale), where="demo config")
     from stages import demo as stage
-    stage.run(preset, out, progress=not quiet, scale=scale)
+    stage.run(cfg, progress=not quiet)
 
 
 teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data.")

@@ -15,11 +15,13 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       model_validator)
 
 from kdm_pipe.errors import ConfigError  # noqa: F401  (re-exported: stages raise it via config)
-from kdm_pipe.teachers import TeacherConfig
+from kdm_pipe.teachers import TEACHERS, TeacherConfig
 from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "manifests"
 Dtype = Literal["float16", "float32", "float64"]
+Device = Literal["auto", "cpu", "cuda"]
+Weights = Literal["auto", "ema", "raw"]
 
 
 def _no_url(v: Any) -> Any:
@@ -203,6 +205,64 @@ class EvaluateConfig(Strict):
     batch: int = Field(default=250, ge=1, description="images per detector / student batch")
 
 
+class VerifyConfig(Strict):
+    """Settings of `kdm-pipe verify DIR`."""
+
+    data: LocalPath = Field(description="pair directory written by generate or import")
+
+
+class StatsConfig(Strict):
+    """Settings of `kdm-pipe stats DIR`: per-shard statistics merged into DIR/stats.zarr."""
+
+    data: LocalPath = Field(description="pair directory written by generate or import")
+    workers: int = Field(default=2, ge=1)
+    address: str | None = None
+    cov_max_dim: int = Field(default=1024, ge=0, description="store covariances only up to this flattened dimension")
+
+
+class RefStatsConfig(Strict):
+    """Settings of `kdm-pipe stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format)."""
+
+    source: str = Field(description="images: folder, EDM zip, .npy, sklearn-digits, a pair directory or a `sample` "
+                        "output")
+    out: LocalPath
+    detector: Path | None = Field(default=None, description="TorchScript feature net (default: pixel features)")
+    num: int | None = Field(default=None, description="images used (default: all)")
+    device: Device = "auto"
+
+
+class SampleConfig(Strict):
+    """Settings of `kdm-pipe sample RUN --out OUT`."""
+
+    run: LocalPath = Field(description="run directory written by train")
+    out: LocalPath = Field(description="output directory (PNGs per seed, samples.npz, grid.png, samples.json)")
+    num: int = Field(default=64, ge=1, description="samples, from seeds seed … seed + num − 1")
+    seed: int = Field(default=0, ge=0, description="first seed")
+    weights: Weights = Field(default="auto", description="auto: the run's recorded choice (RUN/weights.json)")
+    class_label: int | None = Field(default=None, description="class for every sample (conditional runs)")
+    batch: int = Field(default=250, ge=1)
+    device: Device = "auto"
+
+
+class AnalyzeConfig(Strict):
+    """Settings of `kdm-pipe analyze RUN`."""
+
+    run: LocalPath = Field(description="run directory written by train")
+    num: int = Field(default=2000, ge=2, description="held-out pairs analysed")
+    seed: int = Field(default=0, description="seed of the clusterings, the noise baseline and the interpolation "
+                      "endpoints")
+    device: Device = "auto"
+
+
+class DemoConfig(Strict):
+    """Settings of `kdm-pipe demo`: a preset's whole pipeline into one directory."""
+
+    preset: str = Field(default="digits", description="preset run end to end")
+    out: LocalPath = Field(default=Path("runs/demo"), description="directory for pairs/, kdm/, kd/ and report.html")
+    scale: float = Field(default=1.0, ge=0.01, le=1.0, description="shrink pairs per shard and training steps")
+    resume: bool = Field(default=True, description="keep finished shards and runs (re-evaluate only)")
+
+
 ImportFormat = Literal["kdm-npz", "get", "npy"]
 
 
@@ -313,6 +373,28 @@ def build(model: type[BaseModel], *layers: dict[str, Any], where: str = "configu
         return model.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(f"{where}: {format_validation(e)}") from None
+
+
+def resolve(model: type[BaseModel], section: str, preset: str | None, flags: dict[str, Any]) -> Any:
+    """`model` from the preset's `section` (if a preset is named), then the flags."""
+    base = load_preset(preset).get(section, {}) if preset else {}
+    return build(model, base, flags, where=f"{section} config" + (f" (preset {preset})" if preset else ""))
+
+
+def generate_config(preset: str | None, flags: dict[str, Any], teacher: str | None = None,
+                    checkpoint: Path | None = None) -> GenerateConfig:
+    """generate's config: the preset's section, then the teacher named on the command line (with its own defaults,
+    not the preset's, when it is another teacher) and its checkpoint, then the other flags."""
+    base = load_preset(preset).get("generate", {}) if preset else {}
+    if teacher is not None:
+        if teacher not in TEACHERS:
+            raise ConfigError(f"unknown teacher {teacher!r}; choose one of: {', '.join(TEACHERS)}")
+        if base.get("teacher", {}).get("name") != teacher:     # another teacher: its own defaults, not the preset's
+            base = {**base, "teacher": {"name": teacher}}
+    if checkpoint is not None:
+        base = {**base, "teacher": {**base.get("teacher", {}), "checkpoint": str(checkpoint)}}
+    flags = {**flags, "sampler": {k: v for k, v in flags.get("sampler", {}).items() if v is not None}}
+    return build(GenerateConfig, base, flags, where="generate config")
 
 
 def format_validation(e: ValidationError) -> str:

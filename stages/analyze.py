@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from kdm_pipe.analysis import OUT_DIR, analyze
+from kdm_pipe.config import AnalyzeConfig
 from kdm_pipe.report import write_report
 
 
-def run(run_dir: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    result = analyze(run_dir, num=num, seed=seed, device=device)
+def run(cfg: AnalyzeConfig) -> dict[str, Any]:
+    run_dir = cfg.run
+    result = analyze(run_dir, num=cfg.num, seed=cfg.seed, device=cfg.device)
     print(f"{run_dir}: step {result['step']}, {result['weights']} weights, {result['num_pairs']} held-out pairs")
     if "spectrum" in result:
         s = result["spectrum"]

@@ -10,18 +10,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig, TrainConfig, build, load_preset
+from kdm_pipe.config import (DemoConfig, EvaluateConfig, GenerateConfig, StatsConfig, TrainConfig, VerifyConfig, build,
+                             load_preset)
 from kdm_pipe.report import write_comparison
-from kdm_pipe.shards import verify
-from stages import evaluate, generate, stats, train
+from stages import evaluate, generate, stats, train, verify
 
 STUDENTS = ("kdm", "kd")
 
 
-def run(preset: str, out: Path, progress: bool = True, resume: bool = True, scale: float = 1.0) -> dict:
+def run(cfg: DemoConfig, progress: bool = True) -> dict:
     """Run the preset's pipeline; `scale` < 1 shrinks pairs and steps (for tests and quick looks)."""
+    preset, out, scale = cfg.preset, Path(cfg.out), cfg.scale
     sections = load_preset(preset)
-    out = Path(out)
     pairs = out / "pairs"
     g = sections.get("generate", {})
     t = sections.get("train", {})
@@ -33,12 +33,9 @@ def run(preset: str, out: Path, progress: bool = True, resume: bool = True, scal
     print(f"== generate ({gcfg.shards} shards × {gcfg.pairs_per_shard} pairs, teacher {gcfg.teacher.name})")
     generate.run(gcfg, progress=progress)
     print("== verify")
-    problems = verify(pairs)
-    if problems:
-        raise ConfigError(f"verify failed after generate: {problems}")
-    print(f"{pairs}: all shards match the manifest")
+    verify.run(VerifyConfig(data=pairs))
     print("== stats")
-    stats.run(pairs, workers=gcfg.workers, progress=progress)
+    stats.run(StatsConfig(data=pairs, workers=gcfg.workers), progress=progress)
     results = {}
     for kind in STUDENTS:
         run_dir = out / kind
@@ -48,7 +45,7 @@ def run(preset: str, out: Path, progress: bool = True, resume: bool = True, scal
         ecfg = build(EvaluateConfig, sections.get("evaluate", {}), {"run": run_dir, "data": pairs}, where="evaluate")
         print(f"== train {kind} ({tcfg.steps} steps, batch {tcfg.batch})")
         done = (run_dir / "config.json").exists()
-        train.run(tcfg, resume=resume and done, progress=progress)
+        train.run(tcfg, resume=cfg.resume and done, progress=progress)
         print(f"== evaluate {kind}")
         results[kind] = evaluate.run(ecfg)
     report = write_comparison({k: out / k for k in STUDENTS}, out / "report.html")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.config import ConfigError, SampleConfig
 from kdm_pipe.evaluation import apply, chosen_weights
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sample_io import write_samples
@@ -24,12 +24,14 @@ from kdm_pipe.student import is_image
 from kdm_pipe.training import load_weights
 
 
-def run(run_dir: Path, out: Path, num: int, seed: int = 0, weights: str = "auto", class_label: int | None = None,
-        batch: int = 250, device: str = "auto") -> dict:
+def run(cfg: SampleConfig) -> dict:
+    run_dir, out, num, seed, class_label, batch = cfg.run, cfg.out, cfg.num, cfg.seed, cfg.class_label, cfg.batch
     if not (Path(run_dir) / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
-    dev = pick_device(device)
-    which = chosen_weights(run_dir, weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a directory for the samples")
+    dev = pick_device(cfg.device)
+    which = chosen_weights(run_dir, cfg.weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
     model, _, manifest, step = load_weights(run_dir, which, device=dev)
     if class_label is not None and not 0 <= class_label < manifest.label_dim:
         raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"

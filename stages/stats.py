@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.errors import DataError
 from kdm_pipe.locks import directory_lock
 from kdm_pipe.interrupts import stop_on_signals
@@ -42,11 +42,8 @@ def checked_manifest(directory: Path) -> Manifest:
     return manifest
 
 
-def run(directory: Path, workers: int = 2, address: str | None = None, cov_max_dim: int = 1024,
-        progress: bool = True) -> Path:
-    directory = Path(directory)
-    if workers < 1 or cov_max_dim < 0:
-        raise ConfigError(f"workers must be ≥ 1 and cov_max_dim ≥ 0 (got {workers}, {cov_max_dim})")
+def run(cfg: StatsConfig, progress: bool = True) -> Path:
+    directory = Path(cfg.data)
     checked_manifest(directory)
     with ExitStack() as stack:
         stack.enter_context(stop_on_signals())
@@ -58,7 +55,7 @@ def run(directory: Path, workers: int = 2, address: str | None = None, cov_max_d
         problems = check_shards(directory, manifest)
         if problems:
             raise bad_shards_error(directory, problems)
-        return update(directory, manifest, workers, address, cov_max_dim, progress)
+        return update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, progress)
 
 
 def update(directory: Path, manifest: Manifest, workers: int, address: str | None, cov_max_dim: int,
@@ -108,17 +105,17 @@ def compute(directory: Path, store: Path, manifest: Manifest, specs: list, todo:
         return time.perf_counter() - t0
 
 
-def reference(source: str, out: Path, detector: Path | None = None, num: int | None = None,
-              device: str = "auto") -> Path:
-    """FID reference statistics (`mu`, `sigma`, EDM's .npz format) of `source`'s images in `detector`'s features."""
+def reference(cfg: RefStatsConfig) -> Path:
+    """FID reference statistics (`mu`, `sigma`, EDM's .npz format) of the source's images in the detector's
+    features."""
     from kdm_pipe.metrics.detectors import load_detector
     from kdm_pipe.metrics.fid import reference_stats, save_ref_stats
     from kdm_pipe.runtime import pick_device
 
-    dev = pick_device(device)
+    dev = pick_device(cfg.device)
     t = time.perf_counter()
-    stats = reference_stats(source, load_detector(detector, dev), num=num, device=dev)
-    path = save_ref_stats(out, stats)
+    stats = reference_stats(cfg.source, load_detector(cfg.detector, dev), num=cfg.num, device=dev)
+    path = save_ref_stats(cfg.out, stats)
     rate = stats.num / (time.perf_counter() - t)
-    print(f"{path}: reference statistics of {stats.num} images from {source} ({stats.detector}, {rate:,.0f} images/s)")
+    print(f"{path}: reference statistics of {stats.num} images from {cfg.source} ({stats.detector}, {rate:,.0f} images/s)")
     return path

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kdm_pipe.analysis import analyze, interpolations, outliers, proximity, spectrum_section
-from kdm_pipe.config import ConfigError, StudentConfig, TrainConfig
+from kdm_pipe.config import AnalyzeConfig, ConfigError, StudentConfig, TrainConfig
 from kdm_pipe.evaluation import chosen_weights, heldout_pairs
 from kdm_pipe.report import write_report
 from kdm_pipe.student import build_student
@@ -77,7 +77,7 @@ def test_analysis_uses_the_weights_the_run_recorded(runs, tmp_path, capsys):
         chosen_weights(tmp_path)
     report = write_report(runs["kd"])
     assert "analysis/interpolation.png" not in report.read_text()
-    res = stage.run(runs["kd"], num=300)
+    res = stage.run(AnalyzeConfig(run=runs["kd"], num=300))
     assert res["weights"] == json.loads((runs["kd"] / "weights.json").read_text())["weights"]
     printed = capsys.readouterr().out
     assert "KD student" in printed and "analysis.json" in printed and "report.html" in printed

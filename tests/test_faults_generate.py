@@ -261,8 +261,9 @@ def test_stats_catches_same_size_corruption_on_rerun(tmp_path):
     pairs = small_set(tmp_path / "pairs")
     # Set up in-process; commands that start Ray are tested in a subprocess (`kdm`): Ray's logger would keep the
     # stream of the first in-process CLI invocation, which the CLI runner closes.
+    from kdm_pipe.config import StatsConfig
     from stages import stats
-    stats.run(pairs, workers=1, progress=False)
+    stats.run(StatsConfig(data=pairs, workers=1), progress=False)
     assert "up to date" in cli("stats", pairs, "-q").stdout                 # no Ray needed: nothing to compute
     before = load_stats(pairs)
     flip_byte(pairs / "shard-000002.tar", 700)

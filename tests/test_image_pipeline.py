@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdm_pipe.config import EvaluateConfig, TrainConfig
+from kdm_pipe.config import EvaluateConfig, RefStatsConfig, SampleConfig, TrainConfig
 from kdm_pipe.training import train
 from stages import evaluate, sample, stats
 
@@ -41,7 +41,7 @@ def run(digit_pairs, tmp_path_factory):
 
 def test_evaluate_with_reference_and_detector(run, tmp_path):
     ref = tmp_path / "ref.npz"
-    stats.reference("sklearn-digits", ref)
+    stats.reference(RefStatsConfig(source="sklearn-digits", out=ref))
     with np.load(ref) as f:
         assert f["mu"].shape == (64,) and f["sigma"].shape == (64, 64)
     res = evaluate.run(EvaluateConfig(run=run, num=32, ref=str(ref), fid_num=40, batch=16))
@@ -60,7 +60,7 @@ def test_evaluate_with_reference_and_detector(run, tmp_path):
 
 def test_sample_writes_edm_layout(run, tmp_path):
     out = tmp_path / "samples"
-    sample.run(run, out, num=12, seed=995, weights="ema")
+    sample.run(SampleConfig(run=run, out=out, num=12, seed=995, weights="ema"))
     rec = json.loads((out / "samples.json").read_text())
     assert rec["seeds"] == list(range(995, 1007)) and rec["settings"]["weights"] == "ema"
     with np.load(out / "samples.npz") as f:
@@ -68,7 +68,7 @@ def test_sample_writes_edm_layout(run, tmp_path):
         first = f["arr_0"][0, ..., 0]
     assert (out / "000000" / "000995.png").is_file() and (out / "001000" / "001006.png").is_file()
     assert np.array_equal(np.asarray(Image.open(out / "000000" / "000995.png")), first)
-    sample.run(run, tmp_path / "again", num=1, seed=995, weights="ema")
+    sample.run(SampleConfig(run=run, out=tmp_path / "again", num=1, seed=995, weights="ema"))
     with np.load(tmp_path / "again" / "samples.npz") as f:
         assert np.array_equal(f["arr_0"][0, ..., 0], first)       # a sample depends only on its seed
 

@@ -8,7 +8,7 @@ import ray
 import zarr
 from zarr.codecs import BloscCodec
 
-from kdm_pipe.config import ConfigError, GenerateConfig
+from kdm_pipe.config import ConfigError, GenerateConfig, StatsConfig
 from kdm_pipe.errors import DataError
 from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, load_manifest, read_shard, save_manifest, write_shard
 from kdm_pipe.stats import STORE, load_stats
@@ -34,7 +34,7 @@ def pairs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pairs")
     generate.run(GenerateConfig(out=out, shards=3, pairs_per_shard=300, batch=100, trajectory="every-6"),
                  progress=False)
-    stats.run(out, progress=False)
+    stats.run(StatsConfig(data=out), progress=False)
     return out
 
 
@@ -122,7 +122,7 @@ def test_store_is_zarr3_blosc_one_chunk_per_shard_row(pairs):
 
 def test_rerun_recomputes_only_changed_shards(pairs_copy, capsys):
     before = per_shard(pairs_copy, "computed_at")
-    stats.run(pairs_copy, progress=False)
+    stats.run(StatsConfig(data=pairs_copy), progress=False)
     assert "all 3 shards up to date" in capsys.readouterr().out
     np.testing.assert_array_equal(per_shard(pairs_copy, "computed_at"), before)
 
@@ -135,7 +135,7 @@ def test_rerun_recomputes_only_changed_shards(pairs_copy, capsys):
     info.bytes, info.sha256 = write_shard(pairs_copy / info.name, recs)
     save_manifest(pairs_copy, manifest)
 
-    stats.run(pairs_copy, progress=False)
+    stats.run(StatsConfig(data=pairs_copy), progress=False)
     out = capsys.readouterr().out
     assert "recomputed 1 of 3 shards" in out and "pairs/s" in out
     after = per_shard(pairs_copy, "computed_at")
@@ -148,7 +148,7 @@ def test_more_shards_add_rows(pairs_copy):
     generate.run(GenerateConfig(out=pairs_copy, shards=4, pairs_per_shard=300, batch=100, trajectory="every-6"),
                  progress=False)
     before = per_shard(pairs_copy, "computed_at")
-    stats.run(pairs_copy, progress=False)
+    stats.run(StatsConfig(data=pairs_copy), progress=False)
     after = per_shard(pairs_copy, "computed_at")
     assert after.shape == (4,) and np.array_equal(after[:3], before[:3]) and after[3] > 0
     assert_moments(load_stats(pairs_copy)["x_T"], all_arrays(pairs_copy)["x_T"])
@@ -162,7 +162,7 @@ def test_corrupt_shard_refused_and_previous_stats_kept(pairs_copy):
     raw[2000] ^= 0xFF                                  # same size, other bytes: only the sha256 tells
     (pairs_copy / info.name).write_bytes(bytes(raw))
     with pytest.raises(DataError, match="shard-000002.tar.*sha256.*rerun the `kdm-pipe generate`"):
-        stats.run(pairs_copy, progress=False)
+        stats.run(StatsConfig(data=pairs_copy), progress=False)
     after = load_stats(pairs_copy)
     for field in before:
         for name in before[field]:
@@ -186,7 +186,7 @@ def test_labels_and_skipped_covariance(tmp_path):
     save_manifest(tmp_path, Manifest(teacher={"name": "hand", "sha256": "ab"}, source={}, shape=[1, 4, 4],
                                      label_dim=3, sigma_max=80.0, num_shards=2, pairs_per_shard=50,
                                      dtypes={"x_T": "float64", "x_0": "float64"}, shards=shards))
-    stats.run(tmp_path, cov_max_dim=8, progress=False)
+    stats.run(StatsConfig(data=tmp_path, cov_max_dim=8), progress=False)
     s = load_stats(tmp_path)
     np.testing.assert_array_equal(s["label"]["count"], np.concatenate(ys).sum(0))
     x = np.concatenate(xs)
@@ -197,7 +197,7 @@ def test_labels_and_skipped_covariance(tmp_path):
     skipped = attrs["covariance_skipped"]
     assert set(skipped) == {"x_0", "x_T"} and "16 > cov_max_dim = 8" in skipped["x_0"]
 
-    stats.run(tmp_path, cov_max_dim=16, progress=False)   # another layout: the store is rebuilt with cov
+    stats.run(StatsConfig(data=tmp_path, cov_max_dim=16), progress=False)   # another layout: the store is rebuilt with cov
     cov = load_stats(tmp_path)["x_0"]["cov"]
     np.testing.assert_allclose(cov, np.cov(x.reshape(100, 16), rowvar=False), rtol=1e-10, atol=1e-12)
 
@@ -208,12 +208,12 @@ def test_bad_directory_raises_config_error_and_writes_nothing(tmp_path, manifest
         (tmp_path / MANIFEST).write_text(manifest_text)
     before = sorted(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="manifest"):
-        stats.run(tmp_path, progress=False)
+        stats.run(StatsConfig(data=tmp_path), progress=False)
     assert sorted(tmp_path.iterdir()) == before
     with pytest.raises(ConfigError, match="kdm-pipe stats"):
         load_stats(tmp_path)
     with pytest.raises(ConfigError, match="manifest"):
-        stats.run(tmp_path / "missing", progress=False)
+        stats.run(StatsConfig(data=tmp_path / "missing"), progress=False)
     assert not (tmp_path / "missing").exists()
 
 
@@ -222,7 +222,7 @@ def test_incomplete_store_is_not_read(pairs_copy):
     root.attrs.update({"complete": False})            # as if killed while rewriting merged/
     with pytest.raises(ConfigError, match="not a complete"):
         load_stats(pairs_copy)
-    stats.run(pairs_copy, progress=False)
+    stats.run(StatsConfig(data=pairs_copy), progress=False)
     assert load_stats(pairs_copy)["x_0"]["count"] == 900
 
 
@@ -232,5 +232,5 @@ def test_unreadable_store_is_rebuilt(pairs_copy):
     (pairs_copy / STORE / "zarr.json").write_text("{not json")
     with pytest.raises(ConfigError, match="kdm-pipe stats"):
         load_stats(pairs_copy)
-    stats.run(pairs_copy, progress=False)
+    stats.run(StatsConfig(data=pairs_copy), progress=False)
     assert_moments(load_stats(pairs_copy)["x_0"], all_arrays(pairs_copy)["x_0"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdm_pipe.config import EvaluateConfig, TrainConfig
+from kdm_pipe.config import EvaluateConfig, SampleConfig, TrainConfig
 from kdm_pipe.evaluation import (SELECTION_MAX, WEIGHTS_JSON, choice_distance, chosen_weights, evaluate,
                                  heldout_split, weight_choice)
 from kdm_pipe.metrics import paired_errors
@@ -68,7 +68,7 @@ def test_image_choice_is_a_frechet_distance_of_pooled_pixels():
 def test_every_consumer_uses_the_recorded_choice(run, tmp_path):
     (run / WEIGHTS_JSON).unlink(missing_ok=True)
     # sample before evaluate: computes the choice once and records it
-    sample.run(run, tmp_path / "s1", num=4)
+    sample.run(SampleConfig(run=run, out=tmp_path / "s1", num=4))
     record = json.loads((run / WEIGHTS_JSON).read_text())
     assert set(record["scores"]) == {"ema", "raw"} and record["checkpoint"].startswith("ckpt-")
     assert json.loads((tmp_path / "s1" / "samples.json").read_text())["settings"]["weights"] == record["weights"]
@@ -76,7 +76,7 @@ def test_every_consumer_uses_the_recorded_choice(run, tmp_path):
     other = "raw" if record["weights"] == "ema" else "ema"
     (run / WEIGHTS_JSON).write_text(json.dumps({**record, "weights": other}))
     assert chosen_weights(run) == other
-    sample.run(run, tmp_path / "s2", num=4)
+    sample.run(SampleConfig(run=run, out=tmp_path / "s2", num=4))
     assert json.loads((tmp_path / "s2" / "samples.json").read_text())["settings"]["weights"] == other
     res = evaluate(EvaluateConfig(run=run, num=400))
     assert res["weights"] == other and res["weights_choice"]["weights"] == other
