@@ -23,10 +23,11 @@ import torch
 from pydantic import ValidationError
 
 from kdm_pipe.config import TrainConfig, format_validation
-from kdm_pipe.errors import ConfigError
+from kdm_pipe.errors import ConfigError, one_line
 from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, load_manifest, sha256_file
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
+_warned: set[Path] = set()              # damaged checkpoints already reported by this process
 
 
 class Run:
@@ -133,25 +134,29 @@ class Run:
         return path
 
     def damage(self, path: Path) -> str | None:
-        """What is wrong with checkpoint `path` (checksum mismatch), or None."""
+        """What is wrong with checkpoint `path`, or None: its checksum file decides (a checkpoint written before
+        checksums existed is loaded to find out)."""
         sidecar = path.with_name(path.name + ".sha256")
-        if sidecar.is_file() and sidecar.read_text().strip() != sha256_file(path):
-            return "sha256 mismatch"
-        return None
+        if sidecar.is_file():
+            return None if sidecar.read_text().strip() == sha256_file(path) else "sha256 mismatch"
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return None
+        except Exception as e:  # noqa: BLE001  (torch raises many kinds on a damaged file)
+            return f"unreadable: {type(e).__name__}: {one_line(str(e))[:120]}"
 
-    def load_checkpoint(self, map_location: Any = "cpu", set_aside: bool = False) -> tuple[dict, Path] | None:
-        """The newest intact checkpoint's state and path; None when there are none. Damaged newer ones are passed
-        over with a warning (and, for a resumed run, renamed *.damaged so they stay out of the way)."""
+    def intact_checkpoint(self, set_aside: bool = False) -> Path | None:
+        """The newest intact checkpoint; None when there are none. Damaged newer ones are passed over with a warning
+        (and, for a resumed run, renamed *.damaged so that they stay out of the way, not lost)."""
         found = self.checkpoints()
         for path in reversed(found):
             problem = self.damage(path)
             if problem is None:
-                try:
-                    return torch.load(path, map_location=map_location, weights_only=True), path
-                except Exception as e:  # noqa: BLE001  (torch raises many kinds on a damaged file)
-                    problem = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            print(f"warning: checkpoint {path} is damaged ({problem}); falling back to the one before it",
-                  file=sys.stderr)
+                return path
+            if path not in _warned:
+                print(f"warning: checkpoint {path} is damaged ({problem}); falling back to the one before it",
+                      file=sys.stderr)
+                _warned.add(path)
             if set_aside:
                 os.replace(path, path.with_name(path.name + ".damaged"))
                 path.with_name(path.name + ".sha256").unlink(missing_ok=True)
@@ -160,9 +165,13 @@ class Run:
                               f"{self.ckpt_dir} from a copy")
         return None
 
+    def load_checkpoint(self, map_location: Any = "cpu", set_aside: bool = False) -> tuple[dict, Path] | None:
+        """The newest intact checkpoint's state and path (see `intact_checkpoint`); None when there are none."""
+        path = self.intact_checkpoint(set_aside)
+        return (torch.load(path, map_location=map_location, weights_only=True), path) if path else None
+
     def latest_checkpoint(self) -> Path | None:
-        loaded = self.load_checkpoint()
-        return loaded[1] if loaded else None
+        return self.intact_checkpoint()
 
     def trim_log(self, step: int) -> None:
         """Drop train.jsonl rows past `step` (a resume from an earlier checkpoint repeats those steps)."""

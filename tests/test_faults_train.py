@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from faults import cli, error_line, kdm, tree
+from kdm_pipe import run as kdm_run
 from kdm_pipe.config import TrainConfig
 from kdm_pipe.shards import load_manifest, save_manifest, sha256_file
 from kdm_pipe.training import latest_checkpoint, train
@@ -23,6 +24,12 @@ TINY_UNET = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_re
 def pairs(vector_pairs, tmp_path):
     """A private copy of the 5 × 1000 checkerboard pairs, free to damage."""
     return Path(shutil.copytree(vector_pairs, tmp_path / "pairs"))
+
+
+def fresh(*args):
+    """`cli` as a new process would run it: a process warns about a damaged checkpoint once, and these share one."""
+    kdm_run._warned.clear()
+    return cli(*args)
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -94,10 +101,10 @@ def test_damaged_latest_checkpoint_falls_back_everywhere(pairs, tmp_path):
         f.truncate(latest.stat().st_size // 3)
     for args in (["evaluate", run, "--num", "200"], ["sample", run, "--out", tmp_path / "s", "--num", "8"],
                  ["analyze", run, "--num", "200"]):
-        r = cli(*args)
+        r = fresh(*args)
         assert r.returncode == 0, r.stderr
         assert "ckpt-00000006.pt is damaged" in r.stderr and "Traceback" not in r.stderr
-    r = cli("train", "--data", pairs, "--out", run, *QUICK, "--resume")
+    r = fresh("train", "--data", pairs, "--out", run, *QUICK, "--resume")
     assert r.returncode == 0, r.stderr
     assert "falling back" in r.stderr
     assert (run / "checkpoints" / "ckpt-00000006.pt.damaged").is_file()     # set aside, not deleted
