@@ -7,11 +7,13 @@ resume: finished shards are kept, finished runs are re-evaluated only.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
 from kdm_pipe.config import (DemoConfig, EvaluateConfig, GenerateConfig, StatsConfig, TrainConfig, VerifyConfig, build,
                              load_preset)
+from kdm_pipe.interrupts import Terminated
 from kdm_pipe.report import write_comparison
 from stages import evaluate, generate, stats, train, verify
 
@@ -45,7 +47,8 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
         ecfg = build(EvaluateConfig, sections.get("evaluate", {}), {"run": run_dir, "data": pairs}, where="evaluate")
         print(f"== train {kind} ({tcfg.steps} steps, batch {tcfg.batch})")
         done = (run_dir / "config.json").exists()
-        train.run(tcfg, resume=cfg.resume and done, progress=progress)
+        if train.run(tcfg, resume=cfg.resume and done, progress=progress)["status"] == "preempted":
+            raise Terminated(signal.SIGTERM)       # checkpointed; rerun the demo with --resume to continue
         print(f"== evaluate {kind}")
         results[kind] = evaluate.run(ecfg)
     report = write_comparison({k: out / k for k in STUDENTS}, out / "report.html")
