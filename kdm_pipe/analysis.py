@@ -7,7 +7,7 @@
     interpolation.png    one-step outputs between held-out x_T: linear in x_T, and linear in the latent z_T
     analysis.json        spectrum summary, latent proximity, outlier fractions, what each figure shows
 
-All of it uses held-out pairs and the weights `evaluate` reported (EMA when the run has not been evaluated).
+All of it uses held-out pairs and the run's chosen weights (RUN/weights.json, the same choice evaluate and sample use).
 KD students have no latent: only the sample analyses (noise structure, x_T interpolation) apply to them.
 """
 
