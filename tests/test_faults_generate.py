@@ -15,13 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, tree
 
 import kdm_pipe.shards as shards
-from faults import CLI, ENV, cli, error_line, kdm, tree
 from kdm_pipe.errors import DataError
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.shards import (MANIFEST, VERIFIED, Manifest, ShardInfo, check_shards, load_manifest, read_shard,
-                             save_manifest, sha256_file, write_shard)
+from kdm_pipe.shards import (
+    MANIFEST,
+    VERIFIED,
+    Manifest,
+    ShardInfo,
+    check_shards,
+    load_manifest,
+    read_shard,
+    save_manifest,
+    write_shard,
+)
 from kdm_pipe.stats import STORE, load_stats
 
 REPAIR = "rerun the `kdm-pipe generate` (or import) command"
@@ -43,23 +52,6 @@ def small_set(d: Path, n: int = 3) -> Path:
     return d
 
 
-def flip_byte(path: Path, offset: int) -> None:
-    """Change one byte in place and put the mtime back (as a careless copy tool would): only ctime tells."""
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def bless(directory: Path) -> None:
-    """Make the manifest agree with whatever is on disk: only reading a shard can then find its damage."""
-    m = load_manifest(directory)
-    for s in m.shards:
-        s.bytes, s.sha256 = (directory / s.name).stat().st_size, sha256_file(directory / s.name)
-    save_manifest(directory, m)
 
 
 def npy_header(shape, descr="<f8") -> bytes:

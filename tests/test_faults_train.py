@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import bless, cli, error_line, flip_byte, kdm, tree
 
-from faults import cli, error_line, kdm, tree
 from kdm_pipe import run as kdm_run
 from kdm_pipe.config import TrainConfig
-from kdm_pipe.shards import load_manifest, save_manifest, sha256_file
 from kdm_pipe.training import latest_checkpoint, train
 
 QUICK = ["--steps", "6", "--batch", "100", "--ckpt-every", "3", "--probe-every", "3", "--no-tensorboard", "-q",
@@ -32,22 +31,6 @@ def fresh(*args):
     return cli(*args)
 
 
-def flip_byte(path: Path, offset: int) -> None:
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))     # a hostile copy tool keeps the mtime: still caught
-
-
-def bless(directory: Path) -> None:
-    """Make the manifest agree with whatever is on disk (a crafted or damaged-then-rehashed set)."""
-    m = load_manifest(directory)
-    for s in m.shards:
-        s.bytes, s.sha256 = (directory / s.name).stat().st_size, sha256_file(directory / s.name)
-    save_manifest(directory, m)
 
 
 def test_same_size_corruption_is_refused_before_training(pairs, tmp_path):
