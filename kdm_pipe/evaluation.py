@@ -28,9 +28,8 @@ from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
 from kdm_pipe.metrics.fid import FeatureStats, image_metrics, load_ref_stats, reference_stats
-from kdm_pipe.plots import pairs_scatter
+from kdm_pipe.plots import image_rows, pairs_scatter
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.sample_io import save_grid
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
 from kdm_pipe.run import Run
 from kdm_pipe.shards import atomic_write_text, read_pairs
@@ -209,8 +208,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if is_image(manifest.shape):
         image_results(results, cfg, net, samples, x_0[h:], device)
         results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
-        save_grid(run / "samples.png", np.concatenate([x_0[:16], outputs["student"][:16], outputs["untrained"][:16]]),
-                  ncol=16, scale=max(1, 64 // manifest.shape[-1]))
+        image_rows(run / "samples.png", {"teacher x_0 (held-out pairs)": x_0[:16],
+                                         f"student x̂_0 ({chosen} weights, step {step}), one step from the same x_T":
+                                         outputs["student"][:16]}, scale=max(1, 64 // manifest.shape[-1]))
         results["figures"] = [str(run / "samples.png")]
     else:
         for name, x in samples.items():

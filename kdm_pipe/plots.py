@@ -114,19 +114,25 @@ def interpolation_paths(path: Path, background: np.ndarray, paths: dict[str, np.
     return Path(path)
 
 
-def image_rows(path: Path, rows: dict[str, np.ndarray], scale: int = 1) -> Path:
-    """One titled strip per row of images (N, C, H, W) in [−1, 1], e.g. interpolations side by side."""
+def image_rows(path: Path, rows: dict[str, np.ndarray], scale: int = 1, dpi: int = 110) -> Path:
+    """One strip per row of images (N, C, H, W) in [−1, 1], each under its title (which row is which stays on the
+    figure wherever it is shown). Strips are drawn pixel for pixel (each image pixel `scale` × `scale` screen
+    pixels, no resampling), left-aligned on a figure at least 480 pixels wide so that titles fit."""
     strips = {k: image_grid(np.asarray(v).repeat(scale, 2).repeat(scale, 3), ncol=len(v), gap=2)
               for k, v in rows.items()}
-    h, w = next(iter(strips.values())).shape[:2]
-    fig, axes = plt.subplots(len(strips), 1, figsize=(max(4.0, w / 40), len(strips) * (h / 40 + 0.5)), squeeze=False)
-    for ax, (title, strip) in zip(axes[:, 0], strips.items()):
+    h, w = max(s.shape[0] for s in strips.values()), max(s.shape[1] for s in strips.values())
+    title, pad = 20, 4                                 # pixels above each strip for its title, and around
+    width, height = max(w, 480) + 2 * pad, len(strips) * (h + title) + pad
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    for i, (name, strip) in enumerate(strips.items()):
+        top = i * (h + title) + title
+        ax = fig.add_axes((pad / width, 1 - (top + strip.shape[0]) / height, strip.shape[1] / width,
+                           strip.shape[0] / height))
         ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255,
                   interpolation="nearest")
-        ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        fig.text(pad / width, 1 - (top - 4) / height, name, fontsize=9, ha="left", va="bottom")
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
 

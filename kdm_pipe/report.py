@@ -8,6 +8,7 @@ from `analyze`, and the curves drawn here into RUN/report_files/. A section whos
 from __future__ import annotations
 
 import json
+import math
 import os
 from html import escape
 from pathlib import Path
@@ -35,12 +36,23 @@ figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}figcaption
 .note{color:#666}"""
 
 
-def fmt(value: Any) -> str:
+def fmt(value: Any, digits: int = 4) -> str:
+    """The one number format of every table and line: `digits` significant digits, thousands separators, no trailing
+    zeros, and scientific notation only outside 1e-4 ≤ |x| < 1e15 (8,433 and 16,040, not 8433 and 1.604e+04);
+    integers in full; None as an empty cell; anything else as str()."""
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    if not isinstance(value, (float, np.floating)):
+        return str(value)
+    short = f"{float(value):.{digits}g}"
+    rounded = float(short)
+    if not math.isfinite(rounded) or rounded == 0 or not 1e-4 <= abs(rounded) < 1e15:
+        return short
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
+    text = f"{rounded:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -64,27 +76,27 @@ def metric_rows(results: dict) -> list[list[Any]]:
 
 
 def speed_line(speed: dict) -> str:
-    line = (f"student {speed['student_samples_per_s']:,.0f} samples/s ({speed['student_nfe']} NFE, "
+    line = (f"student {fmt(speed['student_samples_per_s'])} samples/s ({speed['student_nfe']} NFE, "
             f"batch {speed['batch']})")
     if "speedup" in speed:
-        line += (f" vs teacher {speed['teacher_samples_per_s']:,.0f} samples/s ({speed['teacher_nfe']} NFE): "
-                 f"{speed['speedup']:.1f}× faster")
+        line += (f" vs teacher {fmt(speed['teacher_samples_per_s'])} samples/s ({speed['teacher_nfe']} NFE): "
+                 f"{fmt(speed['speedup'])}× faster")
     return line
 
 
 def fid_line(fid: dict) -> str:
     name = "FID" if "fid" in fid else "Fréchet distance"
-    return (f"{name} vs {fid.get('ref', 'reference')}: {fid.get('fid', fid.get('frechet_distance')):.4g} "
-            f"({fid.get('num_samples')} one-step samples, {fid.get('detector')})")
+    return (f"{name} vs {fid.get('ref', 'reference')}: {fmt(fid.get('fid', fid.get('frechet_distance')))} "
+            f"({fmt(fid.get('num_samples'))} one-step samples, {fid.get('detector')})")
 
 
 def spectrum_line(analysis: dict | None) -> str:
     s = (analysis or {}).get("spectrum")
     if not s:
         return ""
-    return para(f"{analysis['weights']} weights, step {analysis['step']}: spectral radius {s['spectral_radius']:.4g}, "
-                f"{100 * s['fraction_inside']:.1f}% of {s['dim']} eigenvalues inside the unit circle, "
-                f"operator norm (largest singular value) {s['operator_norm']:.4g}")
+    return para(f"{analysis['weights']} weights, step {analysis['step']}: spectral radius {fmt(s['spectral_radius'])}, "
+                f"{fmt(100 * s['fraction_inside'])}% of {s['dim']} eigenvalues inside the unit circle, "
+                f"operator norm (largest singular value) {fmt(s['operator_norm'])}")
 
 
 def page(title: str, body: str) -> str:
@@ -201,6 +213,12 @@ def spectrum_figure(run: Path, files: Path) -> tuple[Path, str] | None:
     return plots.spectrum(files / "spectrum.png", lams[-1], title, spectra), title
 
 
+def samples_caption(image: bool) -> str:
+    """What evaluate's samples.png shows (its rows or panels are titled in the figure too)."""
+    return ("top row: teacher x_0, bottom row: the student's one-step x̂_0 from the same held-out x_T" if image else
+            "x_T, teacher x_0 and one-step samples from the same x_T, coloured by the teacher's mode")
+
+
 def eval_section(run: Path, results: dict | None, image: bool) -> str:
     if results is None:
         return section("Metrics", para(f"not evaluated yet: run `kdm-pipe evaluate {run}`", "note"))
@@ -211,11 +229,9 @@ def eval_section(run: Path, results: dict | None, image: bool) -> str:
         parts.append(para("speed: " + speed_line(results["speed"])))
     if results.get("fid"):
         parts.append(para(fid_line(results["fid"])))
-    caption = ("rows: teacher x_0 · student x̂_0 · untrained student, from the same held-out x_T" if image else
-               "x_T, teacher x_0 and one-step samples from the same x_T, coloured by the teacher's mode")
     for f in eval_figures(run, results):
         src = relative(f, run)
-        parts.append(figure(src, f"{f.name}: {caption}") if src else para(f"missing figure {f}", "note"))
+        parts.append(figure(src, f"{f.name}: {samples_caption(image)}") if src else para(f"missing figure {f}", "note"))
     return section("Metrics (held-out pairs)", *parts)
 
 
@@ -306,7 +322,7 @@ def write_comparison(runs: dict[str, Path], out: Path) -> Path:
         for f in eval_figures(Path(runs[name]), r):
             src = relative(f, base)
             if src:
-                figs.append(figure(src, f"{name}: {f.name}"))
+                figs.append(figure(src, f"{name}: {samples_caption('detector' in r)}"))
     body = [section("Student metrics (held-out pairs)", html_table(["metric", *results, *floor_cols], rows)),
             section("Samples", *figs) if figs else "",
             section("Runs", "<ul>\n" + "".join(links) + "</ul>\n") if links else ""]

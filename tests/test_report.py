@@ -9,7 +9,7 @@ import pytest
 from kdm_pipe.analysis import analyze
 from kdm_pipe.config import ConfigError, EvaluateConfig, TrainConfig
 from kdm_pipe.evaluation import evaluate
-from kdm_pipe.report import write_comparison, write_report
+from kdm_pipe.report import fmt, write_comparison, write_report
 from kdm_pipe.training import train
 
 SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
@@ -74,7 +74,8 @@ def table_with(parsed, header):
 
 
 def assert_numbers(rows, expected: dict[str, list]):
-    """Each row `name, v1, v2 …` shows expected[name] to 4 significant digits ('' for missing values)."""
+    """Each row `name, v1, v2 …` shows expected[name] to 4 significant digits ('' for missing values), as `fmt`
+    writes every number of every table."""
     assert sorted(r[0] for r in rows) == sorted(expected)
     for row in rows:
         for cell, want in zip(row[1:], expected[row[0]], strict=True):
@@ -83,7 +84,18 @@ def assert_numbers(rows, expected: dict[str, list]):
             elif isinstance(want, str):
                 assert cell == want
             else:
-                assert float(cell) == pytest.approx(want, rel=1e-3, abs=1e-12), (row[0], cell, want)
+                assert cell == fmt(want), (row[0], cell, want)
+                assert float(cell.replace(",", "")) == pytest.approx(want, rel=1e-3, abs=1e-12), (row[0], cell, want)
+
+
+@pytest.mark.parametrize("value, text", [
+    (8433.0, "8,433"), (16040.3, "16,040"), (8433, "8,433"), (0.012345, "0.01235"), (0.5, "0.5"), (1.0, "1"),
+    (0.0, "0"), (-2.5, "-2.5"), (9999.7, "10,000"), (123.456, "123.5"), (2e-5, "2e-05"), (3e17, "3e+17"),
+    (float("nan"), "nan"), (None, ""), ("ema", "ema")])
+def test_one_number_format(value, text):
+    """4 significant digits, thousands separators, no exponent for ordinary magnitudes (8,433 beside 16,040, not
+    8433 beside 1.604e+04)."""
+    assert fmt(value) == text
 
 
 def student_keys(results):
@@ -125,7 +137,7 @@ def test_report_is_valid_html_with_images_and_the_eval_numbers(runs, name):
     assert_numbers(rows, {k: [results[p].get(k) for p in ("student", "untrained", "teacher_floor")]
                           for k in student_keys(results)})
     text = "".join(html.text)
-    assert f"{results['speed']['student_samples_per_s']:,.0f} samples/s" in text
+    assert f"{fmt(results['speed']['student_samples_per_s'])} samples/s" in text
     assert "samples.png" in html.imgs and "report_files/losses.png" in html.imgs
     config = dict(table_with(html, ["setting", "value"]))
     assert config["steps × batch"] == {"kdm": "60 × 128", "kd": "20 × 128", "image": "6 × 16"}[name]
