@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/kdm-pipe demo --out runs/demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-all: install

@@ -86,7 +86,9 @@ if __name__ == "__main__":
           f"Heun {cfg.sampler.steps} steps ({nfe} NFE)")
     print(f"bare sampler loop, 1 thread:       {b1:10,.2f} pairs/s")
     print(f"bare sampler loop, 2 threads:      {b2:10,.2f} pairs/s")
-    print(f"pipeline, 2 workers × 1 thread:    {p21:10,.2f} pairs/s   ratio to best bare {p21 / base:.2f} (goal ≥ 0.95)")
+    print(f"pipeline, 2 workers × 1 thread:    {p21:10,.2f} pairs/s   "
+          f"ratio to best bare {p21 / base:.2f} (goal ≥ 0.95)")
     print(f"pipeline, 1 worker × 2 threads:    {p12:10,.2f} pairs/s   ratio to best bare {p12 / base:.2f}")
-    print(f"per image-forward (best bare):     {1e3 / (base * nfe):10,.2f} ms  → 35-NFE pairs/s ≈ {base * nfe / 35:,.2f}")
+    print(f"per image-forward (best bare):     {1e3 / (base * nfe):10,.2f} ms  "
+          f"→ 35-NFE pairs/s ≈ {base * nfe / 35:,.2f}")
     shutil.rmtree(root)

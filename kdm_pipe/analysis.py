@@ -20,8 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.cluster import DBSCAN, KMeans
-from sklearn.metrics import (adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score,
-                             normalized_mutual_info_score)
+from sklearn.metrics import (
+    adjusted_rand_score,
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    normalized_mutual_info_score,
+)
 
 from kdm_pipe import plots
 from kdm_pipe.errors import ConfigError

@@ -16,8 +16,20 @@ import typer
 from pydantic import BaseModel
 from typer.exceptions import TyperException
 
-from kdm_pipe.config import (AnalyzeConfig, DemoConfig, EvaluateConfig, ImportConfig, RefStatsConfig, SampleConfig,
-                             StatsConfig, TrainConfig, VerifyConfig, build, generate_config, resolve)
+from kdm_pipe.config import (
+    AnalyzeConfig,
+    DemoConfig,
+    EvaluateConfig,
+    ImportConfig,
+    RefStatsConfig,
+    SampleConfig,
+    StatsConfig,
+    TrainConfig,
+    VerifyConfig,
+    build,
+    generate_config,
+    resolve,
+)
 from kdm_pipe.errors import ConfigError, DataError, one_line
 from kdm_pipe.teachers import TEACHERS
 
@@ -171,13 +183,15 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Fit the Koopman student on streamed pairs; checkpoints and logs under --out. Multi-GPU: torchrun ... -m kdm_pipe.cli train."""
+    """Fit the Koopman student on streamed pairs; checkpoints and logs under --out.
+    Multi-GPU: torchrun ... -m kdm_pipe.cli train."""
     student_flags = dict(kind=student, operator=operator, spectrum_prior=spectrum_prior, mlp=mlp, distance=distance,
                          w_adv=w_adv, lpips_vgg=lpips_vgg, lpips_lin=lpips_lin)
     flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, ema_rampup=ema_rampup,
                  update_order=update_order, seed=seed,
                  loader_workers=loader_workers, device=device, threads=threads, ckpt_every=ckpt_every,
-                 probe_every=probe_every, holdout_shards=holdout_shards, amp=amp, tf32=tf32, compile=compile, tensorboard=tensorboard,
+                 probe_every=probe_every, holdout_shards=holdout_shards, amp=amp, tf32=tf32, compile=compile,
+                 tensorboard=tensorboard,
                  student={k: v for k, v in student_flags.items() if v is not None})
     cfg = resolve(TrainConfig, "train", preset, flags)
     if finish(cfg, dry_run):

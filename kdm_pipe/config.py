@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdm_pipe.errors import ConfigError  # noqa: F401  (re-exported: stages raise it via config)
 from kdm_pipe.teachers import TEACHERS, TeacherConfig
@@ -61,7 +60,8 @@ class GenerateConfig(Strict):
     out: LocalPath = Path("runs/pairs")
     shards: int = Field(default=8, ge=1)
     pairs_per_shard: int = Field(default=4096, ge=1)
-    seed: int = Field(default=0, ge=0, description="shard k holds seeds seed + k·pairs_per_shard … + pairs_per_shard − 1")
+    seed: int = Field(default=0, ge=0,
+                      description="shard k holds seeds seed + k·pairs_per_shard … + pairs_per_shard − 1")
     batch: int = Field(default=1024, ge=1, description="pairs per sampler batch and per tar record")
     trajectory: str = Field(default="none", description="none | all | every-K")
     x0_dtype: Dtype = "float32"
@@ -102,7 +102,8 @@ class StudentConfig(Strict):
     pseudo-Huber (LPIPS is the official distance but needs local weights); vectors (the checkerboard setup): 0, 0, L2.
     """
 
-    kind: Literal["kdm", "kd"] = Field(default="kdm", description="kdm: Koopman student; kd: direct-regression baseline")
+    kind: Literal["kdm", "kd"] = Field(default="kdm",
+                                       description="kdm: Koopman student; kd: direct-regression baseline")
     # Vector students (MLPs)
     hidden: int = Field(default=256, ge=1)
     depth: int = Field(default=5, ge=1, description="hidden layers per MLP")
@@ -349,7 +350,8 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     if data is None or data == {}:       # an empty file would otherwise run the built-in defaults silently
         raise ConfigError(f"{path}: the preset is empty; give at least one of the sections generate/train/evaluate")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections generate/train/evaluate, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping with sections generate/train/evaluate, "
+                          f"got {type(data).__name__}")
     try:
         Preset.model_validate(data)
     except ValidationError as e:

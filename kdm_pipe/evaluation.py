@@ -29,9 +29,9 @@ from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, s
 from kdm_pipe.metrics.detectors import features, load_detector
 from kdm_pipe.metrics.fid import FeatureStats, image_metrics, load_ref_stats, reference_stats
 from kdm_pipe.plots import image_rows, pairs_scatter
+from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
-from kdm_pipe.run import Run
 from kdm_pipe.shards import atomic_write_text, read_pairs
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import TEACHERS, build_teacher
@@ -58,7 +58,8 @@ def heldout_split(run: Path, data: Path | None = None, num: int | None = None) -
     counts = {s.name: s.pairs for s in r.manifest(data).shards}
     n = sum(counts.get(name, 0) for name in holdout)
     if n < 2:
-        raise ConfigError(f"{run} has {n} held-out pairs in {data}; evaluation needs ≥ 2: train with holdout_shards ≥ 1")
+        raise ConfigError(f"{run} has {n} held-out pairs in {data}; evaluation needs ≥ 2: "
+                          f"train with holdout_shards ≥ 1")
     select = min(n // 2, SELECTION_MAX)
     pairs = heldout_pairs(data, holdout, select + (num or 0))
     head = {k: v[:select] for k, v in pairs.items()}
@@ -223,7 +224,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if modes is not None:
         extent = manifest.teacher["params"].get("extent")
         pairs_scatter(run / "samples.png", x_T / manifest.sigma_max, x_0,
-                      {f"student x̂_0 ({chosen}, step {step})": outputs["student"], "untrained student": outputs["untrained"]},
+                      {f"student x̂_0 ({chosen}, step {step})": outputs["student"],
+                       "untrained student": outputs["untrained"]},
                       modes, extent)
         results["figures"] = [str(run / "samples.png")]
     (run / "eval.json").write_text(json.dumps(results, indent=1))

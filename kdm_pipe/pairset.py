@@ -36,8 +36,18 @@ from typing import Any, Callable, Iterator
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.interrupts import Terminated, stop_on_signals
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.shards import (MANIFEST, Manifest, Pending, ShardInfo, atomic_write_text, load_manifest, reconcile,
-                             remove_temp_files, save_manifest, shard_name)
+from kdm_pipe.shards import (
+    MANIFEST,
+    Manifest,
+    Pending,
+    ShardInfo,
+    atomic_write_text,
+    load_manifest,
+    reconcile,
+    remove_temp_files,
+    save_manifest,
+    shard_name,
+)
 
 
 def existing_parent(path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Ray plumbing shared by the stages: one cluster session and a bounded stream of tasks (signals: kdm_pipe.interrupts)."""
+"""Ray plumbing shared by the stages: one cluster session and a bounded stream of tasks
+(signals: kdm_pipe.interrupts)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
 
 
 def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> Iterator[Any]:
-    """Submit `remote_fn.remote(*args)` for each call with at most `max_in_flight` pending; yield results as they finish.
+    """Submit `remote_fn.remote(*args)` for each call with at most `max_in_flight` pending;
+    yield results as they finish.
 
     Bounding keeps the driver's memory and the object store flat for any number of shards; `calls` is consumed
     lazily, so it may be a generator over a huge plan.

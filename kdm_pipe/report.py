@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kdm_pipe import plots
-from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR, probe_spectra
+from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR
+from kdm_pipe.analysis import probe_spectra
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.probes import load_probes
 from kdm_pipe.run import Run

@@ -70,7 +70,8 @@ class Run:
     def write_split(self, data: Path, manifest: Manifest, train: list[str], holdout: list[str]) -> None:
         sha = {s.name: s.sha256 for s in manifest.shards}
         atomic_write_text(self.path / SPLIT, json.dumps({
-            "train": train, "holdout": holdout, "data_from_run": os.path.relpath(Path(data).resolve(), self.path.resolve()),
+            "train": train, "holdout": holdout,
+            "data_from_run": os.path.relpath(Path(data).resolve(), self.path.resolve()),
             "sha256": {n: sha[n] for n in train + holdout}}, indent=1))
         self.__dict__.pop("split", None)
 

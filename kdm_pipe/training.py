@@ -40,6 +40,7 @@ from kdm_pipe.student import build_student, is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
 from kdm_pipe.student.noise import LatentNoise
 
+
 def split_shards(manifest: Manifest, holdout: int) -> tuple[list[str], list[str]]:
     """Training shards and held-out shards (the last `holdout` complete shards)."""
     names = [s.name for s in sorted(manifest.shards, key=lambda s: s.index)]
@@ -289,7 +290,8 @@ def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, 
 
     stepper: nn.Module = LossStep(model)
     if world > 1:
-        stepper = nn.parallel.DistributedDataParallel(stepper, device_ids=[device.index] if device.type == "cuda" else None)
+        stepper = nn.parallel.DistributedDataParallel(
+            stepper, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         stepper = torch.compile(stepper)
     noise = LatentNoise(gen, rank, world)
@@ -380,5 +382,5 @@ def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, 
 
 def tensorboard(run: Path, step: int):
     """A TensorBoard writer for RUN/tensorboard; on resume, events past `step` are purged."""
-    from torch.utils.tensorboard import SummaryWriter     # imported here: it is slow and only rank 0 needs it
+    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow and only rank 0 needs it
     return SummaryWriter(str(run / "tensorboard"), purge_step=step or None)

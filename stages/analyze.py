@@ -1,6 +1,7 @@
 """analyze: the paper's analyses of a trained run → RUN/analysis/ (spectrum, noise structure, interpolation PNGs
 and analysis.json). Reads the run's config, checkpoints, latents.zarr, weights.json (the run's EMA-or-raw choice,
-shared with evaluate and sample) and its held-out shards. An existing RUN/report.html is rewritten so that it shows the analysis."""
+shared with evaluate and sample) and its held-out shards. An existing RUN/report.html is rewritten so that it shows
+the analysis."""
 
 from __future__ import annotations
 

@@ -11,8 +11,16 @@ import signal
 import time
 from pathlib import Path
 
-from kdm_pipe.config import (DemoConfig, EvaluateConfig, GenerateConfig, StatsConfig, TrainConfig, VerifyConfig, build,
-                             load_preset)
+from kdm_pipe.config import (
+    DemoConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    StatsConfig,
+    TrainConfig,
+    VerifyConfig,
+    build,
+    load_preset,
+)
 from kdm_pipe.interrupts import Terminated
 from kdm_pipe.report import write_comparison
 from stages import evaluate, generate, stats, train, verify

@@ -9,8 +9,6 @@ from kdm_pipe.evaluation import evaluate
 from kdm_pipe.report import METRICS, write_report
 
 
-
-
 def aligned(rows: list[tuple[str, ...]]) -> list[str]:
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
@@ -43,7 +41,8 @@ def comparison(results: dict[str, dict[str, Any]]) -> str:
     for key in METRICS:
         if all(key in r["student"] for r in results.values()):
             vals = [r["student"][key] for r in results.values()]
-            rows.append((key, *(f"{v:.4g}" for v in vals), *(f"{v / vals[0]:.3g}" if vals[0] else "" for v in vals[1:])))
+            ratios = (f"{v / vals[0]:.3g}" if vals[0] else "" for v in vals[1:])
+            rows.append((key, *(f"{v:.4g}" for v in vals), *ratios))
     rows.append(("samples/s", *(f"{r['speed']['student_samples_per_s']:,.0f}" for r in results.values()),
                  *("" for _ in names[1:])))
     return "\n".join(aligned(rows))
@@ -51,7 +50,8 @@ def comparison(results: dict[str, dict[str, Any]]) -> str:
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     results = evaluate(cfg)
-    print(f"{results['run']}: step {results['step']}, {results['weights']} weights, {results['num_pairs']} held-out pairs")
+    print(f"{results['run']}: step {results['step']}, {results['weights']} weights, "
+          f"{results['num_pairs']} held-out pairs")
     choice = results["weights_choice"]
     print(f"weights chosen on {choice['selection_pairs']} other held-out pairs by {choice['criterion']}: "
           + ", ".join(f"{w} {v:.4g}" for w, v in choice["scores"].items()) + " (both reported in eval.json)")

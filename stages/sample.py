@@ -27,7 +27,8 @@ from kdm_pipe.training import load_weights
 def run(cfg: SampleConfig) -> dict:
     run_dir, out, num, seed, class_label, batch = cfg.run, cfg.out, cfg.num, cfg.seed, cfg.class_label, cfg.batch
     if not (Path(run_dir) / "config.json").is_file():
-        raise ConfigError(f"{run_dir} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
+        raise ConfigError(f"{run_dir} is not a training run (no config.json); "
+                          f"pass the --out directory of `kdm-pipe train`")
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out} is a file; pass a directory for the samples")
     dev = pick_device(cfg.device)
@@ -54,7 +55,8 @@ def run(cfg: SampleConfig) -> dict:
     else:
         Path(out).mkdir(parents=True, exist_ok=True)
         np.savez(Path(out) / "samples.npz", x_0=x, seeds=seeds, **({} if labels is None else {"labels": labels}))
-        atomic_write_text(Path(out) / "samples.json", json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
+        atomic_write_text(Path(out) / "samples.json",
+                          json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
         paths = {"dir": Path(out), "npz": Path(out) / "samples.npz"}
     print(f"{out}: {num} one-step samples (seeds {seed}…{seed + num - 1}) from {run_dir} step {step}, {which} weights")
     return paths

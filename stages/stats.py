@@ -20,12 +20,22 @@ from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.errors import DataError
-from kdm_pipe.locks import directory_lock
 from kdm_pipe.interrupts import stop_on_signals
+from kdm_pipe.locks import directory_lock
 from kdm_pipe.raypool import ray_session, remote, run_bounded
 from kdm_pipe.shards import Manifest, bad_shards_error, check_shards, load_manifest
-from kdm_pipe.stats import (STORE, create_store, field_specs, open_store, publish, remove_temp_stores,
-                            stale_shards, temp_store_path, write_merged, write_shard_stats)
+from kdm_pipe.stats import (
+    STORE,
+    create_store,
+    field_specs,
+    open_store,
+    publish,
+    remove_temp_stores,
+    stale_shards,
+    temp_store_path,
+    write_merged,
+    write_shard_stats,
+)
 
 
 def checked_manifest(directory: Path) -> Manifest:
@@ -117,5 +127,6 @@ def reference(cfg: RefStatsConfig) -> Path:
     stats = reference_stats(cfg.source, load_detector(cfg.detector, dev), num=cfg.num, device=dev)
     path = save_ref_stats(cfg.out, stats)
     rate = stats.num / (time.perf_counter() - t)
-    print(f"{path}: reference statistics of {stats.num} images from {cfg.source} ({stats.detector}, {rate:,.0f} images/s)")
+    print(f"{path}: reference statistics of {stats.num} images from {cfg.source} "
+          f"({stats.detector}, {rate:,.0f} images/s)")
     return path

@@ -27,7 +27,8 @@ def test_digits_demo_end_to_end(tmp_path):
 
 def test_checkerboard_demo_keeps_the_2d_pipeline(tmp_path):
     out = tmp_path / "cb"
-    r = subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "demo", "--preset", "checkerboard-quick", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "demo", "--preset", "checkerboard-quick",
+                        "--out", str(out),
                         "--scale", "0.02", "--quiet"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sliced_wasserstein" in r.stdout and "off_support" in r.stdout

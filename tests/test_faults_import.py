@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from faults import CLI, ENV, error_line, kdm, tree
 from typer.testing import CliRunner
 

@@ -78,14 +78,16 @@ def test_cli_refuses_bad_input_with_exit_2(run, tmp_path):
 import sys
 from typer.testing import CliRunner
 from kdm_pipe.cli import app
-cases = [["sample", "{tmp_path}", "--out", "{tmp_path}/x"], ["sample", "{run}", "--out", "{tmp_path}/x", "--class", "3"],
+cases = [["sample", "{tmp_path}", "--out", "{tmp_path}/x"],
+         ["sample", "{run}", "--out", "{tmp_path}/x", "--class", "3"],
          ["evaluate", "{run}", "--detector", "{tmp_path}/missing.pt"], ["stats", "ref", "sklearn-digits"],
          ["evaluate", "{run}", "--ref", "{tmp_path}/nope.npz"]]
 for args in cases:
     r = CliRunner().invoke(app, args)
     print(r.exit_code, r.output.replace(chr(10), " "))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout.splitlines()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300).stdout.splitlines()
     assert [line.split()[0] for line in out] == ["2"] * 5, out
     for line, needle in zip(out, ["not a training run", "unconditional", "missing.pt", "--out", "nope.npz"]):
         assert needle in line, line

@@ -245,7 +245,8 @@ def test_lpips_first_layer_by_hand(lpips_files, tmp_path):
     vgg = vgg_state()
     x, y = torch.rand(2, 1, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16) * 2 - 1
 
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     def relu1_2(img):
         u = (F.interpolate(img.expand(-1, 3, -1, -1), size=32, mode="bilinear") + 1) / 2

@@ -8,9 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.data import batches
-from kdm_pipe.config import ImportConfig
 from kdm_pipe.shards import load_manifest, read_shard, verify
 from stages import import_pairs
 

@@ -19,7 +19,8 @@ def make(kind="decomposed", seed=0, dtype=torch.float64, **kw) -> KoopmanOperato
 def complex_factors(k: KoopmanOperator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """P (rows of Re and Im each unit-normalised, with the module's 1e-8 guard), λ, P⁻¹ as complex numpy arrays."""
     op = k.op
-    unit = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
+    def unit(x):
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
     P = unit(op.P_re.detach().numpy()) + 1j * unit(op.P_im.detach().numpy())
     r = np.exp(-np.exp(op.nu.detach().numpy()))
     lam = r * np.exp(1j * np.exp(op.theta.detach().numpy()))

@@ -197,7 +197,8 @@ def test_labels_and_skipped_covariance(tmp_path):
     skipped = attrs["covariance_skipped"]
     assert set(skipped) == {"x_0", "x_T"} and "16 > cov_max_dim = 8" in skipped["x_0"]
 
-    stats.run(StatsConfig(data=tmp_path, cov_max_dim=16), progress=False)   # another layout: the store is rebuilt with cov
+    # another layout: the store is rebuilt with cov
+    stats.run(StatsConfig(data=tmp_path, cov_max_dim=16), progress=False)
     cov = load_stats(tmp_path)["x_0"]["cov"]
     np.testing.assert_allclose(cov, np.cov(x.reshape(100, 16), rowvar=False), rtol=1e-10, atol=1e-12)
 

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from kdm_pipe.config import EvaluateConfig, SampleConfig, TrainConfig
-from kdm_pipe.evaluation import (SELECTION_MAX, WEIGHTS_JSON, choice_distance, chosen_weights, evaluate,
-                                 heldout_split, weight_choice)
+from kdm_pipe.evaluation import (
+    SELECTION_MAX,
+    WEIGHTS_JSON,
+    choice_distance,
+    chosen_weights,
+    evaluate,
+    heldout_split,
+    weight_choice,
+)
 from kdm_pipe.metrics import paired_errors
 from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig, build_checkerboard
 from kdm_pipe.training import train

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Iterator
 
 import numpy as np
@@ -128,7 +127,8 @@ def mmd_rbf(
     max_samples: int = 4000,
     seed: int = 0,
 ) -> float:
-    """Unbiased MMD² with a sum of RBF kernels; default bandwidths = median pooled distance × [0.05, 0.1, 0.25, 0.5, 1, 2]
+    """Unbiased MMD² with a sum of RBF kernels;
+    default bandwidths = median pooled distance × [0.05, 0.1, 0.25, 0.5, 1, 2]
     (the fine scales see blur at the scale of the structure, e.g. a checkerboard square)."""
     x, y = _as_f64(x), _as_f64(y)
     if min(len(x), len(y)) < 2:

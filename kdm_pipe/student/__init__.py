@@ -14,7 +14,8 @@ def is_image(shape: tuple[int, ...] | list[int]) -> bool:
     return len(shape) == 3
 
 
-def build_student(cfg: StudentConfig, shape: tuple[int, ...] | list[int], label_dim: int, sigma_max: float) -> nn.Module:
+def build_student(cfg: StudentConfig, shape: tuple[int, ...] | list[int], label_dim: int,
+                  sigma_max: float) -> nn.Module:
     """The student for data of `shape`. Image students take x_T unscaled (as KDM does); vector ones scale it by
     1/σ_max (the official 2-D setup draws x_T ~ N(0, I))."""
     if is_image(shape):

@@ -44,8 +44,8 @@ class CheckerboardTeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["checkerboard"] = "checkerboard"
     size: int = Field(default=4, ge=2)
-    extent: float = Field(default=2.0, gt=0, description="board scale: the board spans [−extent, extent]² (the official "
-                          "2-D data: 4 squares of side 2 on [−4, 4]², i.e. extent 4)")
+    extent: float = Field(default=2.0, gt=0, description="board scale: the board spans [−extent, extent]² (the "
+                          "official 2-D data: 4 squares of side 2 on [−4, 4]², i.e. extent 4)")
     per_square: int = Field(default=4, ge=1)
     std_ratio: float = Field(default=0.25, gt=0, description="component std as a fraction of the grid spacing")
 

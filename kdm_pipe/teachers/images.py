@@ -219,7 +219,8 @@ def animal_mnist(root: Path | None = None) -> ImageData:
     pixels = read_array_pickle(root / "animal_data_version_3.gz")
     labels = read_array_pickle(root / "animal_label_version_3.gz")
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or len(labels) != len(pixels):
-        raise ConfigError(f"{root}: unexpected animal-mnist arrays {pixels.dtype} {pixels.shape}, labels {labels.shape}")
+        raise ConfigError(f"{root}: unexpected animal-mnist arrays {pixels.dtype} {pixels.shape}, "
+                          f"labels {labels.shape}")
     return ImageData(from_uint8_nhwc(pixels), labels.astype(np.int64))
 
 

@@ -1,0 +1,82 @@
+"""Is the loader ever the bottleneck? Student steps/s fed by the streaming loader ÷ the same steps fed from batches
+already in memory (same model, batch, shards), for the official 2-D configuration (checkerboard MLPs, batch 4096,
+1 loader worker) and the digits U-Nets (batch 64, 1 loader worker). Goal ≥ 0.95 for both.
+
+    .venv/bin/python bench/train_feed.py [--steps 60]
+"""
+
+import argparse
+import itertools
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import torch  # noqa: E402
+
+from kdm_pipe.config import GenerateConfig, TrainConfig, build, load_preset  # noqa: E402
+from kdm_pipe.data import batches  # noqa: E402
+from kdm_pipe.shards import load_manifest  # noqa: E402
+from kdm_pipe.student.noise import LatentNoise  # noqa: E402
+from kdm_pipe.training import resolved, student_for  # noqa: E402
+from stages import generate  # noqa: E402
+
+SETUPS = {  # preset, generate overrides (pairs only need the right shape), train overrides
+    "checkerboard (official MLPs, batch 4096)": ("checkerboard", {"shards": 10, "pairs_per_shard": 4000}, {}),
+    "digits (U-Nets, batch 64)": ("digits", {"shards": 8, "pairs_per_shard": 256, "sampler": {"steps": 2}},
+                                  {"student": {"w_adv": 0.0}}),
+}
+
+
+def steps_per_s(model, opt, feed, steps: int) -> float:
+    noise = LatentNoise(torch.Generator().manual_seed(0))
+
+    def step():
+        b = next(feed)
+        losses = model.losses(b["x_0"].float(), b["x_T"].float(), None, noise)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        opt.step()
+
+    for _ in range(3):                                  # warm-up: workers started, allocator settled
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - t)
+
+
+def measure(name: str, preset_name: str, gen_over: dict, train_over: dict, steps: int, root: Path) -> None:
+    preset = load_preset(preset_name)
+    data = root / preset_name
+    generate.run(build(GenerateConfig, preset["generate"], gen_over, {"out": data}), progress=False)
+    cfg = build(TrainConfig, preset["train"], train_over, {"data": data, "out": root / "run", "holdout_shards": 0})
+    manifest = load_manifest(data)
+    cfg = resolved(cfg, manifest)
+    torch.manual_seed(0)
+    model = student_for(cfg, manifest)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    shards = [(s.name, s.pairs) for s in manifest.shards]
+    stream = batches(data, shards, cfg.batch, cfg.shuffle_buffer, 0, cfg.loader_workers)
+    memory = [next(stream) for _ in range(8)]
+    fed = steps_per_s(model, opt, stream, steps)
+    stream.close()
+    held = steps_per_s(model, opt, itertools.cycle(memory), steps)
+    print(f"{name}: loader-fed {fed:.2f} steps/s ({fed * cfg.batch:,.0f} pairs/s), in memory {held:.2f} steps/s; "
+          f"ratio {fed / held:.3f} (goal ≥ 0.95)")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=60)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    print(f"load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
+    root = Path(tempfile.mkdtemp())
+    try:
+        for name, (preset, gen_over, train_over) in SETUPS.items():
+            measure(name, preset, gen_over, train_over, args.steps, root)
+    finally:
+        shutil.rmtree(root)
