@@ -30,10 +30,10 @@ from sklearn.metrics import (
 from kdm_pipe import plots
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.evaluation import apply, chosen_weights, heldout_pairs
+from kdm_pipe.image_files import class_indices
 from kdm_pipe.probes import load_probes
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.sample_io import class_indices
 from kdm_pipe.training import load_weights
 
 OUT_DIR = "analysis"

@@ -25,6 +25,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
+from kdm_pipe.datasets import BUILTIN
 from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
 from kdm_pipe.metrics.fid import FeatureStats, image_metrics, load_ref_stats, reference_stats
@@ -35,7 +36,6 @@ from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
 from kdm_pipe.shards import atomic_write_text, read_pairs
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import TEACHERS, build_teacher
-from kdm_pipe.teachers.images import BUILTIN
 from kdm_pipe.training import latest_checkpoint, load_weights, student_for
 
 WEIGHTS_JSON = "weights.json"

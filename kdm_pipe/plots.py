@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kdm_pipe.sample_io import image_grid  # noqa: E402
+from kdm_pipe.image_files import image_grid  # noqa: E402
 
 
 def pairs_scatter(path: Path, x_T: np.ndarray, teacher: np.ndarray, students: dict[str, np.ndarray],

@@ -11,6 +11,7 @@ import torch
 from edm_pickle_fixture import write_edm_pickle
 
 from kdm_pipe.config import ConfigError, GenerateConfig, SamplerConfig
+from kdm_pipe.datasets import sklearn_digits
 from kdm_pipe.generation import make_shard, sample_pairs
 from kdm_pipe.networks import build_network
 from kdm_pipe.teachers import build_teacher
@@ -22,7 +23,6 @@ from kdm_pipe.teachers.edm import (
     edm_sampler_defaults,
 )
 from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint
-from kdm_pipe.teachers.images import sklearn_digits
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[4], dropout=0.0)

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from kdm_pipe.config import ConfigError
+from kdm_pipe.image_files import write_samples
 from kdm_pipe.metrics import (
     FeatureStats,
     PixelFeatures,
@@ -21,7 +22,6 @@ from kdm_pipe.metrics import (
     save_ref_stats,
     to_uint8,
 )
-from kdm_pipe.sample_io import write_samples
 from kdm_pipe.shards import Manifest, ShardInfo, save_manifest, shard_name, write_shard
 
 

@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from kdm_pipe.cli import app
 from kdm_pipe.config import ConfigError, SamplerConfig
+from kdm_pipe.datasets import load_images, sklearn_digits
 from kdm_pipe.generation import sample_pairs
 from kdm_pipe.teacher_training import TeacherTrainConfig, edm_loss, train_teacher
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.edm import EDMTeacherConfig
 from kdm_pipe.teachers.edm_checkpoint import load_state_dict_checkpoint
-from kdm_pipe.teachers.images import load_images, sklearn_digits
 from stages.teacher import run_train
 
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0, batch=8,
@@ -156,7 +156,7 @@ def test_animal_mnist_arrays_load_and_code_is_refused(tmp_path):
     import os
     import pickle
 
-    from kdm_pipe.teachers.images import animal_mnist
+    from kdm_pipe.datasets import animal_mnist
 
     rng = np.random.default_rng(0)
     pixels, labels = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20) % 10

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdm_pipe.datasets import BUILTIN, from_uint8_nhwc, load_images
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.image_files import SAMPLES_JSON, SAMPLES_NPZ
 from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed
 from kdm_pipe.metrics.distribution import feature_stats, frechet_distance, precision_recall
-from kdm_pipe.sample_io import SAMPLES_JSON, SAMPLES_NPZ
 from kdm_pipe.shards import MANIFEST, load_manifest, read_shard
-from kdm_pipe.teachers.images import BUILTIN, from_uint8_nhwc, load_images
 
 FID_NUM = 50_000  # EDM's sample count for reported FIDs
 _CHUNK = 1000

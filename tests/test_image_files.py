@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdm_pipe.sample_io import class_indices, image_grid, sample_path, write_samples
+from kdm_pipe.image_files import class_indices, image_grid, sample_path, write_samples
 
 
 def _images(rng: np.random.Generator, n: int, c: int, h: int = 5, w: int = 4) -> np.ndarray:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from kdm_pipe.datasets import to_uint8_nhwc
 from kdm_pipe.shards import atomic_write_text
-from kdm_pipe.teachers.images import to_uint8_nhwc
 
 SAMPLES_JSON = "samples.json"
 SAMPLES_NPZ = "samples.npz"

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from kdm_pipe.config import ConfigError
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.npyfiles import human, load_npy, npy_header
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
