@@ -16,8 +16,8 @@ import torch
 
 from kdm_pipe.config import ConfigError, SampleConfig
 from kdm_pipe.evaluation import apply, chosen_weights
+from kdm_pipe.image_files import write_samples
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.sample_io import write_samples
 from kdm_pipe.sampling import seed_noise
 from kdm_pipe.shards import atomic_write_text
 from kdm_pipe.student import is_image
