@@ -297,7 +297,8 @@ def analyze(
 @user_errors
 def demo(
     preset: str = typer.Option("digits", "--preset", "-p", help="preset to run end to end (digits: real 8×8 images; "
-                               "checkerboard: the 2-D setup)"),
+                               "checkerboard-quick: a reduced 2-D setup; checkerboard: the official one, hours "
+                               "on a CPU)"),
     out: Path = typer.Option(Path("runs/demo"), help="directory for pairs/, kdm/, kd/ and report.html"),
     scale: float = typer.Option(1.0, min=0.01, max=1.0, help="shrink pairs per shard and training steps (quick look)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
