@@ -82,7 +82,7 @@ def choice_distance(samples: np.ndarray, ref: np.ndarray) -> float:
 
 
 def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 512, data: Path | None = None,
-                  models: dict | None = None) -> dict[str, Any]:
+                  models: dict | None = None, ckpt: Path | None = None) -> dict[str, Any]:
     """The run's choice between its EMA and raw weights, computed once per checkpoint and kept in RUN/weights.json.
 
     Both weights' one-step samples from the first half of the selection split's x_T are compared with the teacher
@@ -92,7 +92,7 @@ def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 51
     network). The lower one is chosen.
     """
     run = Path(run)
-    ckpt = latest_checkpoint(run)
+    ckpt = ckpt or latest_checkpoint(run)             # `models` were loaded from `ckpt` (checked once, by the caller)
     if ckpt is None:
         raise ConfigError(f"{run} has no checkpoints; train it first with `kdm-pipe train --out {run}`")
     path = run / WEIGHTS_JSON
@@ -181,7 +181,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     loaded = {w: load_weights(run, w, ckpt, device=device, data=cfg.data) for w in ("ema", "raw")}
     _, tcfg, manifest, step = loaded["ema"]
     # EMA or raw: the run's recorded choice (computed now on the selection split if no consumer has yet).
-    choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()})
+    choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()}, ckpt)
     chosen = choice["weights"] if cfg.weights == "auto" else cfg.weights
     _, report = heldout_split(run, data, cfg.num)
     if not len(report["x_0"]):

@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.data import batches
-from kdm_pipe.errors import ConfigError, DataError
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.shards import Manifest, atomic_write_text, check_shards, load_manifest, read_pairs
+from kdm_pipe.shards import Manifest, atomic_write_text, bad_shards_error, check_shards, load_manifest, read_pairs
 from kdm_pipe.student import build_student, is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
 from kdm_pipe.student.noise import LatentNoise
@@ -229,10 +229,7 @@ def checked_pairs(cfg: TrainConfig) -> Manifest:
         raise ConfigError(f"--data {cfg.data}: {e}") from None
     problems = check_shards(cfg.data, manifest)
     if problems:
-        listed = "; ".join(f"{name}: {what}" for name, what in list(problems.items())[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"--data {cfg.data}: {len(problems)} shard(s) do not match the manifest — {listed}{more}; "
-                        f"rerun the command that wrote the pairs (generate or import) to repair them")
+        raise bad_shards_error(cfg.data, problems)
     return manifest
 
 
