@@ -1,14 +1,14 @@
 """Streaming pairs from tar shards: shard shuffling, disjoint readers, a shuffle buffer, batches that do not depend
 on how the readers are spread over ranks, any batch size with any shard size, and a fast exact resume.
 
-Shards are WebDataset tars; they are read with `shards.read_shard` (one read per member, every member checked
-against the file's size: ~3× WebDataset's streaming reader here, and a damaged shard is one DataError naming it).
+Shards are WebDataset tars; they are read with `shards.read_shard` (one read per member straight into its array, checked
+against the file's size: several times WebDataset's streaming reader here; a damaged shard is one DataError naming it).
 
 Readers. P = ranks × loader workers readers each stream a disjoint part of the shards: in epoch e reader p reads
 permutation(seed, e)[p::P]. Every reader emits micro-batches of m = batch/P pairs; a rank's step batch is the next
 micro-batch of each of its readers, concatenated, so the global batch of a step is the same for 1 rank × 2 workers
 as for 2 ranks × 1 worker. A loader worker sends its micro-batches in groups of about ITEM_PAIRS pairs, written
-straight into shared memory: per-item IPC, not reading, was what limited the loader.
+straight into a ring of shared-memory slots it reuses (`Slots`): creating a segment per item cost more than reading.
 
 Epochs. Reader p's epoch e holds c_e carried pairs plus its shards' pairs; it emits ⌊total/m⌋ micro-batches
 through a shuffle buffer (SlotPool) that is flushed at the end of the epoch, and carries the last `total mod m`
@@ -21,6 +21,7 @@ epoch, not the whole run.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from kdm_pipe.errors import ConfigError, DataError, one_line
 from kdm_pipe.shards import read_shard
 
 ITEM_PAIRS = 512
+PREFETCH = 2                           # items in flight per loader worker
 Block = dict[str, np.ndarray]
 
 
@@ -92,13 +94,47 @@ class SlotPool:
         return self.slots, idx
 
 
+class Slots:
+    """A ring of `count` items in shared memory per loader worker, allocated once and reused. A fresh segment per
+    item was created, zero-filled and faulted in on both sides of the transfer: half of a worker's time. The
+    trainer returns a slot (`free`) once it has copied its last micro-batch out; a worker takes one (`take`) before
+    filling it, so a slot is never written while the trainer still reads it. count = the items a worker can have
+    in flight (prefetch) + the one the trainer holds + the one being filled."""
+
+    def __init__(self, workers: int, count: int) -> None:
+        ctx = torch.multiprocessing.get_context()
+        self.count, self.free_slots = count, [ctx.Semaphore(count) for _ in range(workers)]
+
+    def take(self, worker: int) -> None:
+        parent = os.getppid()
+        while not self.free_slots[worker].acquire(timeout=1.0):
+            if os.getppid() != parent:          # the trainer died: do not wait for a slot forever
+                raise SystemExit(0)
+
+    def free(self, worker: int, times: int = 1) -> None:
+        for _ in range(times):
+            self.free_slots[worker].release()
+
+
 class Batcher:
     """Packs leaving pairs into items of `group` micro-batches (the unit that crosses to the trainer process),
-    dropping the first `skip` pairs (a resume). Items are written in place: shared memory inside a loader worker,
-    so the DataLoader sends them without another copy."""
+    dropping the first `skip` pairs (a resume). Inside a loader worker, items are the worker's shared-memory slots,
+    written in place, so the DataLoader sends only their handles."""
 
-    def __init__(self, size: int, skip: int, shared: bool) -> None:
-        self.size, self.skip, self.shared, self.item, self.pos = size, skip, shared, None, 0
+    def __init__(self, size: int, skip: int, slots: Slots | None = None, worker: int = 0) -> None:
+        self.size, self.skip, self.item, self.pos = size, skip, None, 0
+        self.slots, self.worker, self.ring, self.turn = slots, worker, [], 0
+
+    def _next_item(self, source: Block) -> dict[str, torch.Tensor]:
+        if self.slots is None:
+            return {f: torch.empty((self.size, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype)
+                    for f, a in source.items()}
+        self.slots.take(self.worker)
+        if len(self.ring) < self.slots.count:
+            self.ring.append({f: torch.empty((self.size, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype)
+                              .share_memory_() for f, a in source.items()})
+        item, self.turn = self.ring[self.turn], (self.turn + 1) % self.slots.count
+        return item
 
     def put(self, source: Block, idx: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
         drop = min(self.skip, len(idx))
@@ -106,10 +142,7 @@ class Batcher:
         idx = idx[drop:]
         while len(idx):
             if self.item is None:
-                self.item = {f: torch.empty((self.size, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype)
-                             for f, a in source.items()}
-                if self.shared:
-                    self.item = {f: t.share_memory_() for f, t in self.item.items()}
+                self.item = self._next_item(source)
             k = min(len(idx), self.size - self.pos)
             for f, a in source.items():
                 np.take(a, idx[:k], axis=0, out=self.item[f][self.pos:self.pos + k].numpy())
@@ -121,9 +154,9 @@ class Batcher:
 
 class PairStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], micro: int, buffer: int, seed: int, rank: int = 0,
-                 world: int = 1, start: int = 0, group: int = 1):
+                 world: int = 1, start: int = 0, group: int = 1, slots: Slots | None = None):
         self.shards, self.micro, self.buffer, self.seed = shards, micro, buffer, seed
-        self.rank, self.world, self.start, self.group = rank, world, start, group
+        self.rank, self.world, self.start, self.group, self.slots = rank, world, start, group, slots
 
     def plan(self, part: int, parts: int) -> Iterator[Epoch]:
         carried = 0
@@ -188,7 +221,7 @@ class PairStream(IterableDataset):
                 if skip >= ep.batches:              # fast-forward whole epochs by arithmetic
                     skip -= ep.batches
                     continue
-                out = Batcher(self.group * self.micro, skip * self.micro, shared=info is not None)
+                out = Batcher(self.group * self.micro, skip * self.micro, self.slots if info else None, wid)
                 carry = self._carry(history) if len(history) > 1 else None
             rng = np.random.default_rng([self.seed, part, ep.index, 1])
             carry = yield from self._epoch(ep, carry, rng, out)
@@ -210,14 +243,15 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
                           f"lower --loader-workers or generate more shards")
     # Micro-batches cross from a loader worker in groups of about ITEM_PAIRS pairs: per-item IPC costs dominated.
     group = max(1, ITEM_PAIRS // micro) if workers else 1
+    slots = Slots(workers, PREFETCH + 2) if workers else None
     stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start,
-                        group)
+                        group, slots)
     # Its own generator: the DataLoader draws its worker seeds from it, not from the global RNG that dropout uses
     # (those draws came after a resume's RNG restore and shifted every later dropout mask).
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                    prefetch_factor=2 if workers else None, worker_init_fn=_ignore_sigterm if workers else None,
+                    prefetch_factor=PREFETCH if workers else None, worker_init_fn=_ignore_sigterm if workers else None,
                     generator=torch.Generator().manual_seed(seed))
-    return Loader(iter(dl), max(workers, 1), micro)
+    return Loader(iter(dl), max(workers, 1), micro, slots)
 
 
 def _ignore_sigterm(_: int) -> None:
@@ -227,11 +261,12 @@ def _ignore_sigterm(_: int) -> None:
 
 
 class Loader:
-    """Step batches: the next micro-batch of each of this rank's readers, concatenated. Readers send items of equal
-    size (groups of micro-batches), so they run out together and the DataLoader's turn order is the one needed."""
+    """Step batches: the next micro-batch of each of this rank's readers, concatenated (a copy: a batch never aliases
+    a worker's slot, which is refilled once returned). Readers send items of equal size (groups of micro-batches),
+    so they run out together and the DataLoader's turn order is the one needed: item k comes from reader k mod R."""
 
-    def __init__(self, items: Iterator, readers: int, micro: int) -> None:
-        self._it, self.micro = items, micro
+    def __init__(self, items: Iterator, readers: int, micro: int, slots: Slots | None = None) -> None:
+        self._it, self.micro, self.slots = items, micro, slots
         self.items: list[dict[str, torch.Tensor] | None] = [None] * readers
         self.pos = [0] * readers
 
@@ -241,16 +276,25 @@ class Loader:
     def __next__(self) -> dict[str, torch.Tensor]:
         parts = []
         for r, item in enumerate(self.items):
-            if item is None or self.pos[r] == len(item["x_0"]):
+            if item is None:
                 item = next(self._it)
                 if isinstance(item, Failure):
                     raise (DataError if item.data else RuntimeError)(item.message)
                 self.items[r], self.pos[r] = item, 0
             parts.append({f: t[self.pos[r]:self.pos[r] + self.micro] for f, t in item.items()})
             self.pos[r] += self.micro
-        return parts[0] if len(parts) == 1 else {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+        batch = {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+        for r, item in enumerate(self.items):
+            if self.pos[r] == len(item["x_0"]):
+                self.items[r] = None
+                if self.slots is not None:
+                    self.slots.free(r)
+        return batch
 
     def close(self) -> None:
+        if self.slots is not None:              # a worker waiting for a slot must reach its shutdown signal
+            for r in range(len(self.items)):
+                self.slots.free(r, self.slots.count)
         shutdown = getattr(self._it, "_shutdown_workers", None)     # multiprocess iterators only
         if shutdown is not None:
             shutdown()

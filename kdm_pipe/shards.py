@@ -203,14 +203,14 @@ def read_npy(f: Any, size: int) -> np.ndarray:
     have = size - (f.tell() - start)
     if nbytes != have:
         raise ValueError(f"header declares shape {tuple(shape)} {dtype} ({nbytes} bytes) but {have} bytes follow")
-    buf = bytearray(nbytes)
+    buf = np.empty(nbytes, np.uint8)                        # not bytearray: no zero-fill before the read
     view, got = memoryview(buf), 0
     while got < nbytes:
         n = f.readinto(view[got:])
         if not n:
             raise ValueError(f"ends after {got} of {nbytes} data bytes")
         got += n
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return buf.view(dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def npy_from_bytes(data: bytes) -> np.ndarray:
@@ -243,7 +243,8 @@ def _records(tar: tarfile.TarFile, f: Any, file_size: int) -> Iterator[dict[str,
             rec = {}
         key = k
         try:
-            rec[field] = read_npy(tar.extractfile(member), member.size)
+            f.seek(member.offset_data)                          # read from the file itself: tarfile's member
+            rec[field] = read_npy(f, member.size)               # reader copies everything twice
         except ValueError as e:
             raise ValueError(f"member {member.name}: {e}") from None
     _check_end(f, tar.offset, file_size)
@@ -260,7 +261,7 @@ def _check_end(f: Any, offset: int, file_size: int) -> None:
 
 
 def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
-    """Records of one shard, in order (plain tarfile: used by verify and stats; training streams via webdataset).
+    """Records of one shard, in order: the one reader of shards (loader, verify, stats, evaluate).
 
     Any structural problem (not a tar, truncated, a member that is not a plain `.npy` of the size its header
     declares, a record without x_T / x_0 / seed) raises DataError naming the file and the repair; memory stays

@@ -94,3 +94,43 @@ def test_any_batch_with_any_shard_size(shards, batch, workers):
     if workers:
         ranks = [seeds_of(batches(root, names, batch, 40, seed=5, workers=0, rank=r, world=2), steps) for r in (0, 1)]
         assert full == [a + b for a, b in zip(*ranks)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_held_by_the_trainer_never_change(shards, workers):
+    """Workers refill their shared-memory slots once the trainer has taken its batch: a batch kept for many steps
+    (long after its slot was reused several times) must still hold its own pairs, each x_0 with its seed."""
+    root, names = shards
+    stream = batches(root, names, 32, 40, seed=2, workers=workers)
+    try:
+        held = list(itertools.islice(stream, 200))            # 6,400 pairs: every slot of every worker reused
+    finally:
+        stream.close()
+    ranks = [seeds_of(batches(root, names, 32, 40, seed=2, workers=0, rank=r, world=workers), 200)
+             for r in range(workers)]
+    assert [b["seed"].tolist() for b in held] == [sum(parts, []) for parts in zip(*ranks)]
+    assert all(np.array_equal(b["x_0"][:, 0].numpy(), b["seed"].numpy()) for b in held)
+
+
+def test_close_frees_a_worker_waiting_for_a_slot(shards, monkeypatch):
+    """With one slot per worker, each worker waits for its slot as soon as it is asked for a second item; closing the
+    stream must let it go at once (DataLoader would otherwise wait 5 s, then kill it)."""
+    import threading
+    import time
+
+    from kdm_pipe import data
+
+    class OneSlot(data.Slots):
+        def __init__(self, workers: int, count: int) -> None:
+            super().__init__(workers, 1)
+
+    monkeypatch.setattr(data, "Slots", OneSlot)
+    root, names = shards
+    stream = batches(root, names, 32, 40, seed=0, workers=2)
+    first = [b["seed"].tolist() for b in itertools.islice(stream, 40)]       # slots freed and refilled: no deadlock
+    time.sleep(0.5)                                                           # both workers now wait for a slot
+    closing = threading.Thread(target=stream.close, daemon=True)    # workers ignore SIGTERM: a miss would hang
+    closing.start()
+    closing.join(timeout=3)
+    assert not closing.is_alive(), "close() left a worker waiting for a slot"
+    assert first == seeds_of(batches(root, names, 32, 40, seed=0, workers=2), 40)
