@@ -128,29 +128,36 @@ def stats(
     target: str = typer.Argument(..., help="a pair directory written by generate, or `ref` (then SOURCE)"),
     source: Optional[str] = typer.Argument(None, help="with `ref`: images (folder, EDM zip, .npy, "
                                            "sklearn-digits, a pair directory or a `sample` output)"),
+    from_: Optional[Path] = typer.Option(None, "--from", help="with `ref`: export a pair directory's teacher-set "
+                                         "statistics (computed first when missing or stale)"),
     out: Optional[Path] = typer.Option(None, help="with `ref`: the reference .npz to write (mu, sigma)"),
-    detector: Optional[Path] = typer.Option(None, help="with `ref`: TorchScript feature net, e.g. "
-                                            "inception-2015-12-05.pt (default: pixel features)"),
-    num: Optional[int] = typer.Option(None, help="with `ref`: images used (default: all)"),
+    detector: Optional[Path] = typer.Option(None, help="TorchScript feature net, e.g. inception-2015-12-05.pt "
+                                            "(default: pixel features)"),
+    num: Optional[int] = typer.Option(None, help="with `ref SOURCE`: images used (default: all)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
     cov_max_dim: int = typer.Option(1024, min=0, help="store covariances only up to this flattened dimension"),
+    batch: int = typer.Option(250, min=1, help="images per detector batch"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """`stats DIR`: per-shard sufficient statistics (Ray) merged into DIR/stats.zarr.
-    `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images."""
+    """`stats DIR [--detector PATH]`: per-shard sufficient statistics and x_0 feature statistics (Ray) merged into
+    DIR/stats.zarr. `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images;
+    `stats ref --from DIR --out REF.npz`: the same from DIR's stats.zarr (the whole teacher set)."""
+    stats_flags = dict(workers=workers, address=address, cov_max_dim=cov_max_dim, detector=detector, batch=batch)
     if target == "ref":
-        if source is None or out is None:
-            raise ConfigError("usage: kdm-pipe stats ref SOURCE --out REF.npz [--detector PATH] [--num N]")
-        ref = build(RefStatsConfig, dict(source=source, out=out, detector=detector, num=num, device=device),
-                    where="stats ref config")
+        if (source is None and from_ is None) or out is None:
+            raise ConfigError("usage: kdm-pipe stats ref (SOURCE | --from DIR) --out REF.npz [--detector PATH] "
+                              "[--num N]")
+        ref = build(RefStatsConfig, dict(source=source, data=from_, out=out, detector=detector, num=num,
+                                         device=device), where="stats ref config")
         from stages import stats as stage
-        stage.reference(ref)
+        stage.reference(ref, build(StatsConfig, dict(data=from_, **stats_flags), where="stats config")
+                        if from_ is not None else None, progress=not quiet)
         return
-    if source is not None:
-        raise ConfigError(f"stats {target}: unexpected second argument {source!r} (only `stats ref SOURCE` takes one)")
-    cfg = build(StatsConfig, dict(data=Path(target), workers=workers, address=address, cov_max_dim=cov_max_dim),
-                where="stats config")
+    if source is not None or from_ is not None:
+        raise ConfigError(f"stats {target}: unexpected second argument {source or '--from'!r} (only `stats ref` "
+                          f"takes one)")
+    cfg = build(StatsConfig, dict(data=Path(target), **stats_flags), where="stats config")
     from stages import stats as stage
     stage.run(cfg, progress=not quiet)
 

@@ -219,17 +219,30 @@ class StatsConfig(Strict):
     workers: int = Field(default=2, ge=1)
     address: str | None = None
     cov_max_dim: int = Field(default=1024, ge=0, description="store covariances only up to this flattened dimension")
+    detector: Path | None = Field(default=None, description="image sets: TorchScript feature net whose x_0 feature "
+                                  "statistics are stored (default: pixel features)")
+    batch: int = Field(default=250, ge=1, description="images per detector batch")
 
 
 class RefStatsConfig(Strict):
-    """Settings of `kdm-pipe stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format)."""
+    """Settings of `kdm-pipe stats ref SOURCE --out REF.npz` (FID reference statistics, EDM format) and of
+    `kdm-pipe stats ref --from DIR --out REF.npz` (a pair directory's teacher-set statistics from its store)."""
 
-    source: str = Field(description="images: folder, EDM zip, .npy, sklearn-digits, a pair directory or a `sample` "
-                        "output")
+    source: str | None = Field(default=None, description="images: folder, EDM zip, .npy, sklearn-digits, a pair "
+                               "directory or a `sample` output")
+    data: LocalPath | None = Field(default=None, description="--from: pair directory whose stats.zarr is exported")
     out: LocalPath
     detector: Path | None = Field(default=None, description="TorchScript feature net (default: pixel features)")
     num: int | None = Field(default=None, description="images used (default: all)")
     device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RefStatsConfig:
+        if (self.source is None) == (self.data is None):
+            raise ValueError("give either SOURCE (images) or --from DIR (a pair directory's statistics), not both")
+        if self.data is not None and self.num is not None:
+            raise ValueError("--num applies to SOURCE images; --from DIR exports the whole teacher set")
+        return self
 
 
 class SampleConfig(Strict):
