@@ -222,12 +222,14 @@ def evaluate(
     ref: Optional[str] = typer.Option(None, help="FID reference: EDM .npz (mu, sigma) or images to compute it from"),
     fid_num: Optional[int] = typer.Option(None, help="fresh one-step samples for the FID against --ref (50000)"),
     batch: Optional[int] = typer.Option(None, help="images per batch"),
+    set_num: Optional[int] = typer.Option(None, help="fresh samples compared with the whole teacher set "
+                                          "(stats.zarr; default: min(set size, 50000))"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
 ):
     """Metrics of the student's one-step samples against held-out teacher pairs → RUN/eval.json and figures."""
     cfg = resolve(EvaluateConfig, "evaluate", preset,
                   dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device, detector=detector,
-                       ref=ref, fid_num=fid_num, batch=batch))
+                       ref=ref, fid_num=fid_num, batch=batch, set_num=set_num))
     if finish(cfg, dry_run):
         return
     from stages import evaluate as stage

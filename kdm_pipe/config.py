@@ -204,6 +204,8 @@ class EvaluateConfig(Strict):
     fid_seed: int = Field(default=0, ge=0, description="first seed of those samples (EDM: 0…49999); pick seeds the "
                           "teacher's pairs did not use when --ref is the teacher's own samples")
     batch: int = Field(default=250, ge=1, description="images per detector / student batch")
+    set_num: int | None = Field(default=None, ge=2, description="fresh one-step samples compared with the whole "
+                                "teacher set's statistics (stats.zarr; default: min(set size, 50,000))")
 
 
 class VerifyConfig(Strict):

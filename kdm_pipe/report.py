@@ -91,6 +91,18 @@ def fid_line(fid: dict) -> str:
             f"({fmt(fid.get('num_samples'))} one-step samples, {fid.get('detector')})")
 
 
+def set_fd_line(results: dict) -> str:
+    """FD to the whole teacher set (from stats.zarr) with both counts, beside the held-out comparison's counts."""
+    fd, held = results.get("fd_set"), results.get("fd_teacher_samples", ["?", "?"])
+    if not fd:
+        return ""
+    if "fd" not in fd:
+        return f"FD to the teacher set: not computed ({fd['note']})"
+    return (f"FD to the teacher set: {fmt(fd['fd'])} ({fd['num_samples']} fresh student samples vs the set's "
+            f"{fd['num_reference']} pairs, {fd['detector']}); the held-out fd_teacher compares {held[0]} with "
+            f"{held[1]}")
+
+
 def spectrum_line(analysis: dict | None) -> str:
     s = (analysis or {}).get("spectrum")
     if not s:
@@ -230,6 +242,8 @@ def eval_section(run: Path, results: dict | None, image: bool) -> str:
         parts.append(para("speed: " + speed_line(results["speed"])))
     if results.get("fid"):
         parts.append(para(fid_line(results["fid"])))
+    if results.get("fd_set"):
+        parts.append(para(set_fd_line(results)))
     for f in eval_figures(run, results):
         src = relative(f, run)
         parts.append(figure(src, f"{f.name}: {samples_caption(image)}") if src else para(f"missing figure {f}", "note"))
