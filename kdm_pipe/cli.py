@@ -188,6 +188,10 @@ def train(
     tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="TF32 matmuls on NVIDIA GPUs"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    normalize: Optional[str] = typer.Option(None, help="vector data: none | standard (x_0 by the training shards' "
+                                            "mean/std from stats.zarr; default standard for vectors, none for images)"),
+    normalize_x_t: Optional[bool] = typer.Option(None, "--normalize-x-T/--no-normalize-x-T",
+                                                 help="with --normalize standard, standardise x_T too"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -199,7 +203,7 @@ def train(
                  update_order=update_order, seed=seed,
                  loader_workers=loader_workers, device=device, threads=threads, ckpt_every=ckpt_every,
                  probe_every=probe_every, holdout_shards=holdout_shards, amp=amp, tf32=tf32, compile=compile,
-                 tensorboard=tensorboard,
+                 tensorboard=tensorboard, normalize=normalize, normalize_x_T=normalize_x_t,
                  student={k: v for k, v in student_flags.items() if v is not None})
     cfg = resolve(TrainConfig, "train", preset, flags)
     if finish(cfg, dry_run):

@@ -185,6 +185,10 @@ class TrainConfig(Strict):
     tf32: bool = Field(default=False, description="allow TF32 matmuls/convolutions on NVIDIA GPUs")
     compile: bool = Field(default=False, description="torch.compile the student (slow to start; for long runs)")
     tensorboard: bool = Field(default=True, description="also write TensorBoard logs to RUN/tensorboard")
+    normalize: Literal["none", "standard"] | None = Field(
+        default=None, description="vector data: standardise x_0 with the training shards' mean/std from stats.zarr "
+        "(undone at sampling). Default: standard for vectors, none for images (EDM's [-1, 1])")
+    normalize_x_T: bool = Field(default=False, description="with normalize: standard, standardise x_T too")
 
 
 class EvaluateConfig(Strict):
