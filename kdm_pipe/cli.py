@@ -137,12 +137,15 @@ def stats(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
     cov_max_dim: int = typer.Option(1024, min=0, help="store covariances only up to this flattened dimension"),
-    batch: int = typer.Option(250, min=1, help="images per detector batch"),
+    batch: int = typer.Option(250, min=1, help="images per detector / student batch"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run: statistics of its latents over DIR's "
+                                       "pairs → RUN/latents.zarr"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """`stats DIR [--detector PATH]`: per-shard sufficient statistics and x_0 feature statistics (Ray) merged into
     DIR/stats.zarr. `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images;
-    `stats ref --from DIR --out REF.npz`: the same from DIR's stats.zarr (the whole teacher set)."""
+    `stats ref --from DIR --out REF.npz`: the same from DIR's stats.zarr (the whole teacher set).
+    `stats DIR --run RUN`: statistics of RUN's latents over DIR's pairs (RUN/latents.zarr)."""
     stats_flags = dict(workers=workers, address=address, cov_max_dim=cov_max_dim, detector=detector, batch=batch)
     if target == "ref":
         if (source is None and from_ is None) or out is None:
@@ -157,7 +160,7 @@ def stats(
     if source is not None or from_ is not None:
         raise ConfigError(f"stats {target}: unexpected second argument {source or '--from'!r} (only `stats ref` "
                           f"takes one)")
-    cfg = build(StatsConfig, dict(data=Path(target), **stats_flags), where="stats config")
+    cfg = build(StatsConfig, dict(data=Path(target), run=run, **stats_flags), where="stats config")
     from stages import stats as stage
     stage.run(cfg, progress=not quiet)
 

@@ -228,6 +228,8 @@ class StatsConfig(Strict):
     detector: Path | None = Field(default=None, description="image sets: TorchScript feature net whose x_0 feature "
                                   "statistics are stored (default: pixel features)")
     batch: int = Field(default=250, ge=1, description="images per detector batch")
+    run: LocalPath | None = Field(default=None, description="a trained run: statistics of its latents over the "
+                                  "pairs, into RUN/latents.zarr (instead of the pairs' own statistics)")
 
 
 class RefStatsConfig(Strict):

@@ -132,17 +132,19 @@ def update(directory: Path, manifest: Manifest, workers: int = 2, address: str |
     return path
 
 
-def compute(calls, pairs: int, workers: int, address: str | None, progress: bool) -> float:
-    """Ray tasks run `write_shard(*call)`; returns the seconds they took. A failed task → one-line error."""
-    task = remote(write_shard, num_cpus=1)
+def compute(calls, pairs: int, workers: int, address: str | None, progress: bool, fn=write_shard,
+            done=lambda pairs: pairs) -> float:
+    """Ray tasks run `fn(*call)` and `done(*result)` (or `done(result)`) takes each result in the driver and returns
+    the pairs it covered; returns the seconds the tasks took. A failed task → one-line error."""
+    task = remote(fn, num_cpus=1)
     bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
     with ray_session(address, workers):
         t0 = time.perf_counter()                  # throughput of the work, not of starting a cluster
         try:
-            for done in run_bounded(task, calls, 2 * workers):
-                bar.update(done)
+            for result in run_bounded(task, calls, 2 * workers):
+                bar.update(done(*result) if isinstance(result, tuple) else done(result))
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, DataError):        # a shard unreadable or changed since it was checked
+            if isinstance(e.cause, (DataError, ConfigError)):   # a shard unreadable or changed since it was checked
                 raise e.cause from None
             raise RuntimeError(f"a statistics task failed: {type(e.cause).__name__}: {e.cause}") from None
         finally:

@@ -37,6 +37,9 @@ def checked_manifest(directory: Path) -> Manifest:
 
 
 def run(cfg: StatsConfig, progress: bool = True) -> Path:
+    if cfg.run is not None:
+        latent_stats(cfg, progress)
+        return Path(cfg.run)
     directory = Path(cfg.data)
     checked_manifest(directory)
     with ExitStack() as stack:
@@ -51,6 +54,32 @@ def run(cfg: StatsConfig, progress: bool = True) -> Path:
             raise bad_shards_error(directory, problems)
         return update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, cfg.detector, cfg.batch,
                       progress)
+
+
+def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
+    """`stats DIR --run RUN`: statistics of RUN's latents (z_T, z_0, C z_T) over DIR's pairs → RUN/latents.zarr."""
+    from kdm_pipe import latents
+    from kdm_pipe.evaluation import chosen_weights
+    from kdm_pipe.run import Run
+
+    run, directory = Path(cfg.run), Path(cfg.data)
+    if Run(run).config.student.kind != "kdm":
+        raise ConfigError(f"{run} is a KD student: it has no latent space to describe (train --student kdm)")
+    checked_manifest(directory)
+    with ExitStack() as stack:
+        stack.enter_context(stop_on_signals())
+        stack.enter_context(directory_lock(run, f"stats {directory} --run {run}"))
+        manifest = checked_manifest(directory)
+        problems = check_shards(directory, manifest)
+        if problems:
+            raise bad_shards_error(directory, problems)
+        weights = chosen_weights(run)
+        s = latents.update(run, directory, manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
+    ranks = ", ".join(f"{k} {v:.1f}" for k, v in s["effective_rank"].items())
+    print(f"{run}/{latents.STORE}: latents of {s['num_pairs']} pairs ({weights} weights), d = {s['dim']}: effective "
+          f"rank {ranks}; C z_T explains {100 * s['explained']:.1f}% of z_0's variance; z_T isotropy "
+          f"{s['z_T_isotropy']:.2f} (1: white), |mean|/std {s['z_T_mean_over_std']:.2f}")
+    return s
 
 
 def reference(cfg: RefStatsConfig, stats: StatsConfig | None = None, progress: bool = True) -> Path:
