@@ -103,6 +103,16 @@ def set_fd_line(results: dict) -> str:
             f"{held[1]}")
 
 
+def latent_line(s: dict) -> str:
+    """The latent statistics' summary (effective ranks, explained fraction, z_T's whiteness) in one sentence."""
+    if "note" in s:
+        return s["note"]
+    ranks = ", ".join(f"{k} {fmt(v)}" for k, v in s["effective_rank"].items())
+    return (f"latents over {s['num_pairs']} pairs, d = {s['dim']}: effective rank (participation ratio) {ranks}; "
+            f"C z_T explains {fmt(100 * s['explained'])}% of z_0's variance; z_T isotropy {fmt(s['z_T_isotropy'])} "
+            f"(1: white), |mean|/std {fmt(s['z_T_mean_over_std'])}")
+
+
 def spectrum_line(analysis: dict | None) -> str:
     s = (analysis or {}).get("spectrum")
     if not s:
@@ -262,13 +272,17 @@ def analysis_section(run: Path, analysis: dict | None) -> str:
                   html_table(["representation", "ARI", "NMI", "Davies–Bouldin", "Calinski–Harabasz"],
                              [[k, v["ari"], v["nmi"], v["davies_bouldin"], v["calinski_harabasz"]]
                               for k, v in prox["rows"].items()])]
+    if "latent_spectra" in analysis:
+        parts.append(para(latent_line(analysis["latent_spectra"]), "note" if "note" in analysis["latent_spectra"]
+                          else ""))
     if "noise_structure" in analysis:
         ns = analysis["noise_structure"]
         parts.append(html_table(["outliers (fraction)", "DBSCAN noise", "|z| > 3", "either", "mean |x_T| outliers",
                                  "mean |x_T| inliers"],
                                 [[w, ns[w]["dbscan"], ns[w]["zscore"], ns[w]["either"], ns[w]["x_T_norm_outliers"],
                                   ns[w]["x_T_norm_inliers"]] for w in ("student", "teacher")]))
-    captions = {"noise_structure": "x_0 coloured by KMeans(8), the same colours on x_T; red: outliers",
+    captions = {"latent_spectra": "covariance spectra of z_T, z_0 and C z_T over the pair set; the operator's |λ|",
+                "noise_structure": "x_0 coloured by KMeans(8), the same colours on x_T; red: outliers",
                 "interpolation": "one-step outputs between held-out x_T: " + ", ".join(
                     analysis.get("interpolation", {}).get("rows", []))}
     for f in analysis.get("figures", []):

@@ -60,6 +60,7 @@ def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
     """`stats DIR --run RUN`: statistics of RUN's latents (z_T, z_0, C z_T) over DIR's pairs → RUN/latents.zarr."""
     from kdm_pipe import latents
     from kdm_pipe.evaluation import chosen_weights
+    from kdm_pipe.report import latent_line
     from kdm_pipe.run import Run
 
     run, directory = Path(cfg.run), Path(cfg.data)
@@ -75,10 +76,7 @@ def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
             raise bad_shards_error(directory, problems)
         weights = chosen_weights(run)
         s = latents.update(run, directory, manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
-    ranks = ", ".join(f"{k} {v:.1f}" for k, v in s["effective_rank"].items())
-    print(f"{run}/{latents.STORE}: latents of {s['num_pairs']} pairs ({weights} weights), d = {s['dim']}: effective "
-          f"rank {ranks}; C z_T explains {100 * s['explained']:.1f}% of z_0's variance; z_T isotropy "
-          f"{s['z_T_isotropy']:.2f} (1: white), |mean|/std {s['z_T_mean_over_std']:.2f}")
+    print(f"{run}/{latents.STORE} ({weights} weights): {latent_line(s)}")
     return s
 
 

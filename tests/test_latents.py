@@ -9,9 +9,11 @@ import pytest
 import ray
 import torch
 
+from kdm_pipe.analysis import analyze
 from kdm_pipe.config import StatsConfig, TrainConfig
 from kdm_pipe.latents import load_latent_stats, participation_ratio
 from kdm_pipe.probes import load_probes
+from kdm_pipe.report import write_report
 from kdm_pipe.run import Run
 from kdm_pipe.shards import Manifest, ShardInfo, read_shard, save_manifest, shard_name, write_shard
 from kdm_pipe.training import train
@@ -93,6 +95,11 @@ def test_identity_encoders_reproduce_the_data_statistics(pairs, identity_run, ca
 
     stats.run(StatsConfig(data=pairs, run=identity_run), progress=False)    # nothing stale: the same numbers
     assert load_latent_stats(identity_run)["summary"] == got["summary"]
+
+    res = analyze(identity_run, num=200)
+    assert res["latent_spectra"]["effective_rank"] == got["summary"]["effective_rank"]
+    assert "analysis/latent_spectra.png" in res["figures"] and (identity_run / "analysis/latent_spectra.png").is_file()
+    assert "C z_T explains" in write_report(identity_run).read_text()
 
 
 def test_kd_and_non_runs_are_refused(pairs, tmp_path):
