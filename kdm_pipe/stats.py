@@ -8,6 +8,9 @@ Store `DIR/stats.zarr` (zarr format 3, Blosc zstd + bitshuffle):
     merged/<field>/{count, mean, std, cov, min, max}          from the valid rows of the manifest's shards
     merged/label/count
 
+Image sets also hold `features/<detector>/`, the feature statistics of x_0 for Fréchet distances, with rows and a
+merged view of their own (kdm_pipe.feature_stats); kdm_pipe.stats_update fills both.
+
 Fields are `x_0`, `x_T` and, when the pairs keep trajectories, `traj`, whose arrays carry a step axis after the
 shard axis. `outer` / `cov` exist only when the flattened dimension d ≤ cov_max_dim. Sums and moments are float64.
 

@@ -130,6 +130,7 @@ def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool) -> None:
         if not run.exists():
             raise ConfigError(f"--resume: {cfg.out} holds no run (no config.json); drop --resume to start one")
         old, new = run.read_json("config.json"), cfg.model_dump(mode="json")
+        old = {"normalize": "none", "normalize_x_T": False, **old}   # a run from before normalisation existed
         diff = sorted(k for k in new if k not in ("steps", "out", "data") and old.get(k) != new[k])
         if diff:
             raise ConfigError(f"--resume: settings differ from the saved run in {', '.join(diff)}; "
