@@ -192,7 +192,7 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
     normalize: Optional[str] = typer.Option(None, help="vector data: none | standard (x_0 by the training shards' "
-                                            "mean/std from stats.zarr; default standard for vectors, none for images)"),
+                                            "mean/std from stats.zarr; default none; images: none only)"),
     normalize_x_t: Optional[bool] = typer.Option(None, "--normalize-x-T/--no-normalize-x-T",
                                                  help="with --normalize standard, standardise x_T too"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),

@@ -187,7 +187,7 @@ class TrainConfig(Strict):
     tensorboard: bool = Field(default=True, description="also write TensorBoard logs to RUN/tensorboard")
     normalize: Literal["none", "standard"] | None = Field(
         default=None, description="vector data: standardise x_0 with the training shards' mean/std from stats.zarr "
-        "(undone at sampling). Default: standard for vectors, none for images (EDM's [-1, 1])")
+        "(undone at sampling). Default none (measured: docs/BENCHMARKS.md); images are always none (EDM's [-1, 1])")
     normalize_x_T: bool = Field(default=False, description="with normalize: standard, standardise x_T too")
 
 

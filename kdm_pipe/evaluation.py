@@ -38,6 +38,7 @@ from kdm_pipe.metrics.fid import (
     reference_stats,
     stream_sums,
 )
+from kdm_pipe.normalization import copy_moments
 from kdm_pipe.plots import image_rows, pairs_scatter
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
@@ -205,6 +206,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     torch.manual_seed(tcfg.seed)                       # the same init the run started from
     untrained = student_for(tcfg, manifest).to(device).eval()
+    copy_moments(loaded[chosen][0], untrained)         # normalised runs start in the data's units too
     x_T, x_0 = report["x_T"], report["x_0"]
     other = "raw" if chosen == "ema" else "ema"
     outputs = {"student": apply(loaded[chosen][0], x_T, labels(report), device, cfg.batch),

@@ -18,7 +18,7 @@ from kdm_pipe.errors import ConfigError
 from kdm_pipe.shards import Manifest
 from kdm_pipe.stats import STORE, field_specs, merge, stale_shards
 
-DEFAULT = "standard"          # for vector data, from the measurement in docs/BENCHMARKS.md (images: none)
+DEFAULT = "none"      # for vector data: standardising did not measurably help on the official-scale board (BENCHMARKS)
 
 
 class Standardized(nn.Module):
@@ -65,6 +65,12 @@ class Standardized(nn.Module):
     def losses(self, x_0: Tensor, x_T: Tensor, *args, **kwargs) -> dict[str, Tensor]:
         """The student's losses on standardised data (its distances are in standard units)."""
         return self.student.losses(self.norm_0(x_0), self.norm_T(x_T), *args, **kwargs)
+
+
+def copy_moments(source: nn.Module, target: nn.Module) -> None:
+    """Give `target` (e.g. an untrained student of the same config) the data moments of `source`."""
+    if isinstance(source, Standardized) and isinstance(target, Standardized):
+        target.set_moments({k: getattr(source, k).cpu().numpy() for k in ("mean_0", "std_0", "mean_T", "std_T")})
 
 
 def wrap(student: nn.Module, normalize: str | None, shape: list[int], x_T: bool) -> nn.Module:

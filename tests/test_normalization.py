@@ -55,7 +55,7 @@ def fit(data: Path, out: Path, **kw) -> Path:
 
 def test_round_trip_in_the_data_units(far_pairs, tmp_path):
     assert not (far_pairs / STORE).exists()
-    run = fit(far_pairs, tmp_path / "std")                           # the default for vectors: standard
+    run = fit(far_pairs, tmp_path / "std", normalize="standard")
     assert (far_pairs / STORE).exists()                                # computed because it was missing
     assert Run(run).config.normalize == "standard"
     model = load_weights(run)[0]
@@ -77,7 +77,7 @@ def test_round_trip_in_the_data_units(far_pairs, tmp_path):
 
 
 def test_x_T_standardised_and_old_runs_load_as_none(far_pairs, tmp_path):
-    run = fit(far_pairs, tmp_path / "both", normalize_x_T=True)
+    run = fit(far_pairs, tmp_path / "both", normalize="standard", normalize_x_T=True)
     model = load_weights(run)[0]
     assert model.x_T and 60 < float(model.std_T.mean()) < 100
     z = torch.randn(8, 2) * 80
@@ -96,6 +96,8 @@ def test_images_refuse_standard():
     image = Manifest(teacher={"name": "hand"}, source={}, shape=[1, 8, 8], sigma_max=80.0, num_shards=1,
                      pairs_per_shard=1, dtypes={}, shards=[])
     assert resolved(TrainConfig(), image).normalize == "none"
+    vector = image.model_copy(update={"shape": [2]})
+    assert resolved(TrainConfig(), vector).normalize == "none"             # the measured default (BENCHMARKS)
     with pytest.raises(ConfigError, match="images keep EDM"):
         resolved(TrainConfig(normalize="standard"), image)
 
@@ -105,5 +107,5 @@ def test_stale_store_is_recomputed(far_pairs, tmp_path, capsys):
     import zarr
     zarr.open_group(far_pairs / STORE, mode="r+")["per_shard/sha256"][1] = 0      # row 1 no longer trusted
     capsys.readouterr()
-    fit(far_pairs, tmp_path / "again")
+    fit(far_pairs, tmp_path / "again", normalize="standard")
     assert "recomputed 1 of 3 shards" in capsys.readouterr().out
