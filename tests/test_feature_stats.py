@@ -15,7 +15,7 @@ from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.metrics import FeatureStats, PixelFeatures, features, fid_from_stats, load_detector, load_ref_stats
 from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, read_shard, save_manifest, shard_name, write_shard
-from kdm_pipe.stats import STORE
+from kdm_pipe.stats import STORE, load_stats
 from stages import stats
 
 SIZES = [70, 33, 101]          # uneven shards
@@ -85,6 +85,10 @@ def test_merged_features_equal_one_pass_numpy(images):
     np.testing.assert_allclose(got.sigma, np.cov(f, rowvar=False), rtol=1e-10, atol=1e-14)
     rows = zarr.open_group(images / STORE, mode="r")["features/pixels/per_shard"]
     assert list(rows["count"][:]) == SIZES
+    x = all_x0(images).reshape(sum(SIZES), -1).astype(np.float64)             # and the moments, uneven shards too
+    m = load_stats(images)["x_0"]
+    np.testing.assert_allclose(m["mean"].reshape(-1), x.mean(0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(m["cov"], np.cov(x, rowvar=False), rtol=1e-10, atol=1e-14)
 
 
 def test_fd_from_store_equals_fd_from_raw_features(images):
