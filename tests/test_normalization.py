@@ -76,6 +76,7 @@ def test_round_trip_in_the_data_units(far_pairs, tmp_path):
     assert np.abs(out.numpy().mean(0) - CENTRE).max() > 10              # 40 steps do not get there unaided
 
 
+@pytest.mark.slow
 def test_x_T_standardised_and_old_runs_load_as_none(far_pairs, tmp_path):
     run = fit(far_pairs, tmp_path / "both", normalize="standard", normalize_x_T=True)
     model = load_weights(run)[0]
@@ -102,6 +103,7 @@ def test_images_refuse_standard():
         resolved(TrainConfig(normalize="standard"), image)
 
 
+@pytest.mark.slow
 def test_stale_store_is_recomputed(far_pairs, tmp_path, capsys):
     stats.run(StatsConfig(data=far_pairs), progress=False)
     import zarr
