@@ -67,8 +67,8 @@ def shard_latents(run: str, ckpt: str, weights: str, directory: str, info: Shard
         for b in range(0, len(rec["x_0"]), batch):
             x_0, x_T = (torch.as_tensor(rec[k][b:b + batch], dtype=torch.float32) for k in ("x_0", "x_T"))
             y = None if rec.get("label") is None else torch.as_tensor(rec["label"][b:b + batch], dtype=torch.float32)
-            z_T, z_0 = model.encode_T(x_T, y).flatten(1), model.encode_0(x_0, y).flatten(1)
-            z_hat = model.push(model.encode_T(x_T, y), y).flatten(1)
+            z_T = model.encode_T(x_T, y)
+            z_hat, z_T, z_0 = model.push(z_T, y).flatten(1), z_T.flatten(1), model.encode_0(x_0, y).flatten(1)
             for name, z in (("z_T", z_T), ("z_0", z_0), ("Cz_T", z_hat), ("residual", z_0 - z_hat)):
                 sums.setdefault(name, FeatureSums(z.shape[1])).add(z.double().numpy())
     return info.index, digest, {k: {"count": np.int64(s.count), "sum": s.sum, "outer": s.outer}
