@@ -5,6 +5,8 @@
                          outliers (DBSCAN(eps 0.15, min_samples 5) noise or per-axis |z-score| > 3) marked;
                          the student's one-step samples (generated) above the teacher's (real)
     interpolation.png    one-step outputs between held-out x_T: linear in x_T, and linear in the latent z_T
+    latent_spectra.png   covariance spectra of z_T, z_0 and C z_T over the whole pair set beside the operator's
+                         (from `kdm-pipe stats DATA --run RUN`, RUN/latents.zarr/statistics)
     analysis.json        spectrum summary, latent proximity, outlier fractions, what each figure shows
 
 All of it uses held-out pairs and the run's chosen weights (RUN/weights.json, the same choice evaluate and sample use).
@@ -31,6 +33,7 @@ from kdm_pipe import plots
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.evaluation import apply, chosen_weights, heldout_pairs
 from kdm_pipe.image_files import class_indices
+from kdm_pipe.latents import load_latent_stats
 from kdm_pipe.probes import load_probes
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
@@ -136,6 +139,22 @@ def spectrum_section(model: torch.nn.Module, run: Path, out: Path, title: str) -
     return section
 
 
+def latent_statistics_section(model: torch.nn.Module, run: Path, ckpt_name: str, out: Path) -> dict[str, Any]:
+    """latent_spectra.png and the summary of RUN/latents.zarr/statistics (`kdm-pipe stats DATA --run RUN`), when
+    they describe the checkpoint analysed."""
+    stats = load_latent_stats(run)
+    hint = f"run `kdm-pipe stats {Run(run).data_dir()} --run {run}`"
+    if stats is None:
+        return {"note": f"no latent statistics over the pair set yet: {hint}"}
+    if stats["checkpoint"] != ckpt_name:
+        return {"note": f"the latent statistics describe {stats['checkpoint']}, not {ckpt_name}: {hint}"}
+    s = stats["summary"]
+    plots.latent_spectra(out / "latent_spectra.png", stats["eigenvalues"],
+                         model.koopman.eigenvalues().detach().cpu().numpy(), s["effective_rank"],
+                         f"latent covariance spectra (d = {s['dim']}, {s['num_pairs']} pairs)")
+    return s
+
+
 def proximity_section(model: torch.nn.Module, x_0: np.ndarray, x_T: np.ndarray, labels: np.ndarray | None,
                       seed: int, device) -> dict[str, Any]:
     """Latent proximity of x_0, z_0, x_T, z_T and pure noise, grouped by class labels or, without them, by
@@ -204,6 +223,7 @@ def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> 
     if latent:
         result["spectrum"] = spectrum_section(model, run, out, f"Koopman spectrum ({which} weights, step {step})")
         result["proximity"] = proximity_section(model, x_0, x_T, labels, seed, dev)
+        result["latent_spectra"] = latent_statistics_section(model, run, Run(run).latest_checkpoint().name, out)
     else:
         result["note"] = "KD student: no latent and no Koopman operator, so no spectrum and no latent proximity"
     if list(manifest.shape) == [2]:
@@ -212,7 +232,8 @@ def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> 
     result["interpolation"] = interpolation_section(model, x_0, x_T, labels, list(manifest.shape), extent, out, seed,
                                                     dev)
     # each section drew the figure of its own name
-    result["figures"] = [f"{OUT_DIR}/{name}.png" for name in ("spectrum", "noise_structure", "interpolation")
-                         if name in result]
+    result["figures"] = [f"{OUT_DIR}/{name}.png" for name in ("spectrum", "latent_spectra", "noise_structure",
+                                                             "interpolation")
+                         if name in result and "note" not in result[name]]
     (out / "analysis.json").write_text(json.dumps(result, indent=1))
     return result

@@ -128,29 +128,39 @@ def stats(
     target: str = typer.Argument(..., help="a pair directory written by generate, or `ref` (then SOURCE)"),
     source: Optional[str] = typer.Argument(None, help="with `ref`: images (folder, EDM zip, .npy, "
                                            "sklearn-digits, a pair directory or a `sample` output)"),
+    from_: Optional[Path] = typer.Option(None, "--from", help="with `ref`: export a pair directory's teacher-set "
+                                         "statistics (computed first when missing or stale)"),
     out: Optional[Path] = typer.Option(None, help="with `ref`: the reference .npz to write (mu, sigma)"),
-    detector: Optional[Path] = typer.Option(None, help="with `ref`: TorchScript feature net, e.g. "
-                                            "inception-2015-12-05.pt (default: pixel features)"),
-    num: Optional[int] = typer.Option(None, help="with `ref`: images used (default: all)"),
+    detector: Optional[Path] = typer.Option(None, help="TorchScript feature net, e.g. inception-2015-12-05.pt "
+                                            "(default: pixel features)"),
+    num: Optional[int] = typer.Option(None, help="with `ref SOURCE`: images used (default: all)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
     cov_max_dim: int = typer.Option(1024, min=0, help="store covariances only up to this flattened dimension"),
+    batch: int = typer.Option(250, min=1, help="images per detector / student batch"),
+    run: Optional[Path] = typer.Option(None, "--run", help="a trained run: statistics of its latents over DIR's "
+                                       "pairs → RUN/latents.zarr"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """`stats DIR`: per-shard sufficient statistics (Ray) merged into DIR/stats.zarr.
-    `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images."""
+    """`stats DIR [--detector PATH]`: per-shard sufficient statistics and x_0 feature statistics (Ray) merged into
+    DIR/stats.zarr. `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images;
+    `stats ref --from DIR --out REF.npz`: the same from DIR's stats.zarr (the whole teacher set).
+    `stats DIR --run RUN`: statistics of RUN's latents over DIR's pairs (RUN/latents.zarr)."""
+    stats_flags = dict(workers=workers, address=address, cov_max_dim=cov_max_dim, detector=detector, batch=batch)
     if target == "ref":
-        if source is None or out is None:
-            raise ConfigError("usage: kdm-pipe stats ref SOURCE --out REF.npz [--detector PATH] [--num N]")
-        ref = build(RefStatsConfig, dict(source=source, out=out, detector=detector, num=num, device=device),
-                    where="stats ref config")
+        if (source is None and from_ is None) or out is None:
+            raise ConfigError("usage: kdm-pipe stats ref (SOURCE | --from DIR) --out REF.npz [--detector PATH] "
+                              "[--num N]")
+        ref = build(RefStatsConfig, dict(source=source, data=from_, out=out, detector=detector, num=num,
+                                         device=device), where="stats ref config")
         from stages import stats as stage
-        stage.reference(ref)
+        stage.reference(ref, build(StatsConfig, dict(data=from_, **stats_flags), where="stats config")
+                        if from_ is not None else None, progress=not quiet)
         return
-    if source is not None:
-        raise ConfigError(f"stats {target}: unexpected second argument {source!r} (only `stats ref SOURCE` takes one)")
-    cfg = build(StatsConfig, dict(data=Path(target), workers=workers, address=address, cov_max_dim=cov_max_dim),
-                where="stats config")
+    if source is not None or from_ is not None:
+        raise ConfigError(f"stats {target}: unexpected second argument {source or '--from'!r} (only `stats ref` "
+                          f"takes one)")
+    cfg = build(StatsConfig, dict(data=Path(target), run=run, **stats_flags), where="stats config")
     from stages import stats as stage
     stage.run(cfg, progress=not quiet)
 
@@ -181,6 +191,10 @@ def train(
     tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="TF32 matmuls on NVIDIA GPUs"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    normalize: Optional[str] = typer.Option(None, help="vector data: none | standard (x_0 by the training shards' "
+                                            "mean/std from stats.zarr; default none; images: none only)"),
+    normalize_x_t: Optional[bool] = typer.Option(None, "--normalize-x-T/--no-normalize-x-T",
+                                                 help="with --normalize standard, standardise x_T too"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -192,7 +206,7 @@ def train(
                  update_order=update_order, seed=seed,
                  loader_workers=loader_workers, device=device, threads=threads, ckpt_every=ckpt_every,
                  probe_every=probe_every, holdout_shards=holdout_shards, amp=amp, tf32=tf32, compile=compile,
-                 tensorboard=tensorboard,
+                 tensorboard=tensorboard, normalize=normalize, normalize_x_T=normalize_x_t,
                  student={k: v for k, v in student_flags.items() if v is not None})
     cfg = resolve(TrainConfig, "train", preset, flags)
     if finish(cfg, dry_run):
@@ -215,12 +229,14 @@ def evaluate(
     ref: Optional[str] = typer.Option(None, help="FID reference: EDM .npz (mu, sigma) or images to compute it from"),
     fid_num: Optional[int] = typer.Option(None, help="fresh one-step samples for the FID against --ref (50000)"),
     batch: Optional[int] = typer.Option(None, help="images per batch"),
+    set_num: Optional[int] = typer.Option(None, help="fresh samples compared with the whole teacher set "
+                                          "(stats.zarr; default: min(set size, 50000))"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
 ):
     """Metrics of the student's one-step samples against held-out teacher pairs → RUN/eval.json and figures."""
     cfg = resolve(EvaluateConfig, "evaluate", preset,
                   dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device, detector=detector,
-                       ref=ref, fid_num=fid_num, batch=batch))
+                       ref=ref, fid_num=fid_num, batch=batch, set_num=set_num))
     if finish(cfg, dry_run):
         return
     from stages import evaluate as stage

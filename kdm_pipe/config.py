@@ -185,6 +185,10 @@ class TrainConfig(Strict):
     tf32: bool = Field(default=False, description="allow TF32 matmuls/convolutions on NVIDIA GPUs")
     compile: bool = Field(default=False, description="torch.compile the student (slow to start; for long runs)")
     tensorboard: bool = Field(default=True, description="also write TensorBoard logs to RUN/tensorboard")
+    normalize: Literal["none", "standard"] | None = Field(
+        default=None, description="vector data: standardise x_0 with the training shards' mean/std from stats.zarr "
+        "(undone at sampling). Default none (measured: docs/BENCHMARKS.md); images are always none (EDM's [-1, 1])")
+    normalize_x_T: bool = Field(default=False, description="with normalize: standard, standardise x_T too")
 
 
 class EvaluateConfig(Strict):
@@ -204,6 +208,8 @@ class EvaluateConfig(Strict):
     fid_seed: int = Field(default=0, ge=0, description="first seed of those samples (EDM: 0…49999); pick seeds the "
                           "teacher's pairs did not use when --ref is the teacher's own samples")
     batch: int = Field(default=250, ge=1, description="images per detector / student batch")
+    set_num: int | None = Field(default=None, ge=2, description="fresh one-step samples compared with the whole "
+                                "teacher set's statistics (stats.zarr; default: min(set size, 50,000))")
 
 
 class VerifyConfig(Strict):
@@ -219,17 +225,32 @@ class StatsConfig(Strict):
     workers: int = Field(default=2, ge=1)
     address: str | None = None
     cov_max_dim: int = Field(default=1024, ge=0, description="store covariances only up to this flattened dimension")
+    detector: Path | None = Field(default=None, description="image sets: TorchScript feature net whose x_0 feature "
+                                  "statistics are stored (default: pixel features)")
+    batch: int = Field(default=250, ge=1, description="images per detector batch")
+    run: LocalPath | None = Field(default=None, description="a trained run: statistics of its latents over the "
+                                  "pairs, into RUN/latents.zarr (instead of the pairs' own statistics)")
 
 
 class RefStatsConfig(Strict):
-    """Settings of `kdm-pipe stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format)."""
+    """Settings of `kdm-pipe stats ref SOURCE --out REF.npz` (FID reference statistics, EDM format) and of
+    `kdm-pipe stats ref --from DIR --out REF.npz` (a pair directory's teacher-set statistics from its store)."""
 
-    source: str = Field(description="images: folder, EDM zip, .npy, sklearn-digits, a pair directory or a `sample` "
-                        "output")
+    source: str | None = Field(default=None, description="images: folder, EDM zip, .npy, sklearn-digits, a pair "
+                               "directory or a `sample` output")
+    data: LocalPath | None = Field(default=None, description="--from: pair directory whose stats.zarr is exported")
     out: LocalPath
     detector: Path | None = Field(default=None, description="TorchScript feature net (default: pixel features)")
     num: int | None = Field(default=None, description="images used (default: all)")
     device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RefStatsConfig:
+        if (self.source is None) == (self.data is None):
+            raise ValueError("give either SOURCE (images) or --from DIR (a pair directory's statistics), not both")
+        if self.data is not None and self.num is not None:
+            raise ValueError("--num applies to SOURCE images; --from DIR exports the whole teacher set")
+        return self
 
 
 class SampleConfig(Strict):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,14 +26,25 @@ from sklearn.cluster import KMeans
 
 from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.datasets import BUILTIN
+from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
-from kdm_pipe.metrics.fid import FeatureStats, image_metrics, load_ref_stats, reference_stats
+from kdm_pipe.metrics.fid import (
+    FID_NUM,
+    FeatureStats,
+    fid_from_stats,
+    image_metrics,
+    load_ref_stats,
+    reference_stats,
+    stream_sums,
+)
+from kdm_pipe.normalization import copy_moments
 from kdm_pipe.plots import image_rows, pairs_scatter
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
 from kdm_pipe.shards import atomic_write_text, read_pairs
+from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import TEACHERS, build_teacher
 from kdm_pipe.training import latest_checkpoint, load_weights, student_for
@@ -180,6 +191,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     data = Run(run).data_dir(cfg.data)
     loaded = {w: load_weights(run, w, ckpt, device=device, data=cfg.data) for w in ("ema", "raw")}
     _, tcfg, manifest, step = loaded["ema"]
+    # The whole teacher set's feature statistics (stats.zarr); a stale store is refused here, before any work.
+    set_ref = (set_reference(data, manifest, net.name, "" if cfg.detector is None else f" --detector {cfg.detector}")
+               if is_image(manifest.shape) else None)
     # EMA or raw: the run's recorded choice (computed now on the selection split if no consumer has yet).
     choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()}, ckpt)
     chosen = choice["weights"] if cfg.weights == "auto" else cfg.weights
@@ -192,6 +206,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     torch.manual_seed(tcfg.seed)                       # the same init the run started from
     untrained = student_for(tcfg, manifest).to(device).eval()
+    copy_moments(loaded[chosen][0], untrained)         # normalised runs start in the data's units too
     x_T, x_0 = report["x_T"], report["x_0"]
     other = "raw" if chosen == "ema" else "ema"
     outputs = {"student": apply(loaded[chosen][0], x_T, labels(report), device, cfg.batch),
@@ -208,7 +223,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     samples = {**{name: x[:h] for name, x in outputs.items()}, "teacher_floor": x_0[:h]}
     if is_image(manifest.shape):
         image_results(results, cfg, net, samples, x_0[h:], device)
+        results["fd_teacher_samples"] = [h, len(x_0) - h]     # (samples, held-out teacher samples) it compares
         results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
+        results["fd_set"] = set_fd_report(cfg, net, model, manifest, data, set_ref, device)
         image_rows(run / "samples.png", {"teacher x_0 (held-out pairs)": x_0[:16],
                                          f"student x̂_0 ({chosen} weights, step {step}), one step from the same x_T":
                                          outputs["student"][:16]}, scale=max(1, 64 // manifest.shape[-1]))
@@ -254,14 +271,32 @@ def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, devic
     ref_path = Path(cfg.ref)
     ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
            else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
+    return image_metrics(fresh_samples(model, manifest, cfg.fid_seed, cfg.fid_num, cfg.batch, device), net, ref,
+                         batch=cfg.batch, device=device)
 
-    def samples():
-        for b in range(cfg.fid_seed, cfg.fid_seed + cfg.fid_num, cfg.batch):
-            seeds = list(range(b, min(b + cfg.batch, cfg.fid_seed + cfg.fid_num)))
-            z, y = seed_noise(seeds, tuple(manifest.shape), manifest.label_dim, device)
-            yield apply(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(),
-                           device, cfg.batch)
-    return image_metrics(samples(), net, ref, batch=cfg.batch, device=device)
+
+def fresh_samples(model: torch.nn.Module, manifest, start: int, num: int, batch: int, device) -> Iterator[np.ndarray]:
+    """One-step samples from seeds start … start + num − 1 (x_T = σ_max·z as the teacher drew them), by batch."""
+    for b in range(start, start + num, batch):
+        seeds = list(range(b, min(b + batch, start + num)))
+        z, y = seed_noise(seeds, tuple(manifest.shape), manifest.label_dim, device)
+        yield apply(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(), device,
+                    batch)
+
+
+def set_fd_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, data: Path, ref: FeatureStats | None,
+                  device) -> dict[str, Any]:
+    """Fréchet distance of `set_num` fresh one-step samples to the whole teacher set, from its stats.zarr (far less
+    biased than the held-out comparison, whose two sides are a few hundred samples each). The seeds start after the
+    set's last seed, so no sample shares its noise with a teacher pair."""
+    flag = "" if cfg.detector is None else f" --detector {cfg.detector}"
+    if ref is None:
+        return {"note": f"no {net.name} feature statistics in {data}/{STORE}: run `kdm-pipe stats {data}{flag}`"}
+    num = cfg.set_num or min(ref.num, FID_NUM)
+    start = max(s.seed_end for s in manifest.shards)
+    sums = stream_sums(net, fresh_samples(model, manifest, start, num, cfg.batch, device), cfg.batch, device)
+    return {"fd": fid_from_stats(sums.stats(net.name), ref), "num_samples": num, "num_reference": ref.num,
+            "detector": net.name, "seeds": [start, start + num]}
 
 
 def _has_images(path: Path) -> bool:

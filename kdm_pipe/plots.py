@@ -75,6 +75,33 @@ def spectrum(path: Path, eigenvalues: np.ndarray, title: str, history: tuple[np.
     return Path(path)
 
 
+def latent_spectra(path: Path, eigenvalues: dict[str, np.ndarray], operator: np.ndarray, ranks: dict[str, float],
+                   title: str) -> Path:
+    """Covariance spectra of the latents side by side (eigenvalues, descending, log scale, the effective rank
+    marked), and the moduli of the operator's eigenvalues in the same order of size."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    for (name, lam), color in zip(eigenvalues.items(), ("C0", "C1", "C2")):
+        lam = np.clip(lam, 1e-12, None)
+        ax.semilogy(np.arange(1, len(lam) + 1), lam, color=color, label=f"{name} (effective rank {ranks[name]:.1f})")
+        ax.axvline(ranks[name], color=color, lw=0.8, ls=":")
+    ax.set_xlabel("index (descending)")
+    ax.set_ylabel("covariance eigenvalue")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    mod = np.sort(np.abs(operator))[::-1]
+    ax.plot(np.arange(1, len(mod) + 1), mod, color="C3")
+    ax.axhline(1, color="0.6", lw=0.8)
+    ax.set_xlabel("index (descending)")
+    ax.set_ylabel("|λ| of the Koopman operator")
+    ax.set_title("operator spectrum")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def noise_structure(path: Path, rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
                     extent: float | None = None) -> Path:
     """The paper's outlier figure: per row (x_0, x_T, modes, outlier mask), x_0 coloured by its KMeans mode and the

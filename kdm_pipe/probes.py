@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from kdm_pipe.stats import compressor
 
+STATISTICS = "statistics"        # kdm_pipe.latents' group in the same store
+
 
 @torch.no_grad()
 def probe(model: nn.Module, x_0: Tensor, x_T: Tensor, labels: Tensor | None) -> dict[str, np.ndarray]:
@@ -40,11 +42,12 @@ def probe(model: nn.Module, x_0: Tensor, x_T: Tensor, labels: Tensor | None) -> 
 
 
 def walk(group: zarr.Group, prefix: str = ""):
-    """(path, array) for every array under `group`."""
+    """(path, array) for every probe array under `group` (the latent statistics group is not a probe: skipped)."""
     for name, arr in group.arrays():
         yield prefix + name, arr
     for name, sub in group.groups():
-        yield from walk(sub, prefix + name + "/")
+        if prefix + name != STATISTICS:
+            yield from walk(sub, prefix + name + "/")
 
 
 class ProbeStore:

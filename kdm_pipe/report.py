@@ -91,6 +91,28 @@ def fid_line(fid: dict) -> str:
             f"({fmt(fid.get('num_samples'))} one-step samples, {fid.get('detector')})")
 
 
+def set_fd_line(results: dict) -> str:
+    """FD to the whole teacher set (from stats.zarr) with both counts, beside the held-out comparison's counts."""
+    fd, held = results.get("fd_set"), results.get("fd_teacher_samples", ["?", "?"])
+    if not fd:
+        return ""
+    if "fd" not in fd:
+        return f"FD to the teacher set: not computed ({fd['note']})"
+    return (f"FD to the teacher set: {fmt(fd['fd'])} ({fd['num_samples']} fresh student samples vs the set's "
+            f"{fd['num_reference']} pairs, {fd['detector']}); the held-out fd_teacher compares {held[0]} with "
+            f"{held[1]}")
+
+
+def latent_line(s: dict) -> str:
+    """The latent statistics' summary (effective ranks, explained fraction, z_T's whiteness) in one sentence."""
+    if "note" in s:
+        return s["note"]
+    ranks = ", ".join(f"{k} {fmt(v)}" for k, v in s["effective_rank"].items())
+    return (f"latents over {s['num_pairs']} pairs, d = {s['dim']}: effective rank (participation ratio) {ranks}; "
+            f"C z_T explains {fmt(100 * s['explained'])}% of z_0's variance; z_T isotropy {fmt(s['z_T_isotropy'])} "
+            f"(1: white), |mean|/std {fmt(s['z_T_mean_over_std'])}")
+
+
 def spectrum_line(analysis: dict | None) -> str:
     s = (analysis or {}).get("spectrum")
     if not s:
@@ -230,6 +252,8 @@ def eval_section(run: Path, results: dict | None, image: bool) -> str:
         parts.append(para("speed: " + speed_line(results["speed"])))
     if results.get("fid"):
         parts.append(para(fid_line(results["fid"])))
+    if results.get("fd_set"):
+        parts.append(para(set_fd_line(results)))
     for f in eval_figures(run, results):
         src = relative(f, run)
         parts.append(figure(src, f"{f.name}: {samples_caption(image)}") if src else para(f"missing figure {f}", "note"))
@@ -248,13 +272,17 @@ def analysis_section(run: Path, analysis: dict | None) -> str:
                   html_table(["representation", "ARI", "NMI", "Davies–Bouldin", "Calinski–Harabasz"],
                              [[k, v["ari"], v["nmi"], v["davies_bouldin"], v["calinski_harabasz"]]
                               for k, v in prox["rows"].items()])]
+    if "latent_spectra" in analysis:
+        parts.append(para(latent_line(analysis["latent_spectra"]), "note" if "note" in analysis["latent_spectra"]
+                          else ""))
     if "noise_structure" in analysis:
         ns = analysis["noise_structure"]
         parts.append(html_table(["outliers (fraction)", "DBSCAN noise", "|z| > 3", "either", "mean |x_T| outliers",
                                  "mean |x_T| inliers"],
                                 [[w, ns[w]["dbscan"], ns[w]["zscore"], ns[w]["either"], ns[w]["x_T_norm_outliers"],
                                   ns[w]["x_T_norm_inliers"]] for w in ("student", "teacher")]))
-    captions = {"noise_structure": "x_0 coloured by KMeans(8), the same colours on x_T; red: outliers",
+    captions = {"latent_spectra": "covariance spectra of z_T, z_0 and C z_T over the pair set; the operator's |λ|",
+                "noise_structure": "x_0 coloured by KMeans(8), the same colours on x_T; red: outliers",
                 "interpolation": "one-step outputs between held-out x_T: " + ", ".join(
                     analysis.get("interpolation", {}).get("rows", []))}
     for f in analysis.get("figures", []):

@@ -8,6 +8,9 @@ Store `DIR/stats.zarr` (zarr format 3, Blosc zstd + bitshuffle):
     merged/<field>/{count, mean, std, cov, min, max}          from the valid rows of the manifest's shards
     merged/label/count
 
+Image sets also hold `features/<detector>/`, the feature statistics of x_0 for Fréchet distances, with rows and a
+merged view of their own (kdm_pipe.feature_stats); kdm_pipe.stats_update fills both.
+
 Fields are `x_0`, `x_T` and, when the pairs keep trajectories, `traj`, whose arrays carry a step axis after the
 shard axis. `outer` / `cov` exist only when the flattened dimension d ≤ cov_max_dim. Sums and moments are float64.
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from zarr.codecs import BloscCodec
 
 from kdm_pipe.config import ConfigError
 from kdm_pipe.errors import DataError
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard, repair_hint, sha256_file, shard_error
+from kdm_pipe.shards import Manifest, ShardInfo, repair_hint, sha256_file, shard_error
 
 STORE = "stats.zarr"
 FORMAT = "kdm-pipe/stats-v1"
@@ -122,48 +124,43 @@ class Moments:
         return out
 
 
-def shard_moments(path: Path, specs: list[FieldSpec], label_dim: int) -> dict[str, dict[str, np.ndarray]]:
-    """Sufficient statistics of every field of one shard (and its per-class counts)."""
-    moments = {s.name: Moments(s) for s in specs}
-    labels = np.zeros(label_dim, np.int64)
-    for rec in read_shard(path):
+class ShardMoments:
+    """Sufficient statistics of every field of one shard (and its per-class counts), fed record by record."""
+
+    def __init__(self, path: Path, specs: list[FieldSpec], label_dim: int):
+        self.path, self.label_dim = path, label_dim
+        self.moments = {s.name: Moments(s) for s in specs}
+        self.labels = np.zeros(label_dim, np.int64)
+
+    def add(self, rec: dict[str, np.ndarray]) -> None:
         try:
-            for name, m in moments.items():
+            for name, m in self.moments.items():
                 m.add(rec[name])
-            if label_dim:
-                labels += np.bincount(rec[LABEL].argmax(1), minlength=label_dim)
+            if self.label_dim:
+                self.labels += np.bincount(rec[LABEL].argmax(1), minlength=self.label_dim)
         except (KeyError, ValueError, IndexError) as e:      # a record whose arrays the manifest does not describe
-            raise shard_error(path, f"a record does not match the manifest's shape/fields ({type(e).__name__}: "
-                                    f"{e})") from None
-    out = {name: m.arrays() for name, m in moments.items()}
-    if label_dim:
-        out[LABEL] = {"count": labels}
-    return out
+            raise shard_error(self.path, f"a record does not match the manifest's shape/fields ({type(e).__name__}: "
+                                         f"{e})") from None
+
+    def arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        out = {name: m.arrays() for name, m in self.moments.items()}
+        if self.label_dim:
+            out[LABEL] = {"count": self.labels}
+        return out
 
 
-def write_shard_stats(store: str, directory: str, info: ShardInfo, specs: list[FieldSpec],
-                      label_dim: int) -> int:
-    """Ray task: compute shard `info.index`'s statistics and write its own row of every per-shard array.
-
-    Returns the number of pairs it read.
-    """
-    rows = zarr.open_group(store, mode="r+")["per_shard"]
-    row = info.index
-    rows["sha256"][row] = 0                                   # a row killed half-written is never trusted
+def checked_digest(directory: Path, info: ShardInfo) -> str:
+    """The shard's sha256, refused (ShardMismatch) unless it is the one its manifest entry names."""
     path = Path(directory) / info.name
     digest = sha256_file(path)
     if digest != info.sha256:
         raise ShardMismatch(f"{path} has sha256 {digest[:12]}…, its manifest entry says {info.sha256[:12]}…; "
                             f"{repair_hint(Path(directory))}")
-    for field, arrays in shard_moments(path, specs, label_dim).items():
-        for name, a in arrays.items():
-            rows[f"{field}/{name}"][row] = a
-    rows["computed_at"][row] = time.time()
-    rows["sha256"][row] = np.frombuffer(bytes.fromhex(digest), np.uint8)
-    return info.pairs
+    return digest
 
 
-def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> zarr.Array:
+def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str,
+                 chunks: tuple[int, ...]) -> zarr.Array:
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=compressor(),
                               overwrite=True)
 
@@ -194,11 +191,11 @@ def create_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zarr
     for s in specs:
         g = rows.create_group(s.name)
         for name, shape in s.row_shapes().items():
-            _create(g, name, (n,) + shape, "int64" if name == "count" else "float64", (1,) + shape)
+            create_array(g, name, (n,) + shape, "int64" if name == "count" else "float64", (1,) + shape)
     if manifest.label_dim:
-        _create(rows.create_group(LABEL), "count", (n, manifest.label_dim), "int64", (1, manifest.label_dim))
-    _create(rows, "sha256", (n, 32), "uint8", (1, 32))
-    _create(rows, "computed_at", (n,), "float64", (1,))
+        create_array(rows.create_group(LABEL), "count", (n, manifest.label_dim), "int64", (1, manifest.label_dim))
+    create_array(rows, "sha256", (n, 32), "uint8", (1, 32))
+    create_array(rows, "computed_at", (n,), "float64", (1,))
     return root
 
 
@@ -221,16 +218,6 @@ def remove_temp_stores(path: Path) -> None:
     """Stores of runs killed before they were published (call under the directory's lock)."""
     for p in path.parent.glob(f".{path.name}.*-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def prepare_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zarr.Group:
-    """The store at `path` if compatible, else a new one in its place (kept for callers that build in place)."""
-    root = open_store(path, manifest, specs)
-    if root is None:
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        root = create_store(path, manifest, specs)
-    return root
 
 
 def stale_shards(root: zarr.Group, manifest: Manifest) -> list[ShardInfo]:
@@ -284,9 +271,9 @@ def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], c
     for spec in specs:
         g = merged.create_group(spec.name)
         for name, a in computed[spec.name].items():
-            _create(g, name, a.shape, str(a.dtype), (1,) * len(spec.lead) + a.shape[len(spec.lead):])[...] = a
+            create_array(g, name, a.shape, str(a.dtype), (1,) * len(spec.lead) + a.shape[len(spec.lead):])[...] = a
     if counts is not None:
-        _create(merged.create_group(LABEL), "count", counts.shape, "int64", counts.shape)[...] = counts
+        create_array(merged.create_group(LABEL), "count", counts.shape, "int64", counts.shape)[...] = counts
     d = math.prod(manifest.shape)
     skipped = {} if d <= cov_max_dim else {s.name: f"d = {d} > cov_max_dim = {cov_max_dim}" for s in specs}
     root.attrs.update({

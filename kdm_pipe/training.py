@@ -29,13 +29,16 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
+from kdm_pipe import normalization
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.data import batches
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.locks import directory_lock
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device, set_threads
 from kdm_pipe.shards import Manifest, atomic_write_text, bad_shards_error, check_shards, load_manifest, read_pairs
+from kdm_pipe.stats_update import update
 from kdm_pipe.student import build_student, is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
 from kdm_pipe.student.noise import LatentNoise
@@ -51,12 +54,38 @@ def split_shards(manifest: Manifest, holdout: int) -> tuple[list[str], list[str]
 
 
 def resolved(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
-    """`cfg` with the student's unset loss settings filled in for the data's kind (what config.json records)."""
-    return cfg.model_copy(update={"student": cfg.student.for_data(is_image(manifest.shape))})
+    """`cfg` with the student's unset loss settings and the normalisation filled in for the data's kind (what
+    config.json records)."""
+    image = is_image(manifest.shape)
+    if image and cfg.normalize == "standard":
+        raise ConfigError("normalize: standard is for vector data; images keep EDM's [-1, 1] convention (use none)")
+    normalize = cfg.normalize or ("none" if image else normalization.DEFAULT)
+    return cfg.model_copy(update={"student": cfg.student.for_data(image), "normalize": normalize})
 
 
 def student_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module:
-    return build_student(cfg.student, manifest.shape, manifest.label_dim, manifest.sigma_max)
+    """The student of `cfg` (a run recorded before normalisation existed has normalize None: none)."""
+    student = build_student(cfg.student, manifest.shape, manifest.label_dim, manifest.sigma_max)
+    return normalization.wrap(student, cfg.normalize, manifest.shape, cfg.normalize_x_T)
+
+
+def data_moments(cfg: TrainConfig, manifest: Manifest, names: list[str]) -> dict[str, np.ndarray] | None:
+    """The training shards' μ, s for normalize: standard (stats.zarr, computed first when missing or stale)."""
+    if cfg.normalize != "standard":
+        return None
+
+    def refresh() -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:       # one Ray job, not one per rank
+            raise ConfigError(f"{cfg.data}/stats.zarr is missing or stale; run `kdm-pipe stats {cfg.data}` before "
+                              f"a multi-process run")
+        try:
+            with directory_lock(cfg.data, f"train --data {cfg.data} (statistics for normalize: standard)"):
+                update(Path(cfg.data), manifest)
+        except OSError as e:
+            raise ConfigError(f"normalize: standard needs {cfg.data}/stats.zarr and it cannot be written "
+                              f"({e.strerror or e}); run `kdm-pipe stats` where it can, or use --normalize none"
+                              ) from None
+    return normalization.training_moments(cfg.data, manifest, names, refresh)
 
 
 def discriminator_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module | None:
@@ -101,6 +130,7 @@ def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool) -> None:
         if not run.exists():
             raise ConfigError(f"--resume: {cfg.out} holds no run (no config.json); drop --resume to start one")
         old, new = run.read_json("config.json"), cfg.model_dump(mode="json")
+        old = {"normalize": "none", "normalize_x_T": False, **old}   # a run from before normalisation existed
         diff = sorted(k for k in new if k not in ("steps", "out", "data") and old.get(k) != new[k])
         if diff:
             raise ConfigError(f"--resume: settings differ from the saved run in {', '.join(diff)}; "
@@ -240,6 +270,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     train_names, holdout_names = split_shards(manifest, cfg.holdout_shards)
     counts = {s.name: s.pairs for s in manifest.shards}
     prepare_run(cfg, manifest, resume)
+    moments = data_moments(cfg, manifest, train_names)
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     created = not Path(cfg.out).exists()
@@ -251,7 +282,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 device = torch.device("cuda", local)
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
             return _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, device, rank, world,
-                          cleanup)
+                          cleanup, moments)
     except BaseException:
         if created and Path(cfg.out).is_dir() and not Run(cfg.out).checkpoints():   # nothing worth keeping
             shutil.rmtree(cfg.out, ignore_errors=True)
@@ -259,10 +290,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 
 def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, device, rank, world,
-           cleanup: ExitStack) -> dict:
+           cleanup: ExitStack, moments: dict[str, np.ndarray] | None = None) -> dict:
     run, lead = Run(cfg.out), rank == 0
     torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
     model = student_for(cfg, manifest).to(device)      # (a bad student config fails here, before anything is written)
+    if moments is not None:                            # buffers: the EMA copy and every checkpoint carry them
+        model.set_moments(moments)
     disc = discriminator_for(cfg, manifest)
     disc = disc.to(device) if disc is not None else None
     ema = copy.deepcopy(model).requires_grad_(False).eval()

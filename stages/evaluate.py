@@ -6,7 +6,7 @@ from typing import Any
 
 from kdm_pipe.config import EvaluateConfig
 from kdm_pipe.evaluation import evaluate
-from kdm_pipe.report import METRICS, write_report
+from kdm_pipe.report import METRICS, set_fd_line, write_report
 
 
 def aligned(rows: list[tuple[str, ...]]) -> list[str]:
@@ -27,6 +27,8 @@ def table(results: dict[str, Any]) -> str:
         name = "FID" if "fid" in fid else "Fréchet distance"
         lines.append(f"{name} vs {fid.get('ref', 'reference')}: {fid.get('fid', fid.get('frechet_distance')):.4g} "
                      f"({fid['num_samples']} one-step samples, {fid['detector']})")
+    if results.get("fd_set"):
+        lines.append(set_fd_line(results))
     sp = results["speed"]
     if "speedup" in sp:
         lines.append(f"speed: student {sp['student_samples_per_s']:,.0f} samples/s (1 step) vs teacher "

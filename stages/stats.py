@@ -10,32 +10,16 @@ complete; one run per directory (a lock).
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import ray
-from tqdm import tqdm
-
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
-from kdm_pipe.errors import DataError
+from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.raypool import ray_session, remote, run_bounded
 from kdm_pipe.shards import Manifest, bad_shards_error, check_shards, load_manifest
-from kdm_pipe.stats import (
-    STORE,
-    create_store,
-    field_specs,
-    open_store,
-    publish,
-    remove_temp_stores,
-    stale_shards,
-    temp_store_path,
-    write_merged,
-    write_shard_stats,
-)
+from kdm_pipe.stats_update import update
 
 
 def checked_manifest(directory: Path) -> Manifest:
@@ -53,6 +37,9 @@ def checked_manifest(directory: Path) -> Manifest:
 
 
 def run(cfg: StatsConfig, progress: bool = True) -> Path:
+    if cfg.run is not None:
+        latent_stats(cfg, progress)
+        return Path(cfg.run)
     directory = Path(cfg.data)
     checked_manifest(directory)
     with ExitStack() as stack:
@@ -65,68 +52,54 @@ def run(cfg: StatsConfig, progress: bool = True) -> Path:
         problems = check_shards(directory, manifest)
         if problems:
             raise bad_shards_error(directory, problems)
-        return update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, progress)
+        return update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, cfg.detector, cfg.batch,
+                      progress)
 
 
-def update(directory: Path, manifest: Manifest, workers: int, address: str | None, cov_max_dim: int,
-           progress: bool) -> Path:
-    specs = field_specs(manifest, cov_max_dim)
-    path = directory / STORE
-    remove_temp_stores(path)
-    root = open_store(path, manifest, specs)
-    build = root is None                         # a new store is built aside and renamed into place when complete
-    target = temp_store_path(path) if build else path
-    try:
-        if build:
-            root = create_store(target, manifest, specs)
-        todo = stale_shards(root, manifest)
-        pairs, seconds = sum(s.pairs for s in todo), 0.0
-        if todo:
-            seconds = compute(directory, target, manifest, specs, todo, workers, address, progress)
-        write_merged(root, manifest, specs, cov_max_dim)
-        if build:
-            publish(target, path)
-    finally:
-        if build and target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-    done = f"recomputed {len(todo)} of {len(manifest.shards)} shards ({pairs} pairs in {seconds:.1f}s, " \
-           f"{pairs / seconds:,.0f} pairs/s)" if todo else f"all {len(manifest.shards)} shards up to date"
-    print(f"{path}: {done}; merged {manifest.num_pairs} pairs")
-    return path
+def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
+    """`stats DIR --run RUN`: statistics of RUN's latents (z_T, z_0, C z_T) over DIR's pairs → RUN/latents.zarr."""
+    from kdm_pipe import latents
+    from kdm_pipe.evaluation import chosen_weights
+    from kdm_pipe.report import latent_line
+    from kdm_pipe.run import Run
+
+    run, directory = Path(cfg.run), Path(cfg.data)
+    if Run(run).config.student.kind != "kdm":
+        raise ConfigError(f"{run} is a KD student: it has no latent space to describe (train --student kdm)")
+    checked_manifest(directory)
+    with ExitStack() as stack:
+        stack.enter_context(stop_on_signals())
+        stack.enter_context(directory_lock(run, f"stats {directory} --run {run}"))
+        manifest = checked_manifest(directory)
+        problems = check_shards(directory, manifest)
+        if problems:
+            raise bad_shards_error(directory, problems)
+        weights = chosen_weights(run)
+        s = latents.update(run, directory, manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
+    print(f"{run}/{latents.STORE} ({weights} weights): {latent_line(s)}")
+    return s
 
 
-def compute(directory: Path, store: Path, manifest: Manifest, specs: list, todo: list, workers: int,
-            address: str | None, progress: bool) -> float:
-    """Ray tasks write the rows of `todo`; returns the seconds they took. A failed task → one-line error."""
-    task = remote(write_shard_stats, num_cpus=1)
-    calls = ((str(store), str(directory), s, specs, manifest.label_dim) for s in todo)
-    bar = tqdm(total=sum(s.pairs for s in todo), unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
-    with ray_session(address, workers):
-        t0 = time.perf_counter()                  # throughput of the work, not of starting a cluster
-        try:
-            for done in run_bounded(task, calls, 2 * workers):
-                bar.update(done)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, DataError):        # a shard unreadable or changed since it was checked
-                raise e.cause from None
-            raise RuntimeError(f"a statistics task failed: {type(e.cause).__name__}: {e.cause}") from None
-        finally:
-            bar.close()
-        return time.perf_counter() - t0
-
-
-def reference(cfg: RefStatsConfig) -> Path:
-    """FID reference statistics (`mu`, `sigma`, EDM's .npz format) of the source's images in the detector's
-    features."""
+def reference(cfg: RefStatsConfig, stats: StatsConfig | None = None, progress: bool = True) -> Path:
+    """FID reference statistics (`mu`, `sigma`, EDM's .npz format) in the detector's features: of the source's
+    images, or (`stats`: `--from DIR`) of the whole teacher set, from DIR's store brought up to date first."""
     from kdm_pipe.metrics.detectors import load_detector
     from kdm_pipe.metrics.fid import reference_stats, save_ref_stats
     from kdm_pipe.runtime import pick_device
 
-    dev = pick_device(cfg.device)
     t = time.perf_counter()
-    stats = reference_stats(cfg.source, load_detector(cfg.detector, dev), num=cfg.num, device=dev)
-    path = save_ref_stats(cfg.out, stats)
-    rate = stats.num / (time.perf_counter() - t)
-    print(f"{path}: reference statistics of {stats.num} images from {cfg.source} "
-          f"({stats.detector}, {rate:,.0f} images/s)")
+    if stats is not None:
+        run(stats, progress)
+        ref = set_reference(stats.data, load_manifest(stats.data), load_detector(stats.detector).name)
+        if ref is None:      # update() has just said why (pixel features above cov_max_dim)
+            raise ConfigError(f"{stats.data} has no feature statistics to export; pass --detector (or raise "
+                              f"--cov-max-dim)")
+        source = f"the teacher set {stats.data}"
+    else:
+        dev = pick_device(cfg.device)
+        ref = reference_stats(cfg.source, load_detector(cfg.detector, dev), num=cfg.num, device=dev)
+        source = cfg.source
+    path = save_ref_stats(cfg.out, ref)
+    rate = ref.num / (time.perf_counter() - t)
+    print(f"{path}: reference statistics of {ref.num} images from {source} ({ref.detector}, {rate:,.0f} images/s)")
     return path

@@ -9,7 +9,7 @@ class probabilities; it resizes to 299×299 itself. Any other TorchScript net ta
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -108,6 +108,14 @@ def _rebatch(images: Iterable[np.ndarray | torch.Tensor], batch: int) -> Iterabl
                 pending, held = [], 0
     if pending:
         yield torch.cat(pending)
+
+
+@torch.no_grad()
+def feature_batches(net: FeatureNet, images: Iterable[np.ndarray | torch.Tensor], batch: int = 250,
+                    device: torch.device | str = "cpu") -> Iterator[np.ndarray]:
+    """(B, D) float32 features of each batch of a stream of [−1, 1] NCHW image chunks (memory: one batch)."""
+    for x in _rebatch(images, batch):
+        yield net.features(to_uint8(x.to(device), rgb=net.rgb)).to(torch.float32).cpu().numpy()
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 from kdm_pipe.datasets import BUILTIN, from_uint8_nhwc, load_images
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.image_files import SAMPLES_JSON, SAMPLES_NPZ
-from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed
+from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed, feature_batches
 from kdm_pipe.metrics.distribution import feature_stats, frechet_distance, precision_recall
 from kdm_pipe.shards import MANIFEST, load_manifest, read_shard
 
@@ -36,6 +36,41 @@ class FeatureStats:
     def of(cls, features: np.ndarray, detector: str) -> FeatureStats:
         mu, sigma = feature_stats(features)
         return cls(mu, sigma, len(features), detector)
+
+
+class FeatureSums:
+    """Sufficient statistics of a stream of features in float64: n, Σf, Σffᵀ (memory D², whatever the count)."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.sum = np.zeros(dim)
+        self.outer = np.zeros((dim, dim))
+
+    def add(self, f: np.ndarray) -> None:
+        f = np.asarray(f, np.float64)
+        self.count += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def stats(self, detector: str) -> FeatureStats:
+        """μ = Σf / n and the unbiased Σ = (Σffᵀ − n μμᵀ) / (n − 1)."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
+        mu = self.sum / self.count
+        return FeatureStats(mu, (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1), self.count, detector)
+
+
+def stream_sums(net: FeatureNet, images: Iterable[np.ndarray | torch.Tensor], batch: int = 250,
+                device: torch.device | str = "cpu") -> FeatureSums:
+    """`FeatureSums` of `net`'s features of a stream of [−1, 1] NCHW image chunks, batch by batch."""
+    sums = None
+    for f in feature_batches(net, images, batch, device):
+        if sums is None:
+            sums = FeatureSums(f.shape[1])
+        sums.add(f)
+    if sums is None:
+        raise ValueError("no images to embed")
+    return sums
 
 
 def save_ref_stats(path: str | Path, stats: FeatureStats) -> Path:

@@ -1,0 +1,64 @@
+"""Fault cases of the statistics the pipeline uses (feature references, normalisation, latent statistics): exit 2
+with one `error:` line, no traceback, nothing written (the directory lock and the shard check's cache aside)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdm_pipe.locks import LOCK
+from kdm_pipe.shards import VERIFIED, Manifest, ShardInfo, save_manifest, shard_name, write_shard
+from tests.faults import cli, error_line, tree
+
+
+def pair_set(directory: Path, shape: tuple[int, ...]) -> Path:
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    x_0, x_T = rng.uniform(-1, 1, (20, *shape)), 80 * rng.standard_normal((20, *shape))
+    size, sha = write_shard(directory / shard_name(0), [{"seed": np.arange(20), "x_T": x_T, "x_0": x_0}])
+    save_manifest(directory, Manifest(teacher={"name": "hand"}, source={}, shape=list(shape), sigma_max=80.0,
+                                      num_shards=1, pairs_per_shard=20, dtypes={}, shards=[
+                                          ShardInfo(index=0, name=shard_name(0), pairs=20, seed_start=0, seed_end=20,
+                                                    bytes=size, sha256=sha)]))
+    return directory
+
+
+def files(directory: Path) -> dict[str, str]:
+    return {k: v for k, v in tree(directory).items() if k not in (LOCK, VERIFIED)}
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--detector", "{d}/missing.pt"], ["missing.pt", "no such file"]),
+    (["--detector", "{d}/manifest.json"], ["manifest.json", "not a TorchScript file"]),
+])
+def test_bad_detector_writes_no_store(tmp_path, args, fragments):
+    d = pair_set(tmp_path / "images", (1, 4, 4))
+    before = files(d)
+    error_line(cli("stats", d, "-q", *[a.format(d=d) for a in args]), 2, *fragments)
+    assert files(d) == before
+
+
+def test_detector_on_vector_pairs_is_refused(tmp_path):
+    d = pair_set(tmp_path / "vectors", (2,))
+    (tmp_path / "net.pt").write_bytes(b"not looked at")
+    before = files(d)
+    error_line(cli("stats", d, "--detector", tmp_path / "net.pt", "-q"), 2, "vectors, not images", "drop --detector")
+    assert files(d) == before
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["ref", "--out", "{t}/r.npz"], ["usage", "--from DIR"]),
+    (["ref", "sklearn-digits", "--from", "{t}", "--out", "{t}/r.npz"], ["either SOURCE", "not both"]),
+    (["ref", "--from", "{t}", "--num", "5", "--out", "{t}/r.npz"], ["--num applies to SOURCE"]),
+    (["{t}", "--from", "{t}"], ["only `stats ref`"]),
+])
+def test_stats_ref_usage(tmp_path, args, fragments):
+    error_line(cli("stats", *[a.format(t=tmp_path) for a in args]), 2, *fragments)
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_train_refuses_standard_normalisation_of_images(tmp_path):
+    d = pair_set(tmp_path / "images", (1, 4, 4))
+    error_line(cli("train", "--data", d, "--out", tmp_path / "run", "--normalize", "standard"), 2,
+               "images keep EDM's [-1, 1]")
+    assert not (tmp_path / "run").exists() and not (d / "stats.zarr").exists()
