@@ -56,6 +56,9 @@ class Exclusions:
         return hashlib.sha256(json.dumps(excluded).encode()).hexdigest()
 
 
+NO_EXCLUSIONS = Exclusions({}).digest([])      # what a run trained before filtering (no split.json entry) excluded
+
+
 def uncovered(manifest: Manifest) -> list[str]:
     """Shards of a filtered manifest that its filter did not score (added or rewritten since); [] when unfiltered."""
     if manifest.filter is None:

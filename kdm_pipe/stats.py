@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
@@ -36,7 +36,8 @@ from zarr.codecs import BloscCodec
 
 from kdm_pipe.config import ConfigError
 from kdm_pipe.errors import DataError
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard, repair_hint, sha256_file, shard_error
+from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
+from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, read_shard, repair_hint, sha256_file, shard_error
 
 STORE = "stats.zarr"
 FORMAT = "kdm-pipe/stats-v1"
@@ -122,11 +123,13 @@ class Moments:
         return out
 
 
-def shard_moments(path: Path, specs: list[FieldSpec], label_dim: int) -> dict[str, dict[str, np.ndarray]]:
-    """Sufficient statistics of every field of one shard (and its per-class counts)."""
+def shard_moments(path: Path, specs: list[FieldSpec], label_dim: int,
+                  read: Callable = read_shard) -> dict[str, dict[str, np.ndarray]]:
+    """Sufficient statistics of every field of one shard (and its per-class counts); `read` reads its records
+    (`Exclusions.read` leaves out the pairs the memorisation filter excluded)."""
     moments = {s.name: Moments(s) for s in specs}
     labels = np.zeros(label_dim, np.int64)
-    for rec in read_shard(path):
+    for rec in read(path):
         try:
             for name, m in moments.items():
                 m.add(rec[name])
@@ -142,7 +145,7 @@ def shard_moments(path: Path, specs: list[FieldSpec], label_dim: int) -> dict[st
 
 
 def write_shard_stats(store: str, directory: str, info: ShardInfo, specs: list[FieldSpec],
-                      label_dim: int) -> int:
+                      label_dim: int, read: Callable = read_shard) -> int:
     """Ray task: compute shard `info.index`'s statistics and write its own row of every per-shard array.
 
     Returns the number of pairs it read.
@@ -155,7 +158,7 @@ def write_shard_stats(store: str, directory: str, info: ShardInfo, specs: list[F
     if digest != info.sha256:
         raise ShardMismatch(f"{path} has sha256 {digest[:12]}…, its manifest entry says {info.sha256[:12]}…; "
                             f"{repair_hint(Path(directory))}")
-    for field, arrays in shard_moments(path, specs, label_dim).items():
+    for field, arrays in shard_moments(path, specs, label_dim, read).items():
         for name, a in arrays.items():
             rows[f"{field}/{name}"][row] = a
     rows["computed_at"][row] = time.time()
@@ -233,6 +236,12 @@ def prepare_store(path: Path, manifest: Manifest, specs: list[FieldSpec]) -> zar
     return root
 
 
+def filtered_alike(root: zarr.Group, manifest: Manifest, directory: Path) -> bool:
+    """Whether the store's rows left out exactly the pairs the manifest's filter excludes now."""
+    drop = exclusions(manifest, directory)
+    return root.attrs.get("excluded_sha256", NO_EXCLUSIONS) == drop.digest(s.name for s in manifest.shards)
+
+
 def stale_shards(root: zarr.Group, manifest: Manifest) -> list[ShardInfo]:
     """The manifest's shards whose row was not computed from exactly their bytes."""
     if not manifest.shards:
@@ -269,8 +278,10 @@ def merge(spec: FieldSpec, rows: Iterable[dict[str, np.ndarray]]) -> dict[str, n
     return out
 
 
-def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], cov_max_dim: int) -> None:
-    """Rewrite `merged/` from the rows of the manifest's shards, then publish it with `complete: true`."""
+def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], cov_max_dim: int,
+                 drop: Exclusions) -> None:
+    """Rewrite `merged/` from the rows of the manifest's shards, then publish it with `complete: true`; the rows
+    were computed without the pairs `drop` excludes, whose digest is recorded (`excluded_sha256`)."""
     rows, index = root["per_shard"], [s.index for s in manifest.shards]
     computed = {}                # everything that can fail on odd data, before the published view is touched
     for spec in specs:
@@ -291,7 +302,8 @@ def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], c
     skipped = {} if d <= cov_max_dim else {s.name: f"d = {d} > cov_max_dim = {cov_max_dim}" for s in specs}
     root.attrs.update({
         "teacher_sha256": manifest.teacher.get("sha256"),
-        "num_pairs": manifest.num_pairs,
+        "num_pairs": sum(drop.kept(s) for s in manifest.shards),
+        "excluded_sha256": drop.digest(s.name for s in manifest.shards),
         "num_shards": manifest.num_shards,
         "shards": [{"index": s.index, "name": s.name, "pairs": s.pairs, "sha256": s.sha256} for s in manifest.shards],
         "dtypes": {"data": manifest.dtypes, "statistics": "float64"},
@@ -313,4 +325,7 @@ def load_stats(directory: Path) -> dict[str, dict[str, np.ndarray]]:
         raise ConfigError(f"{path} is not a kdm-pipe statistics store: run `kdm-pipe stats {directory}`") from None
     if root.attrs.get("format") != FORMAT or root.attrs.get("complete") is not True:
         raise ConfigError(f"{path} is not a complete kdm-pipe statistics store: rerun `kdm-pipe stats {directory}`")
+    if not filtered_alike(root, load_manifest(directory), directory):
+        raise ConfigError(f"{path} was computed before the memorisation filter of {directory} changed: rerun "
+                          f"`kdm-pipe stats {directory}`")
     return {field: {name: a[...] for name, a in g.arrays()} for field, g in root["merged"].groups()}

@@ -101,11 +101,17 @@ def reference(cfg: FilterConfig, manifest: Manifest) -> tuple[np.ndarray, np.nda
     return images, np.ascontiguousarray(ref, np.float32), settings
 
 
-def fingerprint(settings: dict) -> str:
-    """What decides the flags: the reference's contents (not where it lies), the detector's bytes and the rule."""
+def fingerprint(settings: dict, leave_out: tuple[str, ...] = ()) -> str:
+    """What decides the flags: the reference's contents (not where it lies), the detector's bytes and the rule.
+    Without the rule (`leave_out`), what decides the distances: scores are reused across rules and thresholds."""
     same = {**settings, "ref": {k: v for k, v in settings["ref"].items() if k != "source"},
             "detector": settings["detector"] and settings["detector"]["sha256"]}
-    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps({k: v for k, v in same.items() if k not in leave_out},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def search_fingerprint(settings: dict) -> str:
+    return fingerprint(settings, leave_out=("rule", "threshold"))
 
 
 def run(cfg: FilterConfig, progress: bool = True) -> FilterRecord:
@@ -130,14 +136,14 @@ def run(cfg: FilterConfig, progress: bool = True) -> FilterRecord:
             print(f"{directory}: already filtered with these settings ({old.flagged} of {old.scored} pairs "
                   f"excluded); nothing to do")
             return old
-        scores = previous_scores(directory, fp, manifest) if same else {}
+        scores = previous_scores(directory, search_fingerprint(settings), manifest)
         todo = [s for s in manifest.shards if s.name not in scores]
         problems = check_shards(directory, manifest, [s.name for s in todo])
         if problems:
             raise bad_shards_error(directory, problems)
         scores.update(score(directory, todo, ref, settings, cfg, progress))
         record = decide(manifest, scores, settings, fp)
-        save_scores(directory, fp, scores)
+        save_scores(directory, search_fingerprint(settings), manifest, scores)
         manifest.filter = record                                  # the commit: readers honour it from now on
         save_manifest(directory, manifest)
     html = write_filter_report(directory, manifest, images, scores)
@@ -182,29 +188,32 @@ def score(directory: Path, todo: list, ref: np.ndarray, settings: dict, cfg: Fil
     return out
 
 
-def save_scores(directory: Path, fp: str, scores: dict[str, Scores]) -> None:
-    names = sorted(scores)
+def save_scores(directory: Path, search: str, manifest: Manifest, scores: dict[str, Scores]) -> None:
+    """DIR/filter.npz: every scored pair's distances, per shard with the sha256 of the bytes scored."""
+    names = [s.name for s in manifest.shards]
     cols = {f: np.concatenate([getattr(scores[n], f) for n in names]) for f in ("seed", "d1", "d_rest", "nearest")}
     buf = io.BytesIO()
-    np.savez(buf, fingerprint=np.array(fp), shard=np.repeat(np.array(names), [len(scores[n].seed) for n in names]),
-             **cols)
+    np.savez(buf, search=np.array(search), names=np.array(names), sha256=np.array([s.sha256 for s in manifest.shards]),
+             counts=np.array([len(scores[n].seed) for n in names]), **cols)
     atomic_write_bytes(directory / SCORES, buf.getvalue())
 
 
-def previous_scores(directory: Path, fp: str, manifest: Manifest) -> dict[str, Scores]:
-    """Scores of the shards the filter covers, from DIR/filter.npz (same settings); a shard missing there (or the
-    file lost) is simply scored again."""
+def previous_scores(directory: Path, search: str, manifest: Manifest) -> dict[str, Scores]:
+    """Scores of the manifest's shards from DIR/filter.npz when they were searched alike (same reference, metric,
+    detector and k; any rule) from the same bytes; a shard missing there (or the file lost) is scored again."""
     try:
         with np.load(directory / SCORES, allow_pickle=False) as f:
-            if str(f["fingerprint"]) != fp:
+            if str(f["search"]) != search:
                 return {}
-            cols = {k: f[k] for k in ("shard", "seed", "d1", "d_rest", "nearest")}
+            cols = {k: f[k] for k in ("names", "sha256", "counts", "seed", "d1", "d_rest", "nearest")}
     except (OSError, ValueError, KeyError):
         return {}
-    out, stale = {}, set(uncovered(manifest))
+    ends = np.cumsum(cols["counts"])
+    rows = {str(n): (str(h), slice(e - c, e))
+            for n, h, c, e in zip(cols["names"], cols["sha256"], cols["counts"], ends)}
+    out = {}
     for s in manifest.shards:
-        rows = cols["shard"] == s.name
-        if s.name not in stale and rows.sum() == s.pairs:
-            out[s.name] = Scores(cols["seed"][rows], cols["d1"][rows], cols["d_rest"][rows], cols["nearest"][rows])
+        sha, sl = rows.get(s.name, (None, None))
+        if sha == s.sha256 and sl.stop - sl.start == s.pairs:
+            out[s.name] = Scores(cols["seed"][sl], cols["d1"][sl], cols["d_rest"][sl], cols["nearest"][sl])
     return out
-

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.errors import DataError
+from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
 from kdm_pipe.raypool import ray_session, remote, run_bounded
@@ -28,6 +29,7 @@ from kdm_pipe.stats import (
     STORE,
     create_store,
     field_specs,
+    filtered_alike,
     open_store,
     publish,
     remove_temp_stores,
@@ -65,15 +67,20 @@ def run(cfg: StatsConfig, progress: bool = True) -> Path:
         problems = check_shards(directory, manifest)
         if problems:
             raise bad_shards_error(directory, problems)
-        return update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, progress)
+        return update(directory, manifest, exclusions(manifest, directory), cfg.workers, cfg.address, cfg.cov_max_dim,
+                      progress)
 
 
-def update(directory: Path, manifest: Manifest, workers: int, address: str | None, cov_max_dim: int,
-           progress: bool) -> Path:
+def update(directory: Path, manifest: Manifest, drop: Exclusions, workers: int, address: str | None,
+           cov_max_dim: int, progress: bool) -> Path:
+    """Statistics of the pairs `drop` keeps; a store whose rows left out other pairs (the memorisation filter
+    changed) is rebuilt."""
     specs = field_specs(manifest, cov_max_dim)
     path = directory / STORE
     remove_temp_stores(path)
     root = open_store(path, manifest, specs)
+    if root is not None and not filtered_alike(root, manifest, directory):
+        root = None
     build = root is None                         # a new store is built aside and renamed into place when complete
     target = temp_store_path(path) if build else path
     try:
@@ -82,8 +89,8 @@ def update(directory: Path, manifest: Manifest, workers: int, address: str | Non
         todo = stale_shards(root, manifest)
         pairs, seconds = sum(s.pairs for s in todo), 0.0
         if todo:
-            seconds = compute(directory, target, manifest, specs, todo, workers, address, progress)
-        write_merged(root, manifest, specs, cov_max_dim)
+            seconds = compute(directory, target, manifest, drop, specs, todo, workers, address, progress)
+        write_merged(root, manifest, specs, cov_max_dim, drop)
         if build:
             publish(target, path)
     finally:
@@ -95,11 +102,13 @@ def update(directory: Path, manifest: Manifest, workers: int, address: str | Non
     return path
 
 
-def compute(directory: Path, store: Path, manifest: Manifest, specs: list, todo: list, workers: int,
-            address: str | None, progress: bool) -> float:
+def compute(directory: Path, store: Path, manifest: Manifest, drop: Exclusions, specs: list, todo: list,
+            workers: int, address: str | None, progress: bool) -> float:
     """Ray tasks write the rows of `todo`; returns the seconds they took. A failed task → one-line error."""
     task = remote(write_shard_stats, num_cpus=1)
-    calls = ((str(store), str(directory), s, specs, manifest.label_dim) for s in todo)
+    # Each task gets its own shard's excluded seeds only, not the whole set's.
+    calls = ((str(store), str(directory), s, specs, manifest.label_dim,
+              Exclusions({s.name: drop.seeds.get(s.name, ())}).read) for s in todo)
     bar = tqdm(total=sum(s.pairs for s in todo), unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
     with ray_session(address, workers):
         t0 = time.perf_counter()                  # throughput of the work, not of starting a cluster
