@@ -2,6 +2,7 @@
 the manifest and honoured by every reader (loader with workers and resume, stats, held-out reads), reruns."""
 
 import itertools
+import json
 from collections import Counter
 
 import numpy as np
@@ -10,16 +11,18 @@ import ray
 import torch
 from faults import cli, error_line, tree
 
-from kdm_pipe.config import ConfigError, ImportConfig
+from kdm_pipe.config import ConfigError, ImportConfig, TrainConfig
 from kdm_pipe.data import PairStream, batches
 from kdm_pipe.datasets import sklearn_digits
-from kdm_pipe.exclusions import exclusions
+from kdm_pipe.exclusions import NO_EXCLUSIONS, exclusions
 from kdm_pipe.memorisation import nearest
 from kdm_pipe.shards import load_manifest, read_pairs, save_manifest
 from kdm_pipe.stats import load_stats
+from kdm_pipe.training import train
 from stages import import_pairs
 
 N_REF, N = 1000, 64                    # reference: the first 1,000 digits; 64 pairs of each kind below
+TINY_UNET = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
 COPIES, NOISY, FRESH = range(0, N), range(N, 2 * N), range(2 * N, 3 * N)     # their seeds
 
 
@@ -145,3 +148,19 @@ def test_stats_count_kept_pairs_and_notice_a_changed_filter(planted, session):
     filtered(planted, session, "--replace")                      # the relative rule excludes more
     with pytest.raises(ConfigError, match="rerun `kdm-pipe stats"):
         load_stats(directory)
+
+
+@pytest.mark.slow                                               # a real (tiny) training run: ~20 s here
+def test_a_run_records_the_filter_and_resume_refuses_a_changed_one(planted, session, tmp_path):
+    directory = planted / "pairs"
+    filtered(planted, session, "--rule", "absolute", "--replace")
+    cfg = TrainConfig.model_validate({"data": directory, "out": tmp_path / "run", "steps": 2, "batch": 8,
+                                      "loader_workers": 0, "shuffle_buffer": 16, "probe_pairs": 8, "ckpt_every": 2,
+                                      "tensorboard": False, "student": TINY_UNET})
+    train(cfg, progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    drop = exclusions(load_manifest(directory), directory)
+    assert split["excluded_sha256"] == drop.digest(split["train"] + split["holdout"]) != NO_EXCLUSIONS
+    filtered(planted, session, "--replace")                      # another rule: other pairs excluded
+    with pytest.raises(ConfigError, match="memorisation filter"):
+        train(cfg.model_copy(update={"steps": 4}), resume=True, progress=False)
