@@ -235,7 +235,7 @@ class RefStatsConfig(Strict):
 class FilterConfig(Strict):
     """Settings of `kdm-pipe filter DIR --ref SOURCE`: flag and exclude teacher samples that copy a reference image."""
 
-    data: LocalPath = Field(description="pair directory written by generate or import")
+    data: LocalPath = Field(default=Path("runs/pairs"), description="pair directory written by generate or import")
     ref: str = Field(description="the teacher's training images: folder, EDM zip, .npy, sklearn-digits")
     metric: Literal["l2", "features"] = Field(default="l2", description="l2: pixels; features: --detector's space")
     detector: Path | None = Field(default=None, description="TorchScript feature net (with --metric features)")
@@ -353,6 +353,7 @@ class Preset(Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    filter: FilterConfig | None = Field(default=None, description="the memorisation filter, run after verify")
 
 
 def preset_path(name_or_path: str) -> Path:
