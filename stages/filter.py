@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -167,16 +168,19 @@ def score(directory: Path, todo: list, ref: np.ndarray, settings: dict, cfg: Fil
           progress: bool) -> dict[str, Scores]:
     """Scores of the shards `todo`, one Ray actor per worker (the reference put once into the object store)."""
     out = {}
-    bar = tqdm(total=sum(s.pairs for s in todo), unit="pair", disable=not progress, desc="filter",
-               dynamic_ncols=True)
     with ray_session(cfg.address, cfg.workers, cfg.gpus_per_worker * cfg.workers):
         actor = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardScorer)
         ref_id = ray.put(ref)
         detector = str(cfg.detector) if cfg.detector else None
-        pool = ActorPool([actor.remote(ref_id, detector, settings["k"], cfg.chunk, cfg.device, 1)
-                          for _ in range(min(cfg.workers, len(todo)))])
+        actors = [actor.remote(ref_id, detector, settings["k"], cfg.chunk, cfg.device, 1)
+                  for _ in range(min(cfg.workers, len(todo)))]
+        ray.get([a.ready.remote() for a in actors])  # pairs/s of the search, not of starting workers
+        pairs = sum(s.pairs for s in todo)
+        bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="filter", dynamic_ncols=True)
+        t0 = time.perf_counter()
         try:
-            for name, sc in pool.map_unordered(lambda a, info: a.score.remote(str(directory), info), todo):
+            for name, sc in ActorPool(actors).map_unordered(lambda a, info: a.score.remote(str(directory), info),
+                                                            todo):
                 out[name] = sc
                 bar.update(len(sc.seed))
         except ray.exceptions.RayTaskError as e:
@@ -185,6 +189,9 @@ def score(directory: Path, todo: list, ref: np.ndarray, settings: dict, cfg: Fil
             raise RuntimeError(f"a filter task failed: {type(e.cause).__name__}: {e.cause}") from None
         finally:
             bar.close()
+        seconds = time.perf_counter() - t0
+    print(f"{directory}: scored {len(todo)} shards ({pairs} pairs in {seconds:.1f} s, {pairs / seconds:,.0f} pairs/s, "
+          f"{len(actors)} workers)")
     return out
 
 
