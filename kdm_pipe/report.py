@@ -195,7 +195,7 @@ def filter_section(directory: Path, manifest: Manifest, base: Path) -> str:
         ("filter-distances.png", "distances to the nearest reference images; the line is the threshold"),
         ("filter-flagged.png", "top: teacher samples (flagged first, closest first); bottom: their nearest reference "
                                "image")) if (src := relative(Path(directory) / name, base)) is not None]
-    return section("Memorisation filter", html_table(["", ""], rows), *figs)
+    return section("Memorisation filter", html_table(["setting", "value"], rows), *figs)
 
 
 def loss_figure(run: Path, files: Path) -> Path | None:

@@ -142,7 +142,8 @@ def run(cfg: FilterConfig, progress: bool = True) -> FilterRecord:
         problems = check_shards(directory, manifest, [s.name for s in todo])
         if problems:
             raise bad_shards_error(directory, problems)
-        scores.update(score(directory, todo, ref, settings, cfg, progress))
+        if todo:                                                  # none: only the rule changed, distances kept
+            scores.update(score(directory, todo, ref, settings, cfg, progress))
         record = decide(manifest, scores, settings, fp)
         save_scores(directory, search_fingerprint(settings), manifest, scores)
         manifest.filter = record                                  # the commit: readers honour it from now on

@@ -78,7 +78,9 @@ def test_planted_copies_are_flagged_and_fresh_digits_kept(planted, session):
     assert excluded(m) == set(COPIES) | set(NOISY)              # exactly the copies: no fresh digit is within 0.1
     assert (m.filter.scored, m.filter.flagged) == (3 * N, 2 * N)
     assert m.filter.settings["ref"]["count"] == N_REF and len(m.filter.settings["ref"]["sha256"]) == 64
-    m = filtered(planted, session, "--replace")                  # Carlini's relative rule, α = 0.5
+    r = cli("filter", planted / "pairs", "--ref", planted / "ref.npy", "--replace", "-q")   # Carlini's rule, α = 0.5
+    assert r.returncode == 0 and "scored" not in r.stdout       # only the rule changed: the distances are reused
+    m = load_manifest(planted / "pairs")
     out = excluded(m)
     assert set(COPIES) | set(NOISY) <= out
     # 8×8 digits are crowded: the relative rule also takes some real digits that were never in the reference
@@ -110,6 +112,7 @@ def test_new_shards_are_refused_until_the_filter_covers_them(planted, session):
     error_line(cli("stats", directory, "-q"), 2, "shard-000002.tar", "run `kdm-pipe filter")
     r = cli("filter", directory, "--ref", planted / "ref.npy", "--rule", "absolute", "-q")   # same settings
     assert r.returncode == 0, r.stderr
+    assert "scored 1 shards" in r.stdout                         # only the one not covered
     assert excluded(load_manifest(directory)) == want
 
 
