@@ -16,6 +16,7 @@ from kdm_pipe.data import PairStream, batches
 from kdm_pipe.datasets import sklearn_digits
 from kdm_pipe.exclusions import NO_EXCLUSIONS, exclusions
 from kdm_pipe.memorisation import nearest
+from kdm_pipe.report import write_report
 from kdm_pipe.shards import load_manifest, read_pairs, write_shard
 from kdm_pipe.stats import load_stats
 from kdm_pipe.training import train
@@ -167,6 +168,8 @@ def test_a_run_records_the_filter_and_resume_refuses_a_changed_one(planted, sess
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     drop = exclusions(load_manifest(directory), directory)
     assert split["excluded_sha256"] == drop.digest(split["train"] + split["holdout"]) != NO_EXCLUSIONS
+    html = write_report(tmp_path / "run").read_text()
+    assert "Memorisation filter" in html and "filter-flagged.png" in html
     filtered(planted, session, "--replace")                      # another rule: other pairs excluded
     with pytest.raises(ConfigError, match="memorisation filter"):
         train(cfg.model_copy(update={"steps": 4}), resume=True, progress=False)
