@@ -98,7 +98,9 @@ def update(directory: Path, manifest: Manifest, drop: Exclusions, workers: int, 
             shutil.rmtree(target, ignore_errors=True)
     done = f"recomputed {len(todo)} of {len(manifest.shards)} shards ({pairs} pairs in {seconds:.1f}s, " \
            f"{pairs / seconds:,.0f} pairs/s)" if todo else f"all {len(manifest.shards)} shards up to date"
-    print(f"{path}: {done}; merged {manifest.num_pairs} pairs")
+    kept = sum(drop.kept(s) for s in manifest.shards)
+    excluded = f" ({manifest.num_pairs - kept} excluded by the memorisation filter)" if drop else ""
+    print(f"{path}: {done}; merged {kept} pairs{excluded}")
     return path
 
 
