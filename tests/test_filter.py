@@ -173,3 +173,20 @@ def test_a_run_records_the_filter_and_resume_refuses_a_changed_one(planted, sess
     filtered(planted, session, "--replace")                      # another rule: other pairs excluded
     with pytest.raises(ConfigError, match="memorisation filter"):
         train(cfg.model_copy(update={"steps": 4}), resume=True, progress=False)
+
+
+class Flatten(torch.nn.Module):
+    """A TorchScript 'detector' whose features are the uint8 pixels: the relative rule is scale-free, so it must
+    flag what it flags in pixel space."""
+
+    def forward(self, x):
+        return x.float().flatten(1)
+
+
+@pytest.mark.slow                                               # a second search (another feature space): ~20 s
+def test_feature_space_search_with_a_torchscript_detector(planted, session, tmp_path):
+    torch.jit.script(Flatten()).save(str(tmp_path / "flat.pt"))
+    m = filtered(planted, session, "--metric", "features", "--detector", tmp_path / "flat.pt", "--replace")
+    assert m.filter.settings["detector"]["sha256"] and m.filter.settings["metric"] == "features"
+    assert set(COPIES) | set(NOISY) <= excluded(m)
+    assert len(excluded(m) & set(FRESH)) <= N // 5
