@@ -20,6 +20,7 @@ from kdm_pipe.config import (
     AnalyzeConfig,
     DemoConfig,
     EvaluateConfig,
+    FilterConfig,
     ImportConfig,
     RefStatsConfig,
     SampleConfig,
@@ -162,6 +163,33 @@ def stats(
                           f"takes one)")
     cfg = build(StatsConfig, dict(data=Path(target), run=run, **stats_flags), where="stats config")
     from stages import stats as stage
+    stage.run(cfg, progress=not quiet)
+
+
+@app.command("filter")
+@user_errors
+def filter_(
+    directory: Path = typer.Argument(..., help="pair directory written by generate or import"),
+    ref: str = typer.Option(..., help="the teacher's training images: folder of PNGs, EDM zip, .npy, sklearn-digits"),
+    metric: str = typer.Option("l2", help="l2 (pixels) | features (--detector's feature space)"),
+    detector: Optional[Path] = typer.Option(None, help="TorchScript feature net, e.g. inception-2015-12-05.pt"),
+    rule: str = typer.Option("relative", help="relative: d1 < threshold · mean(d2..dk) (Carlini et al. 2023) | "
+                             "absolute: d1 < threshold"),
+    threshold: Optional[float] = typer.Option(None, help="default: 0.5 (relative), 0.1 (absolute: RMS distance)"),
+    k: int = typer.Option(50, "-k", "--k", help="nearest reference images searched"),
+    chunk: int = typer.Option(2048, help="queries × reference rows per distance block (bounds memory)"),
+    workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
+    gpus_per_worker: float = typer.Option(0.0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    replace: bool = typer.Option(False, "--replace", help="replace a filter recorded with other settings"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Flag the teacher samples that copy its training data (nearest reference images) and exclude them from train,
+    stats and evaluate; the decision is recorded in DIR/manifest.json, the report in DIR/filter.html."""
+    cfg = build(FilterConfig, dict(data=directory, ref=ref, metric=metric, detector=detector, rule=rule,
+                                   threshold=threshold, k=k, chunk=chunk, workers=workers, address=address,
+                                   gpus_per_worker=gpus_per_worker, device=device, replace=replace),
+                where="filter config")
+    from stages import filter as stage
     stage.run(cfg, progress=not quiet)
 
 

@@ -253,6 +253,34 @@ class RefStatsConfig(Strict):
         return self
 
 
+class FilterConfig(Strict):
+    """Settings of `kdm-pipe filter DIR --ref SOURCE`: flag and exclude teacher samples that copy a reference image."""
+
+    data: LocalPath = Field(default=Path("runs/pairs"), description="pair directory written by generate or import")
+    ref: str = Field(description="the teacher's training images: folder, EDM zip, .npy, sklearn-digits")
+    metric: Literal["l2", "features"] = Field(default="l2", description="l2: pixels; features: --detector's space")
+    detector: Path | None = Field(default=None, description="TorchScript feature net (with --metric features)")
+    rule: Literal["relative", "absolute"] = Field(
+        default="relative", description="relative: d1 < threshold · mean(d2..dk) (Carlini et al.); absolute: d1 < "
+                                        "threshold (RMS distance per coordinate)")
+    threshold: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                    description="default: 0.5 (relative, Carlini et al.'s α), 0.1 (absolute)")
+    k: int = Field(default=50, ge=2, description="neighbours searched (the relative rule averages d2..dk)")
+    chunk: int = Field(default=2048, ge=1, description="queries × reference rows per distance block (memory bound)")
+    workers: int = Field(default=2, ge=1)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    address: str | None = None
+    device: Device = "auto"
+    replace: bool = Field(default=False, description="replace a filter recorded with other settings")
+
+    @model_validator(mode="after")
+    def _detector(self) -> "FilterConfig":
+        if (self.metric == "features") != (self.detector is not None):
+            raise ValueError("--metric features needs --detector PATH, and --detector is used only with "
+                             "--metric features")
+        return self
+
+
 class SampleConfig(Strict):
     """Settings of `kdm-pipe sample RUN --out OUT`."""
 
@@ -346,6 +374,7 @@ class Preset(Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    filter: FilterConfig | None = Field(default=None, description="the memorisation filter, run after verify")
 
 
 def preset_path(name_or_path: str) -> Path:

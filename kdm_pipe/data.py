@@ -25,7 +25,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -154,9 +154,11 @@ class Batcher:
 
 class PairStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], micro: int, buffer: int, seed: int, rank: int = 0,
-                 world: int = 1, start: int = 0, group: int = 1, slots: Slots | None = None):
+                 world: int = 1, start: int = 0, group: int = 1, slots: Slots | None = None,
+                 read: Callable = read_shard):
         self.shards, self.micro, self.buffer, self.seed = shards, micro, buffer, seed
-        self.rank, self.world, self.start, self.group, self.slots = rank, world, start, group, slots
+        self.rank, self.world, self.start, self.group = rank, world, start, group
+        self.slots, self.read = slots, read
 
     def plan(self, part: int, parts: int) -> Iterator[Epoch]:
         carried = 0
@@ -171,7 +173,7 @@ class PairStream(IterableDataset):
                out: Batcher) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's pairs through the shuffle buffer into `out`'s items; returns the pairs carried out."""
         pool, keep, seen, tail = SlotPool(self.buffer, rng), ep.batches * self.micro, 0, []
-        reading = itertools.chain([carry] if carry else [], *(read_shard(url) for url, _ in ep.shards))
+        reading = itertools.chain([carry] if carry else [], *(self.read(url) for url, _ in ep.shards))
         for block in reading:
             n = min(_len(block), keep - seen)
             if n < _len(block):                 # the epoch's last `tail` pairs wait for the next epoch
@@ -191,7 +193,7 @@ class PairStream(IterableDataset):
             return None
         blocks, got = [], 0
         for url, n in reversed(history[-2].shards):
-            blocks.insert(0, _cat(list(read_shard(url))))
+            blocks.insert(0, _cat(list(self.read(url))))
             got += n
             if got >= need:
                 break
@@ -228,10 +230,11 @@ class PairStream(IterableDataset):
 
 
 def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: int, seed: int, workers: int,
-            rank: int = 0, world: int = 1, start: int = 0) -> "Loader":
+            rank: int = 0, world: int = 1, start: int = 0, read: Callable = read_shard) -> "Loader":
     """This rank's endless stream of step batches (batch/world pairs each), beginning after `start` steps.
 
-    `shards` are (file name, pairs) pairs; `buffer` is the shuffle buffer of each reader. Close the result (in a
+    `shards` are (file name, pairs) pairs, `read` reads one shard's records: with a memorisation filter,
+    `Exclusions.read` and the kept counts. `buffer` is the shuffle buffer of each reader. Close the result (in a
     `finally`) to stop its worker processes: a live persistent worker keeps the interpreter from exiting.
     """
     readers = world * max(workers, 1)
@@ -245,7 +248,7 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
     group = max(1, ITEM_PAIRS // micro) if workers else 1
     slots = Slots(workers, PREFETCH + 2) if workers else None
     stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start,
-                        group, slots)
+                        group, slots, read)
     # Its own generator: the DataLoader draws its worker seeds from it, not from the global RNG that dropout uses
     # (those draws came after a resume's RNG restore and shifted every later dropout mask).
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,

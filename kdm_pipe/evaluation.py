@@ -26,6 +26,7 @@ from sklearn.cluster import KMeans
 
 from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.datasets import BUILTIN
+from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
@@ -43,7 +44,7 @@ from kdm_pipe.plots import image_rows, pairs_scatter
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
-from kdm_pipe.shards import atomic_write_text, read_pairs
+from kdm_pipe.shards import atomic_write_text, load_manifest, read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import TEACHERS, build_teacher
@@ -54,8 +55,10 @@ SELECTION_MAX = 4096          # held-out pairs that choose the weights (the rest
 POOL_TO = 16                  # images are average-pooled to at most POOL_TO × POOL_TO pixels for the choice
 
 
-def heldout_pairs(data: Path, names: list[str], num: int) -> dict[str, np.ndarray]:
-    pairs = read_pairs(data, names, num)
+def heldout_pairs(data: Path, names: list[str], num: int, drop: Exclusions | None = None) -> dict[str, np.ndarray]:
+    """The first `num` pairs of held-out shards `names`, without those the memorisation filter excluded."""
+    drop = drop if drop is not None else exclusions(load_manifest(data), data)
+    pairs = read_pairs(data, names, num, drop.read)
     if pairs is None:
         raise ConfigError(f"no held-out pairs in {data}: train with holdout_shards ≥ 1")
     return pairs
@@ -66,13 +69,15 @@ def heldout_split(run: Path, data: Path | None = None, num: int | None = None) -
     select the weights, up to `num` of the pairs after them are reported on (None: the report split not read)."""
     r = Run(run)
     data, holdout = r.data_dir(data), r.split["holdout"]
-    counts = {s.name: s.pairs for s in r.manifest(data).shards}
+    manifest = r.manifest(data)
+    drop = exclusions(manifest, data)
+    counts = {s.name: drop.kept(s) for s in manifest.shards}
     n = sum(counts.get(name, 0) for name in holdout)
     if n < 2:
         raise ConfigError(f"{run} has {n} held-out pairs in {data}; evaluation needs ≥ 2: "
                           f"train with holdout_shards ≥ 1")
     select = min(n // 2, SELECTION_MAX)
-    pairs = heldout_pairs(data, holdout, select + (num or 0))
+    pairs = heldout_pairs(data, holdout, select + (num or 0), drop)
     head = {k: v[:select] for k, v in pairs.items()}
     return head, ({k: v[select:] for k, v in pairs.items()} if num else None)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.shards import Manifest
-from kdm_pipe.stats import STORE, field_specs, merge, stale_shards
+from kdm_pipe.stats import STORE, field_specs, filtered_alike, merge, stale_shards
 
 DEFAULT = "none"      # for vector data: standardising did not measurably help on the official-scale board (BENCHMARKS)
 
@@ -109,7 +109,8 @@ def _current(path: Path, manifest: Manifest, specs) -> zarr.Group | None:
         return None
     try:
         root = zarr.open_group(path, mode="r")
-        if root.attrs.get("complete") is not True or stale_shards(root, manifest):
+        if (root.attrs.get("complete") is not True or stale_shards(root, manifest)
+                or not filtered_alike(root, manifest, path.parent)):
             return None
         return root
     except (OSError, ValueError, KeyError, IndexError):

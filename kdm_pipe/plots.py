@@ -181,3 +181,24 @@ def curves(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def filter_histograms(path: Path, d1: np.ndarray, ratio: np.ndarray, flagged: np.ndarray, rule: str,
+                      threshold: float) -> Path:
+    """The memorisation filter's two statistics over all scored samples, flagged ones in red, and the threshold of
+    the rule in use: d₁ (absolute rule) and d₁ / mean(d₂…d_k) (relative rule)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, values, name, active in ((axes[0], d1, "d₁: RMS distance to the nearest reference image", "absolute"),
+                                     (axes[1], ratio, "d₁ / mean(d₂…d_k)", "relative")):
+        bins = np.histogram_bin_edges(values[np.isfinite(values)], bins=60)
+        ax.hist(values[~flagged], bins=bins, color="tab:blue", label=f"kept ({int((~flagged).sum()):,})")
+        ax.hist(values[flagged], bins=bins, color="tab:red", label=f"flagged ({int(flagged.sum()):,})")
+        if rule == active:
+            ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        ax.set_xlabel(name)
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -201,6 +201,25 @@ def config_rows(run: Path, cfg: dict, manifest: Manifest | str) -> list[list[Any
     return rows
 
 
+def filter_section(directory: Path, manifest: Manifest, base: Path) -> str:
+    """The memorisation filter of a pair set: its settings, counts and figures (DIR/filter-*.png), linked from
+    `base`; empty when the set was not filtered."""
+    f = manifest.filter
+    if f is None:
+        return ""
+    s = f.settings
+    rule = ("d₁ < α · mean(d₂…d_k)" if s["rule"] == "relative" else "d₁ < τ") + f", threshold {s['threshold']:g}"
+    rows = [["reference", f"{s['ref']['source']} ({s['ref']['count']:,} images, sha256 {s['ref']['sha256'][:12]}…)"],
+            ["space", s["metric"] + (f" ({s['detector']['path']})" if s.get("detector") else " (pixels)")],
+            ["rule", f"{s['rule']}: {rule}, k = {s['k']}"],
+            ["excluded", f"{f.flagged:,} of {f.scored:,} pairs ({f.flagged / max(f.scored, 1):.2%})"]]
+    figs = [figure(src, caption) for name, caption in (
+        ("filter-distances.png", "distances to the nearest reference images; the line is the threshold"),
+        ("filter-flagged.png", "top: teacher samples (flagged first, closest first); bottom: their nearest reference "
+                               "image")) if (src := relative(Path(directory) / name, base)) is not None]
+    return section("Memorisation filter", html_table(["setting", "value"], rows), *figs)
+
+
 def loss_figure(run: Path, files: Path) -> Path | None:
     """files/losses.png: every loss term of train.jsonl over steps (log-y)."""
     log = run / "train.jsonl"
@@ -315,6 +334,8 @@ def write_report(run: Path) -> Path:
                     figure(relative(spectrum[0], run), spectrum[1]) if spectrum else
                     para("no Koopman operator (KD student) or no probes recorded yet", "note")),
             analysis_section(run, analysis)]
+    if isinstance(manifest, Manifest):
+        body.insert(1, filter_section(Run(run).data_dir(), manifest, run))
     links = [(n, n) for n in ("eval.json", "config.json", "split.json", "train.jsonl") if (run / n).is_file()]
     if analysis is not None:
         links.append((f"{ANALYSIS_DIR}/analysis.json", "analysis.json"))

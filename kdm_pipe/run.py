@@ -3,7 +3,8 @@
     RUN/config.json            the resolved TrainConfig
     RUN/split.json             training and held-out shard names, and the pairs they came from: the pair set's
                                path relative to RUN and each shard's sha256 (so a moved run finds its pairs, and
-                               a resume refuses different pairs under the same path)
+                               a resume refuses different pairs under the same path), and the digest of the pairs
+                               the memorisation filter excluded from them (a resume refuses a changed filter)
     RUN/checkpoints/ckpt-STEP.pt (+ .sha256)   state dicts; the checksum file is written before the checkpoint
                                appears, so every visible checkpoint can be checked; a damaged one is passed over
                                for the newest intact one, with a warning
@@ -67,12 +68,14 @@ class Run:
     def split(self) -> dict[str, Any]:
         return self.require().read_json(SPLIT)
 
-    def write_split(self, data: Path, manifest: Manifest, train: list[str], holdout: list[str]) -> None:
+    def write_split(self, data: Path, manifest: Manifest, train: list[str], holdout: list[str],
+                    excluded: str) -> None:
         sha = {s.name: s.sha256 for s in manifest.shards}
         atomic_write_text(self.path / SPLIT, json.dumps({
             "train": train, "holdout": holdout,
             "data_from_run": os.path.relpath(Path(data).resolve(), self.path.resolve()),
-            "sha256": {n: sha[n] for n in train + holdout}}, indent=1))
+            "sha256": {n: sha[n] for n in train + holdout},
+            "excluded_sha256": excluded}, indent=1))
         self.__dict__.pop("split", None)
 
     def same_pairs(self, manifest: Manifest) -> bool:

@@ -19,7 +19,7 @@ import sys
 import tarfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,6 +44,27 @@ class ShardInfo(BaseModel):
     sha256: str
 
 
+class FilteredShard(BaseModel):
+    """One shard as the memorisation filter scored it: its bytes then, and the seeds it excluded."""
+
+    model_config = ConfigDict(extra="forbid")
+    sha256: str
+    excluded: list[int] = Field(default_factory=list)
+
+
+class FilterRecord(BaseModel):
+    """`kdm-pipe filter`'s decision (kdm_pipe/exclusions.py applies it for every reader): the settings and reference
+    it used, and per covered shard the seeds it excluded. A shard is covered only while its sha256 is unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+    settings: dict[str, Any] = Field(description="reference (source, sha256, count), metric, detector, rule, "
+                                     "threshold, k")
+    fingerprint: str = Field(description="sha256 of the settings: a rerun with another one is refused")
+    scored: int = 0
+    flagged: int = 0
+    shards: dict[str, FilteredShard] = Field(default_factory=dict)
+
+
 class Manifest(BaseModel):
     """What a pair directory holds: the settings that made it and every complete shard."""
 
@@ -62,6 +83,7 @@ class Manifest(BaseModel):
     trajectory_steps: list[int] | None = None
     trajectory_sigmas: list[float] | None = None
     shards: list[ShardInfo] = Field(default_factory=list)
+    filter: FilterRecord | None = None
 
     @field_validator("shape")
     @classmethod
@@ -280,11 +302,13 @@ def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
         raise shard_error(path, f"unreadable: {kind}{e}") from None
 
 
-def read_pairs(directory: Path, names: list[str], num: int) -> dict[str, np.ndarray] | None:
-    """The first `num` pairs of shards `names` (in that order), trajectories left out; None if there are none."""
+def read_pairs(directory: Path, names: list[str], num: int,
+               read: Callable[[Path], Iterator[dict[str, np.ndarray]]] = read_shard) -> dict[str, np.ndarray] | None:
+    """The first `num` pairs of shards `names` (in that order), trajectories left out; None if there are none.
+    `read` reads one shard (a filtered pair set's `Exclusions.read`)."""
     recs, n = [], 0
     for name in names:
-        for rec in read_shard(Path(directory) / name):
+        for rec in read(Path(directory) / name):
             recs.append(rec)
             n += len(rec["x_0"])
             if n >= num:

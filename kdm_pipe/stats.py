@@ -38,7 +38,8 @@ from zarr.codecs import BloscCodec
 
 from kdm_pipe.config import ConfigError
 from kdm_pipe.errors import DataError
-from kdm_pipe.shards import Manifest, ShardInfo, repair_hint, sha256_file, shard_error
+from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
+from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, repair_hint, sha256_file, shard_error
 
 STORE = "stats.zarr"
 FORMAT = "kdm-pipe/stats-v1"
@@ -220,6 +221,12 @@ def remove_temp_stores(path: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def filtered_alike(root: zarr.Group, manifest: Manifest, directory: Path) -> bool:
+    """Whether the store's rows left out exactly the pairs the manifest's filter excludes now."""
+    drop = exclusions(manifest, directory)
+    return root.attrs.get("excluded_sha256", NO_EXCLUSIONS) == drop.digest(s.name for s in manifest.shards)
+
+
 def stale_shards(root: zarr.Group, manifest: Manifest) -> list[ShardInfo]:
     """The manifest's shards whose row was not computed from exactly their bytes."""
     if not manifest.shards:
@@ -256,8 +263,10 @@ def merge(spec: FieldSpec, rows: Iterable[dict[str, np.ndarray]]) -> dict[str, n
     return out
 
 
-def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], cov_max_dim: int) -> None:
-    """Rewrite `merged/` from the rows of the manifest's shards, then publish it with `complete: true`."""
+def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], cov_max_dim: int,
+                 drop: Exclusions) -> None:
+    """Rewrite `merged/` from the rows of the manifest's shards, then publish it with `complete: true`; the rows
+    were computed without the pairs `drop` excludes, whose digest is recorded (`excluded_sha256`)."""
     rows, index = root["per_shard"], [s.index for s in manifest.shards]
     computed = {}                # everything that can fail on odd data, before the published view is touched
     for spec in specs:
@@ -278,7 +287,8 @@ def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], c
     skipped = {} if d <= cov_max_dim else {s.name: f"d = {d} > cov_max_dim = {cov_max_dim}" for s in specs}
     root.attrs.update({
         "teacher_sha256": manifest.teacher.get("sha256"),
-        "num_pairs": manifest.num_pairs,
+        "num_pairs": sum(drop.kept(s) for s in manifest.shards),
+        "excluded_sha256": drop.digest(s.name for s in manifest.shards),
         "num_shards": manifest.num_shards,
         "shards": [{"index": s.index, "name": s.name, "pairs": s.pairs, "sha256": s.sha256} for s in manifest.shards],
         "dtypes": {"data": manifest.dtypes, "statistics": "float64"},
@@ -300,4 +310,7 @@ def load_stats(directory: Path) -> dict[str, dict[str, np.ndarray]]:
         raise ConfigError(f"{path} is not a kdm-pipe statistics store: run `kdm-pipe stats {directory}`") from None
     if root.attrs.get("format") != FORMAT or root.attrs.get("complete") is not True:
         raise ConfigError(f"{path} is not a complete kdm-pipe statistics store: rerun `kdm-pipe stats {directory}`")
+    if not filtered_alike(root, load_manifest(directory), directory):
+        raise ConfigError(f"{path} was computed before the memorisation filter of {directory} changed: rerun "
+                          f"`kdm-pipe stats {directory}`")
     return {field: {name: a[...] for name, a in g.arrays()} for field, g in root["merged"].groups()}

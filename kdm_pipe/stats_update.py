@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from kdm_pipe import feature_stats
 from kdm_pipe.errors import ConfigError, DataError
+from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import FeatureSpace, ShardFeatures
 from kdm_pipe.raypool import ray_session, remote, run_bounded
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard, shard_error
+from kdm_pipe.shards import Manifest, ShardInfo, shard_error
 from kdm_pipe.stats import (
     STORE,
     FieldSpec,
@@ -28,6 +29,7 @@ from kdm_pipe.stats import (
     checked_digest,
     create_store,
     field_specs,
+    filtered_alike,
     open_store,
     publish,
     remove_temp_stores,
@@ -39,9 +41,9 @@ from kdm_pipe.student import is_image
 
 
 def write_shard(store: str, directory: str, info: ShardInfo, specs: list[FieldSpec] | None, label_dim: int,
-                space: FeatureSpace | None) -> int:
+                space: FeatureSpace | None, drop: Exclusions) -> int:
     """Ray task: shard `info.index`'s moments (unless `specs` is None) and x_0 features (unless `space` is None),
-    from one read of the shard, each into its own row; returns the pairs read.
+    from one read of the shard without the pairs `drop` excludes, each into its own row; returns the pairs read.
 
     Every row is written invalidate (sha256 ← 0) → sums → sha256, so a row is trusted only when a task finished it.
     """
@@ -53,7 +55,7 @@ def write_shard(store: str, directory: str, info: ShardInfo, specs: list[FieldSp
     digest = checked_digest(Path(directory), info)
     moments = ShardMoments(path, specs, label_dim) if specs else None
     features = ShardFeatures(space) if space else None
-    for rec in read_shard(path):
+    for rec in drop.read(path):
         if moments:
             moments.add(rec)
         if features:
@@ -96,12 +98,16 @@ def feature_space_for(manifest: Manifest, detector: Path | None, cov_max_dim: in
 def update(directory: Path, manifest: Manifest, workers: int = 2, address: str | None = None,
            cov_max_dim: int = 1024, detector: Path | None = None, batch: int = 250, progress: bool = False) -> Path:
     """Bring `directory/stats.zarr` up to date with the manifest: moments and the feature statistics of `detector`
-    (pixels when None)."""
+    (pixels when None), of the pairs the memorisation filter keeps (a store whose rows left out other pairs is
+    rebuilt)."""
     specs = field_specs(manifest, cov_max_dim)
     space, skipped = feature_space_for(manifest, detector, cov_max_dim, batch)
+    drop = exclusions(manifest, directory)
     path = directory / STORE
     remove_temp_stores(path)
     root = open_store(path, manifest, specs)
+    if root is not None and not filtered_alike(root, manifest, directory):
+        root = None
     build = root is None                         # a new store is built aside and renamed into place when complete
     target = temp_store_path(path) if build else path
     try:
@@ -111,12 +117,14 @@ def update(directory: Path, manifest: Manifest, workers: int = 2, address: str |
         moments = {s.index for s in stale_shards(root, manifest)}
         features = feature_stats.stale_rows(group, manifest) if group is not None else set()
         todo = [s for s in manifest.shards if s.index in moments | features]
+        # Each task gets its own shard's excluded seeds only, not the whole set's.
         calls = ((str(target), str(directory), s, specs if s.index in moments else None, manifest.label_dim,
-                  space if s.index in features else None) for s in todo)
+                  space if s.index in features else None, Exclusions({s.name: drop.seeds.get(s.name, ())}))
+                 for s in todo)
         pairs, seconds = sum(s.pairs for s in todo), 0.0
         if todo:
             seconds = compute(calls, pairs, workers, address, progress)
-        write_merged(root, manifest, specs, cov_max_dim)
+        write_merged(root, manifest, specs, cov_max_dim, drop)
         if group is not None:
             feature_stats.write_merged(group, manifest)
         if build:
@@ -128,7 +136,9 @@ def update(directory: Path, manifest: Manifest, workers: int = 2, address: str |
            f"{pairs / seconds:,.0f} pairs/s)" if todo else f"all {len(manifest.shards)} shards up to date"
     what = f"; features: {space.name} ({space.dim}-d)" if space else (f"; no feature statistics: {skipped}"
                                                                       if skipped else "")
-    print(f"{path}: {done}; merged {manifest.num_pairs} pairs{what}")
+    kept = sum(drop.kept(s) for s in manifest.shards)
+    excluded = f" ({manifest.num_pairs - kept} excluded by the memorisation filter)" if drop else ""
+    print(f"{path}: {done}; merged {kept} pairs{excluded}{what}")
     return path
 
 

@@ -33,6 +33,7 @@ from kdm_pipe import normalization
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.data import batches
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
 from kdm_pipe.locks import directory_lock
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import Run
@@ -120,9 +121,10 @@ def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None, device
     return model.to(device).eval(), cfg, manifest, state["step"]
 
 
-def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool) -> None:
+def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: str) -> None:
     """Refuse to mix runs: a new run needs an empty --out; a resumed one must keep every setting but `steps`, and
-    the same pairs (by checksum: the run and its pairs may have moved)."""
+    the same pairs (by checksum: the run and its pairs may have moved) with the same pairs excluded by the
+    memorisation filter (`excluded`: `Exclusions.digest` of the run's shards)."""
     run = Run(cfg.out)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ConfigError(f"--out {cfg.out} is a file; pass a directory")
@@ -138,6 +140,10 @@ def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool) -> None:
         if not run.same_pairs(manifest):
             raise ConfigError(f"--resume: --data {cfg.data} does not hold the shards {cfg.out} was trained on "
                               f"(checksums in {cfg.out}/split.json); pass the original pairs")
+        if run.split.get("excluded_sha256", NO_EXCLUSIONS) != excluded:
+            raise ConfigError(f"--resume: the memorisation filter of {cfg.data} excludes other pairs than when "
+                              f"{cfg.out} started (split.json); resuming would change the data under the run: "
+                              f"restore that filter, or start a new run")
     elif run.checkpoints():
         raise ConfigError(f"{cfg.out} already holds a run; pass --resume to continue it or choose another --out")
 
@@ -239,9 +245,9 @@ def set_rng_state(states: list[torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(states[1].cpu(), device)
 
 
-def probe_pairs(cfg: TrainConfig, holdout: list[str], device) -> dict[str, torch.Tensor] | None:
+def probe_pairs(cfg: TrainConfig, holdout: list[str], device, drop: Exclusions) -> dict[str, torch.Tensor] | None:
     """The first `probe_pairs` held-out pairs (fixed for the whole run), or None without held-out shards."""
-    pairs = read_pairs(cfg.data, holdout, cfg.probe_pairs)
+    pairs = read_pairs(cfg.data, holdout, cfg.probe_pairs, drop.read)
     if pairs is None:
         return None
     return {k: torch.from_numpy(pairs[k]).to(device, torch.float32) for k in ("x_0", "x_T", "label") if k in pairs}
@@ -266,10 +272,11 @@ def checked_pairs(cfg: TrainConfig) -> Manifest:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run `cfg.out`; returns {"run", "step", "status": "done" | "preempted"}."""
     manifest = checked_pairs(cfg)
+    drop = exclusions(manifest, cfg.data)              # pairs the memorisation filter excluded: never read
     cfg = resolved(cfg, manifest)
     train_names, holdout_names = split_shards(manifest, cfg.holdout_shards)
-    counts = {s.name: s.pairs for s in manifest.shards}
-    prepare_run(cfg, manifest, resume)
+    counts = {s.name: drop.kept(s) for s in manifest.shards}
+    prepare_run(cfg, manifest, resume, drop.digest(train_names + holdout_names))
     moments = data_moments(cfg, manifest, train_names)
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -281,15 +288,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             if device.type == "cuda":
                 device = torch.device("cuda", local)
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-            return _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, device, rank, world,
-                          cleanup, moments)
+            return _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, progress, device, rank,
+                          world, cleanup, moments)
     except BaseException:
         if created and Path(cfg.out).is_dir() and not Run(cfg.out).checkpoints():   # nothing worth keeping
             shutil.rmtree(cfg.out, ignore_errors=True)
         raise
 
 
-def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, device, rank, world,
+def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, progress, device, rank, world,
            cleanup: ExitStack, moments: dict[str, np.ndarray] | None = None) -> dict:
     run, lead = Run(cfg.out), rank == 0
     torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
@@ -326,14 +333,16 @@ def _train(cfg, manifest, train_names, holdout_names, counts, resume, progress, 
         stepper = torch.compile(stepper)
     noise = LatentNoise(gen, rank, world)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext())
+    # The loader's epochs are built on the kept counts (a shard the filter emptied is left out), so exact resume
+    # and once-per-epoch hold over the kept pairs.
     stream = cleanup.enter_context(closing(batches(
-        cfg.data, [(n, counts[n]) for n in train_names], cfg.batch, cfg.shuffle_buffer, cfg.seed,
-        cfg.loader_workers, rank, world, start=step)))
+        cfg.data, [(n, counts[n]) for n in train_names if counts[n]], cfg.batch, cfg.shuffle_buffer, cfg.seed,
+        cfg.loader_workers, rank, world, start=step, read=drop.read)))
     if lead:                                           # the run's files re-anchored where it is now (it may have moved)
         atomic_write_text(run.path / "config.json", cfg.model_dump_json(indent=1))
-        run.write_split(cfg.data, manifest, train_names, holdout_names)
+        run.write_split(cfg.data, manifest, train_names, holdout_names, drop.digest(train_names + holdout_names))
         run.trim_log(step)
-    probes = probe_pairs(cfg, holdout_names, device) if lead else None
+    probes = probe_pairs(cfg, holdout_names, device, drop) if lead else None
     store = ProbeStore(run.path / "latents.zarr", step) if probes is not None else None
     tb = tensorboard(run.path, step) if lead and cfg.tensorboard else None
     if tb is not None:

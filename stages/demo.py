@@ -1,5 +1,6 @@
-"""demo: a preset's whole pipeline into one directory — generate → verify → stats → train the KDM student and the
-KD baseline on the same pairs, steps and batch → evaluate both → reports.
+"""demo: a preset's whole pipeline into one directory — generate → verify → filter (when the preset has a `filter`
+section) → stats → train the KDM student and the KD baseline on the same pairs, steps and batch → evaluate both →
+reports.
 
 This is the composition of the stages (what a cluster scheduler would chain), not a stage of its own. Reruns
 resume: finished shards are kept, finished runs are re-evaluated only.
@@ -14,6 +15,7 @@ from pathlib import Path
 from kdm_pipe.config import (
     DemoConfig,
     EvaluateConfig,
+    FilterConfig,
     GenerateConfig,
     StatsConfig,
     TrainConfig,
@@ -24,6 +26,7 @@ from kdm_pipe.config import (
 from kdm_pipe.interrupts import Terminated
 from kdm_pipe.report import write_comparison
 from stages import evaluate, generate, stats, train, verify
+from stages import filter as memorisation_filter
 
 STUDENTS = ("kdm", "kd")
 
@@ -44,6 +47,10 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
     generate.run(gcfg, progress=progress)
     print("== verify")
     verify.run(VerifyConfig(data=pairs))
+    if "filter" in sections:
+        fcfg = build(FilterConfig, sections["filter"], {"data": pairs, "workers": gcfg.workers}, where="filter")
+        print(f"== filter (teacher samples that copy {fcfg.ref}: {fcfg.rule} rule)")
+        memorisation_filter.run(fcfg, progress=progress)
     print("== stats")
     stats.run(StatsConfig(data=pairs, workers=gcfg.workers), progress=progress)
     results = {}

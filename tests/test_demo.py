@@ -14,8 +14,9 @@ def test_digits_demo_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "demo", "--out", str(out), "--scale", "0.05", "--quiet"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for stage in ("== generate", "== verify", "== stats", "== train kdm", "== train kd", "== evaluate kd"):
+    for stage in ("== generate", "== verify", "== filter", "== stats", "== train kdm", "== train kd", "== evaluate kd"):
         assert stage in r.stdout
+    assert "pairs as copies of sklearn-digits" in r.stdout
     assert "kd/kdm" in r.stdout and "fd_teacher" in r.stdout
     html = (out / "report.html").read_text()
     assert 'src="kdm/samples.png"' in html and 'src="kd/samples.png"' in html

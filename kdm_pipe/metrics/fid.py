@@ -16,10 +16,11 @@ import torch
 
 from kdm_pipe.datasets import BUILTIN, from_uint8_nhwc, load_images
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.exclusions import exclusions
 from kdm_pipe.image_files import SAMPLES_JSON, SAMPLES_NPZ
 from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed, feature_batches
 from kdm_pipe.metrics.distribution import feature_stats, frechet_distance, precision_recall
-from kdm_pipe.shards import MANIFEST, load_manifest, read_shard
+from kdm_pipe.shards import MANIFEST, load_manifest
 
 FID_NUM = 50_000  # EDM's sample count for reported FIDs
 _CHUNK = 1000
@@ -130,9 +131,10 @@ def _chunks(x: np.ndarray, num: int | None) -> Iterator[np.ndarray]:
 
 
 def _shard_images(directory: Path, num: int | None) -> Iterator[np.ndarray]:
-    left = num
-    for info in load_manifest(directory).shards:
-        for rec in read_shard(directory / info.name):
+    left, manifest = num, load_manifest(directory)
+    drop = exclusions(manifest, directory)              # memorised samples the filter excluded are no reference
+    for info in manifest.shards:
+        for rec in drop.read(directory / info.name):
             x_0 = rec["x_0"][:left]
             yield x_0
             if left is not None:

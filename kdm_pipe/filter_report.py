@@ -1,0 +1,52 @@
+"""The memorisation filter's report: DIR/filter.html with the distance histograms and the flagged samples beside
+their nearest reference images (DIR/filter-distances.png, DIR/filter-flagged.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdm_pipe import plots
+from kdm_pipe.memorisation import Scores, flags
+from kdm_pipe.report import filter_section, page
+from kdm_pipe.shards import Manifest, read_shard
+
+SHOWN = 16                           # flagged samples drawn (then the closest unflagged ones, to compare)
+
+
+def write_filter_report(directory: Path, manifest: Manifest, ref: np.ndarray, scores: dict[str, Scores]) -> Path:
+    directory = Path(directory)
+    s = manifest.filter.settings
+    names = list(scores)
+    d1 = np.concatenate([scores[n].d1 for n in names])
+    d_rest = np.concatenate([scores[n].d_rest for n in names])
+    hit = flags(d1, d_rest, s["rule"], s["threshold"])
+    plots.filter_histograms(directory / "filter-distances.png", d1, d1 / d_rest, hit, s["rule"], s["threshold"])
+    # Most copy-like first: the smallest ratio (relative rule) or distance (absolute rule); flagged ones lead.
+    key = d1 / d_rest if s["rule"] == "relative" else d1
+    order = np.lexsort((key, ~hit))[:SHOWN]
+    shard = np.repeat(np.arange(len(names)), [len(scores[n].seed) for n in names])
+    seeds = np.concatenate([scores[n].seed for n in names])
+    nearest = np.concatenate([scores[n].nearest for n in names])
+    samples = x0_of(directory, [(names[shard[i]], seeds[i]) for i in order])
+    n_hit = int(hit[order].sum())
+    plots.image_rows(directory / "filter-flagged.png", {
+        f"teacher samples: {n_hit} flagged" + (f", then the {len(order) - n_hit} closest unflagged"
+                                               if len(order) > n_hit else ""): samples,
+        "nearest reference image": ref[nearest[order]]}, scale=max(1, 64 // manifest.shape[-1]))
+    out = directory / "filter.html"
+    out.write_text(page(f"kdm-pipe filter {directory.resolve().name}", filter_section(directory, manifest, directory)),
+                   encoding="utf-8")
+    return out
+
+
+def x0_of(directory: Path, wanted: list[tuple[str, int]]) -> np.ndarray:
+    """x_0 of the (shard name, seed) pairs `wanted`, in that order."""
+    found: dict[int, np.ndarray] = {}
+    for name in dict.fromkeys(n for n, _ in wanted):
+        seeds = {int(seed) for n, seed in wanted if n == name}
+        for rec in read_shard(directory / name):
+            for row in np.flatnonzero(np.isin(rec["seed"], list(seeds))):
+                found[int(rec["seed"][row])] = rec["x_0"][row]
+    return np.stack([found[int(seed)] for _, seed in wanted])
