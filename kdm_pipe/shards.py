@@ -279,8 +279,9 @@ def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
         raise shard_error(path, f"unreadable: {kind}{e}") from None
 
 
-def read_pairs(directory: Path, names: list[str], num: int) -> dict[str, np.ndarray] | None:
-    """The first `num` pairs of shards `names` (in that order), trajectories left out; None if there are none."""
+def read_pairs(directory: Path, names: list[str], num: int, traj: bool = False) -> dict[str, np.ndarray] | None:
+    """The first `num` pairs of shards `names` (in that order), trajectories left out unless `traj`; None if there
+    are none."""
     recs, n = [], 0
     for name in names:
         for rec in read_shard(Path(directory) / name):
@@ -292,7 +293,7 @@ def read_pairs(directory: Path, names: list[str], num: int) -> dict[str, np.ndar
             break
     if not recs:
         return None
-    return {k: np.concatenate([r[k] for r in recs])[:num] for k in recs[0] if k != "traj"}
+    return {k: np.concatenate([r[k] for r in recs])[:num] for k in recs[0] if traj or k != "traj"}
 
 
 def check_shard(path: Path, info: ShardInfo, full: bool = True) -> str | None:
