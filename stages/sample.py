@@ -32,6 +32,8 @@ def run(cfg: SampleConfig) -> dict:
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out} is a file; pass a directory for the samples")
     dev = pick_device(cfg.device)
+    if cfg.steps > 1:       # a --steps the student cannot take: refused before the weights choice is recorded
+        sampler(load_weights(run_dir, "ema", device=dev)[0], cfg.steps)
     which = chosen_weights(run_dir, cfg.weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
     model, _, manifest, step = load_weights(run_dir, which, device=dev)
     fn = sampler(model, cfg.steps)
