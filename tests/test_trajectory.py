@@ -4,6 +4,9 @@ training, few-step sampling, and the refusals."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -231,3 +234,22 @@ def test_trajectory_config_is_validated():
     with pytest.raises(ValueError):
         TrajectoryConfig(w_rec=-1)
     assert math.isclose(TrajectoryConfig().w_latent, 1.0)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trajectory_run_equals_one_process(traj_pairs, tmp_path):
+    preset = tmp_path / "t.yaml"
+    preset.write_text("train:\n  student: {hidden: 32, depth: 2, latent_dim: 16, trajectory: {w_push: 1.0}}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--data", traj_pairs, "--batch", "64", "--device", "cpu", "--threads", "1", "--steps", "10",
+              "--no-tensorboard", "--quiet", "--preset", preset]
+    common = [str(a) for a in common]
+    subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "train", "--out", str(tmp_path / "one"),
+                    "--loader-workers", "2", *common], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "kdm_pipe.cli", "train", "--out", str(tmp_path / "ddp"), "--loader-workers", "0", *common],
+                   check=True, env=env, timeout=300)
+    a, b = (torch.load(latest_checkpoint(tmp_path / n), weights_only=True) for n in ("one", "ddp"))
+    assert a["step"] == b["step"] == 10
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
