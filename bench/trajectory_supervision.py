@@ -8,6 +8,8 @@ the same at S = 2 and 4 (trajectory-supervised students only), training wall tim
 floor. Goal: trajectory one-step SW ≤ 0.8 × endpoint-only SW.
 
     python bench/trajectory_supervision.py [--out runs/bench-traj] [--steps 2000] [--batch 512]
+    python bench/trajectory_supervision.py --out runs/bench-traj-dec --pairs runs/bench-traj/pairs \
+        --operator decomposed --candidates traj-lat-rec
 """
 
 import argparse
@@ -47,7 +49,8 @@ def run(data: Path, out: Path, args, trajectory: dict | None) -> float:
     stamp = out / "wall.json"
     if stamp.is_file():
         return json.loads(stamp.read_text())["seconds"]
-    student = {"hidden": args.hidden, "depth": args.depth, "latent_dim": args.latent, "trajectory": trajectory}
+    student = {"hidden": args.hidden, "depth": args.depth, "latent_dim": args.latent, "operator": args.operator,
+               "trajectory": trajectory}
     cfg = TrainConfig.model_validate({"data": data, "out": out, "student": student, "steps": args.steps,
                                       "batch": args.batch, "lr": 1e-3, "ema": 0.999, "holdout_shards": 2,
                                       "log_every": 100, "ckpt_every": args.steps, "probe_every": args.steps,
@@ -91,11 +94,15 @@ if __name__ == "__main__":
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--num", type=int, default=2500, help="report-split pairs")
+    ap.add_argument("--operator", default="affine", help="affine (official) | linear | decomposed")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="trajectory settings tried")
+    ap.add_argument("--pairs", type=Path, help="an existing trajectory pair directory (default: OUT/pairs)")
     args = ap.parse_args()
-    data = pairs(args.out / "pairs", args.shards, args.pairs_per_shard)
+    data = args.pairs or pairs(args.out / "pairs", args.shards, args.pairs_per_shard)
     wall = {"endpoint": run(data, args.out / "endpoint", args, None)}
     chosen = {}
-    for name, weights in CANDIDATES.items():
+    for name in args.candidates:
+        weights = CANDIDATES[name]
         wall[name] = run(data, args.out / name, args, weights)
         chosen[name] = selection_sw(args.out / name)
     best = min(chosen, key=chosen.get)
