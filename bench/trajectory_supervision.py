@@ -30,6 +30,7 @@ from stages import generate
 CANDIDATES = {                                    # trajectory-loss weights tried on the selection split
     "traj-lat-rec": {"w_latent": 1.0, "w_rec": 1.0, "w_push": 0.0},
     "traj-lat-rec-push": {"w_latent": 1.0, "w_rec": 1.0, "w_push": 1.0},
+    "traj-lat-rec-onward": {"w_latent": 1.0, "w_rec": 1.0, "w_push": 0.0, "w_onward": 1.0},
 }
 
 

@@ -104,6 +104,8 @@ class TrajectoryConfig(Strict):
     w_latent: float = Field(default=1.0, ge=0, description="weight of mean_k ‖E(x_k, t_k) − K(τ_k) z_T‖²")
     w_rec: float = Field(default=1.0, ge=0, description="weight of mean_k d(x_k, D(E(x_k, t_k), t_k))")
     w_push: float = Field(default=0.0, ge=0, description="weight of mean_k d(x_k, D(K(τ_k) z_T, t_k))")
+    w_onward: float = Field(default=0.0, ge=0, description="weight of mean_k ‖z_0 − K(1 − τ_k) z_k‖²: the latent of "
+                            "each state carried on to x_0 (what few-step sampling does after a re-encode)")
     taus: list[float] | None = Field(default=None, description="(filled in) progress τ of each stored state: "
                                      "solver step / last step, x_T = 0 … x_0 = 1")
     sigmas: list[float] | None = Field(default=None, description="(filled in) σ (or t) of each stored state")

@@ -19,6 +19,7 @@ from kdm_pipe.shards import load_manifest, read_pairs, read_shard
 from kdm_pipe.student.koopman import KoopmanOperator
 from kdm_pipe.student.vector import VectorKDM
 from kdm_pipe.training import latest_checkpoint, load_weights, train
+from stages.generate import storage
 from tests.conftest import make_pairs
 from tests.faults import cli, error_line, tree
 
@@ -63,6 +64,8 @@ def test_states_ride_with_their_pair_through_the_shuffle_workers_and_resume(traj
         resumed.close()
     assert "traj" in read_pairs(traj_pairs, [shards[0][0]], 10, traj=True)
     assert "traj" not in read_pairs(traj_pairs, [shards[0][0]], 10)
+    # generate's storage report: x_T, x_0 (2 × 2 float32), 4 states (4 × 2 float32), an int64 seed
+    assert storage(m) == "56 bytes per pair with 4 trajectory states, 24 without (2.3×)"
 
 
 def stack(t=5, n=600, seed=0):
@@ -201,11 +204,14 @@ def test_trajectory_run_beats_untrained_and_steps_1_is_one_step(traj_pairs, tmp_
 
 
 def test_trajectory_run_resumes_bit_exactly(traj_pairs, tmp_path):
-    train(tcfg(traj_pairs, tmp_path / "full", steps=30, loader_workers=2), progress=False)
-    train(tcfg(traj_pairs, tmp_path / "half", steps=20, loader_workers=2), progress=False)
-    train(tcfg(traj_pairs, tmp_path / "half", steps=30, loader_workers=2), resume=True, progress=False)
+    every_term = {"student": {**SMALL, "operator": "decomposed", "trajectory": {"w_push": 1.0, "w_onward": 1.0}}}
+    train(tcfg(traj_pairs, tmp_path / "full", steps=30, loader_workers=2, **every_term), progress=False)
+    train(tcfg(traj_pairs, tmp_path / "half", steps=20, loader_workers=2, **every_term), progress=False)
+    train(tcfg(traj_pairs, tmp_path / "half", steps=30, loader_workers=2, **every_term), resume=True, progress=False)
     a, b = (torch.load(latest_checkpoint(tmp_path / n), weights_only=True) for n in ("full", "half"))
     assert a["step"] == b["step"] == 30
+    row = json.loads((tmp_path / "full" / "train.jsonl").read_text().splitlines()[-1])
+    assert {"traj_latent", "traj_rec", "traj_push", "traj_onward"} <= set(row)
     assert all(torch.equal(a[p][k], b[p][k]) for p in ("model", "ema") for k in a[p])
 
 

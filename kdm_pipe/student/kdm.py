@@ -19,7 +19,7 @@ carried over τ_k from the same noisy z_T must reach its latent:
 
     z_k = E(u_k, t_k)              ẑ_k = K(τ_k)(z_T + σ_z ε)          (t_k = 1 − τ_k, K(1) = C)
     L += w'_lat·mean_k mean((z_k − ẑ_k)²) + w'_rec·mean_k d(u_k, D(z_k + σ_z ε'_k, t_k))
-         [+ w'_push·mean_k d(u_k, D(ẑ_k, t_k))]
+         [+ w'_push·mean_k d(u_k, D(ẑ_k, t_k))] [+ w'_onward·mean_k mean((z_0 − K(1 − τ_k) z_k)²)]
 
 Few-step sampling with S steps carries the latent to the recorded times nearest 1/S, 2/S, …, decodes there,
 re-encodes and carries on; S = 1 is the one-step sampler. The KD baselines (one network G(x_T) ≈ x_0) are not KDM
@@ -118,9 +118,9 @@ class KDM(nn.Module):
         if c.trajectory is not None:
             if traj is None:
                 raise ValueError("trajectory supervision needs the stored states (traj)")
-            terms.update(self.trajectory_terms(traj, z_noisy, labels, noise))
+            terms.update(self.trajectory_terms(traj, z_noisy, z_0, labels, noise))
             t = c.trajectory
-            weights.update(traj_latent=t.w_latent, traj_rec=t.w_rec, traj_push=t.w_push)
+            weights.update(traj_latent=t.w_latent, traj_rec=t.w_rec, traj_push=t.w_push, traj_onward=t.w_onward)
         terms["total"] = sum(weights.get(k, c.w_reg) * v for k, v in terms.items())
         return terms
 
@@ -128,11 +128,12 @@ class KDM(nn.Module):
         """Indices of the stored states strictly between x_T and x_0."""
         return [k for k, tau in enumerate(self.cfg.trajectory.taus) if 0 < tau < 1]
 
-    def trajectory_terms(self, traj: Tensor, z_noisy: Tensor, labels: Tensor | None,
+    def trajectory_terms(self, traj: Tensor, z_noisy: Tensor, z_0: Tensor, labels: Tensor | None,
                          noise: LatentNoise) -> dict[str, Tensor]:
-        """Mean over the interior states of the latent, reconstruction and (with w'_push) push terms."""
+        """Mean over the interior states of the latent, reconstruction and (with their weights) push and onward
+        terms."""
         t, c = self.cfg.trajectory, self.cfg
-        lat, rec, push = [], [], []
+        lat, rec, push, onward = [], [], [], []
         for k in self.interior():
             u = traj[:, k] * self.state_scale(k)
             z_k = self.encode_state(u, k, labels)
@@ -141,9 +142,12 @@ class KDM(nn.Module):
             rec.append(self.distance(u, self.decode_state(z_k + c.sigma_z * noise(z_k), k, labels)))
             if t.w_push:
                 push.append(self.distance(u, self.decode_state(z_hat, k, labels)))
+            if t.w_onward:
+                onward.append(((z_0 - self.koopman.carry(z_k, 1 - t.taus[k])) ** 2).mean())
         out = {"traj_latent": torch.stack(lat).mean(), "traj_rec": torch.stack(rec).mean()}
-        if push:
-            out["traj_push"] = torch.stack(push).mean()
+        for name, terms in (("traj_push", push), ("traj_onward", onward)):
+            if terms:
+                out[name] = torch.stack(terms).mean()
         return out
 
     def schedule(self, steps: int) -> list[int]:
