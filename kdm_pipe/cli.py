@@ -259,12 +259,13 @@ def evaluate(
     batch: Optional[int] = typer.Option(None, help="images per batch"),
     set_num: Optional[int] = typer.Option(None, help="fresh samples compared with the whole teacher set "
                                           "(stats.zarr; default: min(set size, 50000))"),
+    steps: Optional[int] = typer.Option(None, help="student sampling steps (> 1: trajectory-supervised students)"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
 ):
     """Metrics of the student's one-step samples against held-out teacher pairs → RUN/eval.json and figures."""
     cfg = resolve(EvaluateConfig, "evaluate", preset,
                   dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device, detector=detector,
-                       ref=ref, fid_num=fid_num, batch=batch, set_num=set_num))
+                       ref=ref, fid_num=fid_num, batch=batch, set_num=set_num, steps=steps))
     if finish(cfg, dry_run):
         return
     from stages import evaluate as stage
@@ -281,10 +282,11 @@ def sample(
     weights: str = typer.Option("auto", help="auto (the run's recorded choice, RUN/weights.json) | ema | raw"),
     class_label: Optional[int] = typer.Option(None, "--class", help="class for every sample (conditional runs)"),
     batch: int = typer.Option(250, min=1), device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    steps: int = typer.Option(1, help="sampling steps (> 1: trajectory-supervised students)"),
 ):
     """One-step samples of a trained student, written as EDM writes them."""
     cfg = build(SampleConfig, dict(run=run, out=out, num=num, seed=seed, weights=weights, class_label=class_label,
-                                   batch=batch, device=device), where="sample config")
+                                   batch=batch, device=device, steps=steps), where="sample config")
     from stages import sample as stage
     stage.run(cfg)
 
@@ -309,13 +311,17 @@ def import_(
     x0_dtype: Optional[str] = typer.Option(None, "--x-0-dtype", "--x0-dtype",
                                            help="storage dtype of x_0: float16 | float32 | float64"),
     xt_dtype: Optional[str] = typer.Option(None, "--x-T-dtype", "--xT-dtype", help="storage dtype of x_T"),
+    ends_only: bool = typer.Option(False, "--ends-only", help="keep only x_T and x_0 of trajectory sources"),
+    times: Optional[str] = typer.Option(None, help="time of each stored state in source order, comma-separated "
+                                        "(EDM σ_max … 0, flow matching 1 … 0; default: evenly from sigma_max to 0)"),
     dry_run: bool = DryRun,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ):
     """Convert an existing pair set (official KDM .npz folder, GET files, .npy arrays) into verified shards."""
     flags: dict[str, Any] = dict(src=src, out=out, format=format, x_T=x_t, x_0=x_0, labels=labels,
                                  label_dim=label_dim, order=order, sigma_max=sigma_max, tolerance=tolerance,
-                                 pairs_per_shard=pairs_per_shard, batch=batch, x0_dtype=x0_dtype, xT_dtype=xt_dtype)
+                                 pairs_per_shard=pairs_per_shard, batch=batch, x0_dtype=x0_dtype, xT_dtype=xt_dtype,
+                                 trajectory=False if ends_only else None, times=times)
     cfg = build(ImportConfig, flags, where="import config")
     if finish(cfg, dry_run):
         return

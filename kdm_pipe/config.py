@@ -95,6 +95,24 @@ class GenerateConfig(Strict):
                                                      "trajectory", "x0_dtype", "xT_dtype"})
 
 
+class TrajectoryConfig(Strict):
+    """Trajectory supervision of a KDM student (pairs that keep trajectory states): every stored state x_k between
+    x_T and x_0 is encoded with its time, and its latent must equal the operator carried from z_T over the fraction
+    τ_k of the flow. Weights apply to the mean over those states. `taus`, `sigmas` and `intervals` are filled in from
+    the pair set's manifest when training starts (and so recorded with the run)."""
+
+    w_latent: float = Field(default=1.0, ge=0, description="weight of mean_k ‖E(x_k, t_k) − K(τ_k) z_T‖²")
+    w_rec: float = Field(default=1.0, ge=0, description="weight of mean_k d(x_k, D(E(x_k, t_k), t_k))")
+    w_push: float = Field(default=0.0, ge=0, description="weight of mean_k d(x_k, D(K(τ_k) z_T, t_k))")
+    w_onward: float = Field(default=0.0, ge=0, description="weight of mean_k ‖z_0 − K(1 − τ_k) z_k‖²: the latent of "
+                            "each state carried on to x_0 (what few-step sampling does after a re-encode)")
+    taus: list[float] | None = Field(default=None, description="(filled in) progress τ of each stored state: "
+                                     "solver step / last step, x_T = 0 … x_0 = 1")
+    sigmas: list[float] | None = Field(default=None, description="(filled in) σ (or t) of each stored state")
+    intervals: int | None = Field(default=None, ge=1, description="(filled in) dense operators: the flow in this "
+                                  "many equal intervals, K(τ) = C^(τ·intervals)")
+
+
 class StudentConfig(Strict):
     """The student: MLPs for vector data, EDM DDPM++ U-Nets for images (chosen by the data's shape).
 
@@ -129,6 +147,7 @@ class StudentConfig(Strict):
     prior_seed: int = 0
     koopman_control: bool = Field(default=True, description="add B y to the pushed latent when labels exist")
     sigma_z: float = Field(default=0.4, ge=0)
+    trajectory: TrajectoryConfig | None = Field(default=None, description="trajectory supervision (off when unset)")
     # The loss
     w_latent: float = 1.0
     w_rec: float = 1.0
@@ -210,6 +229,7 @@ class EvaluateConfig(Strict):
     batch: int = Field(default=250, ge=1, description="images per detector / student batch")
     set_num: int | None = Field(default=None, ge=2, description="fresh one-step samples compared with the whole "
                                 "teacher set's statistics (stats.zarr; default: min(set size, 50,000))")
+    steps: int = Field(default=1, ge=1, description="student sampling steps (> 1: trajectory-supervised students)")
 
 
 class VerifyConfig(Strict):
@@ -291,6 +311,7 @@ class SampleConfig(Strict):
     weights: Weights = Field(default="auto", description="auto: the run's recorded choice (RUN/weights.json)")
     class_label: int | None = Field(default=None, description="class for every sample (conditional runs)")
     batch: int = Field(default=250, ge=1)
+    steps: int = Field(default=1, ge=1, description="sampling steps (> 1: trajectory-supervised students)")
     device: Device = "auto"
 
 
@@ -336,6 +357,16 @@ class ImportConfig(Strict):
     batch: int = Field(default=1024, ge=1, description="pairs per tar record")
     x0_dtype: Dtype = "float32"
     xT_dtype: Dtype = "float32"
+    trajectory: bool = Field(default=True, description="keep every state of a (T > 2, N, ...) stack or of kdm-npz "
+                             "trajectory files (false: only the two ends)")
+    times: list[float] | None = Field(default=None, description="the time (σ or flow-matching t) of each stored state, "
+                                      "in the source's order (default: evenly spaced from sigma_max to 0)")
+
+    @field_validator("times", mode="before")
+    @classmethod
+    def _times(cls, v: Any) -> Any:
+        # the command line gives "1,0.5,0"
+        return [float(t) for t in v.split(",")] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _inputs(self) -> "ImportConfig":

@@ -153,6 +153,26 @@ def apply(fn: Callable, x: np.ndarray, labels: np.ndarray | None, device, batch:
     return np.concatenate(out)
 
 
+def sampler(model: torch.nn.Module, steps: int) -> Callable:
+    """The student's `steps`-step sampler fn(x_T, labels): the student itself for one step (today's sampler, bit for
+    bit), else KDM.sample (trajectory-supervised students); ConfigError if the student cannot take `steps`."""
+    if steps == 1:
+        return model
+    try:
+        model.schedule(steps)
+    except AttributeError:
+        raise ConfigError(f"--steps {steps}: only KDM students sample in several steps; this one is "
+                          f"{type(model).__name__}") from None
+    except ValueError as e:
+        raise ConfigError(f"--steps {steps}: {e}") from None
+    return lambda x, y: model.sample(x, y, steps)
+
+
+def network_passes(steps: int) -> int:
+    """Student network passes per sample: E_T and D, plus a decode and a re-encode at each of the steps − 1 stops."""
+    return 2 * steps
+
+
 def declared_support(teacher: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
     """The support the pairs' teacher declares (its config's `support_mask`, e.g. the checkerboard's black squares),
     or None (EDM and image teachers, imported pairs)."""
@@ -199,6 +219,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # The whole teacher set's feature statistics (stats.zarr); a stale store is refused here, before any work.
     set_ref = (set_reference(data, manifest, net.name, "" if cfg.detector is None else f" --detector {cfg.detector}")
                if is_image(manifest.shape) else None)
+    sampler(loaded["ema"][0], cfg.steps)               # a --steps the student cannot take: refused before any write
     # EMA or raw: the run's recorded choice (computed now on the selection split if no consumer has yet).
     choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()}, ckpt)
     chosen = choice["weights"] if cfg.weights == "auto" else cfg.weights
@@ -214,12 +235,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     copy_moments(loaded[chosen][0], untrained)         # normalised runs start in the data's units too
     x_T, x_0 = report["x_T"], report["x_0"]
     other = "raw" if chosen == "ema" else "ema"
-    outputs = {"student": apply(loaded[chosen][0], x_T, labels(report), device, cfg.batch),
-               f"{other}_weights": apply(loaded[other][0], x_T, labels(report), device, cfg.batch),
-               "untrained": apply(untrained, x_T, labels(report), device, cfg.batch)}
-    model = loaded[chosen][0]
+    fns = {"student": sampler(loaded[chosen][0], cfg.steps), f"{other}_weights": sampler(loaded[other][0], cfg.steps),
+           "untrained": sampler(untrained, cfg.steps)}
+    outputs = {name: apply(fn, x_T, labels(report), device, cfg.batch) for name, fn in fns.items()}
+    model = fns["student"]
     results: dict[str, Any] = {"run": str(run), "data": str(data), "step": step, "weights": chosen,
-                               "weights_choice": choice, "num_pairs": len(x_0)}
+                               "weights_choice": choice, "num_pairs": len(x_0), "steps": cfg.steps}
+    suffix = "" if cfg.steps == 1 else f"-{cfg.steps}steps"
     for name, x in outputs.items():
         results[name] = paired_errors(flat(x), flat(x_0))
     # Distribution metrics compare samples of the first half's x_T with the teacher's samples of the second half:
@@ -231,10 +253,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["fd_teacher_samples"] = [h, len(x_0) - h]     # (samples, held-out teacher samples) it compares
         results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
         results["fd_set"] = set_fd_report(cfg, net, model, manifest, data, set_ref, device)
-        image_rows(run / "samples.png", {"teacher x_0 (held-out pairs)": x_0[:16],
+        image_rows(run / f"samples{suffix}.png", {"teacher x_0 (held-out pairs)": x_0[:16],
                                          f"student x̂_0 ({chosen} weights, step {step}), one step from the same x_T":
                                          outputs["student"][:16]}, scale=max(1, 64 // manifest.shape[-1]))
-        results["figures"] = [str(run / "samples.png")]
+        results["figures"] = [str(run / f"samples{suffix}.png")]
     else:
         for name, x in samples.items():
             results.setdefault(name, {}).update(distribution_metrics(x, x_0[h:], cfg.seed, manifest.teacher))
@@ -242,15 +264,16 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # Both weights' numbers on the report split (the chosen ones are also "student").
     results["by_weights"] = {chosen: results["student"], other: results.pop(f"{other}_weights")}
     results["speed"] = speed_report(model, tcfg, manifest, x_T[:cfg.batch], labels(report), device)
+    results["speed"].update(student_nfe=cfg.steps, student_network_passes=network_passes(cfg.steps))
     modes = KMeans(8, n_init=4, random_state=cfg.seed).fit_predict(x_0) if x_0.ndim == 2 and x_0.shape[1] == 2 else None
     if modes is not None:
         extent = manifest.teacher["params"].get("extent")
-        pairs_scatter(run / "samples.png", x_T / manifest.sigma_max, x_0,
+        pairs_scatter(run / f"samples{suffix}.png", x_T / manifest.sigma_max, x_0,
                       {f"student x̂_0 ({chosen}, step {step})": outputs["student"],
                        "untrained student": outputs["untrained"]},
                       modes, extent)
-        results["figures"] = [str(run / "samples.png")]
-    (run / "eval.json").write_text(json.dumps(results, indent=1))
+        results["figures"] = [str(run / f"samples{suffix}.png")]
+    (run / f"eval{suffix}.json").write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -32,7 +32,9 @@ from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.npyfiles import Header, human, load_npy, npz_arrays
 from kdm_pipe.shards import sha256_file
 
-Ends = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+# (a, b, labels, states): the two ends, one-hot labels or None, and every stored state (B, T, ...) in source order
+# (a = states[:, 0], b = states[:, −1]) when the source keeps a trajectory, else None.
+Ends = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 CHECK_VALUES = 1 << 16      # std to ±0.3%, kurtosis to ±0.02 (one standard error)
 MAX_EXCESS_KURTOSIS = 0.5   # Gaussian noise: 0; images and the checkerboard: about −1 or far from 0
 MAX_LABEL_DIM = 1 << 16     # classes (ImageNet-21k has 21,841); also ImportConfig.label_dim's bound
@@ -100,11 +102,13 @@ def files_digest(files: list[Path], root: Path | None, contents: bool) -> str:
 
 
 class Source:
-    """Random access to a pair set; subclasses set `n`, `shape`, `label_dim`, `two_ended`, `digest`."""
+    """Random access to a pair set; subclasses set `n`, `shape`, `label_dim`, `two_ended`, `digest` and, when every
+    pair holds a trajectory of more than its two ends, `states` (T)."""
 
     n: int
     shape: tuple[int, ...]
     label_dim: int = 0
+    states: int = 0
     two_ended: bool
     digest: str
     x_T_convention: str = "x_T as stored in the source (std ≈ sigma_max, checked on import); no generator seed"
@@ -123,13 +127,14 @@ class KdmNpz(Source):
 
     two_ended = True
 
-    def __init__(self, folder: Path, label_dim: int | None):
+    def __init__(self, folder: Path, label_dim: int | None, keep_states: bool):
         self.files = listing(folder, "*.npz")
         self.n, self.digest = len(self.files), files_digest(self.files, folder, contents=False)
         self.shape, self.member_bytes = None, None
-        a, _, y = self._read(self.files[0], label_dim)
-        self.shape = a.shape
+        arr, y = self._read(self.files[0], label_dim)
+        self.shape = arr.shape[1:]
         self.label_dim = 0 if y is None else len(y)
+        self.states = len(arr) if keep_states and len(arr) > 2 else 0
 
     def _check(self, path: Path, name: str, h: Header) -> None:
         """Before a member is read: the ends' array must hold (K ≥ 2, ...) and, after the first file, pairs of the
@@ -146,13 +151,16 @@ class KdmNpz(Source):
             if h.shape[1:] != self.shape:
                 raise ConfigError(f"{path}: pairs of shape {h.shape[1:]}, unlike {first} {self.shape}; one pair "
                                   f"set holds one shape")
+            if self.states and h.shape[0] != self.states:
+                raise ConfigError(f"{path}: '{name}' holds {h.shape[0]} states, unlike {first} ({self.states}); "
+                                  f"import trajectories of one length, or only their ends with --ends-only")
             if h.nbytes > max(2 * self.member_bytes, 1 << 20):
                 raise ConfigError(f"{path}: '{name}' {h.describe()} is more than twice {first}'s "
                                   f"({human(self.member_bytes)}): crafted or from another set; remove it")
         else:
             self.member_bytes = h.nbytes
 
-    def _read(self, path: Path, label_dim: int | None) -> Ends:
+    def _read(self, path: Path, label_dim: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         arrays, members = npz_arrays(path, ("endpoints", "arr_0", "label"), MAX_NPZ_MEMBER,
                                      "for one official KDM pair file (crafted or corrupt?)",
                                      lambda name, h: self._check(path, name, h))
@@ -163,7 +171,7 @@ class KdmNpz(Source):
         arr, y = arrays[key], arrays.get("label")
         if y is not None:
             y = one_hot(y.reshape(1) if y.ndim == 0 else y.reshape(1, -1), label_dim, str(path))[0]
-        return arr[0], arr[-1], y
+        return arr, y
 
     def where(self, i: int) -> str:
         return str(self.files[i])
@@ -171,13 +179,13 @@ class KdmNpz(Source):
     def ends(self, start: int, stop: int) -> Ends:
         rows = []
         for path in self.files[start:stop]:
-            a, b, y = self._read(path, self.label_dim or None)
+            arr, y = self._read(path, self.label_dim or None)
             if (y is None) != (self.label_dim == 0):
-                raise ConfigError(f"{path}: pair of shape {a.shape}{' with' if y is not None else ' without'} "
+                raise ConfigError(f"{path}: pair of shape {arr.shape[1:]}{' with' if y is not None else ' without'} "
                                   f"labels, unlike {self.files[0].name} {self.shape}")
-            rows.append((a, b, y))
-        a, b, y = zip(*rows)
-        return np.stack(a), np.stack(b), np.stack(y) if self.label_dim else None
+            rows.append((arr, y))
+        arr, y = np.stack([r[0] for r in rows]), [r[1] for r in rows]
+        return arr[:, 0], arr[:, -1], np.stack(y) if self.label_dim else None, arr if self.states else None
 
 
 def torch_file(path: Path) -> object:
@@ -241,7 +249,7 @@ class GetFiles(Source):
                           None if y is None else one_hot(y[lo:hi].numpy(), self.label_dim, str(self.latent[i]))))
             start, i = self.starts[i] + hi, i + 1
         a, b, y = zip(*parts)
-        return np.concatenate(a), np.concatenate(b), np.concatenate(y) if self.label_dim else None
+        return np.concatenate(a), np.concatenate(b), np.concatenate(y) if self.label_dim else None, None
 
 
 def npy_file(path: Path, what: str) -> np.ndarray:
@@ -262,7 +270,8 @@ class NpyArrays(Source):
             if s.ndim < 3 or len(s) < 2:
                 raise ConfigError(f"{cfg.src}: shape {s.shape}; a stack is (T ≥ 2, N, ...), x_T at 0, x_0 at −1 "
                                   f"(two (N, ...) arrays go to --x-T and --x-0)")
-            self.a, self.b = s[0], s[-1]
+            self.a, self.b, self.stack = s[0], s[-1], s
+            self.states = len(s) if cfg.trajectory and len(s) > 2 else 0
         else:
             self.a, self.b = npy_file(cfg.x_T, "--x-T"), npy_file(cfg.x_0, "--x-0")
             if self.a.ndim < 2 or self.b.ndim < 2:
@@ -305,7 +314,8 @@ class NpyArrays(Source):
 
     def ends(self, start: int, stop: int) -> Ends:
         y = None if self.y is None else one_hot(np.asarray(self.y[start:stop]), self.label_dim, "labels")
-        return np.array(self.a[start:stop]), np.array(self.b[start:stop]), y
+        states = np.moveaxis(np.array(self.stack[:, start:stop]), 0, 1) if self.states else None
+        return np.array(self.a[start:stop]), np.array(self.b[start:stop]), y, states
 
     def where(self, i: int) -> str:
         return " / ".join(self.paths) + f" (row {i})"
@@ -319,7 +329,7 @@ def open_source(cfg: ImportConfig) -> Source:
                           f"({'of .npz pair files' if cfg.format == 'kdm-npz' else 'holding latent/ and image/'})"
                           f"{'; a single .npy array is --format npy' if cfg.src.suffix == '.npy' else ''}")
     if cfg.format == "kdm-npz":
-        src: Source = KdmNpz(cfg.src, cfg.label_dim)
+        src: Source = KdmNpz(cfg.src, cfg.label_dim, cfg.trajectory)
     elif cfg.format == "get":
         src = GetFiles(cfg.src, cfg.sigma)
     else:
@@ -349,7 +359,7 @@ def noise_misfit(x: np.ndarray, sigma: float, tolerance: float) -> str | None:
 def orient(src: Source, order: str, sigma_max: float, tolerance: float) -> tuple[bool, dict[str, float | int]]:
     """(swap, check): whether b is x_T, decided on the first pairs; ConfigError saying what was found when unsure."""
     k = min(src.n, max(1, math.ceil(CHECK_VALUES / max(1, math.prod(src.shape)))))
-    a, b, _ = src.ends(0, k)
+    a, b, _, _ = src.ends(0, k)
     finite = np.isfinite(a.reshape(k, -1)).all(1) & np.isfinite(b.reshape(k, -1)).all(1)
     if not finite.all():
         first = src.where(int(np.argmin(finite)))
@@ -378,13 +388,34 @@ def orient(src: Source, order: str, sigma_max: float, tolerance: float) -> tuple
 
 
 def pairs(src: Source, swap: bool, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Pairs [start, stop) as x_T, x_0 (source dtype) and one-hot labels; ConfigError on non-finite values."""
-    a, b, y = src.ends(start, stop)
+    """Pairs [start, stop) as x_T, x_0 (source dtype), one-hot labels and the trajectory states (B, T, ...) ordered
+    from x_T to x_0; ConfigError on non-finite values."""
+    a, b, y, states = src.ends(start, stop)
     x_T, x_0 = (b, a) if swap else (a, b)
-    for name, v in (("x_T", x_T), ("x_0", x_0)):
+    traj = None if states is None else states[:, ::-1] if swap else states
+    for name, v in (("x_T", x_T), ("x_0", x_0)) + ((("traj", traj),) if traj is not None else ()):
         finite = np.isfinite(v.reshape(len(v), -1)).all(1)
         if not finite.all():
             i = start + int(np.argmin(finite))
             raise ConfigError(f"{src.where(i)}: non-finite {name} (NaN or inf) in pair {i} of the source; fix or "
                               f"drop that pair and rerun (nothing was imported)")
-    return {"x_T": x_T, "x_0": x_0} | ({} if y is None else {"label": y})
+    return {"x_T": x_T, "x_0": x_0} | ({} if y is None else {"label": y}) | ({} if traj is None else {"traj": traj})
+
+
+def state_times(cfg: ImportConfig, src: Source, swap: bool) -> list[float] | None:
+    """The time (σ) of each kept state, ordered from x_T to x_0: `--times` as given in the source's order, or by
+    default evenly spaced from sigma_max to 0 (a flow-matching stack's t = 1 → 0 when sigma_max is 1)."""
+    if not src.states:
+        if cfg.times is not None:
+            raise ConfigError(f"--times: {cfg.src or cfg.x_T} keeps no intermediate states (a (T > 2, N, ...) stack "
+                              f"or kdm-npz trajectory files do, unless --ends-only)")
+        return None
+    times = cfg.times if cfg.times is not None else np.linspace(cfg.sigma, 0, src.states).tolist()
+    if len(times) != src.states:
+        raise ConfigError(f"--times lists {len(times)} values but {cfg.src} holds {src.states} states per pair; "
+                          f"give one time per state, in the source's order")
+    times = times[::-1] if swap and cfg.times is not None else times
+    if not all(a > b for a, b in zip(times[:-1], times[1:])) or times[-1] < 0:
+        raise ConfigError(f"--times {cfg.times}: the times must fall strictly from x_T's to x_0's (≥ 0), "
+                          f"e.g. EDM σ_max … 0 or flow-matching 1 … 0")
+    return [float(t) for t in times]

@@ -303,9 +303,10 @@ def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
 
 
 def read_pairs(directory: Path, names: list[str], num: int,
-               read: Callable[[Path], Iterator[dict[str, np.ndarray]]] = read_shard) -> dict[str, np.ndarray] | None:
-    """The first `num` pairs of shards `names` (in that order), trajectories left out; None if there are none.
-    `read` reads one shard (a filtered pair set's `Exclusions.read`)."""
+               read: Callable[[Path], Iterator[dict[str, np.ndarray]]] = read_shard,
+               traj: bool = False) -> dict[str, np.ndarray] | None:
+    """The first `num` pairs of shards `names` (in that order), trajectories left out unless `traj`; None if there
+    are none. `read` reads one shard (a filtered pair set's `Exclusions.read`)."""
     recs, n = [], 0
     for name in names:
         for rec in read(Path(directory) / name):
@@ -317,7 +318,7 @@ def read_pairs(directory: Path, names: list[str], num: int,
             break
     if not recs:
         return None
-    return {k: np.concatenate([r[k] for r in recs])[:num] for k in recs[0] if k != "traj"}
+    return {k: np.concatenate([r[k] for r in recs])[:num] for k in recs[0] if traj or k != "traj"}
 
 
 def check_shard(path: Path, info: ShardInfo, full: bool = True) -> str | None:

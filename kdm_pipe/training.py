@@ -43,6 +43,7 @@ from kdm_pipe.stats_update import update
 from kdm_pipe.student import build_student, is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
 from kdm_pipe.student.noise import LatentNoise
+from kdm_pipe.student.trajectory import with_trajectory_times
 
 
 def split_shards(manifest: Manifest, holdout: int) -> tuple[list[str], list[str]]:
@@ -55,13 +56,17 @@ def split_shards(manifest: Manifest, holdout: int) -> tuple[list[str], list[str]
 
 
 def resolved(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
-    """`cfg` with the student's unset loss settings and the normalisation filled in for the data's kind (what
-    config.json records)."""
+    """`cfg` with the student's unset loss settings, the trajectory times and the normalisation filled in for the
+    data's kind (what config.json records)."""
     image = is_image(manifest.shape)
     if image and cfg.normalize == "standard":
         raise ConfigError("normalize: standard is for vector data; images keep EDM's [-1, 1] convention (use none)")
     normalize = cfg.normalize or ("none" if image else normalization.DEFAULT)
-    return cfg.model_copy(update={"student": cfg.student.for_data(image), "normalize": normalize})
+    student = with_trajectory_times(cfg.student.for_data(image), manifest, str(cfg.data))
+    if student.trajectory is not None and normalize == "standard":
+        # The stored states would reach the student in the data's units while x_0 is standardised.
+        raise ConfigError("trajectory supervision with normalize: standard is not supported; use --normalize none")
+    return cfg.model_copy(update={"student": student, "normalize": normalize})
 
 
 def student_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module:
@@ -181,8 +186,9 @@ class LossStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x_0, x_T, labels, noise, defer_adv=False):
-        return self.model.losses(x_0, x_T, labels, noise, **({"defer_adv": True} if defer_adv else {}))
+    def forward(self, x_0, x_T, labels, noise, defer_adv=False, traj=None):
+        return self.model.losses(x_0, x_T, labels, noise, **({"defer_adv": True} if defer_adv else {}),
+                                 **({"traj": traj} if traj is not None else {}))
 
 
 def ema_decay(cfg: TrainConfig, step: int) -> float:
@@ -369,7 +375,8 @@ def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, prog
         while step < cfg.steps:
             batch = {k: v.to(device, torch.float32) for k, v in next(stream).items()}
             with autocast:                             # the forward pass; the adversarial term comes below
-                losses = stepper(batch["x_0"], batch["x_T"], batch.get("label"), noise, disc is not None)
+                losses = stepper(batch["x_0"], batch["x_T"], batch.get("label"), noise, disc is not None,
+                                 batch["traj"] if cfg.student.trajectory else None)
             if disc is not None:                       # one discriminator step per student step
                 fake = model.last_sample               # x̂ of this pass, graph attached
                 if cfg.update_order == "disc-first":   # official: the discriminator first, on this pass's samples

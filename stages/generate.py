@@ -128,6 +128,16 @@ def adopt_logged(out: Path, cfg: GenerateConfig, manifest: Manifest) -> None:
     manifest.shards = kept
 
 
+def storage(manifest: Manifest) -> str:
+    """Bytes per pair as stored, and without the trajectory states when they are kept."""
+    per_pair = pair_bytes(manifest)
+    if not manifest.trajectory_steps:
+        return f"{per_pair:,} bytes per pair"
+    ends = pair_bytes(manifest.model_copy(update={"trajectory_steps": None}))
+    return (f"{per_pair:,} bytes per pair with {len(manifest.trajectory_steps)} trajectory states, {ends:,} without "
+            f"({per_pair / ends:.1f}×)")
+
+
 def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
     out = Path(cfg.out)
     w = PairSetWriter(out, "generate", f"generate --out {out}", all_or_nothing=False)
@@ -163,5 +173,5 @@ def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
     seconds = time.perf_counter() - t0
     pairs = len(todo) * cfg.pairs_per_shard
     print(f"{out}: wrote {len(todo)} shards, {pairs} pairs in {seconds:.1f}s ({pairs / seconds:,.0f} pairs/s); "
-          f"{manifest.num_pairs} pairs in all")
+          f"{manifest.num_pairs} pairs in all; {storage(manifest)}")
     return manifest

@@ -23,14 +23,15 @@ import numpy as np
 from tqdm import tqdm
 
 from kdm_pipe.config import ConfigError, ImportConfig
-from kdm_pipe.importers import Source, open_source, orient, pairs
+from kdm_pipe.importers import Source, open_source, orient, pairs, state_times
 from kdm_pipe.npyfiles import human
 from kdm_pipe.pairset import PairSetWriter, free_bytes
 from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, verify, write_shard
 from kdm_pipe.teachers.base import fingerprint
 
 
-def new_manifest(cfg: ImportConfig, src: Source, swap: bool, check: dict[str, float | int]) -> Manifest:
+def new_manifest(cfg: ImportConfig, src: Source, swap: bool, check: dict[str, float | int],
+                 times: list[float] | None) -> Manifest:
     teacher = fingerprint("imported", {"format": cfg.format, "source": str((cfg.src or cfg.x_T).resolve()),
                                        "source_sha256": src.digest})
     return Manifest(
@@ -40,7 +41,8 @@ def new_manifest(cfg: ImportConfig, src: Source, swap: bool, check: dict[str, fl
                 "seeds": "running index 0..N-1 in source order (imported pairs have no generator seed)"},
         shape=list(src.shape), label_dim=src.label_dim, sigma_max=cfg.sigma, x_T_convention=src.x_T_convention,
         num_shards=math.ceil(src.n / cfg.pairs_per_shard), pairs_per_shard=cfg.pairs_per_shard,
-        dtypes={"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype})
+        dtypes={"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype} | ({"traj": cfg.x0_dtype} if times else {}),
+        trajectory_steps=list(range(src.states)) if times else None, trajectory_sigmas=times)
 
 
 def open_manifest(w: PairSetWriter, cfg: ImportConfig, fresh: Manifest) -> Manifest:
@@ -74,6 +76,8 @@ def write_one(cfg: ImportConfig, src: Source, swap: bool, w: PairSetWriter, k: i
                    "seed": np.arange(b, e, dtype=np.int64)}
             if "label" in block:
                 rec["label"] = block["label"]
+            if "traj" in block:
+                rec["traj"] = block["traj"].astype(cfg.x0_dtype)
             yield rec
 
     path = w.shard_path(k)
@@ -84,10 +88,11 @@ def write_one(cfg: ImportConfig, src: Source, swap: bool, w: PairSetWriter, k: i
 
 def estimate_bytes(cfg: ImportConfig, src: Source, pairs: int) -> int:
     """Bytes of `pairs` pairs written as shards: data plus per-member tar and .npy headers, rounded up."""
-    fields = {"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype}
-    per_pair = sum(np.dtype(d).itemsize for d in fields.values()) * math.prod(src.shape) + 8 + 4 * src.label_dim
+    values = np.dtype(cfg.xT_dtype).itemsize + np.dtype(cfg.x0_dtype).itemsize * (1 + src.states)
+    per_pair = values * math.prod(src.shape) + 8 + 4 * src.label_dim
     records = math.ceil(pairs / cfg.batch) + math.ceil(pairs / cfg.pairs_per_shard)
-    return pairs * per_pair + records * (3 + (src.label_dim > 0)) * (512 + 128 + 512) + 10240 * math.ceil(
+    members = 3 + (src.label_dim > 0) + (src.states > 0)
+    return pairs * per_pair + records * members * (512 + 128 + 512) + 10240 * math.ceil(
         pairs / cfg.pairs_per_shard)
 
 
@@ -111,9 +116,10 @@ def run(cfg: ImportConfig, progress: bool = True) -> Manifest:
     with w.stopping():
         src = open_source(cfg)
         swap, check = orient(src, cfg.order, cfg.sigma, cfg.tolerance)
+        times = state_times(cfg, src, swap)
         with w.writing():
             check_free_space(cfg, src, out)         # before hashing the source (npy: every byte)
-            open_manifest(w, cfg, new_manifest(cfg, src, swap, check))
+            open_manifest(w, cfg, new_manifest(cfg, src, swap, check, times))
             return write(cfg, src, swap, check, w, progress)
 
 
@@ -141,5 +147,7 @@ def write(cfg: ImportConfig, src: Source, swap: bool, check: dict, w: PairSetWri
     w.log({"shards": len(todo), "pairs": pairs_written, "seconds": seconds, "pairs_per_s": pairs_written / seconds})
     print(f"{out}: imported {pairs_written} pairs into {len(todo)} shards in {seconds:.1f}s "
           f"({pairs_written / seconds:,.0f} pairs/s); {manifest.num_pairs} pairs in {manifest.num_shards} shards, "
-          f"verified (std(x_T)={check['std_x_T']:.3g}, std(x_0)={check['std_x_0']:.3g})")
+          f"verified (std(x_T)={check['std_x_T']:.3g}, std(x_0)={check['std_x_0']:.3g})"
+          + (f"; {len(manifest.trajectory_steps)} states per pair at times {manifest.trajectory_sigmas}"
+             if manifest.trajectory_steps else ""))
     return manifest

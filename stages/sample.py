@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kdm_pipe.config import ConfigError, SampleConfig
-from kdm_pipe.evaluation import apply, chosen_weights
+from kdm_pipe.evaluation import apply, chosen_weights, network_passes, sampler
 from kdm_pipe.image_files import write_samples
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import seed_noise
@@ -32,8 +32,11 @@ def run(cfg: SampleConfig) -> dict:
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out} is a file; pass a directory for the samples")
     dev = pick_device(cfg.device)
+    if cfg.steps > 1:       # a --steps the student cannot take: refused before the weights choice is recorded
+        sampler(load_weights(run_dir, "ema", device=dev)[0], cfg.steps)
     which = chosen_weights(run_dir, cfg.weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
     model, _, manifest, step = load_weights(run_dir, which, device=dev)
+    fn = sampler(model, cfg.steps)
     if class_label is not None and not 0 <= class_label < manifest.label_dim:
         raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"
                           + ("" if manifest.label_dim else " (it is unconditional: drop --class)"))
@@ -44,11 +47,12 @@ def run(cfg: SampleConfig) -> dict:
         if class_label is not None:
             y = torch.nn.functional.one_hot(torch.full((len(z),), class_label), manifest.label_dim).float()
         y = None if y is None else y.numpy()
-        xs.append(apply(model, (manifest.sigma_max * z).numpy(), y, dev, batch))
+        xs.append(apply(fn, (manifest.sigma_max * z).numpy(), y, dev, batch))
         ys.append(y)
     x = np.concatenate(xs)
     labels = None if ys[0] is None else np.concatenate(ys)
     settings = {"run": str(run_dir), "step": step, "weights": which, "seed": seed, "class": class_label,
+                "steps": cfg.steps, "network_passes": network_passes(cfg.steps),
                 "x_T": "sigma_max * z, one generator per seed (EDM)"}
     if is_image(manifest.shape):
         paths = write_samples(out, x, seeds, labels, settings)
@@ -58,5 +62,6 @@ def run(cfg: SampleConfig) -> dict:
         atomic_write_text(Path(out) / "samples.json",
                           json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
         paths = {"dir": Path(out), "npz": Path(out) / "samples.npz"}
-    print(f"{out}: {num} one-step samples (seeds {seed}…{seed + num - 1}) from {run_dir} step {step}, {which} weights")
+    print(f"{out}: {num} {cfg.steps}-step samples ({network_passes(cfg.steps)} network passes each; seeds "
+          f"{seed}…{seed + num - 1}) from {run_dir} step {step}, {which} weights")
     return paths

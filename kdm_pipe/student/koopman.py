@@ -72,9 +72,10 @@ class DecomposedOperator(nn.Module):
         self.nu = nn.Parameter(torch.log(-0.5 * torch.log(u1)))
         self.theta = nn.Parameter(torch.log(2 * math.pi * u2))
 
-    def eigen_parts(self) -> tuple[Tensor, Tensor]:
-        """(Re λ, Im λ), each (dim,)."""
-        modulus, phase = torch.exp(-torch.exp(self.nu)), torch.exp(self.theta)
+    def eigen_parts(self, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(Re λ^τ, Im λ^τ), each (dim,): λ^τ = exp(τ·log λ) = exp(−τ·exp(ν))·exp(i·τ·exp(θ)), so that
+        λ^a λ^b = λ^(a+b), λ^1 = λ and λ^0 = 1."""
+        modulus, phase = torch.exp(-tau * torch.exp(self.nu)), tau * torch.exp(self.theta)
         return modulus * torch.cos(phase), modulus * torch.sin(phase)
 
     def inverse_loss(self) -> Tensor:
@@ -87,9 +88,10 @@ class DecomposedOperator(nn.Module):
         eye = torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
         return 0.5 * ((P_inv @ P - eye).abs().square().mean() + (P @ P_inv - eye).abs().square().mean())
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, tau: float = 1.0) -> Tensor:
+        """K(τ) z = Re(P Λ^τ P⁻¹ z); τ = 1 is K."""
         P_re, P_im = _unit_rows(self.P_re), _unit_rows(self.P_im)
-        lam_re, lam_im = self.eigen_parts()
+        lam_re, lam_im = self.eigen_parts(tau)
         w_re, w_im = z @ self.P_inv_re.T, z @ self.P_inv_im.T                            # P⁻¹ [z, 0]
         w_re, w_im = lam_re * w_re - lam_im * w_im, lam_im * w_re + lam_re * w_im      # Λ
         return w_re @ P_re.T - w_im @ P_im.T                                           # Re(P ·)
@@ -114,13 +116,14 @@ class KoopmanOperator(nn.Module):
     """
 
     def __init__(self, dim: int, kind: OperatorKind = "affine", label_dim: int = 0,
-                 spectrum_prior: SpectrumPrior = "none", prior_seed: int = 0) -> None:
+                 spectrum_prior: SpectrumPrior = "none", prior_seed: int = 0, intervals: int = 1) -> None:
         super().__init__()
         if kind not in get_args(OperatorKind):
             raise ValueError(f"unknown operator kind {kind!r}; expected one of {get_args(OperatorKind)}")
         if spectrum_prior not in get_args(SpectrumPrior):
             raise ValueError(f"unknown spectrum prior {spectrum_prior!r}; expected one of {get_args(SpectrumPrior)}")
         self.dim, self.kind, self.label_dim, self.spectrum_prior = dim, kind, label_dim, spectrum_prior
+        self.intervals = 1 if kind == "decomposed" else intervals
         self.op = DecomposedOperator(dim) if kind == "decomposed" else nn.Linear(dim, dim, bias=kind == "affine")
         self.control = nn.Linear(label_dim, dim) if label_dim > 0 else None
         if spectrum_prior != "none":
@@ -133,6 +136,26 @@ class KoopmanOperator(nn.Module):
         if self.control is not None:
             z_hat = z_hat + self.control(labels.to(z_hat.dtype))
         return z_hat
+
+    def carry(self, z: Tensor, tau: float, labels: Tensor | None = None) -> Tensor:
+        """K(τ) z: the latent carried over the fraction τ ∈ [0, 1] of the flow (τ = 1: x_T → x_0, one step).
+
+        One operator serves every time: the decomposed form takes fractional powers K(τ) = P Λ^τ P⁻¹; a dense
+        form is the operator C of one of `intervals` equal intervals, K(τ) = C^(τ·intervals) (τ·intervals must be
+        whole). With one interval, K(1) is exactly forward(); the control B y is added only on a whole carry
+        (trajectory supervision refuses labelled pairs: where B y enters along the way is not defined)."""
+        if tau == 1 and self.intervals == 1:
+            return self(z, labels)
+        if self.control is not None:
+            raise ValueError("carrying a conditional operator over part of the flow is not supported")
+        if isinstance(self.op, DecomposedOperator):
+            return self.op(z, tau)
+        n = round(tau * self.intervals)
+        if abs(n - tau * self.intervals) > 1e-6:
+            raise ValueError(f"τ = {tau} is not a whole number of the operator's {self.intervals} intervals")
+        for _ in range(n):
+            z = self.op(z)
+        return z
 
     def regularizer(self) -> dict[str, Tensor]:
         """Loss terms the operator asks for: {} without a spectrum prior; with one, {"spectrum"} for the dense

@@ -44,14 +44,15 @@ def swish_stack(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential
 
 
 class TimeInput(nn.Module):
-    """`net` applied to [x, t] with a constant time t (the official 2-D networks' time input: a learned bias)."""
+    """`net` applied to [x, t], t by default the network's constant time (the official 2-D networks' time input: a
+    learned bias); trajectory supervision passes the time of an intermediate state."""
 
     def __init__(self, net: nn.Module, t: float) -> None:
         super().__init__()
         self.net, self.t = net, t
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(torch.cat([x, x.new_full((x.shape[0], 1), self.t)], dim=1))
+    def forward(self, x: Tensor, t: float | None = None) -> Tensor:
+        return self.net(torch.cat([x, x.new_full((x.shape[0], 1), self.t if t is None else t)], dim=1))
 
 
 def kdm_networks(cfg: StudentConfig, data_dim: int, label_dim: int) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -72,7 +73,9 @@ class VectorKDM(KDM):
         self.cfg = cfg
         self.register_buffer("x_T_scale", torch.tensor(1.0 / sigma_max))
         self.enc_T, self.enc_0, self.dec = kdm_networks(cfg, data_dim, label_dim)
-        self.koopman = KoopmanOperator(cfg.latent_dim, cfg.operator, label_dim, cfg.spectrum_prior, cfg.prior_seed)
+        intervals = cfg.trajectory.intervals if cfg.trajectory else 1
+        self.koopman = KoopmanOperator(cfg.latent_dim, cfg.operator, label_dim, cfg.spectrum_prior, cfg.prior_seed,
+                                       intervals)
 
     @staticmethod
     def _cat(x: Tensor, labels: Tensor | None) -> Tensor:
@@ -89,6 +92,15 @@ class VectorKDM(KDM):
     def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """x̂ = D(z)."""
         return self.dec(self._cat(z, labels))
+
+    def encode_state(self, u: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
+        """z_k = E_0(u_k, 1 − τ_k) for the scaled state u_k (`KDM.state_scale`), at the official time convention
+        (t = 1 for x_T, 0 for x_0)."""
+        return self.enc_0(self._cat(u, labels), 1 - self.cfg.trajectory.taus[k])
+
+    def decode_state(self, z: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
+        """û_k = D(z, 1 − τ_k), the scaled state."""
+        return self.dec(self._cat(z, labels), 1 - self.cfg.trajectory.taus[k])
 
 
 class VectorKD(nn.Module):

@@ -1,0 +1,54 @@
+"""Loader throughput and bytes per pair with trajectory states on vs off, on the same pairs: a pair directory with
+trajectories (e.g. the one bench/trajectory_supervision.py generates) and an ends-only copy of it written here
+(the same records without `traj`). Streams batches of 4096 with one loader worker, as training does.
+
+    python bench/trajectory_loader.py runs/bench-traj/pairs [--batches 60]
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from kdm_pipe.data import batches
+from kdm_pipe.shards import ShardInfo, load_manifest, read_shard, save_manifest, write_shard
+
+
+def ends_only(src: Path, dst: Path) -> Path:
+    if (dst / "manifest.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    m = load_manifest(src)
+    infos = []
+    for s in m.shards:
+        size, digest = write_shard(dst / s.name, ({k: v for k, v in r.items() if k != "traj"}
+                                                  for r in read_shard(src / s.name)))
+        infos.append(ShardInfo(**{**s.model_dump(), "bytes": size, "sha256": digest}))
+    save_manifest(dst, m.model_copy(update={"shards": infos, "trajectory_steps": None, "trajectory_sigmas": None}))
+    return dst
+
+
+def rate(data: Path, n: int, batch: int = 4096) -> float:
+    m = load_manifest(data)
+    stream = batches(data, [(s.name, s.pairs) for s in m.shards], batch, 8192, seed=0, workers=1)
+    try:
+        next(stream)                                   # worker started
+        t = time.perf_counter()
+        for _ in range(n):
+            next(stream)
+        return n * batch / (time.perf_counter() - t)
+    finally:
+        stream.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--batches", type=int, default=60)
+    args = ap.parse_args()
+    plain = ends_only(args.data, args.data.with_name(args.data.name + "-ends"))
+    for name, d in (("with trajectories", args.data), ("ends only", plain)):
+        m = load_manifest(d)
+        per_pair = sum(s.bytes for s in m.shards) / m.num_pairs
+        states = len(m.trajectory_steps or [])
+        print(f"{name:18} {states:2d} states  {per_pair:7.1f} bytes/pair on disk  "
+              f"{rate(d, args.batches):10,.0f} pairs/s")
