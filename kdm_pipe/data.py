@@ -20,9 +20,11 @@ epoch, not the whole run.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import signal
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -272,6 +274,7 @@ class Loader:
         self._it, self.micro, self.slots = items, micro, slots
         self.items: list[dict[str, torch.Tensor] | None] = [None] * readers
         self.pos = [0] * readers
+        _OPEN.add(self)
 
     def __iter__(self) -> "Loader":
         return self
@@ -298,6 +301,16 @@ class Loader:
         if self.slots is not None:              # a worker waiting for a slot must reach its shutdown signal
             for r in range(len(self.items)):
                 self.slots.free(r, self.slots.count)
+            self.slots = None
         shutdown = getattr(self._it, "_shutdown_workers", None)     # multiprocess iterators only
         if shutdown is not None:
             shutdown()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# Loader workers ignore SIGTERM, so multiprocessing's exit handler (terminate, then join) would wait forever for the
+# workers of a stream nobody closed. This handler, registered after multiprocessing's, runs before it.
+_OPEN: weakref.WeakSet[Loader] = weakref.WeakSet()
+atexit.register(lambda: [loader.close() for loader in list(_OPEN)])

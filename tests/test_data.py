@@ -133,4 +133,25 @@ def test_close_frees_a_worker_waiting_for_a_slot(shards, monkeypatch):
     closing.start()
     closing.join(timeout=3)
     assert not closing.is_alive(), "close() left a worker waiting for a slot"
+    monkeypatch.undo()
     assert first == seeds_of(batches(root, names, 32, 40, seed=0, workers=2), 40)
+
+
+def test_a_dropped_stream_lets_the_interpreter_exit(shards, tmp_path):
+    """A stream never closed, its workers waiting for slots the trainer holds: the process must still exit."""
+    root, names = shards
+    script = tmp_path / "drop.py"
+    script.write_text(
+        "import itertools, sys\n"
+        "from kdm_pipe import data\n"
+        "class OneSlot(data.Slots):\n"
+        "    def __init__(self, workers, count):\n"
+        "        super().__init__(workers, 1)\n"
+        "data.Slots = OneSlot\n"
+        f"stream = data.batches({str(root)!r}, {names!r}, 32, 40, seed=0, workers=2)\n"
+        "held = list(itertools.islice(stream, 3))\n"
+        "print('ok')\n")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
