@@ -85,6 +85,9 @@ def bare(cfg: GenerateConfig, processes: int, threads: int) -> tuple[float, floa
         build, seconds = bare_loop(cfg, threads, range(n))
         return n / seconds, build
     ctx = mp.get_context("spawn")
+    # The children import torch afresh: the thread count must be in their environment as it is in a Ray worker's
+    # (OMP_NUM_THREADS), or OpenMP sizes its pool to the machine first.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     ready, go, out = ctx.Barrier(processes + 1), ctx.Barrier(processes + 1), ctx.Queue()
     cut = [n * p // processes for p in range(processes + 1)]
     procs = [ctx.Process(target=_child, args=(cfg.model_dump_json(), threads, cut[p], cut[p + 1], ready, go, out))
