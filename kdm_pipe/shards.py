@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kdm_pipe.errors import DataError, one_line
+from kdm_pipe.errors import ConfigError, DataError, one_line
 
 MANIFEST = "manifest.json"
 VERIFIED = ".kdm-verified.json"        # check_shards' cache: shards whose sha256 matched, keyed by their stat
@@ -131,6 +131,21 @@ def load_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe generate`?")
     return Manifest.model_validate_json(path.read_text())
+
+
+def checked_manifest(directory: Path) -> Manifest:
+    """The directory's manifest for a stage that reads its pairs, refused (ConfigError, before anything is written)
+    unless it is readable and lists shards to read."""
+    try:
+        manifest = load_manifest(directory)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{directory}: unreadable manifest ({type(e).__name__}): rerun the `kdm-pipe generate` "
+                          f"(or import) command that wrote it") from None
+    if not manifest.shards:
+        raise ConfigError(f"{directory} holds no complete shards yet; run `kdm-pipe generate` first")
+    return manifest
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

@@ -43,7 +43,7 @@ from kdm_pipe.shards import (
     Manifest,
     bad_shards_error,
     check_shards,
-    load_manifest,
+    checked_manifest,
     save_manifest,
     sha256_file,
 )
@@ -52,15 +52,7 @@ SCORES = "filter.npz"
 
 
 def pair_manifest(directory: Path) -> Manifest:
-    try:
-        manifest = load_manifest(directory)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{directory}: unreadable manifest ({type(e).__name__}); rerun the `kdm-pipe generate` "
-                          f"(or import) command that wrote it") from None
-    if not manifest.shards:
-        raise ConfigError(f"{directory} holds no complete shards yet; run `kdm-pipe generate` first")
+    manifest = checked_manifest(directory)
     if len(manifest.shape) != 3:
         raise ConfigError(f"{directory} holds pairs of shape {manifest.shape}; the memorisation filter compares "
                           f"images (C, H, W) with the teacher's training images")

@@ -18,22 +18,8 @@ from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.shards import Manifest, bad_shards_error, check_shards, load_manifest
+from kdm_pipe.shards import bad_shards_error, check_shards, checked_manifest, load_manifest
 from kdm_pipe.stats_update import update
-
-
-def checked_manifest(directory: Path) -> Manifest:
-    """The directory's manifest, refused (before anything is written) unless it lists shards to read."""
-    try:
-        manifest = load_manifest(directory)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{directory}: unreadable manifest ({type(e).__name__}): rerun the `kdm-pipe generate` "
-                          f"(or import) command that wrote it") from None
-    if not manifest.shards:
-        raise ConfigError(f"{directory} holds no complete shards yet; run `kdm-pipe generate` first")
-    return manifest
 
 
 def run(cfg: StatsConfig, progress: bool = True) -> Path:

@@ -28,6 +28,15 @@ def make_pairs(out, **kw):
     return out
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private 2-CPU Ray session for one test module (`pytestmark = pytest.mark.usefixtures("ray_cluster")`)."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def digit_pairs(tmp_path_factory):
     """3 shards × 64 image pairs from the shipped digits teacher (3 Heun steps: fast, still digit-like)."""

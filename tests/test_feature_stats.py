@@ -1,13 +1,11 @@
 """Teacher-set feature statistics in stats.zarr: per-shard sums in Ray tasks, merged, incremental, per detector;
 FD from them equals FD from the raw features; `stats ref --from` exports them; stale stores are refused."""
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import zarr
 
@@ -28,12 +26,7 @@ class Pool(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32) / 255, 2).flatten(1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")     # one private Ray session per module
 
 
 def add_shards(directory: Path, sizes: list[int], seed: int) -> None:

@@ -1,12 +1,10 @@
 """Latent statistics of a trained student over a pair set (RUN/latents.zarr/statistics): with identity encoders
 they reproduce the data's statistics; rows are reused for unchanged shards and dropped for another checkpoint."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from kdm_pipe.analysis import analyze
@@ -23,12 +21,7 @@ from tests.faults import cli, error_line, tree
 C = np.array([[2.0, 0.3], [0.0, 0.5]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")     # one private Ray session per module
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 computed when missing), the checkpoint carries them and sampling answers in the data's own units."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from kdm_pipe.config import ConfigError, SampleConfig, StatsConfig, TrainConfig
@@ -21,12 +19,7 @@ from stages import sample, stats
 CENTRE, SCALE = np.array([100.0, -40.0]), np.array([5.0, 0.5])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")     # one private Ray session per module
 
 
 @pytest.fixture(scope="module")
