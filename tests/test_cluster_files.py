@@ -360,6 +360,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow      # minutes: CI runs it in its slow pass
 def test_slurm_script_trains_then_resumes_for_real(tmp_path):
     """1 node, 2 CPU processes (DDP on gloo): srun is the only stub; torchrun, the CLI and the trainer are real."""
     data, run = tmp_path / "pairs", tmp_path / "run"

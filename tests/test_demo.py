@@ -29,6 +29,7 @@ def test_digits_demo_end_to_end(tmp_path):
     assert json.loads((out / "kd" / "config.json").read_text())["student"]["kind"] == "kd"
 
 
+@pytest.mark.slow      # minutes: CI runs it in its slow pass
 def test_checkerboard_demo_keeps_the_2d_pipeline(tmp_path):
     out = tmp_path / "cb"
     r = subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "demo", "--preset", "checkerboard-quick",

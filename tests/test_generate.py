@@ -99,6 +99,7 @@ def test_verify_catches_corruption_and_rerun_repairs(ray_local, tmp_path):
     assert verify(tmp_path / "v") == {} and digests(tmp_path / "v") == clean
 
 
+@pytest.mark.slow      # minutes: CI runs it in its slow pass
 def test_killed_run_resumes_to_identical_bytes(tmp_path):
     args = ["generate", "--shards", "12", "--pairs-per-shard", "2000", "--batch", "500", "--steps", "18",
             "--workers", "1", "-q"]

@@ -338,6 +338,7 @@ def test_config_rejects_unknown_keys_and_bad_sizes():
 
 # --- overfit ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow      # minutes: CI runs it in its slow pass
 def test_kdm_overfits_64_fixed_digit_pairs():
     from sklearn.datasets import load_digits
     x_0 = torch.tensor(load_digits().images[:64] / 8 - 1, dtype=torch.float32)[:, None]

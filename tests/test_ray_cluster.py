@@ -51,6 +51,7 @@ def digests(d: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("shard-*.tar"))}
 
 
+@pytest.mark.slow      # minutes: CI runs it in its slow pass
 def test_generate_survives_losing_a_node(cluster, tmp_path):
     before = nodes(cluster.address)
     second = [n["NodeID"] for n in before if n["Alive"] and "node2" in n["Resources"]]
