@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_worker_niceness", "0")         # as kdm-pipe starts its private clusters
 import ray  # noqa: E402
 import torch  # noqa: E402
 
