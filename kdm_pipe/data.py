@@ -127,14 +127,16 @@ class Batcher:
         self.size, self.skip, self.item, self.pos = size, skip, None, 0
         self.slots, self.worker, self.ring, self.turn = slots, worker, [], 0
 
+    def _empty(self, source: Block) -> dict[str, torch.Tensor]:
+        return {f: torch.empty((self.size, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype)
+                for f, a in source.items()}
+
     def _next_item(self, source: Block) -> dict[str, torch.Tensor]:
         if self.slots is None:
-            return {f: torch.empty((self.size, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype)
-                    for f, a in source.items()}
+            return self._empty(source)
         self.slots.take(self.worker)
         if len(self.ring) < self.slots.count:
-            self.ring.append({f: torch.empty((self.size, *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype)
-                              .share_memory_() for f, a in source.items()})
+            self.ring.append({f: t.share_memory_() for f, t in self._empty(source).items()})
         item, self.turn = self.ring[self.turn], (self.turn + 1) % self.slots.count
         return item
 
