@@ -16,6 +16,7 @@ import typer
 from pydantic import BaseModel
 from typer.exceptions import TyperException
 
+from kdm_pipe import storage
 from kdm_pipe.config import (
     AnalyzeConfig,
     DemoConfig,
@@ -39,6 +40,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 PresetOpt = typer.Option(None, "--preset", "-p", help="preset name in manifests/ or a path to a YAML file")
 DryRun = typer.Option(False, "--dry-run", help="print the resolved config and exit")
+StorageOpt = typer.Option(None, "--storage-option", metavar="KEY=VALUE",
+                          help="for s3:// locations: an s3fs option (repeatable), e.g. endpoint_url=http://minio:9000; "
+                               "credentials come from the AWS variables / profiles")
 
 
 def user_errors(fn):
@@ -99,8 +103,10 @@ def generate(
     gpus_per_worker: Optional[float] = typer.Option(None), device: Optional[str] = typer.Option(None),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """Run the teacher's ODE sampler in Ray workers and write (x_T, x_0) pairs into tar shards."""
+    storage.set_options(storage_option)
     flags: dict[str, Any] = dict(shards=shards, pairs_per_shard=pairs_per_shard, out=out, workers=workers,
                                  address=address, trajectory=trajectory, seed=seed, batch=batch, x0_dtype=x0_dtype,
                                  xT_dtype=xt_dtype, threads_per_worker=threads_per_worker,
@@ -116,8 +122,10 @@ def generate(
 
 @app.command()
 @user_errors
-def verify(directory: Path = typer.Argument(..., help="pair directory written by generate")):
+def verify(directory: Path = typer.Argument(..., help="pair directory written by generate"),
+           storage_option: Optional[list[str]] = StorageOpt):
     """Recompute every shard's checksum and contents against the manifest; non-zero exit naming each bad shard."""
+    storage.set_options(storage_option)
     cfg = build(VerifyConfig, dict(data=directory), where="verify config")
     from stages import verify as stage
     stage.run(cfg)
@@ -142,11 +150,13 @@ def stats(
     run: Optional[Path] = typer.Option(None, "--run", help="a trained run: statistics of its latents over DIR's "
                                        "pairs → RUN/latents.zarr"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """`stats DIR [--detector PATH]`: per-shard sufficient statistics and x_0 feature statistics (Ray) merged into
     DIR/stats.zarr. `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images;
     `stats ref --from DIR --out REF.npz`: the same from DIR's stats.zarr (the whole teacher set).
     `stats DIR --run RUN`: statistics of RUN's latents over DIR's pairs (RUN/latents.zarr)."""
+    storage.set_options(storage_option)
     stats_flags = dict(workers=workers, address=address, cov_max_dim=cov_max_dim, detector=detector, batch=batch)
     if target == "ref":
         if (source is None and from_ is None) or out is None:
@@ -182,9 +192,11 @@ def filter_(
     gpus_per_worker: float = typer.Option(0.0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
     replace: bool = typer.Option(False, "--replace", help="replace a filter recorded with other settings"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """Flag the teacher samples that copy its training data (nearest reference images) and exclude them from train,
     stats and evaluate; the decision is recorded in DIR/manifest.json, the report in DIR/filter.html."""
+    storage.set_options(storage_option)
     cfg = build(FilterConfig, dict(data=directory, ref=ref, metric=metric, detector=detector, rule=rule,
                                    threshold=threshold, k=k, chunk=chunk, workers=workers, address=address,
                                    gpus_per_worker=gpus_per_worker, device=device, replace=replace),
@@ -225,9 +237,11 @@ def train(
                                                  help="with --normalize standard, standardise x_T too"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """Fit the Koopman student on streamed pairs; checkpoints and logs under --out.
     Multi-GPU: torchrun ... -m kdm_pipe.cli train."""
+    storage.set_options(storage_option)
     student_flags = dict(kind=student, operator=operator, spectrum_prior=spectrum_prior, mlp=mlp, distance=distance,
                          w_adv=w_adv, lpips_vgg=lpips_vgg, lpips_lin=lpips_lin)
     flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, ema_rampup=ema_rampup,
@@ -261,8 +275,10 @@ def evaluate(
                                           "(stats.zarr; default: min(set size, 50000))"),
     steps: Optional[int] = typer.Option(None, help="student sampling steps (> 1: trajectory-supervised students)"),
     preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """Metrics of the student's one-step samples against held-out teacher pairs → RUN/eval.json and figures."""
+    storage.set_options(storage_option)
     cfg = resolve(EvaluateConfig, "evaluate", preset,
                   dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device, detector=detector,
                        ref=ref, fid_num=fid_num, batch=batch, set_num=set_num, steps=steps))
@@ -283,8 +299,10 @@ def sample(
     class_label: Optional[int] = typer.Option(None, "--class", help="class for every sample (conditional runs)"),
     batch: int = typer.Option(250, min=1), device: str = typer.Option("auto", help="auto | cpu | cuda"),
     steps: int = typer.Option(1, help="sampling steps (> 1: trajectory-supervised students)"),
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """One-step samples of a trained student, written as EDM writes them."""
+    storage.set_options(storage_option)
     cfg = build(SampleConfig, dict(run=run, out=out, num=num, seed=seed, weights=weights, class_label=class_label,
                                    batch=batch, device=device, steps=steps), where="sample config")
     from stages import sample as stage
@@ -316,8 +334,10 @@ def import_(
                                         "(EDM σ_max … 0, flow matching 1 … 0; default: evenly from sigma_max to 0)"),
     dry_run: bool = DryRun,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """Convert an existing pair set (official KDM .npz folder, GET files, .npy arrays) into verified shards."""
+    storage.set_options(storage_option)
     flags: dict[str, Any] = dict(src=src, out=out, format=format, x_T=x_t, x_0=x_0, labels=labels,
                                  label_dim=label_dim, order=order, sigma_max=sigma_max, tolerance=tolerance,
                                  pairs_per_shard=pairs_per_shard, batch=batch, x0_dtype=x0_dtype, xT_dtype=xt_dtype,
@@ -336,8 +356,10 @@ def analyze(
     num: int = typer.Option(2000, min=2, help="held-out pairs analysed"),
     seed: int = typer.Option(0, help="seed of the clusterings, the noise baseline and the interpolation endpoints"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    storage_option: Optional[list[str]] = StorageOpt,
 ):
     """Koopman spectrum, 2-D noise structure and outliers, latent proximity, interpolations → RUN/analysis/."""
+    storage.set_options(storage_option)
     cfg = build(AnalyzeConfig, dict(run=run, num=num, seed=seed, device=device), where="analyze config")
     from stages import analyze as stage
     stage.run(cfg)

@@ -11,8 +11,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError  # noqa: F401  (re-exported: stages raise it via config)
 from kdm_pipe.teachers import TEACHERS, TeacherConfig
 from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig
@@ -23,16 +34,9 @@ Device = Literal["auto", "cpu", "cuda"]
 Weights = Literal["auto", "ema", "raw"]
 
 
-def _no_url(v: Any) -> Any:
-    # Shards are made whole by an atomic rename, which object stores do not have: outputs and inputs are paths, on a
-    # shared filesystem or a mounted bucket (mountpoint-s3, gcsfuse, a Kubernetes PVC); see stages/README.md.
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(v)):      # typer's Path has already folded s3:// to s3:/
-        raise ValueError(f"{str(v)!r} is a URL; kdm-pipe reads and writes filesystem paths — mount the bucket "
-                         f"(e.g. mountpoint-s3, gcsfuse) or use a shared filesystem, and pass the mounted path")
-    return v
-
-
-LocalPath = Annotated[Path, BeforeValidator(_no_url)]
+# Pair sets and run directories: a local Path, or a UPath for an s3:// URL (kdm_pipe.storage); written out as text.
+Location = Annotated[Any, BeforeValidator(storage.location), PlainSerializer(str, return_type=str),
+                     WithJsonSchema({"type": "string", "description": "a local path or an s3:// URL"})]
 
 
 class Strict(BaseModel):
@@ -57,7 +61,7 @@ class SamplerConfig(Strict):
 class GenerateConfig(Strict):
     teacher: TeacherConfig = Field(default_factory=CheckerboardTeacherConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    out: LocalPath = Path("runs/pairs")
+    out: Location = Path("runs/pairs")
     shards: int = Field(default=8, ge=1)
     pairs_per_shard: int = Field(default=4096, ge=1)
     seed: int = Field(default=0, ge=0,
@@ -175,8 +179,8 @@ def unset_or(value: Any, default: Any) -> Any:
 
 
 class TrainConfig(Strict):
-    data: LocalPath = Path("runs/pairs")
-    out: LocalPath = Path("runs/train")
+    data: Location = Path("runs/pairs")
+    out: Location = Path("runs/train")
     student: StudentConfig = Field(default_factory=StudentConfig)
     steps: int = Field(default=4000, ge=1)
     batch: int = Field(default=256, ge=1)
@@ -211,8 +215,8 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    run: LocalPath = Path("runs/train")
-    data: LocalPath | None = None
+    run: Location = Path("runs/train")
+    data: Location | None = None
     num: int = Field(default=10000, ge=1, description="held-out pairs compared")
     weights: Literal["auto", "ema", "raw"] = Field(
         default="auto", description="auto: the run's recorded choice (RUN/weights.json): whichever of EMA and raw is "
@@ -235,20 +239,20 @@ class EvaluateConfig(Strict):
 class VerifyConfig(Strict):
     """Settings of `kdm-pipe verify DIR`."""
 
-    data: LocalPath = Field(description="pair directory written by generate or import")
+    data: Location = Field(description="pair directory written by generate or import")
 
 
 class StatsConfig(Strict):
     """Settings of `kdm-pipe stats DIR`: per-shard statistics merged into DIR/stats.zarr."""
 
-    data: LocalPath = Field(description="pair directory written by generate or import")
+    data: Location = Field(description="pair directory written by generate or import")
     workers: int = Field(default=2, ge=1)
     address: str | None = None
     cov_max_dim: int = Field(default=1024, ge=0, description="store covariances only up to this flattened dimension")
     detector: Path | None = Field(default=None, description="image sets: TorchScript feature net whose x_0 feature "
                                   "statistics are stored (default: pixel features)")
     batch: int = Field(default=250, ge=1, description="images per detector batch")
-    run: LocalPath | None = Field(default=None, description="a trained run: statistics of its latents over the "
+    run: Location | None = Field(default=None, description="a trained run: statistics of its latents over the "
                                   "pairs, into RUN/latents.zarr (instead of the pairs' own statistics)")
 
 
@@ -258,8 +262,8 @@ class RefStatsConfig(Strict):
 
     source: str | None = Field(default=None, description="images: folder, EDM zip, .npy, sklearn-digits, a pair "
                                "directory or a `sample` output")
-    data: LocalPath | None = Field(default=None, description="--from: pair directory whose stats.zarr is exported")
-    out: LocalPath
+    data: Location | None = Field(default=None, description="--from: pair directory whose stats.zarr is exported")
+    out: Location
     detector: Path | None = Field(default=None, description="TorchScript feature net (default: pixel features)")
     num: int | None = Field(default=None, description="images used (default: all)")
     device: Device = "auto"
@@ -276,7 +280,7 @@ class RefStatsConfig(Strict):
 class FilterConfig(Strict):
     """Settings of `kdm-pipe filter DIR --ref SOURCE`: flag and exclude teacher samples that copy a reference image."""
 
-    data: LocalPath = Field(default=Path("runs/pairs"), description="pair directory written by generate or import")
+    data: Location = Field(default=Path("runs/pairs"), description="pair directory written by generate or import")
     ref: str = Field(description="the teacher's training images: folder, EDM zip, .npy, sklearn-digits")
     metric: Literal["l2", "features"] = Field(default="l2", description="l2: pixels; features: --detector's space")
     detector: Path | None = Field(default=None, description="TorchScript feature net (with --metric features)")
@@ -304,8 +308,8 @@ class FilterConfig(Strict):
 class SampleConfig(Strict):
     """Settings of `kdm-pipe sample RUN --out OUT`."""
 
-    run: LocalPath = Field(description="run directory written by train")
-    out: LocalPath = Field(description="output directory (PNGs per seed, samples.npz, grid.png, samples.json)")
+    run: Location = Field(description="run directory written by train")
+    out: Location = Field(description="output directory (PNGs per seed, samples.npz, grid.png, samples.json)")
     num: int = Field(default=64, ge=1, description="samples, from seeds seed … seed + num − 1")
     seed: int = Field(default=0, ge=0, description="first seed")
     weights: Weights = Field(default="auto", description="auto: the run's recorded choice (RUN/weights.json)")
@@ -318,7 +322,7 @@ class SampleConfig(Strict):
 class AnalyzeConfig(Strict):
     """Settings of `kdm-pipe analyze RUN`."""
 
-    run: LocalPath = Field(description="run directory written by train")
+    run: Location = Field(description="run directory written by train")
     num: int = Field(default=2000, ge=2, description="held-out pairs analysed")
     seed: int = Field(default=0, description="seed of the clusterings, the noise baseline and the interpolation "
                       "endpoints")
@@ -329,7 +333,7 @@ class DemoConfig(Strict):
     """Settings of `kdm-pipe demo`: a preset's whole pipeline into one directory."""
 
     preset: str = Field(default="digits", description="preset run end to end")
-    out: LocalPath = Field(default=Path("runs/demo"), description="directory for pairs/, kdm/, kd/ and report.html")
+    out: Location = Field(default=Path("runs/demo"), description="directory for pairs/, kdm/, kd/ and report.html")
     scale: float = Field(default=1.0, ge=0.01, le=1.0, description="shrink pairs per shard and training steps")
     resume: bool = Field(default=True, description="keep finished shards and runs (re-evaluate only)")
 
@@ -342,7 +346,7 @@ class ImportConfig(Strict):
 
     format: ImportFormat
     src: Path | None = Field(default=None, description="kdm-npz / get: the folder; npy: a (T, N, ...) stack")
-    out: LocalPath = Path("runs/pairs")
+    out: Location = Path("runs/pairs")
     x_T: Path | None = Field(default=None, description="npy: the (N, ...) x_T array (with x_0, instead of src)")
     x_0: Path | None = Field(default=None, description="npy: the (N, ...) x_0 array")
     labels: Path | None = Field(default=None, description="npy: (N,) int classes or (N, label_dim) one-hot")

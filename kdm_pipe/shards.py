@@ -9,7 +9,6 @@ the same settings.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -17,13 +16,13 @@ import os
 import re
 import sys
 import tarfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError, DataError, one_line
 
 MANIFEST = "manifest.json"
@@ -112,25 +111,23 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:                                        # interrupted (SIGTERM, a full disk): leave no temp file
-        tmp.unlink(missing_ok=True)
+atomic_write_text = storage.write_text
+sha256_file = storage.sha256
 
 
 def save_manifest(directory: Path, manifest: Manifest) -> None:
     manifest.shards.sort(key=lambda s: s.index)
-    atomic_write_text(Path(directory) / MANIFEST, manifest.model_dump_json(indent=1))
+    atomic_write_text(storage.location(directory) / MANIFEST, manifest.model_dump_json(indent=1))
 
 
 def load_manifest(directory: Path) -> Manifest:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe generate`?")
-    return Manifest.model_validate_json(path.read_text())
+    path = storage.location(directory) / MANIFEST
+    with storage.remote_errors(path, "reading"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe "
+                                    f"generate`?")
+        text = path.read_text()
+    return Manifest.model_validate_json(text)
 
 
 def checked_manifest(directory: Path) -> Manifest:
@@ -171,8 +168,8 @@ def estimated_shard_bytes(manifest: Manifest, pairs: int, batch: int) -> int:
 
 def write_shard(path: Path, records: Iterable[dict[str, np.ndarray]]) -> tuple[int, str]:
     """Write records atomically; returns (bytes, sha256). Same records → same bytes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    path = storage.location(path)
+    tmp = storage.temp_beside(path)
     try:
         with open(tmp, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -187,18 +184,10 @@ def write_shard(path: Path, records: Iterable[dict[str, np.ndarray]]) -> tuple[i
             f.flush()
             os.fsync(f.fileno())
         size, digest = tmp.stat().st_size, sha256_file(tmp)
-        os.replace(tmp, path)
+        storage.commit_file(tmp, path, size, digest)
     finally:
         tmp.unlink(missing_ok=True)
     return size, digest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def repair_hint(directory: Path) -> str:
@@ -209,7 +198,7 @@ class ShardError(DataError):
     """An unreadable shard: one line naming the file, what is wrong (`.what`) and how to repair it."""
 
     def __init__(self, path: Path, what: str):
-        self.path, self.what = Path(path), one_line(what)
+        self.path, self.what = storage.location(path), one_line(what)
         super().__init__(f"{self.path}: {self.what}; {repair_hint(self.path.parent)}")
 
     def __reduce__(self):                               # crosses Ray's process boundary intact
@@ -304,10 +293,10 @@ def read_shard(path: Path) -> Iterator[dict[str, np.ndarray]]:
     declares, a record without x_T / x_0 / seed) raises DataError naming the file and the repair; memory stays
     bounded by the file's size whatever its headers declare.
     """
-    path = Path(path)
+    path = storage.location(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with storage.open_read(path) as f:
+            size = storage.size_of(f)
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 yield from _records(tar, f, size)
     except FileNotFoundError:
@@ -324,7 +313,7 @@ def read_pairs(directory: Path, names: list[str], num: int,
     are none. `read` reads one shard (a filtered pair set's `Exclusions.read`)."""
     recs, n = [], 0
     for name in names:
-        for rec in read(Path(directory) / name):
+        for rec in read(storage.location(directory) / name):
             recs.append(rec)
             n += len(rec["x_0"])
             if n >= num:
@@ -356,12 +345,6 @@ def check_shard(path: Path, info: ShardInfo, full: bool = True) -> str | None:
     return None
 
 
-def _stamp(info: ShardInfo, st: os.stat_result) -> list:
-    # ctime changes on every write and cannot be set by users: a same-size rewrite with its mtime restored still
-    # misses the cache. The inode catches a replaced file; the manifest's sha256 a changed entry.
-    return [info.sha256, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 def _load_verified(directory: Path) -> dict[str, list]:
     try:
         data = json.loads((directory / VERIFIED).read_text())
@@ -373,7 +356,7 @@ def _load_verified(directory: Path) -> dict[str, list]:
 def _save_verified(directory: Path, entries: dict[str, list]) -> None:
     try:
         atomic_write_text(directory / VERIFIED, json.dumps({"format": "kdm-pipe/verified-v1", "shards": entries}))
-    except OSError:
+    except (OSError, DataError):
         pass                                        # a read-only pair set: verify every run, write nothing
 
 
@@ -381,10 +364,11 @@ def check_shards(directory: Path, manifest: Manifest, names: Iterable[str] | Non
     """{name: problem} for the named complete shards (default: every shard of the manifest) whose size or sha256
     differs from the manifest; empty when all match.
 
-    Shards whose sha256 matched before and whose (size, mtime, ctime, inode) and manifest sha256 are unchanged since
-    are not re-hashed: DIR/.kdm-verified.json remembers them (skipped when DIR is read-only).
+    Shards whose sha256 matched before and whose storage.stamp (local: size, mtime, ctime, inode; remote: size, ETag,
+    last modified) and manifest sha256 are unchanged since are not re-hashed: DIR/.kdm-verified.json remembers them
+    (skipped when DIR is read-only).
     """
-    directory = Path(directory)
+    directory = storage.location(directory)
     listed = {s.name: s for s in manifest.shards}
     cache = _load_verified(directory)
     keep = {k: v for k, v in cache.items() if k in listed}
@@ -406,13 +390,12 @@ def check_shards(directory: Path, manifest: Manifest, names: Iterable[str] | Non
 
 
 def _check_one(path: Path, info: ShardInfo, cached: list | None) -> tuple[str | None, list | None]:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    stamp = storage.stamp(path)
+    if stamp is None:
         return "missing", None
-    if st.st_size != info.bytes:
-        return f"size {st.st_size} bytes, manifest says {info.bytes}", None
-    stamp = _stamp(info, st)
+    if stamp[0] != info.bytes:
+        return f"size {stamp[0]} bytes, manifest says {info.bytes}", None
+    stamp = [info.sha256, *stamp]                   # the manifest's sha256 too: a changed entry misses the cache
     if cached == stamp:
         return None, stamp
     digest = sha256_file(path)
@@ -426,7 +409,7 @@ def bad_shards_error(directory: Path, problems: dict[str, str]) -> DataError:
     listed = "; ".join(f"{name}: {p}" for name, p in list(problems.items())[:5])
     more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
     return DataError(f"{directory}: {len(problems)} shard(s) do not match the manifest ({listed}{more}); "
-                     f"{repair_hint(Path(directory))}")
+                     f"{repair_hint(directory)}")
 
 
 def missing_ranges(manifest: Manifest) -> Iterator[tuple[int, int]]:
@@ -446,7 +429,7 @@ def verify(directory: Path) -> dict[str, str]:
     Shards not generated yet are reported as runs ("shard-000004.tar … shard-000009.tar": "6 shards …"), so a plan
     of 10^12 shards costs no memory.
     """
-    directory = Path(directory)
+    directory = storage.location(directory)
     manifest = load_manifest(directory)
     problems = {}
     for info in manifest.shards:
@@ -465,6 +448,8 @@ def verify(directory: Path) -> dict[str, str]:
 
 def remove_temp_files(out: Path) -> None:
     """Half-written shards of attempts that died with their worker, driver or node (call when none is running)."""
+    if storage.is_remote(out):
+        return                                      # remote shards are written in the local temp directory
     for tmp in Path(out).glob(".shard-*.tar.tmp-*"):
         tmp.unlink(missing_ok=True)
 
@@ -494,7 +479,7 @@ SHARD_FILE = re.compile(r"shard-(\d{6,})\.tar")
 def reconcile(out: Path, manifest: Manifest) -> Pending:
     """Shards still to write: drop manifest entries whose file is missing or corrupt, remove orphans (files of a run
     killed after its rename but before its manifest update) and temp files. Mutates `manifest.shards`."""
-    out = Path(out)
+    out = storage.location(out)
     remove_temp_files(out)
     good = []
     for info in manifest.shards:
@@ -508,5 +493,5 @@ def reconcile(out: Path, manifest: Manifest) -> Pending:
     for path in out.glob("shard-*.tar"):            # the files there, not every planned index
         m = SHARD_FILE.fullmatch(path.name)
         if m and path.name == shard_name(int(m[1])) and int(m[1]) < manifest.num_shards and int(m[1]) not in done:
-            path.unlink(missing_ok=True)
+            storage.remove(path)
     return Pending(manifest.num_shards, done)

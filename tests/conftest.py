@@ -48,3 +48,55 @@ def digit_pairs(tmp_path_factory):
 def vector_pairs(tmp_path_factory):
     """5 shards × 1000 checkerboard pairs."""
     return make_pairs(tmp_path_factory.mktemp("board"), shards=5, pairs_per_shard=1000, batch=500)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's standalone server) on a free loopback port for the whole session. The standard
+    AWS variables point every process started afterwards at it: CLI subprocesses and Ray workers (module-scoped Ray
+    clusters start after this session-scoped fixture)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto's S3 server did not start on {url}")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A fresh, empty bucket on the S3 server: its s3:// URL."""
+    import uuid
+
+    import s3fs
+    name = f"kdm-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"

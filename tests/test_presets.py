@@ -105,8 +105,18 @@ def test_lpips_without_weights_says_how_to_get_them(tmp_path):
         build_student(sections("digits")[1].student.model_copy(update={"distance": "lpips"}), (1, 8, 8), 0, 80.0)
 
 
-@pytest.mark.parametrize("cmd", [["generate", "--out", "s3://bucket/pairs"], ["train", "--data", "gs://b/pairs"],
-                                 ["import", "x.npy", "--format", "npy", "--out", "s3://b/p"]])
-def test_object_store_urls_are_refused_with_a_way_out(cmd):
+@pytest.mark.parametrize("cmd, says", [
+    (["generate", "--out", "gs://bucket/pairs"], "gs:// is not supported"),
+    (["train", "--data", "hdfs://b/pairs"], "hdfs:// is not supported"),
+    (["train", "--data", "s3://Bad_Bucket/pairs"], "not an s3:// URL of a bucket"),
+    (["import", "x.npy", "--format", "npy", "--out", "s3://"], "not an s3:// URL of a bucket"),
+    (["train", "--data", "s3://b/p", "--storage-option", "novalue"], "expected KEY=VALUE")])
+def test_unsupported_urls_are_refused_naming_what_is_supported(cmd, says):
     r = subprocess.run(CLI + cmd + ["--dry-run"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "is a URL" in r.stderr and "mount" in r.stderr
+    assert r.returncode == 2 and says in r.stderr and r.stderr.count("error:") == 1, r.stderr
+
+
+def test_s3_urls_resolve_into_the_config_as_urls():
+    r = subprocess.run(CLI + ["generate", "--out", "s3://bucket/pairs/run1", "--dry-run"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and '"out": "s3://bucket/pairs/run1"' in r.stdout, r.stderr
