@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,7 +72,7 @@ def make_shard(cfg: GenerateConfig, index: int) -> tuple[ShardInfo, dict[str, An
             sample_s += time.perf_counter() - t
             yield {k: v.cpu().numpy().astype(dtypes[k]) for k, v in pairs.items()}
 
-    path = Path(cfg.out) / shard_name(index)
+    path = cfg.out / shard_name(index)              # a local path, or an object this worker uploads itself
     size, digest = write_shard(path, records())
     seconds = time.perf_counter() - t0
     info = ShardInfo(index=index, name=path.name, pairs=len(seeds), seed_start=seeds.start, seed_end=seeds.stop,

@@ -21,6 +21,12 @@ Two policies, on purpose:
 
 In both, the manifest lists a shard only after its file is complete (renamed into place), so a reader never meets
 a listed half shard, and a lock refused to a second run removes nothing (its holder may use what is there).
+
+DIR may be an s3:// URL (kdm_pipe.storage): its bucket is checked before anything else (a missing bucket or refused
+credentials are invalid input: exit 2, nothing written); there are no directories to create or remove, the lock is
+a lease (kdm_pipe.locks), a shard becomes visible by one upload checked for size and sha256, and since objects
+cannot be appended to, the log is rewritten whole — at most every LOG_FLUSH_SECONDS and when the run ends, as the
+manifest, not the log, is what a rerun trusts.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.interrupts import Terminated, stop_on_signals
-from kdm_pipe.locks import directory_lock
+from kdm_pipe.locks import Lock, directory_lock
 from kdm_pipe.shards import (
     MANIFEST,
     Manifest,
@@ -57,8 +66,14 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
+LOG_FLUSH_SECONDS = 10.0        # remote logs: rewritten at most this often (each rewrite uploads the whole log)
+
+
 def free_bytes(path: Path) -> int:
-    """Free disk space where `path` is (or will be created)."""
+    """Free disk space where `path` is (or will be created); for a remote `path`, where its files are finished
+    before their upload (the local temp directory)."""
+    if storage.is_remote(path):
+        return shutil.disk_usage(existing_parent(Path(tempfile.gettempdir()))).free
     return shutil.disk_usage(existing_parent(path)).free
 
 
@@ -67,12 +82,16 @@ class PairSetWriter:
     holder in a second run's refusal. Use: `with w.stopping(): ... with w.writing(): ...`."""
 
     def __init__(self, out: Path, stage: str, command: str, all_or_nothing: bool):
-        self.out, self.stage, self.command, self.all_or_nothing = Path(out), stage, command, all_or_nothing
+        self.out, self.stage, self.command, self.all_or_nothing = storage.location(out), stage, command, all_or_nothing
         self.config, self.log_name = f"{stage}.config.json", f"{stage}.jsonl"
         self.manifest: Manifest | None = None
         self.created: Path | None = None      # the topmost directory this run created
         self.written: list[int] = []          # shard indices this run started to write
         self.found: dict[str, bytes] = {}     # all or nothing: manifest and logs as found, restored on failure
+        self.lock: Lock | None = None
+        self.remote = storage.is_remote(self.out)
+        self.log_text: str | None = None      # remote: the whole log, rewritten on flush
+        self.log_flushed = 0.0
 
     # ---- the run's frame -------------------------------------------------------------------------------------
 
@@ -91,7 +110,11 @@ class PairSetWriter:
             raise
 
     def refuse_file(self) -> None:
-        if self.out.exists() and not self.out.is_dir():
+        """Refuse an --out that is a file, or whose bucket is missing or not ours to use (before anything else)."""
+        storage.check_bucket(self.out, "--out")
+        with storage.remote_errors(self.out, "--out", ConfigError):
+            is_file = self.out.is_file() if self.remote else self.out.exists() and not self.out.is_dir()
+        if is_file:
             raise ConfigError(f"--out {self.out} is a file, not a directory; choose a directory for the pairs")
 
     @contextmanager
@@ -102,14 +125,15 @@ class PairSetWriter:
         self.created = self._make_out()
         with ExitStack() as stack:
             try:
-                stack.enter_context(directory_lock(self.out, self.command))   # refused: nothing removed
+                self.lock = stack.enter_context(directory_lock(self.out, self.command))  # refused: nothing removed
             except OSError as e:       # a directory we cannot write in: invalid input (exit 2), nothing written
                 self._remove_created()
                 raise ConfigError(f"--out {self.out}: cannot write there ({e.strerror or e}); choose a writable "
                                   f"directory") from None
             if self.all_or_nothing:
-                self.found = {name: (self.out / name).read_bytes() for name in self.kept_files()
-                              if (self.out / name).exists()}
+                with storage.remote_errors(self.out, "reading", ConfigError):
+                    self.found = {name: (self.out / name).read_bytes() for name in self.kept_files()
+                                  if (self.out / name).exists()}
             try:
                 yield self
             except BaseException:
@@ -117,11 +141,16 @@ class PairSetWriter:
                     self._roll_back()
                 raise
             finally:
-                remove_temp_files(self.out)          # no writer is left (Ray is shut down before the body ends)
+                try:
+                    self.flush_log()
+                finally:
+                    remove_temp_files(self.out)      # no writer is left (Ray is shut down before the body ends)
 
     def _make_out(self) -> Path | None:
         """Create DIR and missing parents; the topmost directory this process created (a concurrent run that
-        created it first owns it), or None."""
+        created it first owns it), or None. An object store has no directories: nothing to create."""
+        if self.remote:
+            return None
         top = None
         try:
             for d in [*reversed(self.out.absolute().parents), self.out.absolute()]:
@@ -149,14 +178,15 @@ class PairSetWriter:
         """Remove this run's shards and temp files; the manifest and logs become what they were (so shards that
         reconcile found missing or corrupt are listed again, as they were, for the next rerun to repair); DIR
         itself goes if this run created it. Called holding the lock: no other run is inside."""
+        self.log_text = None                        # the restored log replaces what this run would flush
         for k in self.written:
-            (self.out / shard_name(k)).unlink(missing_ok=True)
+            storage.remove(self.out / shard_name(k))
         remove_temp_files(self.out)
         for name in self.kept_files():
             if name in self.found:
                 atomic_write_bytes(self.out / name, self.found[name])
             else:
-                (self.out / name).unlink(missing_ok=True)
+                storage.remove(self.out / name)
         self._remove_created()
 
     # ---- the manifest -----------------------------------------------------------------------------------------
@@ -168,8 +198,11 @@ class PairSetWriter:
         run's own, to reconcile); a manifest that does not parse with the message `unreadable(path, error)`."""
         self.refuse_file()
         path = self.out / MANIFEST
-        if not path.exists():
-            if strays is not None and any(self.out.glob("shard-*.tar")):
+        with storage.remote_errors(self.out, "reading", ConfigError):
+            exists = path.exists()
+            has_shards = not exists and strays is not None and any(self.out.glob("shard-*.tar"))
+        if not exists:
+            if has_shards:
                 raise ConfigError(strays)
             self.manifest = fresh()
             return self.manifest
@@ -194,14 +227,32 @@ class PairSetWriter:
 
     def commit(self, info: ShardInfo, log: dict[str, Any] | None = None) -> None:
         """A complete shard (its file renamed into place) enters the manifest, then the log."""
+        if self.lock is not None:
+            self.lock.check(self.out)
         self.manifest.shards.append(info)
         self.save()
         if log is not None:
             self.log(log)
 
     def log(self, entry: dict[str, Any]) -> None:
-        with open(self.out / self.log_name, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        line = json.dumps(entry) + "\n"
+        if not self.remote:
+            with open(self.out / self.log_name, "a") as f:
+                f.write(line)
+            return
+        if self.log_text is None:
+            path = self.out / self.log_name
+            with storage.remote_errors(path, "reading"):
+                self.log_text = path.read_text() if path.exists() else ""
+        self.log_text += line
+        if time.monotonic() - self.log_flushed >= LOG_FLUSH_SECONDS:
+            self.flush_log()
+
+    def flush_log(self) -> None:
+        """Remote: write the log object whole (an object cannot be appended to)."""
+        if self.log_text is not None:
+            atomic_write_text(self.out / self.log_name, self.log_text)
+            self.log_flushed = time.monotonic()
 
     def record_config(self, text: str) -> None:
         atomic_write_text(self.out / self.config, text)
@@ -209,6 +260,10 @@ class PairSetWriter:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     if path.exists() and path.read_bytes() == data:
+        return
+    if storage.is_remote(path):
+        with storage.remote_errors(path, "restoring"):
+            path.write_bytes(data)                  # one PUT: all or nothing
         return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

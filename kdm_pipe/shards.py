@@ -448,9 +448,10 @@ def verify(directory: Path) -> dict[str, str]:
 
 def remove_temp_files(out: Path) -> None:
     """Half-written shards of attempts that died with their worker, driver or node (call when none is running)."""
-    if storage.is_remote(out):
-        return                                      # remote shards are written in the local temp directory
-    for tmp in Path(out).glob(".shard-*.tar.tmp-*"):
+    if storage.is_remote(out):                      # this host's half-written files, and parts of dead uploads
+        with storage.remote_errors(out, "cleaning up"):
+            storage.abort_uploads(out, "shard-")
+    for tmp in (storage.upload_dir(out) if storage.is_remote(out) else Path(out)).glob(".shard-*.tar.tmp-*"):
         tmp.unlink(missing_ok=True)
 
 

@@ -161,14 +161,32 @@ def stamp(loc: Any) -> list | None:
 
 # ---- committing ------------------------------------------------------------------------------------------------
 
+def upload_dir(parent: Any) -> Path:
+    """The local directory where files bound for the remote directory `parent` are finished before their upload:
+    one per destination, so a run holding `parent`'s lock may clear what killed attempts left there."""
+    import tempfile
+    return Path(tempfile.gettempdir()) / "kdm-pipe-uploads" / hashlib.sha256(str(parent).encode()).hexdigest()[:16]
+
+
 def temp_beside(dest: Any) -> Path:
-    """A local temporary file for what will become `dest`: beside it locally (so the rename is atomic), in the
-    system's temp directory for a remote `dest` (uploaded from there)."""
+    """A local temporary file for what will become `dest`: beside it locally (so the rename is atomic), in
+    upload_dir(dest.parent) for a remote `dest` (uploaded from there)."""
     name = f".{dest.name}.tmp-{uuid.uuid4().hex}"
     if is_remote(dest):
-        import tempfile
-        return Path(tempfile.gettempdir()) / name
+        tmp = upload_dir(dest.parent) / name
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        return tmp
     return Path(dest).with_name(name)
+
+
+def abort_uploads(directory: Any, prefix: str) -> None:
+    """Abort unfinished multipart uploads (s3fs uploads large files in parts) of objects `directory/prefix*`
+    started by a process that died: never visible as objects, but stored (and billed) until aborted."""
+    key = f"{directory.path.partition('/')[2].rstrip('/')}/{prefix}".lstrip("/")
+    listed = directory.fs.call_s3("list_multipart_uploads", Bucket=bucket(directory), Prefix=key)
+    for up in listed.get("Uploads", []):
+        directory.fs.call_s3("abort_multipart_upload", Bucket=bucket(directory), Key=up["Key"],
+                             UploadId=up["UploadId"])
 
 
 def commit_file(tmp: Path, dest: Any, size: int | None = None, digest: str | None = None) -> None:

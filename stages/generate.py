@@ -1,9 +1,10 @@
 """generate: teacher pairs into tar shards, scheduled by Ray. Rerunning the same command completes or repairs.
 
 Resumable: every shard committed stays. The directory, its lock, manifest, commits, cleanup and signals are
-kdm_pipe.pairset's (shared with import); sizes are checked against the free disk before anything is written;
-SIGTERM / SIGINT stop the run with 143 / 130 after Ray is shut down and the temp files of unfinished shards are
-removed.
+kdm_pipe.pairset's (shared with import); sizes are checked against the free disk before anything is written (for
+an s3:// --out, the local temp directory must hold the shards in progress here: each is finished there, then
+uploaded by the Ray worker that made it); SIGTERM / SIGINT stop the run with 143 / 130 after Ray is shut down and
+the temp files of unfinished shards are removed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.generation import make_shard
 from kdm_pipe.pairset import PairSetWriter, free_bytes
@@ -57,7 +59,7 @@ def same_settings_wrote(out: Path, cfg: GenerateConfig) -> bool:
 
 def open_manifest(w: PairSetWriter, cfg: GenerateConfig) -> Manifest:
     """The directory's manifest if its settings match `cfg` (more shards allowed), else a refusal."""
-    out = Path(cfg.out)
+    out = cfg.out
 
     def accept(old: Manifest) -> Manifest:
         was = old.source.get("identity")
@@ -99,8 +101,17 @@ def check_limits(cfg: GenerateConfig, manifest: Manifest) -> None:
         raise ConfigError(f"a batch of {cfg.batch} pairs would hold ~{gib(record)} in memory (limit "
                           f"{gib(MAX_RECORD_BYTES)}); lower --batch to {max(1, MAX_RECORD_BYTES // (4 * per_pair))}")
     todo = manifest.num_shards - len(manifest.shards)
+    free = free_bytes(cfg.out)
+    if storage.is_remote(cfg.out):
+        # Each shard in progress on this machine is a local file until it is uploaded; the bucket has no limit.
+        busy = min(todo, cfg.workers if cfg.address is None else 1)
+        if busy * shard > free:
+            raise ConfigError(f"{busy} shard(s) in progress need ~{gib(busy * shard)} in the local temp directory "
+                              f"{storage.upload_dir(cfg.out).parent.parent} (each is finished there before its "
+                              f"upload) but it has {gib(free)} free; point TMPDIR at a larger disk or lower "
+                              f"--pairs-per-shard")
+        return
     need = todo * shard
-    free = free_bytes(Path(cfg.out))
     if need > free:
         raise ConfigError(f"{todo} shards × {cfg.pairs_per_shard} pairs need ~{gib(need)} ({need:,} bytes) but "
                           f"{cfg.out} has {gib(free)} ({free:,} bytes) free; lower --shards / --pairs-per-shard "
@@ -113,7 +124,7 @@ def adopt_logged(out: Path, cfg: GenerateConfig, manifest: Manifest) -> None:
     if manifest.shards or not (out / LOG).is_file():
         return
     mine, found = identity_hash(cfg), {}
-    with open(out / LOG) as f:
+    with (out / LOG).open() as f:
         for line in f:
             try:
                 entry = json.loads(line)
@@ -128,7 +139,7 @@ def adopt_logged(out: Path, cfg: GenerateConfig, manifest: Manifest) -> None:
     manifest.shards = kept
 
 
-def storage(manifest: Manifest) -> str:
+def bytes_per_pair(manifest: Manifest) -> str:
     """Bytes per pair as stored, and without the trajectory states when they are kept."""
     per_pair = pair_bytes(manifest)
     if not manifest.trajectory_steps:
@@ -139,7 +150,7 @@ def storage(manifest: Manifest) -> str:
 
 
 def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
-    out = Path(cfg.out)
+    out = cfg.out
     w = PairSetWriter(out, "generate", f"generate --out {out}", all_or_nothing=False)
     with w.stopping():
         w.refuse_file()
@@ -152,7 +163,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
 
 
 def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
-    out, manifest = Path(cfg.out), w.manifest
+    out, manifest = cfg.out, w.manifest
     adopt_logged(out, cfg, manifest)
     todo = w.reconcile()
     w.save()
@@ -173,5 +184,5 @@ def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
     seconds = time.perf_counter() - t0
     pairs = len(todo) * cfg.pairs_per_shard
     print(f"{out}: wrote {len(todo)} shards, {pairs} pairs in {seconds:.1f}s ({pairs / seconds:,.0f} pairs/s); "
-          f"{manifest.num_pairs} pairs in all; {storage(manifest)}")
+          f"{manifest.num_pairs} pairs in all; {bytes_per_pair(manifest)}")
     return manifest

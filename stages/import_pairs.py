@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.importers import Source, open_source, orient, pairs, state_times
 from kdm_pipe.npyfiles import human
@@ -47,7 +48,7 @@ def new_manifest(cfg: ImportConfig, src: Source, swap: bool, check: dict[str, fl
 
 def open_manifest(w: PairSetWriter, cfg: ImportConfig, fresh: Manifest) -> Manifest:
     """The directory's manifest when it is this very import, `fresh` for a new directory, else a refusal."""
-    out = Path(cfg.out)
+    out = cfg.out
 
     def accept(old: Manifest) -> Manifest:
         keys = ("stage", "identity", "source_sha256", "num_pairs")
@@ -97,10 +98,18 @@ def estimate_bytes(cfg: ImportConfig, src: Source, pairs: int) -> int:
 
 
 def check_free_space(cfg: ImportConfig, src: Source, out: Path) -> None:
-    """Refuse before writing when the shards cannot fit: all pairs, less the shards already in --out (a rerun)."""
+    """Refuse before writing when the shards cannot fit: all pairs, less the shards already in --out (a rerun).
+    An s3:// --out: one shard at a time is finished in the local temp directory, then uploaded."""
+    free = free_bytes(out)
+    if storage.is_remote(out):
+        need = estimate_bytes(cfg, src, min(src.n, cfg.pairs_per_shard))
+        if need > free:
+            raise ConfigError(f"import finishes each shard (about {human(need)}) in the local temp directory "
+                              f"before its upload, but only {human(free)} are free there; point TMPDIR at a "
+                              f"larger disk or lower --pairs-per-shard")
+        return
     existing = sum(p.stat().st_size for p in out.glob("shard-*.tar")) if out.is_dir() else 0
     need = estimate_bytes(cfg, src, src.n) - existing
-    free = free_bytes(out)
     if need > free:
         raise ConfigError(f"import needs about {human(need)} for {src.n:,} pairs in {out} but only {human(free)} are "
                           f"free there; free some space, choose another --out, or store float16 "
@@ -111,13 +120,13 @@ def run(cfg: ImportConfig, progress: bool = True) -> Manifest:
     """All or nothing: on any failure (bad values late in the source, an exception, SIGTERM, Ctrl-C) every file
     this run created is removed again (and --out itself if it created it), and a directory holding an import
     already is left as it was (its good shards kept); one run per directory at a time."""
-    out = Path(cfg.out)
+    out = cfg.out
     w = PairSetWriter(out, "import", "import", all_or_nothing=True)
     with w.stopping():
         src = open_source(cfg)
         swap, check = orient(src, cfg.order, cfg.sigma, cfg.tolerance)
         times = state_times(cfg, src, swap)
-        with w.writing():
+        with w.writing():                           # an s3:// --out: its bucket checked first
             check_free_space(cfg, src, out)         # before hashing the source (npy: every byte)
             open_manifest(w, cfg, new_manifest(cfg, src, swap, check, times))
             return write(cfg, src, swap, check, w, progress)

@@ -1,6 +1,6 @@
 """verify: every shard of a pair directory against its manifest (size, sha256, contents); writes nothing.
 
-Exit 0 when all match; each bad shard is named on stderr (`BAD DIR/shard-…: what`), then one error line (exit 1);
+DIR may be an s3:// URL: objects are streamed and hashed, nothing is downloaded whole. Exit 0 when all match; each bad shard is named on stderr (`BAD DIR/shard-…: what`), then one error line (exit 1);
 rerunning the command that wrote DIR (generate or import) repairs them.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, VerifyConfig
 from kdm_pipe.errors import DataError
 from kdm_pipe.shards import verify
@@ -15,6 +16,7 @@ from kdm_pipe.shards import verify
 
 def run(cfg: VerifyConfig) -> None:
     directory = cfg.data
+    storage.check_bucket(directory, "verify")       # a missing bucket or refused credentials: exit 2
     try:
         problems = verify(directory)
     except FileNotFoundError as e:
