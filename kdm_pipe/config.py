@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -35,8 +32,7 @@ Weights = Literal["auto", "ema", "raw"]
 
 
 # Pair sets and run directories: a local Path, or a UPath for an s3:// URL (kdm_pipe.storage); written out as text.
-Location = Annotated[Any, BeforeValidator(storage.location), PlainSerializer(str, return_type=str),
-                     WithJsonSchema({"type": "string", "description": "a local path or an s3:// URL"})]
+Location = storage.Location
 
 
 class Strict(BaseModel):

@@ -24,7 +24,9 @@ import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Annotated, Any, BinaryIO, Iterator
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 from kdm_pipe.errors import ConfigError, DataError, one_line
 
@@ -77,6 +79,11 @@ def location(value: Any) -> Any:
         raise ValueError(f"{value!r}: s3:// needs s3fs and universal-pathlib: pip install "
                          f"'kdm-pipe[s3]'") from None
     return UPath(f"s3://{rest}", **{**_DEFAULTS, **_options})
+
+
+# A config field holding a location: a local Path, or a UPath for an s3:// URL; written out as text.
+Location = Annotated[Any, BeforeValidator(location), PlainSerializer(str, return_type=str),
+                     WithJsonSchema({"type": "string", "description": "a local path or an s3:// URL"})]
 
 
 def bucket(loc: Any) -> str:

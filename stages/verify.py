@@ -1,7 +1,8 @@
 """verify: every shard of a pair directory against its manifest (size, sha256, contents); writes nothing.
 
-DIR may be an s3:// URL: objects are streamed and hashed, nothing is downloaded whole. Exit 0 when all match; each bad shard is named on stderr (`BAD DIR/shard-…: what`), then one error line (exit 1);
-rerunning the command that wrote DIR (generate or import) repairs them.
+Exit 0 when all match; each bad shard is named on stderr (`BAD DIR/shard-…: what`), then one error line (exit 1);
+rerunning the command that wrote DIR (generate or import) repairs them. DIR may be an s3:// URL: each object is
+streamed and hashed, never downloaded whole.
 """
 
 from __future__ import annotations

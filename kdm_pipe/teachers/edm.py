@@ -1,5 +1,9 @@
 """EDM networks as teachers: an official `.pkl` or the project's `.pt` + `.json`, and the shipped digits teacher.
 
+A checkpoint may be an s3:// URL: every process that builds the teacher (the driver, each Ray worker, on any node)
+downloads it once into its host's cache (CACHE_DIR, keyed by the object's URL, ETag and size, so a replaced object
+is fetched again) and loads the local copy with the same exec-free loaders.
+
 The denoiser is called as EDM's `edm_sampler` calls it: `net(x, σ, class_labels).to(float64)` on the float64 solver
 state (the preconditioning wrapper casts to float32 itself). Sampler defaults follow `edm_sampler`: σ range
 [0.002, 80] clipped to the network's own [σ_min, σ_max]; 18 steps up to 32 px, 40 steps above (EDM's 64 px setting).
@@ -7,12 +11,17 @@ state (the preconditioning wrapper casts to float32 itself). Sampler defaults fo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.teachers.base import Teacher
@@ -20,6 +29,7 @@ from kdm_pipe.teachers.edm_checkpoint import CheckpointError, EDMCheckpoint, loa
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_CHECKPOINT = ASSETS / "digits-teacher.pt"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdm-pipe" / "checkpoints"
 
 
 class EDMTeacherConfig(BaseModel):
@@ -27,7 +37,7 @@ class EDMTeacherConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["edm"] = "edm"
-    checkpoint: Path
+    checkpoint: storage.Location
     key: str = "ema"
     allow_tf32: bool = False
     use_fp16: bool = False
@@ -60,24 +70,53 @@ class EDMTeacher(Teacher):
         return self.net(x.to(self.device), sigma.to(self.device), labels).to(x.device, torch.float64)
 
 
-def _load(path: Path, key: str, device: torch.device) -> EDMCheckpoint:
-    if not path.is_file():
+def _load(path: Any, key: str, device: torch.device) -> EDMCheckpoint:
+    with storage.remote_errors(path, "EDM checkpoint", ConfigError):
+        present = path.is_file(), path.suffix != ".pt" or path.with_suffix(".json").is_file()
+    if not present[0]:
         raise ConfigError(f"EDM checkpoint {path} does not exist; pass --checkpoint with an official EDM .pkl or a "
                             f"kdm-pipe .pt (with its .json beside it), e.g. one written by `kdm-pipe teacher train`")
     if path.suffix not in (".pkl", ".pt"):
         raise ConfigError(f"EDM checkpoint {path}: unknown format {path.suffix!r}; use an official .pkl or a .pt")
-    if path.suffix == ".pt" and not path.with_suffix(".json").is_file():
+    if not present[1]:
         raise ConfigError(f"EDM checkpoint {path} has no spec {path.with_suffix('.json').name} beside it; "
                             f"put the .json written with the .pt next to it")
+    local = local_copy(path)
     try:
         if path.suffix == ".pkl":
-            return load_edm_pickle(path, key, device)
-        return load_state_dict_checkpoint(path, device=device)
+            return load_edm_pickle(local, key, device)
+        return load_state_dict_checkpoint(local, device=device)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load EDM checkpoint {path}: {e}") from None
 
 
-def _teacher(name: str, path: Path, key: str, allow_tf32: bool, use_fp16: bool) -> EDMTeacher:
+def local_copy(loc: Any) -> Path:
+    """`loc` itself when local; a remote checkpoint (and a .pt's .json) downloaded into CACHE_DIR unless there."""
+    if not storage.is_remote(loc):
+        return Path(loc)
+    objects = [loc, loc.with_suffix(".json")] if loc.suffix == ".pt" else [loc]
+    with storage.remote_errors(loc, "EDM checkpoint", ConfigError):
+        infos = [o.fs.info(o.path) for o in objects]
+        key = json.dumps([[str(o), i.get("ETag"), i["size"]] for o, i in zip(objects, infos)])
+        folder = CACHE_DIR / hashlib.sha256(key.encode()).hexdigest()[:24]
+        folder.mkdir(parents=True, exist_ok=True)
+        for o, info in zip(objects, infos):
+            dest = folder / o.name
+            if dest.is_file() and dest.stat().st_size == info["size"]:
+                continue
+            tmp = folder / f".{o.name}.tmp-{uuid.uuid4().hex}"     # processes on one host may fetch at once
+            try:
+                o.fs.get_file(o.path, str(tmp))
+                if tmp.stat().st_size != info["size"]:
+                    raise ConfigError(f"EDM checkpoint {o}: {tmp.stat().st_size} bytes arrived, the object has "
+                                      f"{info['size']}; rerun")
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+    return folder / loc.name
+
+
+def _teacher(name: str, path: Any, key: str, allow_tf32: bool, use_fp16: bool) -> EDMTeacher:
     device = pick_device()
     if device.type == "cuda":
         # TF32 changes the teacher's outputs: off unless asked for, and recorded in the fingerprint.
