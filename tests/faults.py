@@ -71,3 +71,21 @@ def bless(directory: Path) -> None:
     for s in m.shards:
         s.bytes, s.sha256 = (directory / s.name).stat().st_size, sha256_file(directory / s.name)
     save_manifest(directory, m)
+
+
+def bucket_tree(url: str) -> dict[str, str]:
+    """{key under url: sha256} of every object under an s3:// url (hidden ones included): the bucket's `tree`."""
+    from kdm_pipe import storage
+    loc = storage.location(url)
+    prefix = loc.path.rstrip("/") + "/"
+    return {key[len(prefix):]: hashlib.sha256(loc.fs.cat_file(key)).hexdigest()
+            for key in loc.fs.find(loc.path, refresh=True)}
+
+
+def flip_object_byte(url: str, offset: int) -> None:
+    """Change one byte of an object (the same size: only its sha256 or ETag tell)."""
+    from kdm_pipe import storage
+    loc = storage.location(url)
+    data = bytearray(loc.fs.cat_file(loc.path))
+    data[offset] ^= 0xFF
+    loc.fs.pipe_file(loc.path, bytes(data))

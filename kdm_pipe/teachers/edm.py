@@ -1,7 +1,7 @@
 """EDM networks as teachers: an official `.pkl` or the project's `.pt` + `.json`, and the shipped digits teacher.
 
 A checkpoint may be an s3:// URL: every process that builds the teacher (the driver, each Ray worker, on any node)
-downloads it once into its host's cache (CACHE_DIR, keyed by the object's URL, ETag and size, so a replaced object
+downloads it once into its host's cache (cache_dir(), keyed by the object's URL, ETag and size, so a replaced object
 is fetched again) and loads the local copy with the same exec-free loaders.
 
 The denoiser is called as EDM's `edm_sampler` calls it: `net(x, σ, class_labels).to(float64)` on the float64 solver
@@ -29,7 +29,6 @@ from kdm_pipe.teachers.edm_checkpoint import CheckpointError, EDMCheckpoint, loa
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_CHECKPOINT = ASSETS / "digits-teacher.pt"
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdm-pipe" / "checkpoints"
 
 
 class EDMTeacherConfig(BaseModel):
@@ -90,15 +89,19 @@ def _load(path: Any, key: str, device: torch.device) -> EDMCheckpoint:
         raise ConfigError(f"cannot load EDM checkpoint {path}: {e}") from None
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdm-pipe" / "checkpoints"
+
+
 def local_copy(loc: Any) -> Path:
-    """`loc` itself when local; a remote checkpoint (and a .pt's .json) downloaded into CACHE_DIR unless there."""
+    """`loc` itself when local; a remote checkpoint (and a .pt's .json) downloaded into cache_dir() unless there."""
     if not storage.is_remote(loc):
         return Path(loc)
     objects = [loc, loc.with_suffix(".json")] if loc.suffix == ".pt" else [loc]
     with storage.remote_errors(loc, "EDM checkpoint", ConfigError):
         infos = [o.fs.info(o.path) for o in objects]
         key = json.dumps([[str(o), i.get("ETag"), i["size"]] for o, i in zip(objects, infos)])
-        folder = CACHE_DIR / hashlib.sha256(key.encode()).hexdigest()[:24]
+        folder = cache_dir() / hashlib.sha256(key.encode()).hexdigest()[:24]
         folder.mkdir(parents=True, exist_ok=True)
         for o, info in zip(objects, infos):
             dest = folder / o.name

@@ -1,0 +1,318 @@
+"""The writing half of s3:// (issue 15): generate, import and verify against a real S3 API server (moto's, on
+loopback) with real Ray workers uploading their own shards. Each failure path checks the exit code, the one
+`error:` line and that nothing was left in the bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from faults import CLI, ENV, bucket_tree, cli, error_line, flip_object_byte, kdm
+
+from kdm_pipe import locks, storage
+from kdm_pipe.config import GenerateConfig
+from kdm_pipe.errors import DataError
+from kdm_pipe.locks import directory_lock
+from kdm_pipe.pairset import PairSetWriter
+from kdm_pipe.shards import load_manifest, verify
+from kdm_pipe.teachers.edm import DIGITS_CHECKPOINT
+from stages import generate
+
+SETTINGS = dict(shards=4, pairs_per_shard=300, batch=128, sampler={"steps": 6}, workers=2)
+FLAGS = ["--shards", "4", "--pairs-per-shard", "300", "--batch", "128", "--steps", "6", "--workers", "2", "-q"]
+WRITTEN = {"manifest.json", "generate.config.json", "generate.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_server, tmp_path_factory):
+    """A private Ray session started after the S3 server (its workers inherit the AWS variables), with its own
+    checkpoint cache (XDG_CACHE_HOME) so downloads can be watched; yields the cache directory."""
+    cache = tmp_path_factory.mktemp("cache")
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    yield cache
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
+def run(out, **kw):
+    return generate.run(GenerateConfig.model_validate({**SETTINGS, "out": out, **kw}), progress=False)
+
+
+def digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).glob("shard-*.tar"))}
+
+
+def shard_objects(url: str) -> dict[str, str]:
+    return {k: v for k, v in bucket_tree(url).items() if k.startswith("shard-")}
+
+
+@pytest.fixture(scope="module")
+def local_ref(ray_s3, tmp_path_factory):
+    """The same settings written to local files: the bytes every s3:// run must reproduce."""
+    out = tmp_path_factory.mktemp("local") / "pairs"
+    run(out)
+    return digests(out)
+
+
+# ---- generate → verify --------------------------------------------------------------------------------------------
+
+def test_generate_to_s3_is_byte_identical_to_local_and_verifies(ray_s3, local_ref, bucket):
+    url = f"{bucket}/pairs"
+    m = run(url)
+    assert len(m.shards) == 4 and len(local_ref) == 4
+    assert shard_objects(url) == local_ref
+    assert {s.name: s.sha256 for s in m.shards} == local_ref
+    assert set(bucket_tree(url)) == WRITTEN | set(local_ref)          # no lock, no temp object, nothing else
+    assert len(storage.location(url).joinpath("generate.jsonl").read_text().splitlines()) == 4   # flushed at exit
+    r = cli("verify", url)
+    assert r.returncode == 0, r.stderr
+    assert verify(url) == {}
+    assert not list(storage.upload_dir(storage.location(url)).glob("*"))   # local temp files gone
+
+
+def test_flipped_byte_is_caught_by_verify_and_repaired_by_rerun(ray_s3, local_ref, bucket):
+    url = f"{bucket}/pairs"
+    run(url)
+    assert cli("verify", url).returncode == 0                              # caches every shard's stamp
+    flip_object_byte(f"{url}/shard-000001.tar", 1500)
+    r = cli("verify", url)
+    error_line(r, 1, "1 problem", url, "rerun")
+    assert f"BAD {url}/shard-000001.tar: sha256" in r.stderr and "shard-000000" not in r.stderr
+    run(url)
+    assert cli("verify", url).returncode == 0 and shard_objects(url) == local_ref
+
+
+# ---- refused before anything is written --------------------------------------------------------------------------
+
+def s3_env(**extra: str) -> dict[str, str]:
+    """The CLI's environment now (faults.ENV was taken before the S3 server set the AWS variables)."""
+    return {**os.environ, **{k: v for k, v in ENV.items() if not k.startswith("AWS_")}, **extra}
+
+
+def no_credentials() -> dict[str, str]:
+    env = {k: v for k, v in s3_env().items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                          "AWS_PROFILE", "AWS_SESSION_TOKEN")}
+    return {**env, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.mark.parametrize("where, fragments", [
+    ("gs://b/pairs", ("gs:// is not supported", "s3://")),
+    ("s3://Not_A_Bucket/pairs", ("not an s3:// URL of a bucket",)),
+    ("s3://{missing}/pairs", ("bucket", "does not exist", "aws s3 mb")),
+])
+def test_bad_urls_and_missing_buckets_are_refused(s3_server, bucket, tmp_path, where, fragments):
+    where = where.format(missing=f"{bucket[5:]}-missing")
+    src = npy_source(tmp_path)
+    for args in (("generate", "--out", where, *FLAGS), ("verify", where),
+                 ("import", "--format", "npy", "--x-T", src["xT"], "--x-0", src["x0"], "--out", where, "-q")):
+        error_line(cli(*args), 2, *fragments)
+    assert bucket_tree(bucket) == {}
+
+
+@pytest.mark.parametrize("case", ["no credentials",
+                                  pytest.param("unreachable endpoint", marks=pytest.mark.slow)])  # retries: ~20 s
+def test_no_credentials_or_no_store_is_one_clear_error(s3_server, bucket, case):
+    env, fragments = ((no_credentials(), ("no credentials", "AWS_ACCESS_KEY_ID")) if case == "no credentials" else
+                      (s3_env(AWS_ENDPOINT_URL="http://127.0.0.1:9"), ("cannot reach", "AWS_ENDPOINT_URL")))
+    t0 = time.monotonic()
+    error_line(kdm("generate", "--out", f"{bucket}/pairs", *FLAGS, env=env, timeout=120), 2, bucket, *fragments)
+    assert time.monotonic() - t0 < 60
+    assert bucket_tree(bucket) == {}
+
+
+def test_missing_remote_checkpoint_is_refused(ray_s3, bucket):
+    r = cli("generate", "--teacher", "edm", "--checkpoint", f"{bucket}/models/edm.pkl", "--out", f"{bucket}/pairs",
+            *FLAGS)
+    error_line(r, 2, f"{bucket}/models/edm.pkl", "does not exist")
+    fs = storage.location(bucket).fs
+    fs.put_file(str(DIGITS_CHECKPOINT), f"{bucket[5:]}/models/t.pt")                 # a .pt without its .json
+    r = cli("generate", "--teacher", "edm", "--checkpoint", f"{bucket}/models/t.pt", "--out", f"{bucket}/pairs",
+            *FLAGS)
+    error_line(r, 2, "t.json", "beside it")
+    assert set(bucket_tree(bucket)) == {"models/t.pt"}
+
+
+# ---- one writer ---------------------------------------------------------------------------------------------------
+
+def test_second_generate_on_the_same_s3_out_is_refused(s3_server, bucket):
+    url = f"{bucket}/pairs"
+    with directory_lock(storage.location(url), "generate --out first"):
+        before = bucket_tree(url)
+        assert set(before) == {locks.LOCK}
+        r = cli("generate", "--out", url, *FLAGS)
+        error_line(r, 2, "in use by", "generate --out first", f"pid {os.getpid()}", "lease")
+        assert bucket_tree(url) == before
+    assert bucket_tree(url) == {}                                        # released: the object is gone
+
+
+def write_lock(url: str, **holder) -> None:
+    loc = storage.location(url) / locks.LOCK
+    loc.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere", "command": "generate", "since": "then",
+                               **holder}))
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_of_a_killed_holder_is_taken_over(s3_server, bucket, monkeypatch):
+    import socket
+    url = storage.location(f"{bucket}/pairs")
+    write_lock(str(url), pid=dead_pid(), host=socket.gethostname())     # a SIGKILLed run on this host: at once
+    with directory_lock(url, "generate --out again"):
+        assert json.loads((url / locks.LOCK).read_text())["command"] == "generate --out again"
+    write_lock(str(url))                                                # a live-looking holder on another host
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 2.0)
+    with pytest.raises(locks.ConfigError, match="taken over in"):
+        with directory_lock(url, "generate"):
+            pass
+    time.sleep(3.5)                                                     # Last-Modified has 1 s resolution
+    with directory_lock(url, "generate --out late"):                    # its lease ran out: taken over
+        assert json.loads((url / locks.LOCK).read_text())["command"] == "generate --out late"
+    assert not (url / locks.LOCK).exists()
+
+
+def test_a_writer_that_lost_its_lock_stops_before_committing(s3_server, bucket, monkeypatch):
+    monkeypatch.setattr(locks, "RENEW_SECONDS", 0.2)
+    w = PairSetWriter(f"{bucket}/pairs", "generate", "generate", all_or_nothing=False)
+    with w.writing():
+        write_lock(str(w.out), command="generate --out thief")         # another run took it over
+        deadline = time.monotonic() + 10
+        while not w.lock.lost.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(DataError, match="lost its lock"):
+            w.commit(None)
+    assert json.loads((w.out / locks.LOCK).read_text())["command"] == "generate --out thief"   # theirs: kept
+
+
+# ---- import -------------------------------------------------------------------------------------------------------
+
+def npy_source(folder: Path, nan_at: int | None = None) -> dict[str, Path]:
+    """2,000 EDM-like pairs as two .npy files (x_T = 80·z, x_0 uniform), optionally one NaN in x_0[nan_at]."""
+    rng = np.random.default_rng(0)
+    x_T, x_0 = 80 * rng.standard_normal((2000, 64)), rng.uniform(-1, 1, (2000, 64))
+    if nan_at is not None:
+        x_0[nan_at, 7] = np.nan
+    np.save(folder / "xT.npy", x_T)
+    np.save(folder / "x0.npy", x_0)
+    return {"xT": folder / "xT.npy", "x0": folder / "x0.npy"}
+
+
+def test_import_to_s3_is_all_or_nothing(s3_server, bucket, tmp_path):
+    src = npy_source(tmp_path, nan_at=1500)     # past the orientation check: found while writing shard 3
+    url = f"{bucket}/pairs"
+    args = ("import", "--format", "npy", "--x-T", src["xT"], "--x-0", src["x0"], "--out", url,
+            "--pairs-per-shard", "500", "-q")
+    error_line(cli(*args), 2, "non-finite x_0", "pair 1500")
+    assert bucket_tree(bucket) == {}                                    # three uploaded shards removed again
+    npy_source(tmp_path)
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert set(bucket_tree(url)) == {"manifest.json", "import.config.json", "import.jsonl",
+                                     *(f"shard-{k:06d}.tar" for k in range(4))}
+    assert cli("verify", url).returncode == 0
+
+
+# ---- teacher weights from the bucket ------------------------------------------------------------------------------
+
+def test_generate_with_a_checkpoint_in_the_bucket(ray_s3, bucket, tmp_path):
+    fs = storage.location(bucket).fs
+    for src in (DIGITS_CHECKPOINT, DIGITS_CHECKPOINT.with_suffix(".json")):
+        fs.put_file(str(src), f"{bucket[5:]}/models/{src.name}")
+    kw = dict(shards=2, pairs_per_shard=64, batch=32, sampler={"steps": 3})
+    remote = run(f"{bucket}/pairs", teacher={"name": "edm", "checkpoint": f"{bucket}/models/digits-teacher.pt"}, **kw)
+    local = run(tmp_path / "pairs", teacher={"name": "edm", "checkpoint": str(DIGITS_CHECKPOINT)}, **kw)
+    assert remote.teacher == local.teacher                              # the same weights (sha256) and network
+    assert shard_objects(f"{bucket}/pairs") == digests(tmp_path / "pairs")
+    cached = sorted(p.name for p in ray_s3.rglob("digits-teacher*"))
+    assert cached == ["digits-teacher.json", "digits-teacher.pt"]       # one download per host, both files
+
+
+# ---- killed mid-run ----------------------------------------------------------------------------------------------
+
+SLOW = ["--shards", "6", "--pairs-per-shard", "4000", "--batch", "1000", "--steps", "18", "--workers", "1", "-q"]
+
+
+def writer_of(tmp: Path) -> int | None:
+    """The pid of the process that has `tmp` open (the Ray worker writing or uploading it)."""
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == str(tmp):
+                return int(fd.parts[2])
+        except OSError:
+            continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def slow_ref(tmp_path_factory):
+    """The killed runs' settings written locally by a run nobody disturbs: {shard: sha256} and the shard sizes."""
+    out = tmp_path_factory.mktemp("slowref") / "pairs"
+    r = kdm("generate", "--out", out, *SLOW, timeout=300, env=s3_env())
+    assert r.returncode == 0, r.stderr
+    return digests(out), {p.stat().st_size for p in out.glob("shard-*.tar")}
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_upload_is_retried_to_identical_bytes(s3_server, bucket, slow_ref, tmp_path):
+    ref, sizes = slow_ref
+    url = f"{bucket}/pairs"
+    env = s3_env(TMPDIR=str(tmp_path))                            # where the worker finishes each shard
+    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        killed, deadline = None, time.time() + 240
+        while killed is None:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            for tmp in tmp_path.rglob(".shard-*.tar.tmp-*"):
+                # Complete (a shard's size): its worker is hashing and uploading it, or reading it back.
+                pid = writer_of(tmp) if tmp.stat().st_size in sizes else None
+                if pid is not None and pid != proc.pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = tmp.name
+                    break
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err                                    # Ray ran the task again
+    assert shard_objects(url) == ref and set(bucket_tree(url)) == WRITTEN | set(ref)
+    assert not list(tmp_path.rglob(".shard-*"))
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_resumes_to_identical_bytes(s3_server, bucket, slow_ref):
+    ref, _ = slow_ref
+    url = f"{bucket}/pairs"
+    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=s3_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    manifest, deadline = storage.location(url) / "manifest.json", time.time() + 240
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)                                 # driver, raylet and workers, mid-shard
+    proc.wait()
+    assert 2 <= len(load_manifest(url).shards) < 6
+    assert locks.LOCK in bucket_tree(url)                               # left behind by the killed driver
+    r = kdm("generate", "--out", url, *SLOW, timeout=300, env=s3_env())   # this host, holder dead: taken over at once
+    assert r.returncode == 0, r.stderr
+    assert shard_objects(url) == ref and set(bucket_tree(url)) == WRITTEN | set(ref)
+    assert cli("verify", url).returncode == 0
