@@ -250,12 +250,15 @@ def test_generate_with_a_checkpoint_in_the_bucket(ray_s3, bucket, tmp_path):
 SLOW = ["--shards", "6", "--pairs-per-shard", "4000", "--batch", "1000", "--steps", "18", "--workers", "1", "-q"]
 
 
-def writer_of(tmp: Path) -> int | None:
-    """The pid of the process that has `tmp` open (the Ray worker writing or uploading it)."""
-    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+def shard_worker(endpoint: str) -> int | None:
+    """The pid of a Ray worker running make_shard for this test session (its title, and our S3 server in its
+    environment: other Ray jobs on this shared machine are left alone)."""
+    mine = f"AWS_ENDPOINT_URL={endpoint}".encode()
+    for d in Path("/proc").glob("[0-9]*"):
         try:
-            if os.readlink(fd) == str(tmp):
-                return int(fd.parts[2])
+            if (d / "cmdline").read_bytes().startswith(b"ray::make_shard") and \
+                    mine in (d / "environ").read_bytes().split(b"\0"):
+                return int(d.name)
         except OSError:
             continue
     return None
@@ -274,28 +277,31 @@ def slow_ref(tmp_path_factory):
 def test_worker_killed_mid_upload_is_retried_to_identical_bytes(s3_server, bucket, slow_ref, tmp_path):
     ref, sizes = slow_ref
     url = f"{bucket}/pairs"
-    env = s3_env(TMPDIR=str(tmp_path))                            # where the worker finishes each shard
-    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=env, stdout=subprocess.PIPE,
+    uploads = storage.upload_dir(storage.location(url))                # where the worker finishes each shard
+    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=s3_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        killed, deadline = None, time.time() + 240
+        worker, killed, deadline = None, None, time.time() + 240
         while killed is None:
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            for tmp in tmp_path.rglob(".shard-*.tar.tmp-*"):
-                # Complete (a shard's size): its worker is hashing and uploading it, or reading it back.
-                pid = writer_of(tmp) if tmp.stat().st_size in sizes else None
-                if pid is not None and pid != proc.pid:
-                    os.kill(pid, signal.SIGKILL)
+            worker = worker or shard_worker(s3_server)
+            for tmp in uploads.glob(".shard-*.tar.tmp-*") if worker else ():
+                try:
+                    complete = tmp.stat().st_size in sizes
+                except FileNotFoundError:
+                    continue                                            # uploaded and removed meanwhile
+                if complete:       # the worker is hashing, uploading or reading it back: kill it there
+                    os.kill(worker, signal.SIGKILL)
                     killed = tmp.name
                     break
-            time.sleep(0.01)
+            time.sleep(0.002)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err                                    # Ray ran the task again
     assert shard_objects(url) == ref and set(bucket_tree(url)) == WRITTEN | set(ref)
-    assert not list(tmp_path.rglob(".shard-*"))
+    assert not list(uploads.glob(".shard-*"))
 
 
 @pytest.mark.slow
