@@ -86,7 +86,7 @@ def test_generate_to_s3_is_byte_identical_to_local_and_verifies(ray_s3, local_re
 def test_flipped_byte_is_caught_by_verify_and_repaired_by_rerun(ray_s3, local_ref, bucket):
     url = f"{bucket}/pairs"
     run(url)
-    assert cli("verify", url).returncode == 0                              # caches every shard's stamp
+    assert cli("verify", url).returncode == 0
     flip_object_byte(f"{url}/shard-000001.tar", 1500)
     r = cli("verify", url)
     error_line(r, 1, "1 problem", url, "rerun")
