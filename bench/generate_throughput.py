@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")         # as kdm-pipe starts i
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from kdm_pipe import storage  # noqa: E402
 from kdm_pipe.config import GenerateConfig  # noqa: E402
 from kdm_pipe.generation import sample_pairs  # noqa: E402
 from kdm_pipe.networks import ARCHITECTURES, build_network  # noqa: E402
@@ -103,9 +104,10 @@ def bare(cfg: GenerateConfig, processes: int, threads: int) -> tuple[float, floa
     return n / max(s for _, s in results), max(b for b, _ in results)
 
 
-def pipeline(cfg: GenerateConfig, **layout) -> tuple[float, float, float, int, int]:
-    """(sampling pairs/s, wall pairs/s, start-up seconds, workers, threads) of generate.run with `layout`."""
-    out = Path(tempfile.mkdtemp())
+def pipeline(cfg: GenerateConfig, out=None, **layout) -> tuple[float, float, float, int, int]:
+    """(sampling pairs/s, wall pairs/s, start-up seconds, workers, threads) of generate.run with `layout`, into
+    `out` (a fresh local directory by default; an s3:// location is emptied afterwards like the directory)."""
+    out = storage.location(out or tempfile.mkdtemp())
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
         cfg = cfg.model_copy(update={"out": out, **layout})
@@ -118,7 +120,10 @@ def pipeline(cfg: GenerateConfig, **layout) -> tuple[float, float, float, int, i
         return n / sampling, n / wall, wall - sampling, cfg.workers, cfg.threads_per_worker
     finally:
         ray.shutdown()
-        shutil.rmtree(out)
+        if storage.is_remote(out):
+            out.fs.rm(out.path, recursive=True)
+        else:
+            shutil.rmtree(out)
 
 
 if __name__ == "__main__":

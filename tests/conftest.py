@@ -55,30 +55,17 @@ def s3_server():
     """A real S3 API server (moto's standalone server) on a free loopback port for the whole session. The standard
     AWS variables point every process started afterwards at it: CLI subprocesses and Ray workers (module-scoped Ray
     clusters start after this session-scoped fixture)."""
-    import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
+    from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto's S3 server did not start on {url}")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.s3_throughput import moto_server
+
+    try:
+        proc, env = moto_server()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    url = env["AWS_ENDPOINT_URL"]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield url

@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,9 @@ from kdm_pipe.pairset import PairSetWriter
 from kdm_pipe.shards import load_manifest, verify
 from kdm_pipe.teachers.edm import DIGITS_CHECKPOINT
 from stages import generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.s3_throughput import moto_server  # noqa: E402
 
 SETTINGS = dict(shards=4, pairs_per_shard=300, batch=128, sampler={"steps": 6}, workers=2)
 FLAGS = ["--shards", "4", "--pairs-per-shard", "300", "--batch", "128", "--steps", "6", "--workers", "2", "-q"]
@@ -134,6 +139,45 @@ def test_no_credentials_or_no_store_is_one_clear_error(s3_server, bucket, case):
     assert bucket_tree(bucket) == {}
 
 
+@pytest.fixture(scope="module")
+def guarded_store(s3_server):
+    """A second S3 server that checks credentials (moto's IAM: after INITIAL_NO_AUTH_ACTION_COUNT unchecked
+    requests, only its users' keys are accepted), holding an empty bucket; yields (endpoint, bucket, good key)."""
+    import boto3
+    proc, env = moto_server(INITIAL_NO_AUTH_ACTION_COUNT="4")
+    url = env["AWS_ENDPOINT_URL"]
+    try:
+        kw = dict(endpoint_url=url, region_name="us-east-1")
+        boto3.client("s3", **kw).create_bucket(Bucket="guarded")                       # the four unchecked
+        iam = boto3.client("iam", **kw)                                                 # requests
+        iam.create_user(UserName="owner")
+        key = iam.create_access_key(UserName="owner")["AccessKey"]
+        iam.put_user_policy(UserName="owner", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        yield url, "s3://guarded", (key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_refused_credentials_are_one_clear_error(guarded_store, tmp_path):
+    endpoint, url, (key, secret) = guarded_store
+    wrong = ["--storage-option", f"endpoint_url={endpoint}", "--storage-option", "key=AKIAWRONG",
+             "--storage-option", "secret=wrong"]
+    src = npy_source(tmp_path)
+    try:
+        for args in (("generate", "--out", f"{url}/pairs", *FLAGS), ("verify", f"{url}/pairs"),
+                     ("import", "--format", "npy", "--x-T", src["xT"], "--x-0", src["x0"], "--out", f"{url}/pairs",
+                      "-q")):
+            error_line(cli(*args, *wrong), 2, "access denied", "check the credentials", "guarded")
+    finally:
+        storage.set_options(None)               # the CLI ran in this process: later locations use the defaults
+    import boto3
+    owner = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key,
+                         aws_secret_access_key=secret)
+    assert owner.list_objects_v2(Bucket="guarded")["KeyCount"] == 0                     # nothing written
+
+
 def test_missing_remote_checkpoint_is_refused(ray_s3, bucket):
     r = cli("generate", "--teacher", "edm", "--checkpoint", f"{bucket}/models/edm.pkl", "--out", f"{bucket}/pairs",
             *FLAGS)
@@ -172,7 +216,6 @@ def dead_pid() -> int:
 
 
 def test_lock_of_a_killed_holder_is_taken_over(s3_server, bucket, monkeypatch):
-    import socket
     url = storage.location(f"{bucket}/pairs")
     write_lock(str(url), pid=dead_pid(), host=socket.gethostname())     # a SIGKILLed run on this host: at once
     with directory_lock(url, "generate --out again"):
