@@ -2,6 +2,7 @@
 
     python bench/s3_throughput.py                        # moto's S3 server on loopback, started here
     python bench/s3_throughput.py --teacher digits
+    python bench/s3_throughput.py --steps 2 --pairs-per-shard 200000 --shards 8    # I/O-bound: 4.8 MB shards
     AWS_ENDPOINT_URL=http://minio:9000 python bench/s3_throughput.py --bucket mybucket   # an existing store
 
 Each shard goes local temp file → one upload → size and sha256 read back → manifest PUT, by the Ray worker that
@@ -53,6 +54,7 @@ if __name__ == "__main__":
     ap.add_argument("--teacher", choices=sorted(SIZES), default="checkerboard")
     ap.add_argument("--shards", type=int, help="override the number of shards")
     ap.add_argument("--pairs-per-shard", type=int, help="override the pairs per shard")
+    ap.add_argument("--steps", type=int, help="override the Heun steps (few steps: writing and uploading dominate)")
     ap.add_argument("--bucket", help="an existing bucket (default: moto's server, started here, and a new bucket)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
@@ -70,6 +72,8 @@ if __name__ == "__main__":
         cfg = config(args.teacher, root)
         cfg = cfg.model_copy(update={k: v for k, v in (("shards", args.shards),
                                                        ("pairs_per_shard", args.pairs_per_shard)) if v})
+        if args.steps:
+            cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"steps": args.steps})})
         print(f"load average {os.getloadavg()[0]:.2f}; teacher {args.teacher}: {cfg.shards} shards × "
               f"{cfg.pairs_per_shard} pairs, batch {cfg.batch}, Heun {cfg.sampler.steps} steps; defaults layout; "
               f"S3 at {os.environ.get('AWS_ENDPOINT_URL', 'the default endpoint')}")

@@ -100,6 +100,20 @@ def test_flipped_byte_is_caught_by_verify_and_repaired_by_rerun(ray_s3, local_re
     assert cli("verify", url).returncode == 0 and shard_objects(url) == local_ref
 
 
+def test_lost_manifest_is_rebuilt_from_the_log_object_and_strays_are_refused(ray_s3, local_ref, bucket):
+    url = f"{bucket}/pairs"
+    run(url)
+    loc = storage.location(url)
+    storage.remove(loc / "manifest.json")
+    m = run(url)                                 # every shard adopted from generate.jsonl: nothing regenerated
+    assert len(m.shards) == 4 and shard_objects(url) == local_ref
+    storage.remove(loc / "manifest.json")
+    storage.remove(loc / "generate.config.json")
+    before = bucket_tree(url)
+    error_line(cli("generate", "--out", url, *FLAGS), 2, "holds shard files but no manifest.json")
+    assert bucket_tree(url) == before
+
+
 # ---- refused before anything is written --------------------------------------------------------------------------
 
 def s3_env(**extra: str) -> dict[str, str]:
