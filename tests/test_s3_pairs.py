@@ -379,3 +379,31 @@ def test_driver_killed_mid_run_resumes_to_identical_bytes(s3_server, bucket, slo
     assert r.returncode == 0, r.stderr
     assert shard_objects(url) == ref and set(bucket_tree(url)) == WRITTEN | set(ref)
     assert cli("verify", url).returncode == 0
+
+
+@pytest.mark.slow
+def test_two_node_cluster_uploads_from_both_nodes_with_the_checkpoint_from_the_bucket(s3_server, bucket, tmp_path):
+    """`--address` to a cluster of two `ray start` nodes, each with its own cache: every node fetches the teacher
+    from the bucket itself and uploads its own shards; the bytes are those of a local run."""
+    from bench.cluster_throughput import LocalCluster
+    fs = storage.location(bucket).fs
+    for src in (DIGITS_CHECKPOINT, DIGITS_CHECKPOINT.with_suffix(".json")):
+        fs.put_file(str(src), f"{bucket[5:]}/models/{src.name}")
+    args = ["generate", "--teacher", "edm", "--shards", "4", "--pairs-per-shard", "64", "--batch", "32", "--steps",
+            "3", "--workers", "2", "-q"]
+    caches = [tmp_path / "node0", tmp_path / "node1"]
+    cluster = LocalCluster(object_store_mb=100)
+    try:
+        for cache in caches:                    # one CPU each: the two tasks in flight run one on each node
+            cluster.env["XDG_CACHE_HOME"] = str(cache)
+            cluster.add_node(num_cpus=1)
+        r = kdm(*args, "--checkpoint", f"{bucket}/models/digits-teacher.pt", "--out", f"{bucket}/pairs",
+                "--address", cluster.address, env=s3_env(XDG_CACHE_HOME=str(tmp_path / "driver")), timeout=300)
+        assert r.returncode == 0, r.stderr
+    finally:
+        cluster.stop()
+    for cache in [*caches, tmp_path / "driver"]:
+        assert sorted(p.name for p in cache.rglob("digits-teacher*")) == ["digits-teacher.json", "digits-teacher.pt"]
+    r = kdm(*args, "--checkpoint", DIGITS_CHECKPOINT, "--out", tmp_path / "local", env=s3_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert shard_objects(f"{bucket}/pairs") == digests(tmp_path / "local")
