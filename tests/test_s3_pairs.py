@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,8 +98,14 @@ def test_flipped_byte_is_caught_by_verify_and_repaired_by_rerun(ray_s3, local_re
     r = cli("verify", url)
     error_line(r, 1, "1 problem", url, "rerun")
     assert f"BAD {url}/shard-000001.tar: sha256" in r.stderr and "shard-000000" not in r.stderr
+    fs, key = storage.location(bucket).fs, f"{url[5:].partition('/')[2]}/shard-000002.tar"
+    fs.call_s3("create_multipart_upload", Bucket=bucket[5:], Key=key)  # an upload its killed worker never finished
+    uploads = storage.upload_dir(storage.location(url))
+    uploads.mkdir(parents=True, exist_ok=True)
+    (uploads / ".shard-000002.tar.tmp-0123456789abcdef").write_bytes(b"half a shard")     # and its local file
     run(url)
     assert cli("verify", url).returncode == 0 and shard_objects(url) == local_ref
+    assert not fs.call_s3("list_multipart_uploads", Bucket=bucket[5:]).get("Uploads") and not list(uploads.glob("*"))
 
 
 def test_lost_manifest_is_rebuilt_from_the_log_object_and_strays_are_refused(ray_s3, local_ref, bucket):
@@ -202,6 +210,22 @@ def test_missing_remote_checkpoint_is_refused(ray_s3, bucket):
             *FLAGS)
     error_line(r, 2, "t.json", "beside it")
     assert set(bucket_tree(bucket)) == {"models/t.pt"}
+
+
+def test_import_refuses_a_shard_larger_than_the_local_temp_space(s3_server, bucket, tmp_path):
+    """An s3:// --out has no disk to fill, but each shard is finished in the local temp directory first."""
+    d, free = 1024, shutil.disk_usage(tempfile.gettempdir()).free
+    n = int(free * 1.5 / (8 * d)) + 1             # one shard of n float32 pairs: more than the temp dir holds
+    rng = np.random.default_rng(0)
+    for name, a in (("xT", 80 * rng.standard_normal((64, d))), ("x0", rng.uniform(-1, 1, (64, d)))):
+        with open(tmp_path / f"{name}.npy", "wb") as f:                     # sparse: no disk used
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (n, d)})
+            f.write(a.tobytes())
+            f.truncate(f.tell() + (n - 64) * d * 8)
+    r = cli("import", "--format", "npy", "--x-T", tmp_path / "xT.npy", "--x-0", tmp_path / "x0.npy", "--out",
+            f"{bucket}/pairs", "--pairs-per-shard", n, "-q")
+    error_line(r, 2, "local temp directory", "TMPDIR", "--pairs-per-shard")
+    assert bucket_tree(bucket) == {}
 
 
 # ---- one writer ---------------------------------------------------------------------------------------------------
