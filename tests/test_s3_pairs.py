@@ -431,3 +431,27 @@ def test_two_node_cluster_uploads_from_both_nodes_with_the_checkpoint_from_the_b
     r = kdm(*args, "--checkpoint", DIGITS_CHECKPOINT, "--out", tmp_path / "local", env=s3_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert shard_objects(f"{bucket}/pairs") == digests(tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_sigterm_during_s3_generate_exits_143_releases_the_lock_and_resumes(s3_server, bucket, slow_ref):
+    ref, _ = slow_ref
+    url = f"{bucket}/pairs"
+    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=s3_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    manifest, deadline = storage.location(url) / "manifest.json", time.time() + 240
+    while not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 143, "SIGTERM",
+               "rerun the same command")
+    left = bucket_tree(url)
+    assert locks.LOCK not in left and not list(storage.upload_dir(storage.location(url)).glob("*"))
+    listed = load_manifest(url).shards
+    assert 1 <= len(listed) < 6 and all(left[s.name] == ref[s.name] for s in listed)   # what it lists is whole
+    assert len(storage.location(url).joinpath("generate.jsonl").read_text().splitlines()) >= 1   # flushed on exit
+    r = kdm("generate", "--out", url, *SLOW, timeout=300, env=s3_env())
+    assert r.returncode == 0, r.stderr
+    assert shard_objects(url) == ref
