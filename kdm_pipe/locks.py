@@ -9,9 +9,9 @@ The object DIR/.kdm-pipe.lock is created with a conditional PUT (If-None-Match: 
 succeeds) and renewed every RENEW_SECONDS by a PUT conditional on its own last ETag (If-Match). A lock not renewed
 for LEASE_SECONDS, by the store's own clock (its Date header against the object's Last-Modified: no skew between
 machines), belongs to a dead or cut-off run and is taken over with a PUT conditional on the stale ETag (of two
-runs taking it over one succeeds). A holder on this same host whose pid is gone (a SIGKILLed driver rerun in the
-same place) is taken over at once. A holder whose renewal finds another ETag has lost the lock: `Lock.lost` is
-set and its writer stops before its next commit.
+runs taking it over one succeeds). A holder on this same host and pid namespace whose pid is gone (a SIGKILLed
+driver, rerun in the same place) is taken over at once. A holder whose renewal finds another ETag has lost the
+lock: `Lock.lost` is set and its writer stops before its next commit.
 """
 
 from __future__ import annotations
@@ -47,9 +47,18 @@ class Lock:
                             f"{LEASE_SECONDS:.0f} s); stopped before writing more; rerun once that run has ended")
 
 
+def _pid_namespace() -> str:
+    # Containers may share a host name (host networking) but not their pids: a pid means something only within
+    # its namespace.
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _holder_json(command: str) -> str:
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                       "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "pidns": _pid_namespace(),
+                       "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 @contextmanager
@@ -99,10 +108,10 @@ def _holder(text: str) -> str:
 # ---- remote: a lease ---------------------------------------------------------------------------------------------
 
 def _dead_here(text: str) -> bool:
-    """The holder ran on this host and its process is gone."""
+    """The holder ran on this host, in this pid namespace, and its process is gone."""
     try:
         h = json.loads(text)
-        if h["host"] != socket.gethostname():
+        if h["host"] != socket.gethostname() or h.get("pidns") != _pid_namespace():
             return False
         os.kill(int(h["pid"]), 0)
         return False

@@ -255,7 +255,12 @@ def dead_pid() -> int:
 
 def test_lock_of_a_killed_holder_is_taken_over(s3_server, bucket, monkeypatch):
     url = storage.location(f"{bucket}/pairs")
-    write_lock(str(url), pid=dead_pid(), host=socket.gethostname())     # a SIGKILLed run on this host: at once
+    here = dict(host=socket.gethostname(), pidns=os.readlink("/proc/self/ns/pid"))
+    write_lock(str(url), pid=dead_pid(), **{**here, "pidns": "pid:[1]"})     # another container's pid: no
+    with pytest.raises(locks.ConfigError, match="in use by"):
+        with directory_lock(url, "generate"):
+            pass
+    write_lock(str(url), pid=dead_pid(), **here)                        # a SIGKILLed run here: taken over at once
     with directory_lock(url, "generate --out again"):
         assert json.loads((url / locks.LOCK).read_text())["command"] == "generate --out again"
     write_lock(str(url))                                                # a live-looking holder on another host
