@@ -123,10 +123,9 @@ def save_manifest(directory: Path, manifest: Manifest) -> None:
 def load_manifest(directory: Path) -> Manifest:
     path = storage.location(directory) / MANIFEST
     with storage.remote_errors(path, "reading"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe "
-                                    f"generate`?")
-        text = path.read_text()
+        text = path.read_text() if path.is_file() else None
+    if text is None:                                # outside remote_errors: callers tell "not found" apart
+        raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe generate`?")
     return Manifest.model_validate_json(text)
 
 

@@ -119,6 +119,7 @@ def test_lost_manifest_is_rebuilt_from_the_log_object_and_strays_are_refused(ray
     storage.remove(loc / "generate.config.json")
     before = bucket_tree(url)
     error_line(cli("generate", "--out", url, *FLAGS), 2, "holds shard files but no manifest.json")
+    error_line(cli("verify", url), 2, f"{url}/manifest.json not found")
     assert bucket_tree(url) == before
 
 
