@@ -122,11 +122,11 @@ def save_manifest(directory: Path, manifest: Manifest) -> None:
 
 def load_manifest(directory: Path) -> Manifest:
     path = storage.location(directory) / MANIFEST
-    with storage.remote_errors(path, "reading"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe "
-                                    f"generate`?")
-        text = path.read_text()
+    storage.check_bucket(path, "reading")
+    with storage.remote_errors(path, "reading", ConfigError):      # before anything is written: bad input
+        text = path.read_text() if path.is_file() else None
+    if text is None:
+        raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe generate`?")
     return Manifest.model_validate_json(text)
 
 
@@ -135,6 +135,8 @@ def checked_manifest(directory: Path) -> Manifest:
     unless it is readable and lists shards to read."""
     try:
         manifest = load_manifest(directory)
+    except ConfigError:
+        raise
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     except (OSError, ValueError) as e:

@@ -17,6 +17,8 @@ def run(cfg: VerifyConfig) -> None:
     directory = cfg.data
     try:
         problems = verify(directory)
+    except ConfigError:
+        raise
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     except ValueError as e:
