@@ -9,9 +9,10 @@ further ones are ignored until it is done (a second Ctrl-C must not leave half o
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class Terminated(SystemExit):
@@ -52,8 +53,9 @@ def as_terminated() -> Terminated | None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT raise Terminated in the main thread for the body (restored after)."""
+def stop_on_signals(said: Callable[[str], str] | None = None) -> Iterator[None]:
+    """SIGTERM and SIGINT raise Terminated in the main thread for the body (restored after); `said(signal name)`,
+    if given, is the one `error:` line printed once the body has unwound."""
     if threading.current_thread() is not threading.main_thread():     # only the main thread may set handlers
         yield
         return
@@ -61,8 +63,11 @@ def stop_on_signals() -> Iterator[None]:
     old = {s: signal.signal(s, raise_terminated) for s in SIGNALS}
     try:
         yield
-    except KeyboardInterrupt:
-        raise (as_terminated() or Terminated(signal.SIGINT)) from None
+    except (KeyboardInterrupt, Terminated) as e:           # Terminated: an inner stop_on_signals (the Ray session)
+        stopped = e if isinstance(e, Terminated) else as_terminated() or Terminated(signal.SIGINT)
+        if said is not None:
+            print(f"error: {said(stopped.name)}", file=sys.stderr)
+        raise stopped from None
     finally:
         restore(old)
 

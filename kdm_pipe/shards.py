@@ -122,9 +122,10 @@ def save_manifest(directory: Path, manifest: Manifest) -> None:
 
 def load_manifest(directory: Path) -> Manifest:
     path = storage.location(directory) / MANIFEST
-    with storage.remote_errors(path, "reading"):
+    storage.check_bucket(path, "reading")
+    with storage.remote_errors(path, "reading", ConfigError):      # before anything is written: bad input
         text = path.read_text() if path.is_file() else None
-    if text is None:                                # outside remote_errors: callers tell "not found" apart
+    if text is None:
         raise FileNotFoundError(f"{path} not found: is {directory} a pair directory written by `kdm-pipe generate`?")
     return Manifest.model_validate_json(text)
 
@@ -134,6 +135,8 @@ def checked_manifest(directory: Path) -> Manifest:
     unless it is readable and lists shards to read."""
     try:
         manifest = load_manifest(directory)
+    except ConfigError:
+        raise
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     except (OSError, ValueError) as e:

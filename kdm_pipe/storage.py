@@ -92,11 +92,32 @@ def bucket(loc: Any) -> str:
 
 def check_bucket(loc: Any, what: str) -> None:
     """Refuse (ConfigError, nothing written) a remote location whose bucket is missing or not ours to use: the
-    endpoint unreachable, no credentials, credentials refused. Local locations pass."""
-    if not is_remote(loc):
+    endpoint unreachable, no credentials, credentials refused. Local locations pass; each bucket is asked once."""
+    if not is_remote(loc) or (key := (bucket(loc), repr(sorted(loc.storage_options.items())))) in _checked:
         return
+    opts = loc.storage_options
+    if not (opts.get("anon") or opts.get("key") or _default_credentials(opts.get("profile"))):
+        # s3fs would quietly go on anonymously, and the store would refuse the first write much later
+        raise ConfigError(f"{what} {loc}: {explain(NoCredentials(), loc)}")
     with remote_errors(loc, what, ConfigError):
         loc.fs.ls(bucket(loc), refresh=True)
+    _checked.add(key)
+
+
+_checked: set[tuple[str, str]] = set()
+
+
+class NoCredentials(Exception):
+    """No credentials anywhere botocore looks (and no --storage-option key=… / anon=true)."""
+
+
+def _default_credentials(profile: str | None) -> bool:
+    import botocore.exceptions
+    import botocore.session
+    try:
+        return botocore.session.Session(profile=profile).get_credentials() is not None
+    except botocore.exceptions.ProfileNotFound:
+        return False
 
 
 @contextmanager
@@ -116,8 +137,8 @@ def remote_errors(loc: Any, what: str, kind: type[Exception] = DataError) -> Ite
 def explain(e: BaseException, loc: Any) -> str:
     name, text = type(e).__name__, one_line(str(e))
     if "NoCredentials" in name or "Unable to locate credentials" in text:
-        return ("no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
-                "--storage-option key=… --storage-option secret=…")
+        return ("no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), pass "
+                "--storage-option key=… --storage-option secret=…, or --storage-option anon=true for a public bucket")
     if isinstance(e, PermissionError) or re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden",
                                                    f"{name} {text}"):
         return f"access denied ({text}); check the credentials and that they may use bucket {bucket(loc)}"

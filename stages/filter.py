@@ -113,7 +113,7 @@ def run(cfg: FilterConfig, progress: bool = True) -> FilterRecord:
     images, ref, settings = reference(cfg, manifest)                     # every refusal before anything is written
     fp = fingerprint(settings)
     with ExitStack() as stack:
-        stack.enter_context(stop_on_signals())
+        stack.enter_context(stop_on_signals(lambda name: f"filter stopped by {name}; nothing recorded in {directory}"))
         try:
             stack.enter_context(directory_lock(directory, f"filter {directory}"))
         except OSError as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, VerifyConfig
 from kdm_pipe.errors import DataError
 from kdm_pipe.shards import verify
@@ -17,9 +16,10 @@ from kdm_pipe.shards import verify
 
 def run(cfg: VerifyConfig) -> None:
     directory = cfg.data
-    storage.check_bucket(directory, "verify")       # a missing bucket or refused credentials: exit 2
     try:
         problems = verify(directory)
+    except ConfigError:
+        raise
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     except ValueError as e:

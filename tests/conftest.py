@@ -87,3 +87,18 @@ def bucket(s3_server):
     name = f"kdm-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+def assert_resume_is_exact(cfg_at, root, steps: int, stop: int, parts=("model", "ema")) -> dict:
+    """Train `cfg_at(root / "full", steps)` in one go, and `cfg_at(root / "half", stop)` then `--resume` to `steps`:
+    the two final checkpoints must hold the same step and bit-equal `parts`. Returns the uninterrupted one."""
+    from kdm_pipe.training import latest_checkpoint, train
+    train(cfg_at(root / "full", steps), progress=False)
+    train(cfg_at(root / "half", stop), progress=False)
+    train(cfg_at(root / "half", steps), resume=True, progress=False)
+    a, b = (torch.load(latest_checkpoint(root / n), weights_only=True) for n in ("full", "half"))
+    assert a["step"] == b["step"] == steps
+    for part in parts:
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    return a

@@ -71,7 +71,8 @@ def runs(name: str) -> list[str]:
 
 
 def package_install(name: str) -> tuple[int, str]:
-    return next((i, r) for i, r in enumerate(runs(name)) if re.search(r"pip install .*-e \.|pip install .* \.( |$)", r))
+    return next((i, r) for i, r in enumerate(runs(name))
+                if re.search(r"pip install .*-e \"?\.|pip install .* \"?\.(\[s3\]\")?( |$)", r))
 
 
 @pytest.mark.parametrize("name, pattern", [
@@ -104,7 +105,8 @@ def test_dockerfile_installs_pinned_package(name):
     assert ray and ray.group(1) == PINS["ray"]               # the extras must not move ray off its pin
     # The presets are found beside the package; a plain (non-editable) install would leave them behind.
     if not PRESET_DIR.is_relative_to(ROOT / "kdm_pipe"):
-        assert " -e ." in install
+        assert re.search(r' -e "?\.', install)
+    assert ".[s3]" in install                                 # cluster images read and write s3:// pair sets
     assert all("--no-cache-dir" in r for r in runs(name) if "pip install" in r)
     envs = " ".join(arg for op, arg in instructions(name) if op == "ENV")
     assert "RAY_USAGE_STATS_ENABLED=0" in envs and "RAY_AUTH_MODE=" in envs
@@ -187,15 +189,24 @@ def test_rayjob_has_what_kuberay_requires():
     assert spec["rayClusterSpec"]["rayVersion"] == PINS["ray"]
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in head["rayStartParams"].items())
-    containers(head["template"])
-    assert set(check_volumes(head["template"], {"kdm-data", "kdm-models"})) == {"/data", "/models"}
+    check_s3_wiring(head["template"])
     groups = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert groups and len({g["groupName"] for g in groups}) == len(groups)
     for g in groups:
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in g["rayStartParams"].items())
         assert gpus(containers(g["template"])[0]) >= 1
-        assert set(check_volumes(g["template"], {"kdm-data", "kdm-models"})) == {"/data", "/models"}
+        check_s3_wiring(g["template"])
+
+
+def check_s3_wiring(template: dict) -> None:
+    """Every Ray container (driver on the head, uploading workers) gets the store's credentials and endpoint as the
+    standard AWS variables from one Secret, and local scratch room for the shards it writes before upload."""
+    for c in containers(template):
+        assert [e["secretRef"]["name"] for e in c["envFrom"]] == ["kdm-s3"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["AWS_DEFAULT_REGION"] and env["TMPDIR"] in {m["mountPath"] for m in c["volumeMounts"]}
+    check_volumes(template, set())
 
 
 def test_rayjob_entrypoint_matches_cluster_and_cli():
@@ -204,7 +215,7 @@ def test_rayjob_entrypoint_matches_cluster_and_cli():
     assert [s[:2] for s in steps] == [["kdm-pipe", "generate"], ["kdm-pipe", "verify"], ["kdm-pipe", "stats"]]
     gen = flags(steps[0])
     out = gen["--out"]
-    assert out.startswith("/data/") and gen["--checkpoint"].startswith("/models/")
+    assert out.startswith("s3://") and gen["--checkpoint"].startswith("s3://")
     assert steps[1][2] == out and steps[2][2] == out
     # A RayJob driver must join the cluster KubeRay built, never start its own.
     assert gen["--address"] == "auto" and flags(steps[2])["--address"] == "auto"
@@ -271,8 +282,10 @@ def test_ray_up_file_has_what_the_launcher_requires():
     assert all("node_config" in t and "resources" in t for t in types.values())
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
-    binds = " ".join(cfg["docker"]["run_options"])
-    assert ":/data" in binds and ":/models" in binds
+    opts = " ".join(cfg["docker"]["run_options"])
+    assert "-e TMPDIR=/scratch" in opts and ":/scratch" in opts          # shards are written here, then uploaded
+    workers = [t for k, t in types.items() if k != cfg["head_node_type"]]
+    assert all(t["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::") for t in workers)
 
 
 def test_cluster_files_run_this_version_of_the_image():

@@ -97,3 +97,28 @@ def test_corrupt_shard_is_named_and_nothing_recorded(pairs):
     assert {k: v for k, v in after.items() if k != ".kdm-verified.json"} == \
         {k: v for k, v in before.items() if k != ".kdm-verified.json"}
     assert load_manifest(pairs).filter is None
+
+
+@pytest.mark.slow
+def test_sigterm_while_filtering_exits_143_and_leaves_the_pairs_as_they_were(pairs):
+    """SIGTERM once filter holds the lock (starting Ray or scoring): exit 143, one `error:` line, no traceback,
+    no filter recorded, no scores, lock or temp file left."""
+    import signal
+    import subprocess
+    import time
+
+    from faults import CLI, ENV
+    before = tree(pairs)
+    proc = subprocess.Popen(CLI + ["filter", str(pairs), "--ref", "sklearn-digits", "-q"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not (pairs / ".kdm-pipe.lock").exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.count("error:") == 1 and "SIGTERM" in err, err
+    assert "Traceback" not in err and "*** " not in err
+    cache = ".kdm-verified.json"                     # the checksum cache any reader may leave: not a result
+    assert {k: v for k, v in tree(pairs).items() if k != cache} == {k: v for k, v in before.items() if k != cache}
+    assert load_manifest(pairs).filter is None

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_resume_is_exact
 from faults import bless, cli, error_line, flip_byte, kdm, tree
 
 from kdm_pipe import run as kdm_run
 from kdm_pipe.config import TrainConfig
-from kdm_pipe.training import latest_checkpoint, train
+from kdm_pipe.training import latest_checkpoint
 
 QUICK = ["--steps", "6", "--batch", "100", "--ckpt-every", "3", "--probe-every", "3", "--no-tensorboard", "-q",
          "--student", "kdm"]
@@ -139,9 +140,4 @@ def test_resume_with_dropout_is_exact(digit_pairs, tmp_path):
         return TrainConfig.model_validate({
             "data": digit_pairs, "out": out, "steps": steps, "batch": 16, "loader_workers": 1, "shuffle_buffer": 32,
             "ckpt_every": 2, "probe_every": 100, "tensorboard": False, "student": {**TINY_UNET, "dropout": 0.3}})
-    train(cfg(tmp_path / "full", 5), progress=False)
-    train(cfg(tmp_path / "half", 2), progress=False)
-    train(cfg(tmp_path / "half", 5), resume=True, progress=False)
-    a, b = (torch.load(latest_checkpoint(tmp_path / n), weights_only=True) for n in ("full", "half"))
-    for part in ("model", "ema", "disc"):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert_resume_is_exact(cfg, tmp_path, steps=5, stop=2, parts=("model", "ema", "disc"))

@@ -305,3 +305,25 @@ def test_precision_recall_through_image_metrics():
     assert (same["precision"], same["recall"]) == (1.0, 1.0)
     dropped = image_metrics([dark.astype(np.float32)], pixels, ref, real_features=real_f)  # one mode missing
     assert dropped["precision"] == 1.0 and dropped["recall"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_npz_sample_sets_are_checked_before_they_are_read(tmp_path):
+    """An `.npz` image set whose arr_0 is not uint8 NHWC, or whose header declares more than the file holds, is
+    refused with one ConfigError before any allocation of the declared size."""
+    import io
+    import zipfile
+
+    from kdm_pipe.metrics.fid import image_source
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    buf = io.BytesIO()                   # declares 10^9 images, holds one
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 8, 8, 3)})
+    with zipfile.ZipFile(tmp_path / "crafted.npz", "w") as z:
+        z.writestr("arr_0.npy", buf.getvalue() + bytes(8 * 8 * 3))
+    for name, says in [("float", "expected uint8 NHWC"), ("nchw", "expected uint8 NHWC"),
+                       ("other", "found \\['images'\\]"), ("crafted", "header declares .* but only")]:
+        with pytest.raises(ConfigError, match=says):
+            list(image_source(tmp_path / f"{name}.npz"))
+    np.savez(tmp_path / "good.npz", arr_0=np.full((3, 8, 8, 3), 255, np.uint8))
+    assert np.concatenate(list(image_source(tmp_path / "good.npz", num=2))).shape == (2, 3, 8, 8)

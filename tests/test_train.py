@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import ray
-import torch
+from conftest import assert_resume_is_exact
 
 from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig, TrainConfig
 from kdm_pipe.evaluation import evaluate
-from kdm_pipe.training import latest_checkpoint, train
+from kdm_pipe.training import train
 from stages import generate
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
@@ -33,15 +33,7 @@ def tcfg(pairs, out, **kw):
 
 
 def test_resume_is_bit_exact(pairs, tmp_path):
-    train(tcfg(pairs, tmp_path / "full", steps=30), progress=False)
-    train(tcfg(pairs, tmp_path / "half", steps=20), progress=False)
-    train(tcfg(pairs, tmp_path / "half", steps=30), resume=True, progress=False)
-    a = torch.load(latest_checkpoint(tmp_path / "full"), weights_only=True)
-    b = torch.load(latest_checkpoint(tmp_path / "half"), weights_only=True)
-    assert a["step"] == b["step"] == 30
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert_resume_is_exact(lambda out, steps: tcfg(pairs, out, steps=steps), tmp_path, steps=30, stop=20)
 
 
 def test_refuses_to_mix_runs(pairs, tmp_path):

@@ -20,6 +20,7 @@ from kdm_pipe.exclusions import exclusions
 from kdm_pipe.image_files import SAMPLES_JSON, SAMPLES_NPZ
 from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed, feature_batches
 from kdm_pipe.metrics.distribution import feature_stats, frechet_distance, precision_recall
+from kdm_pipe.npyfiles import Header, npz_arrays
 from kdm_pipe.shards import MANIFEST, load_manifest
 
 FID_NUM = 50_000  # EDM's sample count for reported FIDs
@@ -143,12 +144,19 @@ def _shard_images(directory: Path, num: int | None) -> Iterator[np.ndarray]:
                     return
 
 
+MAX_NPZ_IMAGES = 16 << 30      # 50k ImageNet-256 samples are 9.8 GB: a larger arr_0 is no sample set
+
+
 def _npz_images(path: Path, num: int | None) -> Iterator[np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        if "arr_0" not in f:
-            raise ConfigError(f"{path}: expected uint8 NHWC images under arr_0, found {sorted(f.files)}")
-        pixels = f["arr_0"][:num]
-    for chunk in _chunks(pixels, None):
+    def nhwc_uint8(name: str, h: Header) -> None:
+        if h.dtype != np.uint8 or len(h.shape) != 4 or h.shape[3] not in (1, 3):
+            raise ConfigError(f"{path}: arr_0 is {h.describe()}; expected uint8 NHWC images (N, H, W, 1 or 3), as "
+                              f"`kdm-pipe sample` and EDM's generate.py write them")
+
+    arrays, members = npz_arrays(path, ("arr_0",), MAX_NPZ_IMAGES, "for an image sample set", nhwc_uint8)
+    if "arr_0" not in arrays:
+        raise ConfigError(f"{path}: expected uint8 NHWC images under arr_0, found {members}")
+    for chunk in _chunks(arrays["arr_0"][:num], None):
         yield from_uint8_nhwc(chunk)
 
 
