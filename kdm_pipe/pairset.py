@@ -73,7 +73,7 @@ def free_bytes(path: Path) -> int:
     """Free disk space where `path` is (or will be created); for a remote `path`, where its files are finished
     before their upload (the local temp directory)."""
     if storage.is_remote(path):
-        return shutil.disk_usage(existing_parent(Path(tempfile.gettempdir()))).free
+        return shutil.disk_usage(tempfile.gettempdir()).free
     return shutil.disk_usage(existing_parent(path)).free
 
 

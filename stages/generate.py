@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def check_limits(cfg: GenerateConfig, manifest: Manifest) -> None:
         busy = min(todo, cfg.workers if cfg.address is None else 1)
         if busy * shard > free:
             raise ConfigError(f"{busy} shard(s) in progress need ~{gib(busy * shard)} in the local temp directory "
-                              f"{storage.upload_dir(cfg.out).parent.parent} (each is finished there before its "
+                              f"{tempfile.gettempdir()} (each is finished there before its "
                               f"upload) but it has {gib(free)} free; point TMPDIR at a larger disk or lower "
                               f"--pairs-per-shard")
         return

@@ -229,6 +229,18 @@ def test_import_refuses_a_shard_larger_than_the_local_temp_space(s3_server, buck
     assert bucket_tree(bucket) == {}
 
 
+def test_generate_refuses_shards_the_local_temp_space_cannot_hold(s3_server, bucket, monkeypatch):
+    """The disk check of an s3:// --out is on the temp directory, for the shards in progress here (a nearly full
+    disk is simulated: filling the shared machine's disk is not an option)."""
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    asked = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: asked.append(str(p)) or usage(10**6, 10**6 - 5000, 5000))
+    r = cli("generate", "--out", f"{bucket}/pairs", *FLAGS)
+    error_line(r, 2, "2 shard(s) in progress", tempfile.gettempdir(), "TMPDIR")
+    assert asked == [tempfile.gettempdir()] and bucket_tree(bucket) == {}
+
+
 # ---- one writer ---------------------------------------------------------------------------------------------------
 
 def test_second_generate_on_the_same_s3_out_is_refused(s3_server, bucket):
