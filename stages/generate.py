@@ -108,9 +108,8 @@ def check_limits(cfg: GenerateConfig, manifest: Manifest) -> None:
         busy = min(todo, cfg.workers if cfg.address is None else 1)
         if busy * shard > free:
             raise ConfigError(f"{busy} shard(s) in progress need ~{gib(busy * shard)} in the local temp directory "
-                              f"{tempfile.gettempdir()} (each is finished there before its "
-                              f"upload) but it has {gib(free)} free; point TMPDIR at a larger disk or lower "
-                              f"--pairs-per-shard")
+                              f"{tempfile.gettempdir()} (each is finished there before its upload) but it has "
+                              f"{gib(free)} free; point TMPDIR at a larger disk or lower --pairs-per-shard")
         return
     need = todo * shard
     if need > free:
