@@ -131,7 +131,7 @@ def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: st
     the same pairs (by checksum: the run and its pairs may have moved) with the same pairs excluded by the
     memorisation filter (`excluded`: `Exclusions.digest` of the run's shards)."""
     run = Run(cfg.out)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+    if run.location.exists() and not run.location.is_dir():
         raise ConfigError(f"--out {cfg.out} is a file; pass a directory")
     if resume:
         if not run.exists():
@@ -286,7 +286,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     moments = data_moments(cfg, manifest, train_names)
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
-    created = not Path(cfg.out).exists()
+    created = not Run(cfg.out).path.exists()          # (a run on s3:// gets a mirror; nothing is uploaded before
+                                                       # its first checkpoint)
     try:
         # Everything opened in the run (loader workers, logs) is closed by `cleanup`, whatever ends it: a live
         # persistent loader worker would keep the process from exiting after an error.

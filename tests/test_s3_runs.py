@@ -1,0 +1,191 @@
+"""Runs on s3:// against a real S3 API server (moto's, on loopback): train streams shards from the bucket into a run
+directory in the bucket, bit for bit what a local run of the same settings writes; resume after a kill reads the
+bucket; evaluate, sample and analyze read and write there; refusals leave the bucket as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+from faults import CLI, ENV, cli, error_line, kdm
+
+SMALL = {"student": {"hidden": 32, "depth": 2, "latent_dim": 16}, "batch": 128, "log_every": 5, "ckpt_every": 10,
+         "loader_workers": 1, "shuffle_buffer": 1024, "probe_pairs": 256, "probe_every": 5}
+
+
+def fs() -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def objects(url: str) -> dict[str, str]:
+    """{key below url: sha256} of every object under url."""
+    root = url.removeprefix("s3://").rstrip("/")
+    f = fs()
+    return {k[len(root) + 1:]: hashlib.sha256(f.cat_file(k)).hexdigest() for k in f.find(root)}
+
+
+def files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def checkpoints(tree: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in tree.items() if k.startswith("checkpoints/ckpt-") and k.endswith(".pt")}
+
+
+def upload(local: Path, url: str) -> str:
+    f = fs()
+    for p in Path(local).iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            f.put_file(str(p), f"{url.removeprefix('s3://')}/{p.name}")
+    return url
+
+
+def train_args(tmp: Path, data, out, steps: int, **kw) -> list:
+    """`kdm-pipe train` with SMALL (and `kw`) as a preset file in `tmp`."""
+    import yaml
+    preset = tmp / f"preset-{len(list(tmp.glob('preset-*')))}.yaml"
+    preset.write_text(yaml.safe_dump({"train": {**SMALL, **kw}}))
+    return ["train", "--preset", preset, "--data", data, "--out", out, "--steps", steps]
+
+
+def train(data, out, **kw) -> None:
+    from kdm_pipe.config import TrainConfig
+    from stages import train as stage
+    stage.run(TrainConfig.model_validate({"data": data, "out": out, **SMALL, **kw}), progress=False)
+
+
+@pytest.fixture
+def s3_pairs(bucket, vector_pairs):
+    return upload(vector_pairs, f"{bucket}/pairs")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, s3_server, vector_pairs):
+    """One run of the same settings on s3 (data and run in a bucket) and locally: (s3 run URL, local run)."""
+    name = f"kdm-runs-{os.getpid()}"
+    fs().mkdir(name)
+    data = upload(vector_pairs, f"s3://{name}/pairs")
+    local = tmp_path_factory.mktemp("local") / "run"
+    train(data, f"s3://{name}/run", steps=20)
+    train(vector_pairs, local, steps=20)
+    return f"s3://{name}/run", local
+
+
+def test_a_run_on_s3_is_the_local_run_bit_for_bit(trained):
+    url, local = trained
+    remote, here = objects(url), files(local)
+    assert checkpoints(remote) == checkpoints(here) and len(checkpoints(here)) == 2
+    for ckpt in checkpoints(remote):                   # every checkpoint has its checksum beside it
+        assert fs().cat_file(f"{url[5:]}/{ckpt}.sha256").decode().strip() == remote[ckpt]
+    rows = lambda text: [{k: v for k, v in json.loads(ln).items() if not k.endswith("_per_s")}  # noqa: E731
+                         for ln in text.splitlines()]
+    assert rows(fs().cat_file(f"{url[5:]}/train.jsonl").decode()) == rows((local / "train.jsonl").read_text())
+    assert any(k.startswith("tensorboard/") for k in remote) and "latents.zarr/zarr.json" in remote
+    assert not any(Path(k).name.startswith(".") for k in remote)      # no temp files, no mirror marker
+    config = json.loads(fs().cat_file(f"{url[5:]}/config.json"))
+    split = json.loads(fs().cat_file(f"{url[5:]}/split.json"))
+    assert config["out"] == url and config["data"] == url.replace("/run", "/pairs")
+    assert split["data_from_run"] == "../pairs"
+
+
+def test_evaluate_sample_and_analyze_read_and_write_an_s3_run(trained, tmp_path):
+    url, local = trained
+    assert cli("evaluate", url, "--num", "400").returncode == 0
+    assert cli("evaluate", local, "--num", "400").returncode == 0
+    remote = objects(url)
+    for name in ("eval.json", "weights.json", "samples.png", "report.html"):
+        assert name in remote, name
+    ours, theirs = json.loads(fs().cat_file(f"{url[5:]}/eval.json")), json.loads((local / "eval.json").read_text())
+    assert ours["student"] == theirs["student"] and ours["weights"] == theirs["weights"]
+    assert ours["data"] == url.replace("/run", "/pairs")          # the recorded pairs, found in the bucket
+
+    out = url.replace("/run", "/samples")
+    assert cli("sample", url, "--out", out, "--num", "32").returncode == 0
+    assert cli("sample", local, "--out", tmp_path / "samples", "--num", "32").returncode == 0
+    with fs().open(f"{out[5:]}/samples.npz", "rb") as f:
+        got = np.load(f)["x_0"]
+    assert np.array_equal(got, np.load(tmp_path / "samples" / "samples.npz")["x_0"])
+    assert "samples.json" in objects(out)
+
+    r = cli("analyze", url, "--num", "200")
+    assert r.returncode == 0, r.stderr
+    assert "analysis/analysis.json" in objects(url)
+
+
+def test_a_killed_run_resumes_from_the_bucket(s3_pairs, bucket, tmp_path):
+    """SIGKILL a training process once checkpoints reach the bucket, damage the newest one there, resume with
+    --resume in a new process: it passes over the damaged checkpoint (setting it aside), resumes from the one
+    before, and ends with the checkpoint an uninterrupted local run writes."""
+    run = f"{bucket}/run"
+    proc = subprocess.Popen(CLI + [str(a) for a in train_args(tmp_path, s3_pairs, run, steps=100000, ckpt_every=5)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(checkpoints(objects(run))) < 2:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoints reached the bucket"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    have = sorted(checkpoints(objects(run)))
+    newest = have[-1]
+    fs().pipe_file(f"{run[5:]}/{newest}", b"not a checkpoint")
+    step = int(Path(have[-2]).stem.split("-")[1]) + 5
+    r = kdm(*train_args(tmp_path, s3_pairs, run, steps=step, ckpt_every=5), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "damaged" in r.stderr
+    local = tmp_path / "full"
+    train(s3_pairs, local, steps=step, ckpt_every=5)
+    name = f"checkpoints/ckpt-{step:08d}.pt"
+    assert objects(run)[name] == files(local)[name]
+    assert f"{newest}.damaged" in objects(run)
+
+
+def test_refusals_write_nothing(s3_pairs, bucket, tmp_path):
+    before = objects(bucket)
+    error_line(cli(*train_args(tmp_path, s3_pairs, "s3://kdm-no-such-bucket-4711/run", steps=5)), 2, "does not exist")
+    error_line(cli(*train_args(tmp_path, "s3://kdm-no-such-bucket-4711/pairs", f"{bucket}/run", steps=5)), 2, "--data",
+               "does not exist")
+    error_line(cli(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=5), "--resume"), 2, "holds no run")
+    error_line(cli("evaluate", f"{bucket}/nothing"), 2, "not a training run")
+    error_line(cli("sample", f"{bucket}/nothing", "--out", f"{bucket}/samples"), 2, "not a training run")
+    error_line(cli("analyze", f"{bucket}/nothing"), 2, "not a training run")
+    assert objects(bucket) == before
+    env = {k: v for k, v in ENV.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    error_line(kdm(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=5), env=env, timeout=60), 2, "credentials")
+    error_line(kdm("evaluate", f"{bucket}/run", env=env, timeout=60), 2, "credentials")
+    assert objects(bucket) == before
+
+
+def test_a_corrupt_shard_object_stops_training_naming_it(s3_pairs, bucket, vector_pairs, tmp_path):
+    """A shard whose bytes changed in the bucket and whose manifest entry was made to agree: only reading it can
+    find the damage. The loader worker's error ends the run within seconds (exit 1, the shard named), and a run
+    that failed before its first checkpoint leaves nothing in the bucket."""
+    from kdm_pipe.shards import Manifest
+    bad = tmp_path / "shard-000001.tar"
+    data = bytearray((vector_pairs / "shard-000001.tar").read_bytes())
+    data[600] ^= 0xFF                                  # inside the first member's .npy header
+    bad.write_bytes(bytes(data))
+    manifest = Manifest.model_validate_json((vector_pairs / "manifest.json").read_text())
+    for s in manifest.shards:
+        if s.name == bad.name:
+            s.sha256 = hashlib.sha256(bytes(data)).hexdigest()
+    f = fs()
+    f.put_file(str(bad), f"{s3_pairs[5:]}/{bad.name}")
+    f.pipe_file(f"{s3_pairs[5:]}/manifest.json", manifest.model_dump_json(indent=1).encode())
+    t = time.monotonic()
+    r = kdm(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=400, ckpt_every=1000, loader_workers=2), timeout=120)
+    error_line(r, 1, "shard-000001.tar")
+    assert time.monotonic() - t < 60
+    assert not any(k.startswith("run/") for k in objects(bucket))
