@@ -157,10 +157,20 @@ class Mirror:
             os.replace(self.local / rel, self.local / new)
         self.sent.pop(rel, None)
 
-    def remove(self, rel: str) -> None:
+    def remote_files(self, rel: str) -> set[str]:
+        """Relative paths of every object under `rel` in the bucket."""
+        src = self.url(rel)
+        with storage.remote_errors(src, "listing"):
+            return {posixpath.relpath(k, self.remote.path) for k in src.fs.find(src.path)}
+
+    def forget(self, rel: str) -> None:
+        """Delete `rel` from the bucket only (the next `push_changed` uploads it again if the mirror has it)."""
         storage.remove(self.url(rel))
-        (self.local / rel).unlink(missing_ok=True)
         self.sent.pop(rel, None)
+
+    def remove(self, rel: str) -> None:
+        self.forget(rel)
+        (self.local / rel).unlink(missing_ok=True)
 
     def close(self, pid: int | None = None) -> None:
         if self.owned and os.getpid() == (pid or os.getpid()):   # not from a forked child (a loader worker)

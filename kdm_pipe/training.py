@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from kdm_pipe import normalization
+from kdm_pipe import normalization, storage
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.data import batches
 from kdm_pipe.errors import ConfigError
@@ -81,9 +81,10 @@ def data_moments(cfg: TrainConfig, manifest: Manifest, names: list[str]) -> dict
         return None
 
     def refresh() -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:       # one Ray job, not one per rank
+        # One Ray job, not one per rank; a bucket's store is built and uploaded by `stats` alone.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or storage.is_remote(cfg.data):
             raise ConfigError(f"{cfg.data}/stats.zarr is missing or stale; run `kdm-pipe stats {cfg.data}` before "
-                              f"a multi-process run")
+                              f"a multi-process run or one on s3://")
         try:
             with directory_lock(cfg.data, f"train --data {cfg.data} (statistics for normalize: standard)"):
                 update(Path(cfg.data), manifest)

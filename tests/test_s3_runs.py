@@ -206,3 +206,34 @@ def test_a_corrupt_shard_object_stops_training_naming_it(s3_pairs, bucket, vecto
     error_line(r, 1, "shard-000001.tar")
     assert time.monotonic() - t < 60
     assert not any(k.startswith("run/") for k in objects(bucket))
+
+
+@pytest.mark.slow
+def test_stats_on_an_s3_pair_set_and_its_readers(s3_pairs, bucket, vector_pairs, tmp_path):
+    """`stats s3://…` writes stats.zarr into the bucket (root metadata last: no temp objects, no mirror marker), its
+    moments are the pairs' own, and `train --normalize standard` reads them there; before it exists, train refuses."""
+    from kdm_pipe.shards import load_manifest, read_pairs
+    from kdm_pipe.stats import load_stats
+    error_line(cli(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=2), "--normalize", "standard"), 2,
+               "stats.zarr is missing or stale", "kdm-pipe stats")
+    r = cli("stats", s3_pairs, "--workers", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    keys = objects(s3_pairs)
+    assert "stats.zarr/zarr.json" in keys and not any(Path(k).name.startswith(".") for k in keys if "stats" in k)
+    merged = load_stats(s3_pairs)
+    names = [s.name for s in load_manifest(vector_pairs).shards]
+    x_0 = read_pairs(vector_pairs, names, 10**6)["x_0"]
+    assert merged["x_0"]["count"] == len(x_0)
+    np.testing.assert_allclose(merged["x_0"]["mean"], x_0.astype(np.float64).mean(0), rtol=1e-10)
+    r = cli(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=2), "--normalize", "standard")
+    assert r.returncode == 0, r.stderr
+
+
+def test_stats_refuses_a_changed_shard_object_and_writes_nothing(s3_pairs, bucket):
+    f = fs()
+    key = f"{s3_pairs[5:]}/shard-000002.tar"
+    data = bytearray(f.cat_file(key))
+    data[-2000] ^= 0xFF
+    f.pipe_file(key, bytes(data))
+    error_line(cli("stats", s3_pairs, "--workers", "1", "--quiet"), 1, "shard-000002.tar", "sha256")
+    assert not any(k.startswith("stats.zarr") for k in objects(s3_pairs))
