@@ -237,3 +237,9 @@ def test_stats_refuses_a_changed_shard_object_and_writes_nothing(s3_pairs, bucke
     f.pipe_file(key, bytes(data))
     error_line(cli("stats", s3_pairs, "--workers", "1", "--quiet"), 1, "shard-000002.tar", "sha256")
     assert not any(k.startswith("stats.zarr") for k in objects(s3_pairs))
+
+
+def test_filter_refuses_an_s3_pair_set(s3_pairs):
+    before = objects(s3_pairs)
+    error_line(cli("filter", s3_pairs, "--ref", "sklearn-digits"), 2, "not filtered yet")
+    assert objects(s3_pairs) == before
