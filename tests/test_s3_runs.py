@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -243,3 +244,53 @@ def test_filter_refuses_an_s3_pair_set(s3_pairs):
     before = objects(s3_pairs)
     error_line(cli("filter", s3_pairs, "--ref", "sklearn-digits"), 2, "not filtered yet")
     assert objects(s3_pairs) == before
+
+
+def test_an_unwritable_cache_is_refused_before_anything_is_written(s3_pairs, bucket, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("KDM_PIPE_CACHE", str(tmp_path / "file"))
+    before = objects(bucket)
+    error_line(cli(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=5)), 2, "KDM_PIPE_CACHE")
+    assert objects(bucket) == before
+
+
+@pytest.mark.slow
+def test_the_store_going_away_mid_run_ends_training_within_seconds(vector_pairs, tmp_path):
+    """Pairs local, the run in a bucket of a second S3 server that is killed once the first checkpoint is there:
+    the next upload fails, and the run ends with exit 1 and one line naming the object, not a hang."""
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = aws_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        other = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=f"http://127.0.0.1:{port}")
+        other.mkdir("kdm-gone")
+        proc = subprocess.Popen(CLI + [str(a) for a in train_args(tmp_path, vector_pairs, "s3://kdm-gone/run",
+                                                                  steps=100000, ckpt_every=20)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not other.glob("kdm-gone/run/checkpoints/ckpt-*.pt"):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+            time.sleep(0.2)
+    finally:
+        server.kill()
+        server.wait()
+    t = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    error_line(r, 1, "s3://kdm-gone/run", "cannot reach")
+    assert time.monotonic() - t < 90
