@@ -36,16 +36,31 @@ class NpzFolder(Dataset):
         return torch.from_numpy(a[0]), torch.from_numpy(a[1])
 
 
-def rate(batches, batch: int) -> float:
+def cpu(loader) -> float:
+    """CPU seconds so far of this process and of `loader`'s worker processes (read from /proc while they run)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    workers = getattr(getattr(loader, "_it", None), "_workers", [])
+    total = time.process_time()
+    for w in workers:
+        with open(f"/proc/{w.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick          # utime, stime
+    return total
+
+
+def rate(batches, batch: int, cpu_too: bool = False) -> float | tuple[float, float]:
+    """Pairs/s (and, with cpu_too, CPU µs per pair of the trainer and its loader workers, start-up excluded: the
+    number that stays put on a loaded machine)."""
     it = iter(batches)
     next(it)                                          # workers started
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu(batches) if cpu_too else 0.0
     n = BATCHES * BATCH // batch
     for _ in range(n):
         next(it)
     rate = n * batch / (time.perf_counter() - t)
+    used = cpu(batches) - c if cpu_too else 0.0
     getattr(batches, "close", lambda: None)()
-    return rate
+    return (rate, 1e6 * used / (n * batch)) if cpu_too else rate
 
 
 def shards(root: Path, rng: np.random.Generator) -> list[str]:
@@ -88,10 +103,13 @@ def versus_s3(root: Path, names: list[str], url: str) -> None:
     print(f"load average {os.getloadavg()[0]:.2f}; {len(names)} shards of {(root / names[0]).stat().st_size:,} bytes "
           f"at {url} ({os.environ.get('AWS_ENDPOINT_URL', 'the default endpoint')})")
     for batch in (BATCH, 512):
-        there = rate(batches(remote, [(n, PER_SHARD) for n in names], batch, 4096, 0, workers=2), batch)
-        here = rate(batches(root, [(n, PER_SHARD) for n in names], batch, 4096, 0, workers=2), batch)
-        print(f"batch {batch}: from {url} {there:10,.0f} pairs/s; from local files {here:10,.0f} pairs/s; "
-              f"ratio {there / here:.2f}")
+        there, cpu_there = rate(batches(remote, [(n, PER_SHARD) for n in names], batch, 4096, 0, workers=2), batch,
+                                cpu_too=True)
+        here, cpu_here = rate(batches(root, [(n, PER_SHARD) for n in names], batch, 4096, 0, workers=2), batch,
+                              cpu_too=True)
+        print(f"batch {batch}: from {url} {there:10,.0f} pairs/s, {cpu_there:.1f} CPU µs/pair; from local files "
+              f"{here:10,.0f} pairs/s, {cpu_here:.1f} CPU µs/pair; ratio {there / here:.2f} (pairs/s), "
+              f"{cpu_there / cpu_here:.2f} (CPU per pair; the S3 server's own CPU not counted)")
 
 
 if __name__ == "__main__":
