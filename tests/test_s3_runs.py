@@ -294,3 +294,34 @@ def test_the_store_going_away_mid_run_ends_training_within_seconds(vector_pairs,
     r = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
     error_line(r, 1, "s3://kdm-gone/run", "cannot reach")
     assert time.monotonic() - t < 90
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_into_the_bucket_and_exits_143(s3_pairs, bucket, tmp_path):
+    """Preemption of a run in a bucket: the step ends, its checkpoint (with checksum) and the logs up to it are
+    uploaded, exit 143; `--resume` then continues from that step."""
+    import re
+    run = f"{bucket}/run"
+    proc = subprocess.Popen(CLI + [str(a) for a in train_args(tmp_path, s3_pairs, run, steps=100000, ckpt_every=50)],
+                            env=aws_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not fs().glob(f"{run[5:]}/checkpoints/ckpt-*.pt"):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", out)[1])
+    have = objects(run)
+    last = f"checkpoints/ckpt-{step:08d}.pt"
+    assert max(checkpoints(have)) == last
+    assert fs().cat_file(f"{run[5:]}/{last}.sha256").decode().strip() == have[last]
+    rows = [json.loads(ln) for ln in fs().cat_file(f"{run[5:]}/train.jsonl").decode().splitlines()]
+    assert rows and rows[-1]["step"] <= step
+    r = kdm(*train_args(tmp_path, s3_pairs, run, steps=step + 5, ckpt_every=50), "--resume", env=aws_env())
+    assert r.returncode == 0, r.stderr
+    assert f"checkpoints/ckpt-{step + 5:08d}.pt" in objects(run)
