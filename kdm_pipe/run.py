@@ -218,7 +218,8 @@ class Run:
             if problem is None:
                 return path
             if path not in _warned:
-                print(f"warning: checkpoint {path} is damaged ({problem}); falling back to the one before it",
+                shown = self.mirror.url(self.mirror.rel(path)) if self.mirror is not None else path
+                print(f"warning: checkpoint {shown} is damaged ({problem}); falling back to the one before it",
                       file=sys.stderr)
                 _warned.add(path)
             if set_aside and self.mirror is not None:
@@ -257,14 +258,14 @@ def _step(line: str) -> int | None:
 
 
 @contextmanager
-def working(where: Any, names: tuple[str, ...] = READ) -> Iterator[Run]:
+def working(where: Any) -> Iterator[Run]:
     """The run `where` for a stage that reads it and writes beside it (evaluate, sample, analyze, stats --run): on
-    an object store, the bucket is checked, `names` are pulled first, and what the stage wrote is pushed when it
+    an object store, the bucket is checked, `READ` is pulled first, and what the stage wrote is pushed when it
     succeeds (a failed stage leaves the bucket as it was)."""
     loc = storage.location(where)
     storage.check_bucket(loc, "run")
     run = Run(loc).require()
-    for name in names if run.mirror is not None else ():
+    for name in READ if run.mirror is not None else ():
         run.fetch(name)
     yield run
     run.push()
