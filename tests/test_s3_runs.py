@@ -325,3 +325,26 @@ def test_sigterm_checkpoints_into_the_bucket_and_exits_143(s3_pairs, bucket, tmp
     r = kdm(*train_args(tmp_path, s3_pairs, run, steps=step + 5, ckpt_every=50), "--resume", env=aws_env())
     assert r.returncode == 0, r.stderr
     assert f"checkpoints/ckpt-{step + 5:08d}.pt" in objects(run)
+
+
+@pytest.mark.slow
+def test_image_feature_statistics_in_the_bucket_are_the_local_ones(digit_pairs, bucket, tmp_path):
+    """`stats` of an image set on s3 (moments and pixel-feature statistics, which evaluate's set Fréchet distance
+    reads) equals `stats` of the same shards on local files, read back from the bucket."""
+    import shutil
+
+    from kdm_pipe.feature_stats import set_reference
+    from kdm_pipe.shards import load_manifest
+    from kdm_pipe.stats import load_stats
+    local = tmp_path / "digits"
+    shutil.copytree(digit_pairs, local)
+    url = upload(local, f"{bucket}/digits")
+    for where in (local, url):
+        r = cli("stats", where, "--workers", "1", "--quiet")
+        assert r.returncode == 0, r.stderr
+    manifest = load_manifest(local)
+    ours, theirs = set_reference(url, manifest, "pixels"), set_reference(local, manifest, "pixels")
+    assert ours is not None and ours.num == theirs.num == manifest.num_pairs
+    assert np.array_equal(ours.mu, theirs.mu) and np.array_equal(ours.sigma, theirs.sigma)
+    a, b = load_stats(url), load_stats(local)
+    assert all(np.array_equal(a[f][k], b[f][k]) for f in b for k in b[f])
