@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError, DataError, one_line
 from kdm_pipe.shards import read_shard
 
@@ -251,8 +252,10 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
     # Micro-batches cross from a loader worker in groups of about ITEM_PAIRS pairs: per-item IPC costs dominated.
     group = max(1, ITEM_PAIRS // micro) if workers else 1
     slots = Slots(workers, PREFETCH + 2) if workers else None
-    stream = PairStream([(str(Path(directory) / u), n) for u, n in shards], micro, buffer, seed, rank, world, start,
-                        group, slots, read)
+    # Shards by URL string: a loader worker opens its own connection (an s3fs client is not fork-safe).
+    where = storage.location(directory)
+    stream = PairStream([(str(where / u), n) for u, n in shards], micro, buffer, seed, rank, world, start, group,
+                        slots, read)
     # Its own generator: the DataLoader draws its worker seeds from it, not from the global RNG that dropout uses
     # (those draws came after a resume's RNG restore and shifted every later dropout mask).
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,

@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.shards import Manifest, ShardInfo, read_shard
 
@@ -38,10 +39,12 @@ class Exclusions:
         """Pairs of the shard that readers see."""
         return info.pairs - len(self.seeds.get(info.name, ()))
 
-    def read(self, path: Path | str) -> Iterator[Record]:
-        """`read_shard` without the excluded pairs (records left empty are skipped)."""
-        drop = self.seeds.get(Path(path).name)
-        for rec in read_shard(Path(path)):
+    def read(self, path: Any) -> Iterator[Record]:
+        """`read_shard` (of a local path or an s3:// URL) without the excluded pairs (records left empty are
+        skipped)."""
+        path = storage.location(path)
+        drop = self.seeds.get(path.name)
+        for rec in read_shard(path):
             if drop is not None:
                 keep = ~np.isin(rec["seed"], drop)
                 if not keep.all():

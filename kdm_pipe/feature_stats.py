@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import zarr
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.metrics.detectors import FeatureNet, feature_batches, load_detector, to_uint8
 from kdm_pipe.metrics.fid import FeatureStats, FeatureSums
 from kdm_pipe.shards import Manifest
-from kdm_pipe.stats import STORE, create_array
+from kdm_pipe.stats import STORE, create_array, store_at
 
 GROUP = "features"
 
@@ -131,9 +132,9 @@ def set_reference(directory: Path, manifest: Manifest, detector: str, flag: str 
     """The teacher set's feature statistics in `detector`'s space, None when the store has none for it; a store
     computed from other shards (or never completed) is refused: it does not describe this set. `flag`: the stats
     flags that recompute it (e.g. ` --detector PATH`), for the message."""
-    path = Path(directory) / STORE
+    path = storage.location(directory) / STORE
     try:
-        root = zarr.open_group(path, mode="r")
+        root = zarr.open_group(store_at(directory), mode="r")
         g = root[f"{GROUP}/{key(detector)}"]
     except (OSError, ValueError, KeyError):
         return None

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import zarr
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.metrics.fid import FeatureSums
 from kdm_pipe.probes import STATISTICS
@@ -52,7 +53,7 @@ def worker_student(run: str, ckpt: str, weights: str, data: str) -> torch.nn.Mod
     """The student of `ckpt`, loaded once per worker process."""
     key = (run, ckpt, weights, data)
     if key not in _MODELS:
-        _MODELS[key] = load_weights(Path(run), weights, Path(ckpt), data=Path(data))[0]
+        _MODELS[key] = load_weights(Path(run), weights, Path(ckpt), data=data)[0]
     return _MODELS[key]
 
 
@@ -61,9 +62,9 @@ def shard_latents(run: str, ckpt: str, weights: str, directory: str, info: Shard
                   batch: int) -> tuple[int, str, dict[str, dict[str, np.ndarray]], int]:
     """Ray task: (shard index, its sha256, the latent sums of its pairs, pairs read)."""
     model = worker_student(run, ckpt, weights, directory)
-    digest = checked_digest(Path(directory), info)
+    digest = checked_digest(directory, info)
     sums: dict[str, FeatureSums] = {}
-    for rec in read_shard(Path(directory) / info.name):
+    for rec in read_shard(storage.location(directory) / info.name):
         for b in range(0, len(rec["x_0"]), batch):
             x_0, x_T = (torch.as_tensor(rec[k][b:b + batch], dtype=torch.float32) for k in ("x_0", "x_T"))
             y = None if rec.get("label") is None else torch.as_tensor(rec["label"][b:b + batch], dtype=torch.float32)

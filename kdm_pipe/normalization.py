@@ -14,9 +14,10 @@ import torch
 import zarr
 from torch import Tensor, nn
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.shards import Manifest
-from kdm_pipe.stats import STORE, field_specs, filtered_alike, merge, stale_shards
+from kdm_pipe.stats import STORE, field_specs, filtered_alike, merge, stale_shards, store_at
 
 DEFAULT = "none"      # for vector data: standardising did not measurably help on the official-scale board (BENCHMARKS)
 
@@ -83,12 +84,12 @@ def wrap(student: nn.Module, normalize: str | None, shape: list[int], x_T: bool)
 def training_moments(directory: Path, manifest: Manifest, names: list[str], update) -> dict[str, np.ndarray]:
     """μ and s of x_0 and x_T over the shards `names`, from their rows in stats.zarr; `update()` is called first
     when the store is missing, of another layout, or stale for any shard of the manifest."""
-    path = Path(directory) / STORE
+    path = storage.location(directory) / STORE
     specs = field_specs(manifest, cov_max_dim=0)       # mean and std only: any layout of the store has them
-    root = _current(path, manifest, specs)
+    root = _current(directory, manifest, specs)
     if root is None:
         update()
-        root = _current(path, manifest, specs)
+        root = _current(directory, manifest, specs)
         if root is None:
             raise ConfigError(f"{path} could not be brought up to date; rerun `kdm-pipe stats {directory}`")
     index = [s.index for s in manifest.shards if s.name in set(names)]
@@ -103,14 +104,12 @@ def training_moments(directory: Path, manifest: Manifest, names: list[str], upda
     return out
 
 
-def _current(path: Path, manifest: Manifest, specs) -> zarr.Group | None:
+def _current(directory: Path, manifest: Manifest, specs) -> zarr.Group | None:
     """The store if every shard of the manifest has a trusted row, else None (read-only: nothing is changed)."""
-    if not path.exists():
-        return None
     try:
-        root = zarr.open_group(path, mode="r")
+        root = zarr.open_group(store_at(directory), mode="r")
         if (root.attrs.get("complete") is not True or stale_shards(root, manifest)
-                or not filtered_alike(root, manifest, path.parent)):
+                or not filtered_alike(root, manifest, directory)):
             return None
         return root
     except (OSError, ValueError, KeyError, IndexError):

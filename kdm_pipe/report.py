@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from kdm_pipe import plots
+from kdm_pipe import plots, storage
 from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR
 from kdm_pipe.analysis import probe_spectra
 from kdm_pipe.errors import ConfigError
@@ -213,10 +213,11 @@ def filter_section(directory: Path, manifest: Manifest, base: Path) -> str:
             ["space", s["metric"] + (f" ({s['detector']['path']})" if s.get("detector") else " (pixels)")],
             ["rule", f"{s['rule']}: {rule}, k = {s['k']}"],
             ["excluded", f"{f.flagged:,} of {f.scored:,} pairs ({f.flagged / max(f.scored, 1):.2%})"]]
+    local = not storage.is_remote(directory)          # a bucket's figures are not linked from a local page
     figs = [figure(src, caption) for name, caption in (
         ("filter-distances.png", "distances to the nearest reference images; the line is the threshold"),
         ("filter-flagged.png", "top: teacher samples (flagged first, closest first); bottom: their nearest reference "
-                               "image")) if (src := relative(Path(directory) / name, base)) is not None]
+                               "image")) if local and (src := relative(Path(directory) / name, base)) is not None]
     return section("Memorisation filter", html_table(["setting", "value"], rows), *figs)
 
 

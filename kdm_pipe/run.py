@@ -9,52 +9,72 @@
                                appears, so every visible checkpoint can be checked; a damaged one is passed over
                                for the newest intact one, with a warning
     RUN/train.jsonl, eval.json, latents.zarr, tensorboard/, report.html
+
+RUN may be an s3:// URL: the run is then worked on in a local mirror (kdm_pipe.mirror; `path` is the mirror,
+`location` the URL). Checkpoints are listed in the bucket and downloaded when first read; a saved checkpoint is
+pushed after the run's other changed files and its checksum file, so the bucket never shows a checkpoint without
+its checksum, nor one whose config.json and split.json are missing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import sys
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from pydantic import ValidationError
 
+from kdm_pipe import mirror, storage
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.errors import ConfigError, one_line
 from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, load_manifest, sha256_file
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
+LOGS = (LOG, "latents.zarr", "tensorboard")        # what a resumed run appends to
+# What evaluate, sample, analyze and the report read besides the checkpoint (pulled first for a run on s3://).
+READ = (CONFIG, SPLIT, "weights.json", EVAL, LOG, "latents.zarr", "analysis/analysis.json", "report.html")
 _warned: set[Path] = set()              # damaged checkpoints already reported by this process
 
 
 class Run:
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
+    def __init__(self, where: Any) -> None:
+        loc = storage.location(where)
+        self.mirror = mirror.of(loc) if storage.is_remote(loc) else mirror.at(Path(loc))
+        self.path: Path = self.mirror.local if self.mirror else Path(loc)       # where its files are read and written
+        self.location: Any = self.mirror.remote if self.mirror else self.path   # what the user named
 
     def __str__(self) -> str:
-        return str(self.path)
+        return str(self.location)
+
+    def fetch(self, name: str) -> Path:
+        """RUN/name, downloaded first for a run on an object store (when it is there and not here yet)."""
+        if self.mirror is not None:
+            self.mirror.pull(name)
+        return self.path / name
 
     def exists(self) -> bool:
-        return (self.path / CONFIG).is_file()
+        return self.fetch(CONFIG).is_file()
 
     def require(self) -> "Run":
         if not self.exists():
-            raise ConfigError(f"{self.path} is not a training run (no {CONFIG}); pass the --out directory of "
+            raise ConfigError(f"{self.location} is not a training run (no {CONFIG}); pass the --out directory of "
                               f"`kdm-pipe train`")
         return self
 
     def read_json(self, name: str) -> dict[str, Any]:
         try:
-            return json.loads((self.path / name).read_text())
+            return json.loads(self.fetch(name).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{self.path / name} is missing; the run is incomplete (rerun `kdm-pipe train "
-                              f"--out {self.path} --resume`)") from None
+            raise ConfigError(f"{self.location}/{name} is missing; the run is incomplete (rerun `kdm-pipe train "
+                              f"--out {self.location} --resume`)") from None
         except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{self.path / name} is not valid JSON ({e}); restore it or retrain") from None
+            raise ConfigError(f"{self.location}/{name} is not valid JSON ({e}); restore it or retrain") from None
 
     @cached_property
     def config(self) -> TrainConfig:
@@ -62,21 +82,33 @@ class Run:
         try:
             return TrainConfig.model_validate(self.read_json(CONFIG))
         except ValidationError as e:
-            raise ConfigError(f"{self.path / CONFIG} is not a kdm-pipe run config: {format_validation(e)}") from None
+            raise ConfigError(f"{self.location}/{CONFIG} is not a kdm-pipe run config: {format_validation(e)}"
+                              ) from None
 
     @cached_property
     def split(self) -> dict[str, Any]:
         return self.require().read_json(SPLIT)
 
-    def write_split(self, data: Path, manifest: Manifest, train: list[str], holdout: list[str],
+    def write_split(self, data: Any, manifest: Manifest, train: list[str], holdout: list[str],
                     excluded: str) -> None:
         sha = {s.name: s.sha256 for s in manifest.shards}
+        relative = self._relative(storage.location(data))
         atomic_write_text(self.path / SPLIT, json.dumps({
             "train": train, "holdout": holdout,
-            "data_from_run": os.path.relpath(Path(data).resolve(), self.path.resolve()),
+            **({} if relative is None else {"data_from_run": relative}),
             "sha256": {n: sha[n] for n in train + holdout},
             "excluded_sha256": excluded}, indent=1))
         self.__dict__.pop("split", None)
+
+    def _relative(self, data: Any) -> str | None:
+        """The pairs' place relative to the run, when both are local or both in one bucket (else None)."""
+        if storage.is_remote(data) != storage.is_remote(self.location):
+            return None
+        if not storage.is_remote(data):
+            return os.path.relpath(Path(data).resolve(), self.path.resolve())
+        if storage.bucket(data) != storage.bucket(self.location):
+            return None
+        return posixpath.relpath(data.path, self.location.path)
 
     def same_pairs(self, manifest: Manifest) -> bool:
         """Whether `manifest` lists exactly the shards (by sha256) this run was split on."""
@@ -84,18 +116,21 @@ class Run:
         have = {s.name: s.sha256 for s in manifest.shards}
         return recorded is None or all(have.get(n) == h for n, h in recorded.items())
 
-    def data_dir(self, override: Path | None = None) -> Path:
+    def data_dir(self, override: Any = None) -> Any:
         """Where the run's pairs are: --data if given, else the recorded path, else the same place relative to
         RUN (a run moved together with its pairs)."""
         if override is not None:
-            return Path(override)
-        candidates = [Path(self.config.data)]
-        if "data_from_run" in (split := self.split if (self.path / SPLIT).is_file() else {}):
-            candidates.append(self.path / split["data_from_run"])
+            return storage.location(override)
+        candidates = [storage.location(self.config.data)]
+        if "data_from_run" in (split := self.split if self.fetch(SPLIT).is_file() else {}):
+            rel = split["data_from_run"]
+            candidates.append(storage.location(f"s3://{posixpath.normpath(f'{self.location.path}/{rel}')}")
+                              if storage.is_remote(self.location) else self.path / rel)
         for c in candidates:
-            if (c / MANIFEST).is_file():
-                return c
-        raise ConfigError(f"the pairs of run {self.path} are not at {' nor '.join(map(str, candidates))}; "
+            with storage.remote_errors(c, "reading", ConfigError):
+                if (c / MANIFEST).is_file():
+                    return c
+        raise ConfigError(f"the pairs of run {self.location} are not at {' nor '.join(map(str, candidates))}; "
                           f"pass --data DIR")
 
     def manifest(self, data: Path | None = None) -> Manifest:
@@ -119,11 +154,15 @@ class Run:
         return self.path / CKPT_DIR
 
     def checkpoints(self) -> list[Path]:
-        """Checkpoint files, oldest first (intact or not)."""
+        """Checkpoint files, oldest first (intact or not); on an object store those in the bucket (local paths in
+        the mirror, downloaded when read)."""
+        if self.mirror is not None:
+            return [self.ckpt_dir / n for n in self.mirror.listing(CKPT_DIR, "ckpt-*.pt")]
         return sorted(self.ckpt_dir.glob("ckpt-*.pt"))
 
     def save_checkpoint(self, step: int, state: dict) -> Path:
-        """Write RUN/checkpoints/ckpt-STEP.pt all or nothing: temp file, fsync, checksum file, then rename."""
+        """Write RUN/checkpoints/ckpt-STEP.pt all or nothing: temp file, fsync, checksum file, then rename (then,
+        on an object store, `push`)."""
         path = self.ckpt_dir / f"ckpt-{step:08d}.pt"
         tmp = path.with_name(f".{path.name}.tmp")
         try:
@@ -131,16 +170,37 @@ class Run:
                 torch.save({"step": step, **state}, f)
                 f.flush()
                 os.fsync(f.fileno())
-            atomic_write_text(path.with_name(path.name + ".sha256"), sha256_file(tmp) + "\n")
+            digest = sha256_file(tmp)
+            atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        if self.mirror is not None:
+            self.push(path, digest)
         return path
+
+    def push(self, checkpoint: Path | None = None, digest: str | None = None) -> None:
+        """A run on an object store: upload the files that changed (config, split, logs, probes, TensorBoard as
+        flushed so far, evaluation outputs), then `checkpoint`'s checksum file, then the checkpoint itself; the
+        mirror keeps only the newest checkpoint (the bucket keeps them all). Local runs: nothing to do."""
+        if self.mirror is None:
+            return
+        self.mirror.push_changed(skip=lambda rel: rel.startswith(CKPT_DIR + "/"))
+        if checkpoint is not None:
+            rel = self.mirror.rel(checkpoint)
+            self.mirror.push(rel + ".sha256")
+            self.mirror.push(rel, digest)
+            for old in self.ckpt_dir.glob("ckpt-*.pt*"):
+                if old.name not in (checkpoint.name, checkpoint.name + ".sha256"):
+                    old.unlink()
 
     def damage(self, path: Path) -> str | None:
         """What is wrong with checkpoint `path`, or None: its checksum file decides (a checkpoint written before
         checksums existed is loaded to find out)."""
         sidecar = path.with_name(path.name + ".sha256")
+        if self.mirror is not None:
+            self.mirror.pull(self.mirror.rel(sidecar))
+            self.mirror.pull(self.mirror.rel(path))
         if sidecar.is_file():
             return None if sidecar.read_text().strip() == sha256_file(path) else "sha256 mismatch"
         try:
@@ -158,15 +218,20 @@ class Run:
             if problem is None:
                 return path
             if path not in _warned:
-                print(f"warning: checkpoint {path} is damaged ({problem}); falling back to the one before it",
+                shown = self.mirror.url(self.mirror.rel(path)) if self.mirror is not None else path
+                print(f"warning: checkpoint {shown} is damaged ({problem}); falling back to the one before it",
                       file=sys.stderr)
                 _warned.add(path)
-            if set_aside:
+            if set_aside and self.mirror is not None:
+                rel = self.mirror.rel(path)
+                self.mirror.rename(rel, rel + ".damaged")
+                self.mirror.remove(rel + ".sha256")
+            elif set_aside:
                 os.replace(path, path.with_name(path.name + ".damaged"))
                 path.with_name(path.name + ".sha256").unlink(missing_ok=True)
         if found:
-            raise ConfigError(f"{self.path} has {len(found)} checkpoint(s) and none is intact; retrain, or restore "
-                              f"{self.ckpt_dir} from a copy")
+            raise ConfigError(f"{self.location} has {len(found)} checkpoint(s) and none is intact; retrain, or "
+                              f"restore {self.location}/{CKPT_DIR} from a copy")
         return None
 
     def load_checkpoint(self, map_location: Any = "cpu", set_aside: bool = False) -> tuple[dict, Path] | None:
@@ -190,3 +255,17 @@ def _step(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):      # a row cut short by a kill
         return None
+
+
+@contextmanager
+def working(where: Any) -> Iterator[Run]:
+    """The run `where` for a stage that reads it and writes beside it (evaluate, sample, analyze, stats --run): on
+    an object store, the bucket is checked, `READ` is pulled first, and what the stage wrote is pushed when it
+    succeeds (a failed stage leaves the bucket as it was)."""
+    loc = storage.location(where)
+    storage.check_bucket(loc, "run")
+    run = Run(loc).require()
+    for name in READ if run.mirror is not None else ():
+        run.fetch(name)
+    yield run
+    run.push()

@@ -20,6 +20,9 @@ the driver sets `complete: false`, rewrites `merged/`, then writes every attribu
 atomic write (zarr's LocalStore writes through a temporary file + rename). Readers refuse a store that is not
 complete, and an interrupted run leaves the rows it finished for the next run to reuse. (A store of another
 layout, e.g. after changing cov_max_dim, is deleted and rebuilt from scratch.)
+
+A pair set on s3:// has its store in the bucket: `stats` builds it in a local mirror and uploads it with its root
+metadata last (stages/stats.py), and readers open it there read-only (`store_at`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from kdm_pipe import storage
 from kdm_pipe.config import ConfigError
 from kdm_pipe.errors import DataError
 from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
@@ -44,6 +48,15 @@ from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, repair_hint, sha
 STORE = "stats.zarr"
 FORMAT = "kdm-pipe/stats-v1"
 LABEL = "label"
+
+
+def store_at(directory: Any) -> Any:
+    """DIR/stats.zarr as zarr opens it for reading: a local path, or a read-only fsspec store in the bucket."""
+    loc = storage.location(directory) / STORE
+    if not storage.is_remote(loc):
+        return loc
+    from zarr.storage import FsspecStore
+    return FsspecStore.from_url(str(loc), storage_options=dict(loc.storage_options), read_only=True)
 
 
 def compressor() -> BloscCodec:
@@ -152,11 +165,11 @@ class ShardMoments:
 
 def checked_digest(directory: Path, info: ShardInfo) -> str:
     """The shard's sha256, refused (ShardMismatch) unless it is the one its manifest entry names."""
-    path = Path(directory) / info.name
+    path = storage.location(directory) / info.name
     digest = sha256_file(path)
     if digest != info.sha256:
         raise ShardMismatch(f"{path} has sha256 {digest[:12]}…, its manifest entry says {info.sha256[:12]}…; "
-                            f"{repair_hint(Path(directory))}")
+                            f"{repair_hint(directory)}")
     return digest
 
 
@@ -303,9 +316,9 @@ def write_merged(root: zarr.Group, manifest: Manifest, specs: list[FieldSpec], c
 
 def load_stats(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     """Merged statistics of a pair directory: {field: {name: array}}, e.g. stats["x_0"]["mean"]."""
-    path = Path(directory) / STORE
+    path = storage.location(directory) / STORE
     try:
-        root = zarr.open_group(path, mode="r")
+        root = zarr.open_group(store_at(directory), mode="r")
     except (OSError, ValueError):
         raise ConfigError(f"{path} is not a kdm-pipe statistics store: run `kdm-pipe stats {directory}`") from None
     if root.attrs.get("format") != FORMAT or root.attrs.get("complete") is not True:

@@ -16,7 +16,7 @@ import ray
 import zarr
 from tqdm import tqdm
 
-from kdm_pipe import feature_stats
+from kdm_pipe import feature_stats, storage
 from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import FeatureSpace, ShardFeatures
@@ -51,8 +51,8 @@ def write_shard(store: str, directory: str, info: ShardInfo, specs: list[FieldSp
     groups = ([root["per_shard"]] if specs else []) + ([root[f"{space.group}/per_shard"]] if space else [])
     for g in groups:
         g["sha256"][row] = 0
-    path = Path(directory) / info.name
-    digest = checked_digest(Path(directory), info)
+    path = storage.location(directory) / info.name
+    digest = checked_digest(directory, info)
     moments = ShardMoments(path, specs, label_dim) if specs else None
     features = ShardFeatures(space) if space else None
     for rec in drop.read(path):
@@ -96,14 +96,16 @@ def feature_space_for(manifest: Manifest, detector: Path | None, cov_max_dim: in
 
 
 def update(directory: Path, manifest: Manifest, workers: int = 2, address: str | None = None,
-           cov_max_dim: int = 1024, detector: Path | None = None, batch: int = 250, progress: bool = False) -> Path:
+           cov_max_dim: int = 1024, detector: Path | None = None, batch: int = 250, progress: bool = False,
+           where: Path | None = None) -> Path:
     """Bring `directory/stats.zarr` up to date with the manifest: moments and the feature statistics of `detector`
     (pixels when None), of the pairs the memorisation filter keeps (a store whose rows left out other pairs is
-    rebuilt)."""
+    rebuilt). `where`: the local directory the store is kept in instead (a pair set on s3:// has it in a mirror,
+    its shards are read from the bucket)."""
     specs = field_specs(manifest, cov_max_dim)
     space, skipped = feature_space_for(manifest, detector, cov_max_dim, batch)
     drop = exclusions(manifest, directory)
-    path = directory / STORE
+    path = Path(where or directory) / STORE
     remove_temp_stores(path)
     root = open_store(path, manifest, specs)
     if root is not None and not filtered_alike(root, manifest, directory):
@@ -138,7 +140,7 @@ def update(directory: Path, manifest: Manifest, workers: int = 2, address: str |
                                                                       if skipped else "")
     kept = sum(drop.kept(s) for s in manifest.shards)
     excluded = f" ({manifest.num_pairs - kept} excluded by the memorisation filter)" if drop else ""
-    print(f"{path}: {done}; merged {kept} pairs{excluded}{what}")
+    print(f"{storage.location(directory) / STORE}: {done}; merged {kept} pairs{excluded}{what}")
     return path
 
 

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from kdm_pipe import normalization
+from kdm_pipe import normalization, storage
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.data import batches
 from kdm_pipe.errors import ConfigError
@@ -81,9 +81,10 @@ def data_moments(cfg: TrainConfig, manifest: Manifest, names: list[str]) -> dict
         return None
 
     def refresh() -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:       # one Ray job, not one per rank
+        # One Ray job, not one per rank; a bucket's store is built and uploaded by `stats` alone.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or storage.is_remote(cfg.data):
             raise ConfigError(f"{cfg.data}/stats.zarr is missing or stale; run `kdm-pipe stats {cfg.data}` before "
-                              f"a multi-process run")
+                              f"a multi-process run or one on s3://")
         try:
             with directory_lock(cfg.data, f"train --data {cfg.data} (statistics for normalize: standard)"):
                 update(Path(cfg.data), manifest)
@@ -131,7 +132,7 @@ def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: st
     the same pairs (by checksum: the run and its pairs may have moved) with the same pairs excluded by the
     memorisation filter (`excluded`: `Exclusions.digest` of the run's shards)."""
     run = Run(cfg.out)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+    if run.location.exists() and not run.location.is_dir():
         raise ConfigError(f"--out {cfg.out} is a file; pass a directory")
     if resume:
         if not run.exists():
@@ -286,7 +287,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     moments = data_moments(cfg, manifest, train_names)
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
-    created = not Path(cfg.out).exists()
+    created = not Run(cfg.out).path.exists()          # (a run on s3:// gets a mirror; nothing is uploaded before
+                                                       # its first checkpoint)
     try:
         # Everything opened in the run (loader workers, logs) is closed by `cleanup`, whatever ends it: a live
         # persistent loader worker would keep the process from exiting after an error.

@@ -5,17 +5,20 @@ the analysis."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from kdm_pipe.analysis import OUT_DIR, analyze
 from kdm_pipe.config import AnalyzeConfig
 from kdm_pipe.report import write_report
+from kdm_pipe.run import working
 
 
 def run(cfg: AnalyzeConfig) -> dict[str, Any]:
+    with working(cfg.run) as r:                        # RUN on s3://: worked on in its mirror, outputs pushed after
+        result = analyze(r.path, num=cfg.num, seed=cfg.seed, device=cfg.device)
+        if (r.path / "report.html").is_file():
+            write_report(r.path)
     run_dir = cfg.run
-    result = analyze(run_dir, num=cfg.num, seed=cfg.seed, device=cfg.device)
     print(f"{run_dir}: step {result['step']}, {result['weights']} weights, {result['num_pairs']} held-out pairs")
     if "spectrum" in result:
         s = result["spectrum"]
@@ -23,8 +26,8 @@ def run(cfg: AnalyzeConfig) -> dict[str, Any]:
               f"{s['dim']} eigenvalues inside the unit circle, operator norm {s['operator_norm']:.4g}")
     else:
         print(result["note"])
-    written = [Path(run_dir) / OUT_DIR / "analysis.json", *(Path(run_dir) / f for f in result["figures"])]
-    if (Path(run_dir) / "report.html").is_file():
-        written.append(write_report(run_dir))
-    print("wrote " + ", ".join(map(str, written)))
+    written = [f"{OUT_DIR}/analysis.json", *result["figures"]]
+    if (r.path / "report.html").is_file():
+        written.append("report.html")
+    print("wrote " + ", ".join(f"{run_dir}/{f}" for f in written))
     return result

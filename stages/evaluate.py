@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdm_pipe import storage
 from kdm_pipe.config import EvaluateConfig
 from kdm_pipe.evaluation import evaluate
 from kdm_pipe.report import METRICS, set_fd_line, write_report
+from kdm_pipe.run import working
 
 
 def aligned(rows: list[tuple[str, ...]]) -> list[str]:
@@ -51,14 +53,16 @@ def comparison(results: dict[str, dict[str, Any]]) -> str:
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    results = evaluate(cfg)
+    storage.check_bucket(cfg.data, "--data")
+    with working(cfg.run) as r:                        # RUN on s3://: worked on in its mirror, outputs pushed after
+        results = evaluate(cfg.model_copy(update={"run": r.path}))
+        report = write_report(r.path)
     print(f"{results['run']}: step {results['step']}, {results['weights']} weights, "
           f"{results['num_pairs']} held-out pairs")
     choice = results["weights_choice"]
     print(f"weights chosen on {choice['selection_pairs']} other held-out pairs by {choice['criterion']}: "
           + ", ".join(f"{w} {v:.4g}" for w, v in choice["scores"].items()) + " (both reported in eval.json)")
     print(table(results))
-    report = write_report(cfg.run)
     print(f"wrote {cfg.run}/eval.json" + "".join(f", {f}" for f in results.get("figures", [])))
-    print(f"report: {report}")
+    print(f"report: {r.location / report.relative_to(r.path)}")
     return results

@@ -25,6 +25,7 @@ import ray
 from ray.util import ActorPool
 from tqdm import tqdm
 
+from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, FilterConfig
 from kdm_pipe.datasets import BUILTIN, load_images
 from kdm_pipe.errors import DataError
@@ -108,6 +109,9 @@ def search_fingerprint(settings: dict) -> str:
 
 
 def run(cfg: FilterConfig, progress: bool = True) -> FilterRecord:
+    if storage.is_remote(cfg.data):
+        raise ConfigError(f"filter {cfg.data}: pair sets on s3:// are not filtered yet (its scores and report are "
+                          f"local files); filter a mount of the bucket (mountpoint-s3, s3fs-fuse) or a local copy")
     directory = Path(cfg.data)
     manifest = pair_manifest(directory)
     images, ref, settings = reference(cfg, manifest)                     # every refusal before anything is written

@@ -3,7 +3,8 @@
 Images → OUT/{seed//1000*1000:06d}/{seed:06d}.png, OUT/samples.npz (arr_0 uint8 NHWC, seeds, labels), grid.png and
 samples.json. Vector data → OUT/samples.npz (x_0, seeds, labels) and samples.json. x_T = σ_max·z with z from one
 generator per seed (and the class label drawn from it next), exactly as the teacher's pairs were drawn, so
-`sample` from seed s is comparable with the teacher's pair of seed s.
+`sample` from seed s is comparable with the teacher's pair of seed s. RUN and OUT may be s3:// URLs (OUT is written
+in a local mirror and uploaded file by file, samples.json last).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdm_pipe import mirror, storage
 from kdm_pipe.config import ConfigError, SampleConfig
 from kdm_pipe.evaluation import apply, chosen_weights, network_passes, sampler
-from kdm_pipe.image_files import write_samples
+from kdm_pipe.image_files import SAMPLES_JSON, write_samples
+from kdm_pipe.run import Run, working
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import seed_noise
 from kdm_pipe.shards import atomic_write_text
@@ -25,12 +28,23 @@ from kdm_pipe.training import load_weights
 
 
 def run(cfg: SampleConfig) -> dict:
-    run_dir, out, num, seed, class_label, batch = cfg.run, cfg.out, cfg.num, cfg.seed, cfg.class_label, cfg.batch
-    if not (Path(run_dir) / "config.json").is_file():
-        raise ConfigError(f"{run_dir} is not a training run (no config.json); "
-                          f"pass the --out directory of `kdm-pipe train`")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a directory for the samples")
+    out = cfg.out
+    storage.check_bucket(out, "--out")
+    with storage.remote_errors(out, "--out", ConfigError):
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; pass a directory for the samples")
+    with working(cfg.run) as r:                        # RUN on s3://: worked on in its mirror, weights.json pushed
+        if storage.is_remote(out):                     # written in a mirror, then uploaded with samples.json last
+            staged = mirror.of(out)
+            storage.remove(out / SAMPLES_JSON)         # (the directory is incomplete until it is rewritten)
+            paths = draw(cfg, r, staged.local)
+            staged.push_changed()
+            return {k: out / p.relative_to(staged.local) for k, p in paths.items()}
+        return draw(cfg, r, Path(out))
+
+
+def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
+    run_dir, num, seed, class_label, batch = r.path, cfg.num, cfg.seed, cfg.class_label, cfg.batch
     dev = pick_device(cfg.device)
     if cfg.steps > 1:       # a --steps the student cannot take: refused before the weights choice is recorded
         sampler(load_weights(run_dir, "ema", device=dev)[0], cfg.steps)
@@ -51,17 +65,16 @@ def run(cfg: SampleConfig) -> dict:
         ys.append(y)
     x = np.concatenate(xs)
     labels = None if ys[0] is None else np.concatenate(ys)
-    settings = {"run": str(run_dir), "step": step, "weights": which, "seed": seed, "class": class_label,
+    settings = {"run": str(r), "step": step, "weights": which, "seed": seed, "class": class_label,
                 "steps": cfg.steps, "network_passes": network_passes(cfg.steps),
                 "x_T": "sigma_max * z, one generator per seed (EDM)"}
     if is_image(manifest.shape):
         paths = write_samples(out, x, seeds, labels, settings)
     else:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        np.savez(Path(out) / "samples.npz", x_0=x, seeds=seeds, **({} if labels is None else {"labels": labels}))
-        atomic_write_text(Path(out) / "samples.json",
-                          json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
-        paths = {"dir": Path(out), "npz": Path(out) / "samples.npz"}
-    print(f"{out}: {num} {cfg.steps}-step samples ({network_passes(cfg.steps)} network passes each; seeds "
-          f"{seed}…{seed + num - 1}) from {run_dir} step {step}, {which} weights")
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "samples.npz", x_0=x, seeds=seeds, **({} if labels is None else {"labels": labels}))
+        atomic_write_text(out / SAMPLES_JSON, json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
+        paths = {"dir": out, "npz": out / "samples.npz"}
+    print(f"{cfg.out}: {num} {cfg.steps}-step samples ({network_passes(cfg.steps)} network passes each; seeds "
+          f"{seed}…{seed + num - 1}) from {r} step {step}, {which} weights")
     return paths

@@ -6,6 +6,10 @@ then rewrites the merged group (see `kdm_pipe.stats` for the layout and why a re
 All or nothing: the manifest and every shard's size and sha256 (`check_shards`, cached) are checked before anything
 is written; a new store (or one of another layout) is built under a temporary name and renamed into place when
 complete; one run per directory (a lock).
+
+A pair set on s3:// gets its store in the bucket: pulled into a local mirror, brought up to date there (the shards
+are read from the bucket) and uploaded with its root metadata last (`upload_store`). Two `stats` runs on one bucket
+at once are not prevented (no lock there), and the Ray tasks must share the driver's filesystem (a local session).
 """
 
 from __future__ import annotations
@@ -14,32 +18,57 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from kdm_pipe import mirror, storage
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
 from kdm_pipe.shards import bad_shards_error, check_shards, checked_manifest, load_manifest
+from kdm_pipe.stats import STORE
 from kdm_pipe.stats_update import update
 
 
 def run(cfg: StatsConfig, progress: bool = True) -> Path:
     if cfg.run is not None:
         latent_stats(cfg, progress)
-        return Path(cfg.run)
-    directory = Path(cfg.data)
+        return cfg.run
+    directory = cfg.data
+    storage.check_bucket(directory, "stats")
     checked_manifest(directory)
     with ExitStack() as stack:
         stack.enter_context(stop_on_signals())
-        try:
-            stack.enter_context(directory_lock(directory, f"stats {directory}"))
-        except OSError as e:     # a directory we cannot write in: invalid input (exit 2), nothing written
-            raise ConfigError(f"cannot write the statistics store in {directory}: {e.strerror or e}") from None
+        if storage.is_remote(directory):               # built in a local mirror, uploaded when complete
+            staged = mirror.of(directory)
+            staged.pull(STORE)
+            where = staged.local
+        else:
+            try:
+                stack.enter_context(directory_lock(directory, f"stats {directory}"))
+            except OSError as e:     # a directory we cannot write in: invalid input (exit 2), nothing written
+                raise ConfigError(f"cannot write the statistics store in {directory}: {e.strerror or e}") from None
+            where = None
         manifest = checked_manifest(directory)
         problems = check_shards(directory, manifest)
         if problems:
             raise bad_shards_error(directory, problems)
-        return update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, cfg.detector, cfg.batch,
-                      progress)
+        path = update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, cfg.detector, cfg.batch,
+                      progress, where)
+        if where is not None:
+            upload_store(staged)
+            return directory / STORE
+        return path
+
+
+def upload_store(staged: mirror.Mirror) -> None:
+    """Make the store built in `staged` the bucket's: hidden while it changes (its root metadata is removed
+    first, so readers refuse it rather than mix old and new), objects it no longer has deleted, then its chunks,
+    its groups' and arrays' metadata, and the root metadata last."""
+    root = f"{STORE}/zarr.json"
+    staged.forget(root)
+    ours = {p.relative_to(staged.local).as_posix() for p in (staged.local / STORE).rglob("*") if p.is_file()}
+    for rel in staged.remote_files(STORE) - ours:
+        staged.forget(rel)
+    staged.push_changed(skip=lambda rel: not rel.startswith(STORE + "/"))
 
 
 def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
@@ -47,22 +76,25 @@ def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
     from kdm_pipe import latents
     from kdm_pipe.evaluation import chosen_weights
     from kdm_pipe.report import latent_line
-    from kdm_pipe.run import Run
+    from kdm_pipe.run import working
 
-    run, directory = Path(cfg.run), Path(cfg.data)
-    if Run(run).config.student.kind != "kdm":
-        raise ConfigError(f"{run} is a KD student: it has no latent space to describe (train --student kdm)")
+    directory = cfg.data
+    storage.check_bucket(directory, "stats")
     checked_manifest(directory)
-    with ExitStack() as stack:
+    # RUN on s3://: worked on in its mirror (a local Ray session's tasks read it there), latents.zarr pushed after.
+    with ExitStack() as stack, working(cfg.run) as r:
+        run = r.path
+        if r.config.student.kind != "kdm":
+            raise ConfigError(f"{r} is a KD student: it has no latent space to describe (train --student kdm)")
         stack.enter_context(stop_on_signals())
-        stack.enter_context(directory_lock(run, f"stats {directory} --run {run}"))
+        stack.enter_context(directory_lock(run, f"stats {directory} --run {r}"))
         manifest = checked_manifest(directory)
         problems = check_shards(directory, manifest)
         if problems:
             raise bad_shards_error(directory, problems)
         weights = chosen_weights(run)
-        s = latents.update(run, directory, manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
-    print(f"{run}/{latents.STORE} ({weights} weights): {latent_line(s)}")
+        s = latents.update(run, str(directory), manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
+    print(f"{r}/{latents.STORE} ({weights} weights): {latent_line(s)}")
     return s
 
 
