@@ -1,6 +1,8 @@
 """Loader throughput and bytes per pair with trajectory states on vs off, on the same pairs: a pair directory with
 trajectories (e.g. the one bench/trajectory_supervision.py generates) and an ends-only copy of it written here
-(the same records without `traj`). Streams batches of 4096 with one loader worker, as training does.
+(the same records without `traj`). Streams batches of 4096 with one loader worker, as training does: every
+field, as the loader did before it shipped only the trainer's (trajectory supervision on), and the fields of a
+plain (endpoint-only) training run.
 
     python bench/trajectory_loader.py runs/bench-traj/pairs [--batches 60]
 """
@@ -9,8 +11,10 @@ import argparse
 import time
 from pathlib import Path
 
+from kdm_pipe.config import TrainConfig
 from kdm_pipe.data import batches
 from kdm_pipe.shards import ShardInfo, load_manifest, read_shard, save_manifest, write_shard
+from kdm_pipe.training import trained_fields
 
 
 def ends_only(src: Path, dst: Path) -> Path:
@@ -27,9 +31,9 @@ def ends_only(src: Path, dst: Path) -> Path:
     return dst
 
 
-def rate(data: Path, n: int, batch: int = 4096) -> float:
+def rate(data: Path, n: int, fields: frozenset[str] | None, batch: int = 4096) -> float:
     m = load_manifest(data)
-    stream = batches(data, [(s.name, s.pairs) for s in m.shards], batch, 8192, seed=0, workers=1)
+    stream = batches(data, [(s.name, s.pairs) for s in m.shards], batch, 8192, seed=0, workers=1, fields=fields)
     try:
         next(stream)                                   # worker started
         t = time.perf_counter()
@@ -46,9 +50,11 @@ if __name__ == "__main__":
     ap.add_argument("--batches", type=int, default=60)
     args = ap.parse_args()
     plain = ends_only(args.data, args.data.with_name(args.data.name + "-ends"))
-    for name, d in (("with trajectories", args.data), ("ends only", plain)):
+    endpoint = trained_fields(TrainConfig(data=args.data, out=args.data))
+    for name, d, fields in (("every field", args.data, None), ("plain training", args.data, endpoint),
+                            ("every field", plain, None), ("plain training", plain, endpoint)):
         m = load_manifest(d)
         per_pair = sum(s.bytes for s in m.shards) / m.num_pairs
         states = len(m.trajectory_steps or [])
-        print(f"{name:18} {states:2d} states  {per_pair:7.1f} bytes/pair on disk  "
-              f"{rate(d, args.batches):10,.0f} pairs/s")
+        print(f"{name:15} {states:2d} states  {per_pair:7.1f} bytes/pair on disk  "
+              f"{rate(d, args.batches, fields):10,.0f} pairs/s")

@@ -18,7 +18,7 @@ from kdm_pipe.evaluation import apply, evaluate
 from kdm_pipe.shards import load_manifest, read_pairs, read_shard
 from kdm_pipe.student.koopman import KoopmanOperator
 from kdm_pipe.student.vector import VectorKDM
-from kdm_pipe.training import latest_checkpoint, load_weights, train
+from kdm_pipe.training import latest_checkpoint, load_weights, train, trained_fields
 from stages.generate import storage
 from tests.conftest import make_pairs
 from tests.faults import cli, error_line, tree
@@ -66,6 +66,26 @@ def test_states_ride_with_their_pair_through_the_shuffle_workers_and_resume(traj
     assert "traj" not in read_pairs(traj_pairs, [shards[0][0]], 10)
     # generate's storage report: x_T, x_0 (2 × 2 float32), 4 states (4 × 2 float32), an int64 seed
     assert storage(m) == "56 bytes per pair with 4 trajectory states, 24 without (2.3×)"
+
+
+def test_the_trainer_is_shipped_trajectories_only_when_it_reads_them(traj_pairs):
+    m = load_manifest(traj_pairs)
+    shards = [(s.name, s.pairs) for s in m.shards]
+    truth = {r["x_T"][i].tobytes(): r["traj"][i] for s in m.shards for r in read_shard(traj_pairs / s.name)
+             for i in range(len(r["x_T"]))}
+    for trajectory in (None, {}):
+        cfg = tcfg(traj_pairs, traj_pairs / "unused", student={**SMALL, "trajectory": trajectory})
+        stream = batches(traj_pairs, shards, 200, 300, seed=3, workers=2, start=3, fields=trained_fields(cfg))
+        try:
+            got = [next(stream) for _ in range(8)]    # past an epoch, from a resume, across two workers
+        finally:
+            stream.close()
+        for b in got:
+            assert set(b) == ({"x_0", "x_T", "traj"} if trajectory is not None else {"x_0", "x_T"})
+            if trajectory is not None:
+                want = np.stack([truth[x.tobytes()] for x in b["x_T"].numpy()])
+                np.testing.assert_array_equal(b["traj"].numpy(), want)
+                np.testing.assert_array_equal(b["traj"][:, -1].numpy(), b["x_0"].numpy())
 
 
 def stack(t=5, n=600, seed=0):
