@@ -33,6 +33,13 @@ def traj_pairs(tmp_path_factory):
                       sampler={"steps": 6}, trajectory="every-2")
 
 
+@pytest.fixture(scope="module")
+def traj_digits(tmp_path_factory):
+    """3 shards × 64 pairs from the shipped digits teacher, 6 Heun steps, states every 2 steps."""
+    return make_pairs(tmp_path_factory.mktemp("traj-digits"), teacher={"name": "digits"}, shards=3,
+                      pairs_per_shard=64, batch=64, sampler={"steps": 6}, trajectory="every-2")
+
+
 def by_seed(directory):
     recs = [r for s in load_manifest(directory).shards for r in read_shard(directory / s.name)]
     return {int(s): t for r in recs for s, t in zip(r["seed"], r["traj"])}
@@ -223,25 +230,55 @@ def test_trajectory_run_beats_untrained_and_steps_1_is_one_step(traj_pairs, tmp_
         evaluate(EvaluateConfig(run=run, num=600, steps=4))                    # only 2 interior states
 
 
-def test_trajectory_run_resumes_bit_exactly(traj_pairs, tmp_path):
-    every_term = {"student": {**SMALL, "operator": "decomposed", "trajectory": {"w_push": 1.0, "w_onward": 1.0}}}
-    train(tcfg(traj_pairs, tmp_path / "full", steps=30, loader_workers=2, **every_term), progress=False)
-    train(tcfg(traj_pairs, tmp_path / "half", steps=20, loader_workers=2, **every_term), progress=False)
-    train(tcfg(traj_pairs, tmp_path / "half", steps=30, loader_workers=2, **every_term), resume=True, progress=False)
+UNETS = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def test_image_trajectory_run_beats_untrained_and_steps_1_is_one_step(traj_digits, tmp_path):
+    run = tmp_path / "r"                     # 40 steps: the student is far from trained, but far from untrained
+    train(tcfg(traj_digits, run, steps=40, batch=16, lr=5e-3, ema=0.9, ckpt_every=40, holdout_shards=1,
+               student={**UNETS, "w_adv": 0.0, "distance": "l2", "trajectory": {}}), progress=False)
+    cfg = json.loads((run / "config.json").read_text())["student"]["trajectory"]
+    assert cfg["taus"] == [0, 1 / 3, 2 / 3, 1] and cfg["intervals"] == 3 and cfg["sigmas"][0] == 80
+    row = json.loads((run / "train.jsonl").read_text().splitlines()[-1])
+    assert {"traj_latent", "traj_rec"} <= set(row)
+    model = load_weights(run, "ema")[0]
+    x = torch.as_tensor(read_pairs(traj_digits, ["shard-000002.tar"], 16)["x_T"])
+    assert torch.equal(model.sample(x, None, 1), model(x))                     # S = 1 is the one-step sampler
+    assert torch.equal(model(x), model.decode(model.koopman.carry(model.encode_T(x), 1.0)))
+    for steps in (1, 2):
+        res = evaluate(EvaluateConfig(run=run, num=32, steps=steps))
+        assert res["speed"]["student_network_passes"] == 2 * steps
+        assert res["student"]["mse"] < 0.65 * res["untrained"]["mse"]
+        assert res["student"]["fd_teacher"] < 0.6 * res["untrained"]["fd_teacher"]
+
+
+@pytest.mark.parametrize("data, student, batch, steps", [
+    ("traj_pairs", {**SMALL, "operator": "decomposed"}, 200, 30),
+    ("traj_digits", {**UNETS, "w_adv": 1.0}, 32, 3),              # the discriminator's state resumes too
+])
+def test_trajectory_run_resumes_bit_exactly(data, student, batch, steps, request, tmp_path):
+    data = request.getfixturevalue(data)
+    every_term = {"student": {**student, "trajectory": {"w_push": 1.0, "w_onward": 1.0}}, "batch": batch}
+    train(tcfg(data, tmp_path / "full", steps=steps, loader_workers=2, **every_term), progress=False)
+    train(tcfg(data, tmp_path / "half", steps=steps * 2 // 3, loader_workers=2, **every_term), progress=False)
+    train(tcfg(data, tmp_path / "half", steps=steps, loader_workers=2, **every_term), resume=True, progress=False)
     a, b = (torch.load(latest_checkpoint(tmp_path / n), weights_only=True) for n in ("full", "half"))
-    assert a["step"] == b["step"] == 30
+    assert a["step"] == b["step"] == steps
     row = json.loads((tmp_path / "full" / "train.jsonl").read_text().splitlines()[-1])
     assert {"traj_latent", "traj_rec", "traj_push", "traj_onward"} <= set(row)
-    assert all(torch.equal(a[p][k], b[p][k]) for p in ("model", "ema") for k in a[p])
+    assert all(torch.equal(a[p][k], b[p][k]) for p in a if p in ("model", "ema", "disc") for k in a[p])
 
 
-def test_trajectory_settings_on_pairs_without_trajectories_exit_2(vector_pairs, tmp_path):
+@pytest.mark.parametrize("data, student", [("vector_pairs", "hidden: 16, depth: 2, latent_dim: 8"),
+                                           ("digit_pairs", "model_channels: 8, channel_mult: [1, 2]")])
+def test_trajectory_settings_on_pairs_without_trajectories_exit_2(data, student, request, tmp_path):
+    data = request.getfixturevalue(data)
     preset = tmp_path / "t.yaml"
-    preset.write_text("train:\n  student: {hidden: 16, depth: 2, latent_dim: 8, trajectory: {w_rec: 0.5}}\n")
-    before = tree(vector_pairs)
-    r = cli("train", "--preset", preset, "--data", vector_pairs, "--out", tmp_path / "run", "--steps", "2")
+    preset.write_text(f"train:\n  student: {{{student}, trajectory: {{w_rec: 0.5}}}}\n")
+    before = tree(data)
+    r = cli("train", "--preset", preset, "--data", data, "--out", tmp_path / "run", "--steps", "2")
     error_line(r, 2, "keeps no trajectory states", "--trajectory every-K")
-    after = tree(vector_pairs)
+    after = tree(data)
     after.pop(".kdm-verified.json", None)              # the shard-hash cache every train leaves in the pair set
     assert not (tmp_path / "run").exists() and after == {k: v for k, v in before.items() if k != ".kdm-verified.json"}
 
@@ -263,11 +300,14 @@ def test_trajectory_config_is_validated():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trajectory_run_equals_one_process(traj_pairs, tmp_path):
+@pytest.mark.parametrize("data, student", [("traj_pairs", "hidden: 32, depth: 2, latent_dim: 16"),
+                                           ("traj_digits", "model_channels: 8, channel_mult: [1, 2], w_adv: 0")])
+def test_two_process_ddp_trajectory_run_equals_one_process(data, student, request, tmp_path):
+    data = request.getfixturevalue(data)
     preset = tmp_path / "t.yaml"
-    preset.write_text("train:\n  student: {hidden: 32, depth: 2, latent_dim: 16, trajectory: {w_push: 1.0}}\n")
+    preset.write_text(f"train:\n  student: {{{student}, trajectory: {{w_push: 1.0}}}}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--data", traj_pairs, "--batch", "64", "--device", "cpu", "--threads", "1", "--steps", "10",
+    common = ["--data", data, "--batch", "64", "--device", "cpu", "--threads", "1", "--steps", "10",
               "--no-tensorboard", "--quiet", "--preset", preset]
     common = [str(a) for a in common]
     subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "train", "--out", str(tmp_path / "one"),
