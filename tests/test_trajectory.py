@@ -189,6 +189,14 @@ def test_dense_operator_powers_of_one_interval():
     assert torch.equal(three.carry(z, 0.0), z)
     with pytest.raises(ValueError, match="whole number"):
         three.carry(z, 0.5)
+    # What analysis plots is the one-step map C³, not the one-interval C.
+    linear = KoopmanOperator(6, "linear", intervals=3).double()
+    z = z.double()
+    torch.testing.assert_close(linear.carry(z, 1.0), z @ linear.matrix().T)
+    lam, lam_one = linear.eigenvalues().detach(), torch.linalg.eigvals(linear.op.weight.detach())
+    torch.testing.assert_close(torch.sort(lam.abs()).values, torch.sort(lam_one.abs() ** 3).values)
+    torch.testing.assert_close(torch.sort(lam.abs()).values,
+                               torch.sort(torch.linalg.eigvals(linear.matrix().detach()).abs()).values)
 
 
 def test_one_step_is_the_old_sampler_when_trajectory_supervision_is_off():
