@@ -308,8 +308,10 @@ def test_trajectory_config_is_validated():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data, student", [("traj_pairs", "hidden: 32, depth: 2, latent_dim: 16"),
-                                           ("traj_digits", "model_channels: 8, channel_mult: [1, 2], w_adv: 0")])
+@pytest.mark.parametrize("data, student", [
+    ("traj_pairs", "hidden: 32, depth: 2, latent_dim: 16"),
+    ("traj_digits", "model_channels: 8, channel_mult: [1, 2], dropout: 0, w_adv: 0"),   # dropout differs by rank
+])
 def test_two_process_ddp_trajectory_run_equals_one_process(data, student, request, tmp_path):
     data = request.getfixturevalue(data)
     preset = tmp_path / "t.yaml"
