@@ -16,8 +16,8 @@ pairs generated with --trajectory (every-3 of 18 steps: 7 states), its statistic
 teacher set), and a reduced --steps; selection by the Fréchet distance of pooled pixels (the weight choice's
 criterion), reports FD to the teacher set, FD to held-out teacher samples, paired MSE and PSNR.
 
-    python bench/trajectory_supervision.py --preset digits --out runs/bench-traj-digits --steps 300 --num 512 \
-        --candidates traj-lat-rec traj-lat-rec-onward
+    python bench/trajectory_supervision.py --preset digits --out runs/bench-traj-digits --shards 12 --steps 300 \
+        --num 512 --candidates traj-lat-rec traj-lat-rec-onward
 """
 
 import argparse
@@ -44,7 +44,8 @@ CANDIDATES = {                                    # trajectory-loss weights trie
 
 def pairs(out: Path, args) -> Path:
     if args.preset:
-        cfg = build(GenerateConfig, load_preset(args.preset)["generate"], {"out": out, "trajectory": args.trajectory})
+        cfg = build(GenerateConfig, load_preset(args.preset)["generate"],
+                    {"out": out, "trajectory": args.trajectory, "shards": args.shards})
     else:
         cfg = GenerateConfig(out=out, shards=args.shards, pairs_per_shard=args.pairs_per_shard,
                              batch=args.pairs_per_shard, trajectory=args.trajectory)
@@ -130,7 +131,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, default=Path("runs/bench-traj"))
     ap.add_argument("--preset", help="a preset's pairs and student (digits) instead of the checkerboard's")
     ap.add_argument("--trajectory", help="states kept (default every-2; with --preset every-3)")
-    ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--shards", type=int, help="shards of pairs (default 12; with --preset the preset's)")
     ap.add_argument("--pairs-per-shard", type=int, default=2500)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=512)
@@ -143,6 +144,7 @@ if __name__ == "__main__":
     ap.add_argument("--pairs", type=Path, help="an existing trajectory pair directory (default: OUT/pairs)")
     args = ap.parse_args()
     args.trajectory = args.trajectory or ("every-3" if args.preset else "every-2")
+    args.shards = args.shards or (None if args.preset else 12)
     data = args.pairs or pairs(args.out / "pairs", args)
     wall = {"endpoint": run(data, args.out / "endpoint", args, None)}
     chosen, few = {}, {}
