@@ -2,7 +2,8 @@
 trajectories (e.g. the one bench/trajectory_supervision.py generates) and an ends-only copy of it written here
 (the same records without `traj`). Streams batches of 4096 with one loader worker, as training does: every
 field, as the loader did before it shipped only the trainer's (trajectory supervision on), and the fields of a
-plain (endpoint-only) training run.
+plain (endpoint-only) training run. Also CPU µs per pair of the same stream read in-process (no worker), which
+a loaded machine does not distort as it does wall rates.
 
     python bench/trajectory_loader.py runs/bench-traj/pairs [--batches 60]
 """
@@ -31,15 +32,20 @@ def ends_only(src: Path, dst: Path) -> Path:
     return dst
 
 
-def rate(data: Path, n: int, fields: frozenset[str] | None, batch: int = 4096) -> float:
+def rate(data: Path, n: int, fields: frozenset[str] | None, workers: int = 1, batch: int = 4096) -> float:
+    """Pairs per second of wall time with `workers` loader workers; with none, CPU µs per pair of this process
+    (reader and batching in one process: a reading that holds on a loaded machine)."""
     m = load_manifest(data)
-    stream = batches(data, [(s.name, s.pairs) for s in m.shards], batch, 8192, seed=0, workers=1, fields=fields)
+    stream = batches(data, [(s.name, s.pairs) for s in m.shards], batch, 8192, seed=0, workers=workers,
+                     fields=fields)
+    clock = time.perf_counter if workers else time.process_time
     try:
         next(stream)                                   # worker started
-        t = time.perf_counter()
+        t = clock()
         for _ in range(n):
             next(stream)
-        return n * batch / (time.perf_counter() - t)
+        spent = clock() - t
+        return n * batch / spent if workers else 1e6 * spent / (n * batch)
     finally:
         stream.close()
 
@@ -57,4 +63,4 @@ if __name__ == "__main__":
         per_pair = sum(s.bytes for s in m.shards) / m.num_pairs
         states = len(m.trajectory_steps or [])
         print(f"{name:15} {states:2d} states  {per_pair:7.1f} bytes/pair on disk  "
-              f"{rate(d, args.batches, fields):10,.0f} pairs/s")
+              f"{rate(d, args.batches, fields):10,.0f} pairs/s  {rate(d, args.batches, fields, 0):6.2f} CPU µs/pair")
