@@ -263,7 +263,8 @@ def test_image_trajectory_run_beats_untrained_and_steps_1_is_one_step(traj_digit
 
 @pytest.mark.parametrize("data, student, batch, steps", [
     ("traj_pairs", {**SMALL, "operator": "decomposed"}, 200, 30),
-    ("traj_digits", {**UNETS, "w_adv": 1.0}, 32, 3),              # the discriminator's state resumes too
+    pytest.param("traj_digits", {**UNETS, "w_adv": 1.0}, 32, 3,   # the discriminator's state resumes too
+                 marks=pytest.mark.slow),
 ])
 def test_trajectory_run_resumes_bit_exactly(data, student, batch, steps, request, tmp_path):
     data = request.getfixturevalue(data)
