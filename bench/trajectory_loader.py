@@ -1,6 +1,9 @@
 """Loader throughput and bytes per pair with trajectory states on vs off, on the same pairs: a pair directory with
 trajectories (e.g. the one bench/trajectory_supervision.py generates) and an ends-only copy of it written here
-(the same records without `traj`). Streams batches of 4096 with one loader worker, as training does.
+(the same records without `traj`). Streams batches of 4096 with one loader worker, as training does: every
+field, as the loader did before it shipped only the trainer's (trajectory supervision on), and the fields of a
+plain (endpoint-only) training run. Also CPU µs per pair of the same stream read in-process (no worker), which
+a loaded machine does not distort as it does wall rates.
 
     python bench/trajectory_loader.py runs/bench-traj/pairs [--batches 60]
 """
@@ -9,8 +12,10 @@ import argparse
 import time
 from pathlib import Path
 
+from kdm_pipe.config import TrainConfig
 from kdm_pipe.data import batches
 from kdm_pipe.shards import ShardInfo, load_manifest, read_shard, save_manifest, write_shard
+from kdm_pipe.training import trained_fields
 
 
 def ends_only(src: Path, dst: Path) -> Path:
@@ -27,15 +32,20 @@ def ends_only(src: Path, dst: Path) -> Path:
     return dst
 
 
-def rate(data: Path, n: int, batch: int = 4096) -> float:
+def rate(data: Path, n: int, fields: frozenset[str] | None, workers: int = 1, batch: int = 4096) -> float:
+    """Pairs per second of wall time with `workers` loader workers; with none, CPU µs per pair of this process
+    (reader and batching in one process: a reading that holds on a loaded machine)."""
     m = load_manifest(data)
-    stream = batches(data, [(s.name, s.pairs) for s in m.shards], batch, 8192, seed=0, workers=1)
+    stream = batches(data, [(s.name, s.pairs) for s in m.shards], batch, 8192, seed=0, workers=workers,
+                     fields=fields)
+    clock = time.perf_counter if workers else time.process_time
     try:
         next(stream)                                   # worker started
-        t = time.perf_counter()
+        t = clock()
         for _ in range(n):
             next(stream)
-        return n * batch / (time.perf_counter() - t)
+        spent = clock() - t
+        return n * batch / spent if workers else 1e6 * spent / (n * batch)
     finally:
         stream.close()
 
@@ -46,9 +56,11 @@ if __name__ == "__main__":
     ap.add_argument("--batches", type=int, default=60)
     args = ap.parse_args()
     plain = ends_only(args.data, args.data.with_name(args.data.name + "-ends"))
-    for name, d in (("with trajectories", args.data), ("ends only", plain)):
+    endpoint = trained_fields(TrainConfig(data=args.data, out=args.data))
+    for name, d, fields in (("every field", args.data, None), ("plain training", args.data, endpoint),
+                            ("every field", plain, None), ("plain training", plain, endpoint)):
         m = load_manifest(d)
         per_pair = sum(s.bytes for s in m.shards) / m.num_pairs
         states = len(m.trajectory_steps or [])
-        print(f"{name:18} {states:2d} states  {per_pair:7.1f} bytes/pair on disk  "
-              f"{rate(d, args.batches):10,.0f} pairs/s")
+        print(f"{name:15} {states:2d} states  {per_pair:7.1f} bytes/pair on disk  "
+              f"{rate(d, args.batches, fields):10,.0f} pairs/s  {rate(d, args.batches, fields, 0):6.2f} CPU µs/pair")

@@ -1,6 +1,7 @@
 """Analyses of a trained run, as the KDM paper and its code make them (REFERENCE §1), written to RUN/analysis/:
 
-    spectrum.png         the Koopman operator's eigenvalues against the unit circle, and over training (latents.zarr)
+    spectrum.png         the Koopman operator's eigenvalues against the unit circle, and over training (latents.zarr);
+                         those of the one-step map K(1) (a trajectory-supervised dense C is one of M intervals: C^M)
     noise_structure.png  2-D runs: x_0 coloured by KMeans(8) with the same colours on the x_T each came from;
                          outliers (DBSCAN(eps 0.15, min_samples 5) noise or per-axis |z-score| > 3) marked;
                          the student's one-step samples (generated) above the teacher's (real)

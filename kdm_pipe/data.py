@@ -160,10 +160,15 @@ class Batcher:
 class PairStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], micro: int, buffer: int, seed: int, rank: int = 0,
                  world: int = 1, start: int = 0, group: int = 1, slots: Slots | None = None,
-                 read: Callable = read_shard):
+                 read: Callable = read_shard, fields: frozenset[str] | None = None):
         self.shards, self.micro, self.buffer, self.seed = shards, micro, buffer, seed
         self.rank, self.world, self.start, self.group = rank, world, start, group
-        self.slots, self.read = slots, read
+        self.slots, self.read, self.fields = slots, read, fields
+
+    def _read(self, url: str) -> Iterator[Block]:
+        # Dropped as they are read: a field kept is copied into the shuffle buffer, the item and the batch.
+        for rec in self.read(url):
+            yield rec if self.fields is None else {f: a for f, a in rec.items() if f in self.fields}
 
     def plan(self, part: int, parts: int) -> Iterator[Epoch]:
         carried = 0
@@ -178,7 +183,7 @@ class PairStream(IterableDataset):
                out: Batcher) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's pairs through the shuffle buffer into `out`'s items; returns the pairs carried out."""
         pool, keep, seen, tail = SlotPool(self.buffer, rng), ep.batches * self.micro, 0, []
-        reading = itertools.chain([carry] if carry else [], *(self.read(url) for url, _ in ep.shards))
+        reading = itertools.chain([carry] if carry else [], *(self._read(url) for url, _ in ep.shards))
         for block in reading:
             n = min(_len(block), keep - seen)
             if n < _len(block):                 # the epoch's last `tail` pairs wait for the next epoch
@@ -198,7 +203,7 @@ class PairStream(IterableDataset):
             return None
         blocks, got = [], 0
         for url, n in reversed(history[-2].shards):
-            blocks.insert(0, _cat(list(self.read(url))))
+            blocks.insert(0, _cat(list(self._read(url))))
             got += n
             if got >= need:
                 break
@@ -235,11 +240,13 @@ class PairStream(IterableDataset):
 
 
 def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: int, seed: int, workers: int,
-            rank: int = 0, world: int = 1, start: int = 0, read: Callable = read_shard) -> "Loader":
+            rank: int = 0, world: int = 1, start: int = 0, read: Callable = read_shard,
+            fields: frozenset[str] | None = None) -> "Loader":
     """This rank's endless stream of step batches (batch/world pairs each), beginning after `start` steps.
 
     `shards` are (file name, pairs) pairs, `read` reads one shard's records: with a memorisation filter,
-    `Exclusions.read` and the kept counts. `buffer` is the shuffle buffer of each reader. Close the result (in a
+    `Exclusions.read` and the kept counts. Batches hold the records' `fields` that the shards have (all of them
+    when None). `buffer` is the shuffle buffer of each reader. Close the result (in a
     `finally`) to stop its worker processes: a live persistent worker keeps the interpreter from exiting.
     """
     readers = world * max(workers, 1)
@@ -255,7 +262,7 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
     # Shards by URL string: a loader worker opens its own connection (an s3fs client is not fork-safe).
     where = storage.location(directory)
     stream = PairStream([(str(where / u), n) for u, n in shards], micro, buffer, seed, rank, world, start, group,
-                        slots, read)
+                        slots, read, fields)
     # Its own generator: the DataLoader draws its worker seeds from it, not from the global RNG that dropout uses
     # (those draws came after a resume's RNG restore and shifted every later dropout mask).
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,

@@ -253,9 +253,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["fd_teacher_samples"] = [h, len(x_0) - h]     # (samples, held-out teacher samples) it compares
         results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
         results["fd_set"] = set_fd_report(cfg, net, model, manifest, data, set_ref, device)
+        shown = f"student x̂_0 ({chosen} weights, step {step}), {cfg.steps} step(s) from the same x_T"
         image_rows(run / f"samples{suffix}.png", {"teacher x_0 (held-out pairs)": x_0[:16],
-                                         f"student x̂_0 ({chosen} weights, step {step}), one step from the same x_T":
-                                         outputs["student"][:16]}, scale=max(1, 64 // manifest.shape[-1]))
+                                         shown: outputs["student"][:16]}, scale=max(1, 64 // manifest.shape[-1]))
         results["figures"] = [str(run / f"samples{suffix}.png")]
     else:
         for name, x in samples.items():
@@ -294,8 +294,8 @@ def image_results(results: dict, cfg: EvaluateConfig, net, samples: dict[str, np
 
 
 def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, device) -> dict[str, Any]:
-    """FID of `fid_num` fresh one-step samples (seeds fid_seed…, x_T = σ_max·z as the teacher drew them) against
-    --ref."""
+    """FID of `fid_num` fresh samples of `model`, the `--steps` sampler (seeds fid_seed…, x_T = σ_max·z as the
+    teacher drew them), against --ref."""
     ref_path = Path(cfg.ref)
     ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
            else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
@@ -304,7 +304,7 @@ def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, devic
 
 
 def fresh_samples(model: torch.nn.Module, manifest, start: int, num: int, batch: int, device) -> Iterator[np.ndarray]:
-    """One-step samples from seeds start … start + num − 1 (x_T = σ_max·z as the teacher drew them), by batch."""
+    """Samples of `model` from seeds start … start + num − 1 (x_T = σ_max·z as the teacher drew them), by batch."""
     for b in range(start, start + num, batch):
         seeds = list(range(b, min(b + batch, start + num)))
         z, y = seed_noise(seeds, tuple(manifest.shape), manifest.label_dim, device)
@@ -314,9 +314,9 @@ def fresh_samples(model: torch.nn.Module, manifest, start: int, num: int, batch:
 
 def set_fd_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, data: Path, ref: FeatureStats | None,
                   device) -> dict[str, Any]:
-    """Fréchet distance of `set_num` fresh one-step samples to the whole teacher set, from its stats.zarr (far less
-    biased than the held-out comparison, whose two sides are a few hundred samples each). The seeds start after the
-    set's last seed, so no sample shares its noise with a teacher pair."""
+    """Fréchet distance of `set_num` fresh samples of `model`, the `--steps` sampler, to the whole teacher set, from
+    its stats.zarr (far less biased than the held-out comparison, whose two sides are a few hundred samples each).
+    The seeds start after the set's last seed, so no sample shares its noise with a teacher pair."""
     flag = "" if cfg.detector is None else f" --detector {cfg.detector}"
     if ref is None:
         return {"note": f"no {net.name} feature statistics in {data}/{STORE}: run `kdm-pipe stats {data}{flag}`"}

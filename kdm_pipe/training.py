@@ -260,6 +260,12 @@ def probe_pairs(cfg: TrainConfig, holdout: list[str], device, drop: Exclusions) 
     return {k: torch.from_numpy(pairs[k]).to(device, torch.float32) for k in ("x_0", "x_T", "label") if k in pairs}
 
 
+def trained_fields(cfg: TrainConfig) -> frozenset[str]:
+    """The record fields a training step reads, all the loader ships: trajectory states are most of a trajectory
+    set's bytes, and each field kept is copied three more times on its way to the step."""
+    return frozenset({"x_0", "x_T", "label"} | ({"traj"} if cfg.student.trajectory is not None else set()))
+
+
 def checked_pairs(cfg: TrainConfig) -> Manifest:
     """The manifest of --data, after checking every shard's size and sha256 against it (cached per file, so an
     unchanged set is not re-hashed): nothing corrupt is learned silently."""
@@ -345,7 +351,7 @@ def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, prog
     # and once-per-epoch hold over the kept pairs.
     stream = cleanup.enter_context(closing(batches(
         cfg.data, [(n, counts[n]) for n in train_names if counts[n]], cfg.batch, cfg.shuffle_buffer, cfg.seed,
-        cfg.loader_workers, rank, world, start=step, read=drop.read)))
+        cfg.loader_workers, rank, world, start=step, read=drop.read, fields=trained_fields(cfg))))
     if lead:                                           # the run's files re-anchored where it is now (it may have moved)
         atomic_write_text(run.path / "config.json", cfg.model_dump_json(indent=1))
         run.write_split(cfg.data, manifest, train_names, holdout_names, drop.digest(train_names + holdout_names))

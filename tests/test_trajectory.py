@@ -14,12 +14,12 @@ import torch
 
 from kdm_pipe.config import EvaluateConfig, StudentConfig, TrainConfig, TrajectoryConfig
 from kdm_pipe.data import batches
-from kdm_pipe.evaluation import apply, evaluate
+from kdm_pipe.evaluation import apply, evaluate, sampler
 from kdm_pipe.shards import load_manifest, read_pairs, read_shard
 from kdm_pipe.student.koopman import KoopmanOperator
 from kdm_pipe.student.vector import VectorKDM
-from kdm_pipe.training import latest_checkpoint, load_weights, train
-from stages.generate import storage
+from kdm_pipe.training import latest_checkpoint, load_weights, train, trained_fields
+from stages.generate import bytes_per_pair
 from tests.conftest import make_pairs
 from tests.faults import cli, error_line, tree
 
@@ -31,6 +31,13 @@ def traj_pairs(tmp_path_factory):
     """4 shards × 500 checkerboard pairs, 6 Heun steps, states every 2 steps: σ_max, two interior states, 0."""
     return make_pairs(tmp_path_factory.mktemp("traj"), shards=4, pairs_per_shard=500, batch=250,
                       sampler={"steps": 6}, trajectory="every-2")
+
+
+@pytest.fixture(scope="module")
+def traj_digits(tmp_path_factory):
+    """3 shards × 64 pairs from the shipped digits teacher, 6 Heun steps, states every 2 steps."""
+    return make_pairs(tmp_path_factory.mktemp("traj-digits"), teacher={"name": "digits"}, shards=3,
+                      pairs_per_shard=64, batch=64, sampler={"steps": 6}, trajectory="every-2")
 
 
 def by_seed(directory):
@@ -65,7 +72,27 @@ def test_states_ride_with_their_pair_through_the_shuffle_workers_and_resume(traj
     assert "traj" in read_pairs(traj_pairs, [shards[0][0]], 10, traj=True)
     assert "traj" not in read_pairs(traj_pairs, [shards[0][0]], 10)
     # generate's storage report: x_T, x_0 (2 × 2 float32), 4 states (4 × 2 float32), an int64 seed
-    assert storage(m) == "56 bytes per pair with 4 trajectory states, 24 without (2.3×)"
+    assert bytes_per_pair(m) == "56 bytes per pair with 4 trajectory states, 24 without (2.3×)"
+
+
+def test_the_trainer_is_shipped_trajectories_only_when_it_reads_them(traj_pairs):
+    m = load_manifest(traj_pairs)
+    shards = [(s.name, s.pairs) for s in m.shards]
+    truth = {r["x_T"][i].tobytes(): r["traj"][i] for s in m.shards for r in read_shard(traj_pairs / s.name)
+             for i in range(len(r["x_T"]))}
+    for trajectory in (None, {}):
+        cfg = tcfg(traj_pairs, traj_pairs / "unused", student={**SMALL, "trajectory": trajectory})
+        stream = batches(traj_pairs, shards, 200, 300, seed=3, workers=2, start=3, fields=trained_fields(cfg))
+        try:
+            got = [next(stream) for _ in range(8)]    # past an epoch, from a resume, across two workers
+        finally:
+            stream.close()
+        for b in got:
+            assert set(b) == ({"x_0", "x_T", "traj"} if trajectory is not None else {"x_0", "x_T"})
+            if trajectory is not None:
+                want = np.stack([truth[x.tobytes()] for x in b["x_T"].numpy()])
+                np.testing.assert_array_equal(b["traj"].numpy(), want)
+                np.testing.assert_array_equal(b["traj"][:, -1].numpy(), b["x_0"].numpy())
 
 
 def stack(t=5, n=600, seed=0):
@@ -162,6 +189,14 @@ def test_dense_operator_powers_of_one_interval():
     assert torch.equal(three.carry(z, 0.0), z)
     with pytest.raises(ValueError, match="whole number"):
         three.carry(z, 0.5)
+    # What analysis plots is the one-step map C³, not the one-interval C.
+    linear = KoopmanOperator(6, "linear", intervals=3).double()
+    z = z.double()
+    torch.testing.assert_close(linear.carry(z, 1.0), z @ linear.matrix().T)
+    lam, lam_one = linear.eigenvalues().detach(), torch.linalg.eigvals(linear.op.weight.detach())
+    torch.testing.assert_close(torch.sort(lam.abs()).values, torch.sort(lam_one.abs() ** 3).values)
+    torch.testing.assert_close(torch.sort(lam.abs()).values,
+                               torch.sort(torch.linalg.eigvals(linear.matrix().detach()).abs()).values)
 
 
 def test_one_step_is_the_old_sampler_when_trajectory_supervision_is_off():
@@ -203,25 +238,57 @@ def test_trajectory_run_beats_untrained_and_steps_1_is_one_step(traj_pairs, tmp_
         evaluate(EvaluateConfig(run=run, num=600, steps=4))                    # only 2 interior states
 
 
-def test_trajectory_run_resumes_bit_exactly(traj_pairs, tmp_path):
-    every_term = {"student": {**SMALL, "operator": "decomposed", "trajectory": {"w_push": 1.0, "w_onward": 1.0}}}
-    train(tcfg(traj_pairs, tmp_path / "full", steps=30, loader_workers=2, **every_term), progress=False)
-    train(tcfg(traj_pairs, tmp_path / "half", steps=20, loader_workers=2, **every_term), progress=False)
-    train(tcfg(traj_pairs, tmp_path / "half", steps=30, loader_workers=2, **every_term), resume=True, progress=False)
+UNETS = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+def test_image_trajectory_run_beats_untrained_and_steps_1_is_one_step(traj_digits, tmp_path):
+    run = tmp_path / "r"                     # 40 steps: the student is far from trained, but far from untrained
+    train(tcfg(traj_digits, run, steps=40, batch=16, lr=5e-3, ema=0.9, ckpt_every=40, holdout_shards=1,
+               student={**UNETS, "w_adv": 0.0, "distance": "l2", "trajectory": {}}), progress=False)
+    cfg = json.loads((run / "config.json").read_text())["student"]["trajectory"]
+    assert cfg["taus"] == [0, 1 / 3, 2 / 3, 1] and cfg["intervals"] == 3 and cfg["sigmas"][0] == 80
+    row = json.loads((run / "train.jsonl").read_text().splitlines()[-1])
+    assert {"traj_latent", "traj_rec"} <= set(row)
+    res = evaluate(EvaluateConfig(run=run, num=32))
+    assert res["student"]["mse"] < 0.65 * res["untrained"]["mse"]
+    assert res["student"]["fd_teacher"] < 0.6 * res["untrained"]["fd_teacher"]
+    model = load_weights(run, res["weights"])[0]
+    held = read_pairs(traj_digits, ["shard-000002.tar"], 64)
+    x = torch.as_tensor(held["x_T"])
+    assert torch.equal(model.sample(x, None, 1), model(x))                     # S = 1 is the one-step sampler
+    assert torch.equal(model(x), model.decode(model.koopman.carry(model.encode_T(x), 1.0)))
+    two = apply(sampler(model, 2), held["x_T"], None, "cpu")                   # decode and re-encode at τ = 1/3
+    assert ((two - held["x_0"]) ** 2).mean() < 0.65 * res["untrained"]["mse"]
+
+
+@pytest.mark.parametrize("data, student, batch, steps", [
+    ("traj_pairs", {**SMALL, "operator": "decomposed"}, 200, 30),
+    pytest.param("traj_digits", {**UNETS, "w_adv": 1.0}, 32, 3,   # the discriminator's state resumes too
+                 marks=pytest.mark.slow),
+])
+def test_trajectory_run_resumes_bit_exactly(data, student, batch, steps, request, tmp_path):
+    data = request.getfixturevalue(data)
+    every_term = {"student": {**student, "trajectory": {"w_push": 1.0, "w_onward": 1.0}}, "batch": batch}
+    train(tcfg(data, tmp_path / "full", steps=steps, loader_workers=2, **every_term), progress=False)
+    train(tcfg(data, tmp_path / "half", steps=steps * 2 // 3, loader_workers=2, **every_term), progress=False)
+    train(tcfg(data, tmp_path / "half", steps=steps, loader_workers=2, **every_term), resume=True, progress=False)
     a, b = (torch.load(latest_checkpoint(tmp_path / n), weights_only=True) for n in ("full", "half"))
-    assert a["step"] == b["step"] == 30
+    assert a["step"] == b["step"] == steps
     row = json.loads((tmp_path / "full" / "train.jsonl").read_text().splitlines()[-1])
     assert {"traj_latent", "traj_rec", "traj_push", "traj_onward"} <= set(row)
-    assert all(torch.equal(a[p][k], b[p][k]) for p in ("model", "ema") for k in a[p])
+    assert all(torch.equal(a[p][k], b[p][k]) for p in a if p in ("model", "ema", "disc") for k in a[p])
 
 
-def test_trajectory_settings_on_pairs_without_trajectories_exit_2(vector_pairs, tmp_path):
+@pytest.mark.parametrize("data, student", [("vector_pairs", "hidden: 16, depth: 2, latent_dim: 8"),
+                                           ("digit_pairs", "model_channels: 8, channel_mult: [1, 2]")])
+def test_trajectory_settings_on_pairs_without_trajectories_exit_2(data, student, request, tmp_path):
+    data = request.getfixturevalue(data)
     preset = tmp_path / "t.yaml"
-    preset.write_text("train:\n  student: {hidden: 16, depth: 2, latent_dim: 8, trajectory: {w_rec: 0.5}}\n")
-    before = tree(vector_pairs)
-    r = cli("train", "--preset", preset, "--data", vector_pairs, "--out", tmp_path / "run", "--steps", "2")
+    preset.write_text(f"train:\n  student: {{{student}, trajectory: {{w_rec: 0.5}}}}\n")
+    before = tree(data)
+    r = cli("train", "--preset", preset, "--data", data, "--out", tmp_path / "run", "--steps", "2")
     error_line(r, 2, "keeps no trajectory states", "--trajectory every-K")
-    after = tree(vector_pairs)
+    after = tree(data)
     after.pop(".kdm-verified.json", None)              # the shard-hash cache every train leaves in the pair set
     assert not (tmp_path / "run").exists() and after == {k: v for k, v in before.items() if k != ".kdm-verified.json"}
 
@@ -243,11 +310,16 @@ def test_trajectory_config_is_validated():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trajectory_run_equals_one_process(traj_pairs, tmp_path):
+@pytest.mark.parametrize("data, student", [
+    ("traj_pairs", "hidden: 32, depth: 2, latent_dim: 16"),
+    ("traj_digits", "model_channels: 8, channel_mult: [1, 2], dropout: 0, w_adv: 0"),   # dropout differs by rank
+])
+def test_two_process_ddp_trajectory_run_equals_one_process(data, student, request, tmp_path):
+    data = request.getfixturevalue(data)
     preset = tmp_path / "t.yaml"
-    preset.write_text("train:\n  student: {hidden: 32, depth: 2, latent_dim: 16, trajectory: {w_push: 1.0}}\n")
+    preset.write_text(f"train:\n  student: {{{student}, trajectory: {{w_push: 1.0}}}}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--data", traj_pairs, "--batch", "64", "--device", "cpu", "--threads", "1", "--steps", "10",
+    common = ["--data", data, "--batch", "64", "--device", "cpu", "--threads", "1", "--steps", "10",
               "--no-tensorboard", "--quiet", "--preset", preset]
     common = [str(a) for a in common]
     subprocess.run([sys.executable, "-m", "kdm_pipe.cli", "train", "--out", str(tmp_path / "one"),

@@ -5,7 +5,8 @@ loss (with the adversarial term 0.01·w_adv·BCE(Disc(x̂_push), 1)) and the one
 KD (Luhman & Luhman 2021): one U-Net regressing x_0 from x_T, L = d(x_0, G(x_T)) [+ the same adversarial term].
 
 As in the official code the U-Nets' time input is a constant (0 for E_0 and D, 1 for E_T and the KD net): it only
-acts as a learned bias. x_T (std ≈ σ_max = 80) enters E_T unscaled: no input preconditioning.
+acts as a learned bias — except under trajectory supervision, where E_0 and D also see the stored states at their
+times t_k = 1 − τ_k (`kdm.KDM`). x_T (std ≈ σ_max = 80) enters E_T unscaled: no input preconditioning.
 Labels (one-hot) feed every U-Net's label embedding and, with `koopman_control`, the control term B y.
 The discriminator is not part of the student (its weights must not follow the student's optimiser): pass it to
 `losses(..., disc=)`, or call `losses(..., defer_adv=True)` and add `adv_weight · adversarial_loss(disc)` yourself
@@ -23,7 +24,6 @@ from kdm_pipe.networks.layers import Linear
 from kdm_pipe.networks.unets import SongUNet
 from kdm_pipe.student.discriminator import generator_loss
 from kdm_pipe.student.kdm import KDM, distance
-from kdm_pipe.student.koopman import KoopmanOperator
 from kdm_pipe.student.lpips import LPIPS
 from kdm_pipe.student.noise import LatentNoise
 
@@ -109,8 +109,7 @@ class ImageKDM(ImageStudent, KDM):
         self.proj_T = Linear(grid, p, init_mode="xavier_uniform") if p else None
         self.unproj = Linear(p, grid, init_mode="xavier_uniform") if p else None
         self.latent_dim = p or grid
-        self.koopman = KoopmanOperator(self.latent_dim, cfg.operator, label_dim if cfg.koopman_control else 0,
-                                       cfg.spectrum_prior, cfg.prior_seed)
+        self.koopman = self.operator(self.latent_dim, label_dim if cfg.koopman_control else 0)
 
     def _encode(self, net: SongUNet, proj: Linear | None, x: Tensor, t: float, labels: Tensor | None) -> Tensor:
         z = net(x, self.time(x, t), self.labels_like(labels, x)).flatten(1)
@@ -124,12 +123,21 @@ class ImageKDM(ImageStudent, KDM):
         """z_T = E_T(x_T)."""
         return self._encode(self.enc_T, self.proj_T, x_T, 1.0, labels)
 
-    def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
-        """x̂ = D(z) for flattened latents z."""
+    def decode(self, z: Tensor, labels: Tensor | None = None, t: float = 0.0) -> Tensor:
+        """x̂ = D(z) for flattened latents z (at time t: trajectory states)."""
         if self.unproj is not None:
             z = self.unproj(z)
         z = z.reshape(-1, self.cfg.latent_channels, *self.shape[1:])
-        return self.dec(z, self.time(z, 0.0), self.labels_like(labels, z))
+        return self.dec(z, self.time(z, t), self.labels_like(labels, z))
+
+    def encode_state(self, u: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
+        """z_k = E_0(u_k, t_k) for the scaled state u_k (`KDM.state_scale`): the time input, a constant learned
+        bias in the official code, tells the encoder where along the flow its input is."""
+        return self._encode(self.enc_0, self.proj_0, u, self.state_time(k), labels)
+
+    def decode_state(self, z: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
+        """û_k = D(z, t_k), the scaled state."""
+        return self.decode(z, labels, self.state_time(k))
 
 
 class ImageKD(ImageStudent):

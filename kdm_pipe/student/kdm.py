@@ -75,6 +75,16 @@ class KDM(nn.Module):
         """û_k = D(z, t_k), the scaled state (trajectory supervision)."""
         raise NotImplementedError
 
+    def operator(self, dim: int, label_dim: int) -> KoopmanOperator:
+        """C on `dim` latents; with trajectory supervision a dense C is one of the flow's equal intervals."""
+        c = self.cfg
+        return KoopmanOperator(dim, c.operator, label_dim, c.spectrum_prior, c.prior_seed,
+                               c.trajectory.intervals if c.trajectory else 1)
+
+    def state_time(self, k: int) -> float:
+        """t_k = 1 − τ_k, the networks' time input for stored state k (1 at x_T, 0 at x_0: E_T's and E_0's)."""
+        return 1 - self.cfg.trajectory.taus[k]
+
     def state_scale(self, k: int) -> float:
         """1 / √(1 + σ_k²): about 1 / σ_max for x_T and 1 for x_0, so every state enters at about unit size."""
         return (1 + self.cfg.trajectory.sigmas[k] ** 2) ** -0.5

@@ -172,18 +172,20 @@ class KoopmanOperator(nn.Module):
         return {"spectrum": torch.hypot(lam.real - u[:, 0], lam.imag - u[:, 1]).mean()}
 
     def eigenvalues(self) -> Tensor:
-        """Complex (dim,): eigvals of the dense weight, or the parameterised λ of the decomposed form.
+        """Complex (dim,) eigenvalues of the one-step map K(1): eigvals of the dense weight (to the power
+        `intervals`: a trajectory-supervised C is one interval), or the parameterised λ of the decomposed form.
 
         For the decomposed form λ are the eigenvalues of the complex P Λ P⁻¹ only once P⁻¹ is P's inverse; the
         real map z → Re(P Λ P⁻¹ z) that is applied has other eigenvalues in general.
         """
         if isinstance(self.op, DecomposedOperator):
             return torch.complex(*self.op.eigen_parts())
-        return torch.linalg.eigvals(self.op.weight)
+        return torch.linalg.eigvals(self.op.weight) ** self.intervals
 
     def matrix(self) -> Tensor:
-        """The real (dim, dim) K with forward(z) = z Kᵀ (+ bias, + control)."""
+        """The real (dim, dim) K(1) with carry(z, 1) = z K(1)ᵀ (+ the bias carried along, + control): the dense
+        weight to the power `intervals`."""
         if isinstance(self.op, DecomposedOperator):
             eye = torch.eye(self.dim, dtype=self.op.nu.dtype, device=self.op.nu.device)
             return self.op(eye).T
-        return self.op.weight
+        return torch.linalg.matrix_power(self.op.weight, self.intervals)

@@ -24,9 +24,9 @@ def with_trajectory_times(cfg: StudentConfig, manifest: Manifest, data: str) -> 
     if not manifest.trajectory_steps or not manifest.trajectory_sigmas:
         raise ConfigError(f"--data {data} keeps no trajectory states, but the student has trajectory settings; "
                           f"generate pairs with --trajectory every-K (or import a (T, N, ...) stack) {fix}")
-    if cfg.kind != "kdm" or len(manifest.shape) != 1 or cfg.mlp != "official":
-        raise ConfigError(f"trajectory supervision is implemented for the vector KDM student with time-conditioned "
-                          f"networks (student.kind: kdm, mlp: official) on vector pairs; {fix}")
+    if cfg.kind != "kdm" or (len(manifest.shape) == 1 and cfg.mlp != "official"):
+        raise ConfigError(f"trajectory supervision needs a KDM student with time-conditioned networks (student.kind: "
+                          f"kdm; for vector pairs mlp: official); {fix}")
     if manifest.label_dim and cfg.koopman_control:
         raise ConfigError(f"trajectory supervision does not carry the Koopman control B·y along the flow; set "
                           f"student.koopman_control: false for labelled pairs {fix}")

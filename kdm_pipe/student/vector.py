@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from kdm_pipe.config import StudentConfig
 from kdm_pipe.student.kdm import KDM, distance
-from kdm_pipe.student.koopman import KoopmanOperator
 from kdm_pipe.student.noise import LatentNoise
 
 
@@ -73,9 +72,7 @@ class VectorKDM(KDM):
         self.cfg = cfg
         self.register_buffer("x_T_scale", torch.tensor(1.0 / sigma_max))
         self.enc_T, self.enc_0, self.dec = kdm_networks(cfg, data_dim, label_dim)
-        intervals = cfg.trajectory.intervals if cfg.trajectory else 1
-        self.koopman = KoopmanOperator(cfg.latent_dim, cfg.operator, label_dim, cfg.spectrum_prior, cfg.prior_seed,
-                                       intervals)
+        self.koopman = self.operator(cfg.latent_dim, label_dim)
 
     @staticmethod
     def _cat(x: Tensor, labels: Tensor | None) -> Tensor:
@@ -94,13 +91,12 @@ class VectorKDM(KDM):
         return self.dec(self._cat(z, labels))
 
     def encode_state(self, u: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
-        """z_k = E_0(u_k, 1 − τ_k) for the scaled state u_k (`KDM.state_scale`), at the official time convention
-        (t = 1 for x_T, 0 for x_0)."""
-        return self.enc_0(self._cat(u, labels), 1 - self.cfg.trajectory.taus[k])
+        """z_k = E_0(u_k, t_k) for the scaled state u_k (`KDM.state_scale`)."""
+        return self.enc_0(self._cat(u, labels), self.state_time(k))
 
     def decode_state(self, z: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
-        """û_k = D(z, 1 − τ_k), the scaled state."""
-        return self.dec(self._cat(z, labels), 1 - self.cfg.trajectory.taus[k])
+        """û_k = D(z, t_k), the scaled state."""
+        return self.dec(self._cat(z, labels), self.state_time(k))
 
 
 class VectorKD(nn.Module):
