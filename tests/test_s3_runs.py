@@ -88,6 +88,7 @@ def trained(tmp_path_factory, s3_server, vector_pairs):
     return f"s3://{name}/run", local
 
 
+@pytest.mark.slow
 def test_a_run_on_s3_is_the_local_run_bit_for_bit(trained):
     url, local = trained
     remote, here = objects(url), files(local)
@@ -105,6 +106,7 @@ def test_a_run_on_s3_is_the_local_run_bit_for_bit(trained):
     assert split["data_from_run"] == "../pairs"
 
 
+@pytest.mark.slow
 def test_evaluate_sample_and_analyze_read_and_write_an_s3_run(trained, tmp_path):
     url, local = trained
     assert cli("evaluate", url, "--num", "400").returncode == 0

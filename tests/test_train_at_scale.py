@@ -91,6 +91,7 @@ def cli_train(data, out, *extra):
             "--ckpt-every", "10", "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(vector_pairs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     small = ["--preset", "checkerboard"]          # the official 2-D student, shortened below
@@ -109,6 +110,7 @@ def test_two_process_ddp_equals_one_process(vector_pairs, tmp_path):
                                            weights_only=True), "model")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_finishes_the_same_run(vector_pairs, tmp_path):
     common = ["--loader-workers", "1", "--no-tensorboard", "--steps", "3000"]
     proc = subprocess.Popen(CLI + cli_train(vector_pairs, tmp_path / "pre", *common, "--preset", "checkerboard"),
