@@ -403,16 +403,21 @@ def test_worker_killed_mid_upload_is_retried_to_identical_bytes(s3_server, bucke
     assert not list(uploads.glob(".shard-*"))
 
 
+def generate_until(url: str, shards: int, **popen) -> subprocess.Popen:
+    """`generate --out URL` with the slow settings in the background, returned once its manifest lists `shards`."""
+    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=s3_env(), **popen)
+    manifest, deadline = storage.location(url) / "manifest.json", time.time() + 240
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= shards):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.slow
 def test_driver_killed_mid_run_resumes_to_identical_bytes(s3_server, bucket, slow_ref):
     ref, _ = slow_ref
     url = f"{bucket}/pairs"
-    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=s3_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    manifest, deadline = storage.location(url) / "manifest.json", time.time() + 240
-    while not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
+    proc = generate_until(url, 2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)                                 # driver, raylet and workers, mid-shard
     proc.wait()
     assert 2 <= len(load_manifest(url).shards) < 6
@@ -455,12 +460,7 @@ def test_two_node_cluster_uploads_from_both_nodes_with_the_checkpoint_from_the_b
 def test_sigterm_during_s3_generate_exits_143_releases_the_lock_and_resumes(s3_server, bucket, slow_ref):
     ref, _ = slow_ref
     url = f"{bucket}/pairs"
-    proc = subprocess.Popen(CLI + ["generate", "--out", url, *SLOW], env=s3_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    manifest, deadline = storage.location(url) / "manifest.json", time.time() + 240
-    while not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
+    proc = generate_until(url, 1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 143, "SIGTERM",
