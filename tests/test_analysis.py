@@ -37,6 +37,7 @@ def runs(vector_pairs, digit_pairs, tmp_path_factory):
                          probe_pairs=20, shuffle_buffer=32)}
 
 
+@pytest.mark.slow      # trains three small runs first (~50 s)
 def test_vector_kdm_analysis(runs):
     run = runs["kdm"]
     res = analyze(run, num=1000)
@@ -72,6 +73,7 @@ def test_vector_kdm_analysis(runs):
     assert res["interpolation"]["rows"] == ["linear in x_T", "linear in z_T"]
 
 
+@pytest.mark.slow      # trains three small runs first (~50 s)
 def test_analysis_uses_the_weights_the_run_recorded(runs, tmp_path, capsys):
     with pytest.raises(ConfigError, match="not a training run"):
         chosen_weights(tmp_path)
@@ -84,6 +86,7 @@ def test_analysis_uses_the_weights_the_run_recorded(runs, tmp_path, capsys):
     assert 'src="analysis/interpolation.png"' in report.read_text()       # the existing report now shows it
 
 
+@pytest.mark.slow      # trains three small runs first (~50 s)
 def test_kd_student_gets_only_the_sample_analyses(runs):
     res = analyze(runs["kd"], num=300)
     out = runs["kd"] / "analysis"
@@ -93,6 +96,7 @@ def test_kd_student_gets_only_the_sample_analyses(runs):
     assert res["interpolation"]["rows"] == ["linear in x_T"]
 
 
+@pytest.mark.slow      # trains three small runs first (~50 s)
 def test_image_analysis_draws_the_interpolation_strip(runs):
     res = analyze(runs["image"], num=64)
     out = runs["image"] / "analysis"
@@ -105,6 +109,7 @@ def test_image_analysis_draws_the_interpolation_strip(runs):
         assert im.width > 2 * im.height                                    # a strip: 9 images per row, 2 rows
 
 
+@pytest.mark.slow      # trains three small runs first (~50 s)
 def test_interpolations_start_and_end_at_the_one_step_samples(runs):
     model, cfg, _, _ = load_weights(runs["kdm"], "ema")
     split = json.loads((runs["kdm"] / "split.json").read_text())

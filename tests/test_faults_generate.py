@@ -266,6 +266,7 @@ def test_stats_catches_same_size_corruption_on_rerun(tmp_path):
     np.testing.assert_array_equal(load_stats(pairs)["x_0"]["mean"], before["x_0"]["mean"])
 
 
+@pytest.mark.slow
 def test_stats_on_a_crafted_shard_writes_no_store(tmp_path):
     pairs = small_set(tmp_path / "pairs")
     huge_member_shard(pairs / "shard-000001.tar")

@@ -56,6 +56,7 @@ def test_shards_round_trip_and_manifest(ray_local, tmp_path):
     assert verify(tmp_path / "a") == {}
 
 
+@pytest.mark.slow
 def test_same_pairs_for_any_worker_count(ray_local, tmp_path):
     generate.run(cfg(tmp_path / "w2", workers=2), progress=False)
     generate.run(cfg(tmp_path / "w1", workers=1, max_in_flight=1), progress=False)
