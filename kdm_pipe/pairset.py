@@ -32,7 +32,6 @@ manifest, not the log, is what a rerun trusts.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -259,15 +258,7 @@ class PairSetWriter:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """storage.write_bytes, skipped when `path` already holds `data` (a rollback restores files mostly unchanged)."""
     if path.exists() and path.read_bytes() == data:
         return
-    if storage.is_remote(path):
-        with storage.remote_errors(path, "restoring"):
-            path.write_bytes(data)                  # one PUT: all or nothing
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    storage.write_bytes(path, data)

@@ -237,18 +237,22 @@ def commit_file(tmp: Path, dest: Any, size: int | None = None, digest: str | Non
         tmp.unlink(missing_ok=True)
 
 
-def write_text(dest: Any, text: str) -> None:
-    """Replace `dest` with `text` all or nothing (a temp file + rename; one PUT remotely)."""
+def write_bytes(dest: Any, data: bytes) -> None:
+    """Replace `dest` with `data` all or nothing (a temp file + rename; one PUT remotely)."""
     if is_remote(dest):
         with remote_errors(dest, "writing"):
-            dest.write_text(text)
+            dest.write_bytes(data)
         return
     tmp = temp_beside(dest)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, dest)
     finally:                                        # interrupted (SIGTERM, a full disk): leave no temp file
         tmp.unlink(missing_ok=True)
+
+
+def write_text(dest: Any, text: str) -> None:
+    write_bytes(dest, text.encode())
 
 
 def remove(loc: Any) -> None:
