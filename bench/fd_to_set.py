@@ -17,7 +17,7 @@ from kdm_pipe.metrics import FeatureStats, features, fid_from_stats, load_detect
 from kdm_pipe.metrics.fid import FID_NUM, stream_sums
 from kdm_pipe.run import Run
 from kdm_pipe.shards import read_shard
-from kdm_pipe.training import load_weights
+from kdm_pipe.trained import load_weights
 
 SMALL = 256
 

@@ -23,7 +23,7 @@ import torch
 
 from kdm_pipe.config import FilterConfig, ImportConfig
 from kdm_pipe.memorisation import K, nearest
-from stages import filter as memorisation_filter
+from stages import filter_pairs as memorisation_filter
 from stages import import_pairs
 
 

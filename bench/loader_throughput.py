@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdm_pipe.data import batches
+from kdm_pipe.loader import batches
 from kdm_pipe.shards import write_shard
 
 N, PER_SHARD, REC, BATCH, BATCHES = 20000, 2500, 250, 128, 150

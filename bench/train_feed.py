@@ -17,10 +17,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch  # noqa: E402
 
 from kdm_pipe.config import GenerateConfig, TrainConfig, build, load_preset  # noqa: E402
-from kdm_pipe.data import batches  # noqa: E402
+from kdm_pipe.loader import batches  # noqa: E402
 from kdm_pipe.shards import load_manifest  # noqa: E402
 from kdm_pipe.student.noise import LatentNoise  # noqa: E402
-from kdm_pipe.training import resolved, student_for  # noqa: E402
+from kdm_pipe.trained import student_for  # noqa: E402
+from kdm_pipe.training import resolved  # noqa: E402
 from stages import generate  # noqa: E402
 
 SETUPS = {  # preset, generate overrides (pairs only need the right shape), train overrides

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from kdm_pipe.config import TrainConfig
-from kdm_pipe.data import batches
+from kdm_pipe.loader import batches
 from kdm_pipe.shards import ShardInfo, load_manifest, read_shard, save_manifest, write_shard
 from kdm_pipe.training import trained_fields
 

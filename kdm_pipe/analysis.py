@@ -38,7 +38,7 @@ from kdm_pipe.latents import load_latent_stats
 from kdm_pipe.probes import load_probes
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.training import load_weights
+from kdm_pipe.trained import load_weights
 
 OUT_DIR = "analysis"
 DBSCAN_EPS, DBSCAN_MIN_SAMPLES, Z_THRESHOLD, MODES = 0.15, 5, 3.0, 8

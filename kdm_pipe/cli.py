@@ -201,7 +201,7 @@ def filter_(
                                    threshold=threshold, k=k, chunk=chunk, workers=workers, address=address,
                                    gpus_per_worker=gpus_per_worker, device=device, replace=replace),
                 where="filter config")
-    from stages import filter as stage
+    from stages import filter_pairs as stage
     stage.run(cfg, progress=not quiet)
 
 
@@ -409,7 +409,7 @@ def teacher_train(
     dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train an EDM teacher (EDM loss, Adam, EMA) on images; use it with `generate --teacher edm --checkpoint`."""
-    from kdm_pipe.teacher_training import TeacherTrainConfig
+    from kdm_pipe.teachers.training import TeacherTrainConfig
     flags = dict(data=data, out=out, arch=arch, model_channels=model_channels, channel_mult=channel_mult,
                  num_blocks=num_blocks, attn_resolutions=attn_resolutions, dropout=dropout, precond=precond,
                  cond=cond, steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup,

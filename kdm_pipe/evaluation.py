@@ -48,7 +48,7 @@ from kdm_pipe.shards import atomic_write_text, load_manifest, read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import TEACHERS, build_teacher
-from kdm_pipe.training import latest_checkpoint, load_weights, student_for
+from kdm_pipe.trained import latest_checkpoint, load_weights, student_for
 
 WEIGHTS_JSON = "weights.json"
 SELECTION_MAX = 4096          # held-out pairs that choose the weights (the rest is the report split)

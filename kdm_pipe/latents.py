@@ -35,7 +35,7 @@ from kdm_pipe.run import Run
 from kdm_pipe.shards import Manifest, ShardInfo, read_pairs, read_shard, sha256_file
 from kdm_pipe.stats import checked_digest, create_array
 from kdm_pipe.stats_update import compute
-from kdm_pipe.training import load_weights
+from kdm_pipe.trained import load_weights
 
 STORE, GROUP = "latents.zarr", STATISTICS
 LATENTS = ("z_T", "z_0", "Cz_T")

@@ -1,7 +1,7 @@
 """The training loop: stream pairs, fit the student (and its discriminator), keep an EMA, probe, checkpoint, resume.
 
 Runs as one process or as N data-parallel ranks under `torchrun` (DDP; gloo on CPU, NCCL on GPU). The global batch
-and the latent noise of a step do not depend on N (see data.py and student/noise.py), so N ranks train what one
+and the latent noise of a step do not depend on N (see loader.py and student/noise.py), so N ranks train what one
 process would, up to float summation order. Checkpoints are state dicts (model, EMA, optimisers, discriminator,
 RNG states, step) loadable with `weights_only=True`; the run's resolved config sits beside them as JSON. Resuming
 restores all of it and replays the data stream from the current epoch's start, so an interrupted run ends bit for
@@ -31,19 +31,21 @@ from tqdm import tqdm
 
 from kdm_pipe import normalization, storage
 from kdm_pipe.config import TrainConfig, format_validation
-from kdm_pipe.data import batches
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
+from kdm_pipe.loader import batches
 from kdm_pipe.locks import directory_lock
+from kdm_pipe.optim import ema_update, sanitize_grads
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device, set_threads
 from kdm_pipe.shards import Manifest, atomic_write_text, bad_shards_error, check_shards, load_manifest, read_pairs
 from kdm_pipe.stats_update import update
-from kdm_pipe.student import build_student, is_image
+from kdm_pipe.student import is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
 from kdm_pipe.student.noise import LatentNoise
 from kdm_pipe.student.trajectory import with_trajectory_times
+from kdm_pipe.trained import student_for
 
 
 def split_shards(manifest: Manifest, holdout: int) -> tuple[list[str], list[str]]:
@@ -67,12 +69,6 @@ def resolved(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
         # The stored states would reach the student in the data's units while x_0 is standardised.
         raise ConfigError("trajectory supervision with normalize: standard is not supported; use --normalize none")
     return cfg.model_copy(update={"student": student, "normalize": normalize})
-
-
-def student_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module:
-    """The student of `cfg` (a run recorded before normalisation existed has normalize None: none)."""
-    student = build_student(cfg.student, manifest.shape, manifest.label_dim, manifest.sigma_max)
-    return normalization.wrap(student, cfg.normalize, manifest.shape, cfg.normalize_x_T)
 
 
 def data_moments(cfg: TrainConfig, manifest: Manifest, names: list[str]) -> dict[str, np.ndarray] | None:
@@ -100,31 +96,6 @@ def discriminator_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module | None:
     if not (is_image(manifest.shape) and cfg.student.w_adv):
         return None
     return Discriminator(manifest.shape[0], manifest.shape[1])
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest intact checkpoint of `run` (damaged newer ones are passed over with a warning)."""
-    return Run(run).latest_checkpoint()
-
-
-def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None, device: torch.device | str = "cpu",
-                 data: Path | None = None) -> tuple[nn.Module, TrainConfig, Manifest, int]:
-    """A trained student (EMA or raw weights) with its config and data manifest, ready for evaluation."""
-    r = Run(run)
-    cfg, manifest = r.config, r.manifest(data)
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    elif (loaded := r.load_checkpoint()) is not None:
-        state = loaded[0]
-    else:
-        raise ConfigError(f"{run} has no checkpoints; train it first with `kdm-pipe train --out {run}`")
-    model = student_for(cfg, manifest)
-    try:
-        model.load_state_dict(state["model" if which == "raw" else "ema"])
-    except (KeyError, RuntimeError) as e:
-        raise ConfigError(f"{run}: its checkpoint does not fit the student in {run}/config.json "
-                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg, manifest, state["step"]
 
 
 def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: str) -> None:
@@ -226,19 +197,6 @@ def average_grads(params, world: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
-
-
-def sanitize_grads(params) -> None:
-    for p in params:                                   # one bad batch must not poison the weights
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·model, parameter by parameter (buffers stay as they are)."""
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - decay)
 
 
 def rng_state(device: torch.device) -> list[torch.Tensor]:

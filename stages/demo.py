@@ -26,7 +26,7 @@ from kdm_pipe.config import (
 from kdm_pipe.interrupts import Terminated
 from kdm_pipe.report import write_comparison
 from stages import evaluate, generate, stats, train, verify
-from stages import filter as memorisation_filter
+from stages import filter_pairs as memorisation_filter
 
 STUDENTS = ("kdm", "kd")
 

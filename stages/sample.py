@@ -24,7 +24,7 @@ from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import seed_noise
 from kdm_pipe.shards import atomic_write_text
 from kdm_pipe.student import is_image
-from kdm_pipe.training import load_weights
+from kdm_pipe.trained import load_weights
 
 
 def run(cfg: SampleConfig) -> dict:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.teacher_training import TeacherTrainConfig, train_teacher
+from kdm_pipe.teachers.training import TeacherTrainConfig, train_teacher
 
 
 def check_out(out: Path) -> None:

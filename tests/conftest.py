@@ -92,7 +92,8 @@ def bucket(s3_server):
 def assert_resume_is_exact(cfg_at, root, steps: int, stop: int, parts=("model", "ema")) -> dict:
     """Train `cfg_at(root / "full", steps)` in one go, and `cfg_at(root / "half", stop)` then `--resume` to `steps`:
     the two final checkpoints must hold the same step and bit-equal `parts`. Returns the uninterrupted one."""
-    from kdm_pipe.training import latest_checkpoint, train
+    from kdm_pipe.trained import latest_checkpoint
+    from kdm_pipe.training import train
     train(cfg_at(root / "full", steps), progress=False)
     train(cfg_at(root / "half", stop), progress=False)
     train(cfg_at(root / "half", steps), resume=True, progress=False)

@@ -12,7 +12,8 @@ from kdm_pipe.config import AnalyzeConfig, ConfigError, StudentConfig, TrainConf
 from kdm_pipe.evaluation import chosen_weights, heldout_pairs
 from kdm_pipe.report import write_report
 from kdm_pipe.student import build_student
-from kdm_pipe.training import load_weights, train
+from kdm_pipe.trained import load_weights
+from kdm_pipe.training import train
 from stages import analyze as stage
 
 SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}

@@ -13,7 +13,7 @@ from faults import bless, cli, error_line, flip_byte, kdm, tree
 
 from kdm_pipe import run as kdm_run
 from kdm_pipe.config import TrainConfig
-from kdm_pipe.training import latest_checkpoint
+from kdm_pipe.trained import latest_checkpoint
 
 QUICK = ["--steps", "6", "--batch", "100", "--ckpt-every", "3", "--probe-every", "3", "--no-tensorboard", "-q",
          "--student", "kdm"]

@@ -12,9 +12,9 @@ import torch
 from faults import bless, cli, error_line, tree
 
 from kdm_pipe.config import ConfigError, ImportConfig, TrainConfig
-from kdm_pipe.data import PairStream, batches
 from kdm_pipe.datasets import sklearn_digits
 from kdm_pipe.exclusions import NO_EXCLUSIONS, exclusions
+from kdm_pipe.loader import PairStream, batches
 from kdm_pipe.memorisation import nearest
 from kdm_pipe.report import write_report
 from kdm_pipe.shards import load_manifest, read_pairs, write_shard

@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from kdm_pipe.config import ConfigError, ImportConfig
-from kdm_pipe.data import batches
+from kdm_pipe.loader import batches
 from kdm_pipe.shards import load_manifest, read_shard, verify
 from stages import import_pairs
 

@@ -13,7 +13,8 @@ from kdm_pipe.normalization import Standardized
 from kdm_pipe.run import Run
 from kdm_pipe.shards import Manifest, ShardInfo, read_shard, save_manifest, shard_name, write_shard
 from kdm_pipe.stats import STORE
-from kdm_pipe.training import load_weights, resolved, train
+from kdm_pipe.trained import load_weights
+from kdm_pipe.training import resolved, train
 from stages import sample, stats
 
 CENTRE, SCALE = np.array([100.0, -40.0]), np.array([5.0, 0.5])

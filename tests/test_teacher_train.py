@@ -13,10 +13,10 @@ from kdm_pipe.cli import app
 from kdm_pipe.config import ConfigError, SamplerConfig
 from kdm_pipe.datasets import load_images, sklearn_digits
 from kdm_pipe.generation import sample_pairs
-from kdm_pipe.teacher_training import TeacherTrainConfig, edm_loss, train_teacher
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.edm import EDMTeacherConfig
 from kdm_pipe.teachers.edm_checkpoint import load_state_dict_checkpoint
+from kdm_pipe.teachers.training import TeacherTrainConfig, edm_loss, train_teacher
 from stages.teacher import run_train
 
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0, batch=8,

@@ -16,7 +16,8 @@ from conftest import assert_resume_is_exact
 from kdm_pipe.config import TrainConfig
 from kdm_pipe.probes import load_probes
 from kdm_pipe.shards import load_manifest
-from kdm_pipe.training import discriminator_for, ema_decay, latest_checkpoint, student_for, train
+from kdm_pipe.trained import latest_checkpoint, student_for
+from kdm_pipe.training import discriminator_for, ema_decay, train
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 TINY_UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from kdm_pipe.config import EvaluateConfig, StudentConfig, TrainConfig, TrajectoryConfig
-from kdm_pipe.data import batches
 from kdm_pipe.evaluation import apply, evaluate, sampler
+from kdm_pipe.loader import batches
 from kdm_pipe.shards import load_manifest, read_pairs, read_shard
 from kdm_pipe.student.koopman import KoopmanOperator
 from kdm_pipe.student.vector import VectorKDM
-from kdm_pipe.training import latest_checkpoint, load_weights, train, trained_fields
+from kdm_pipe.trained import latest_checkpoint, load_weights
+from kdm_pipe.training import train, trained_fields
 from stages.generate import bytes_per_pair
 from tests.conftest import make_pairs
 from tests.faults import cli, error_line, tree

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kdm_pipe.config import ConfigError
-from kdm_pipe.data import PairStream, batches
+from kdm_pipe.loader import PairStream, batches
 from kdm_pipe.shards import write_shard
 
 SIZES = [97, 80, 103, 90, 64]          # unequal shards and records that do not divide the batch
@@ -118,13 +118,13 @@ def test_close_frees_a_worker_waiting_for_a_slot(shards, monkeypatch):
     import threading
     import time
 
-    from kdm_pipe import data
+    from kdm_pipe import loader
 
-    class OneSlot(data.Slots):
+    class OneSlot(loader.Slots):
         def __init__(self, workers: int, count: int) -> None:
             super().__init__(workers, 1)
 
-    monkeypatch.setattr(data, "Slots", OneSlot)
+    monkeypatch.setattr(loader, "Slots", OneSlot)
     root, names = shards
     stream = batches(root, names, 32, 40, seed=0, workers=2)
     first = [b["seed"].tolist() for b in itertools.islice(stream, 40)]       # slots freed and refilled: no deadlock
@@ -143,12 +143,12 @@ def test_a_dropped_stream_lets_the_interpreter_exit(shards, tmp_path):
     script = tmp_path / "drop.py"
     script.write_text(
         "import itertools, sys\n"
-        "from kdm_pipe import data\n"
-        "class OneSlot(data.Slots):\n"
+        "from kdm_pipe import loader\n"
+        "class OneSlot(loader.Slots):\n"
         "    def __init__(self, workers, count):\n"
         "        super().__init__(workers, 1)\n"
-        "data.Slots = OneSlot\n"
-        f"stream = data.batches({str(root)!r}, {names!r}, 32, 40, seed=0, workers=2)\n"
+        "loader.Slots = OneSlot\n"
+        f"stream = loader.batches({str(root)!r}, {names!r}, 32, 40, seed=0, workers=2)\n"
         "held = list(itertools.islice(stream, 3))\n"
         "print('ok')\n")
     import subprocess

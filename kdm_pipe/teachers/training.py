@@ -28,10 +28,10 @@ from kdm_pipe.datasets import ImageData, load_images  # noqa: E402
 from kdm_pipe.generation import sample_pairs  # noqa: E402
 from kdm_pipe.image_files import save_grid  # noqa: E402
 from kdm_pipe.networks import ARCHITECTURES, build_network  # noqa: E402
+from kdm_pipe.optim import ema_update, sanitize_grads  # noqa: E402
 from kdm_pipe.runtime import pick_device, set_threads  # noqa: E402
 from kdm_pipe.teachers.edm import EDMTeacher  # noqa: E402
 from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint  # noqa: E402
-from kdm_pipe.training import ema_update, sanitize_grads  # noqa: E402
 
 PRECONDS = {"edm": "EDMPrecond", "vp": "VPPrecond", "ve": "VEPrecond"}
 CKPT_DIR = "checkpoints"
