@@ -40,11 +40,17 @@ class Strict(BaseModel):
 
 
 class SamplerConfig(Strict):
-    solver: Literal["heun", "euler"] = "heun"
-    steps: int = Field(default=18, ge=1, le=10_000)
-    sigma_min: float = Field(default=0.002, gt=0, allow_inf_nan=False)
-    sigma_max: float = Field(default=80.0, gt=0, allow_inf_nan=False)
-    rho: float = Field(default=7.0, gt=0, allow_inf_nan=False)
+    """EDM's deterministic sampler on the σ schedule σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, then 0.
+
+    Layers, lowest first: these defaults (EDM's) < the teacher's own (`Teacher.sampler_defaults`: its network's σ
+    range, 40 steps above 32 px) < the preset < the flags. Only the fields a preset or flag sets win over the
+    teacher's; `generate` resolves them once (`over`) and records the result and its schedule in the manifest."""
+
+    solver: Literal["heun", "euler"] = Field(default="heun", description="heun (2N − 1 evaluations) or euler (N)")
+    steps: int = Field(default=18, ge=1, le=10_000, description="N: steps from sigma_max to 0")
+    sigma_min: float = Field(default=0.002, gt=0, allow_inf_nan=False, description="last σ (or t) before 0")
+    sigma_max: float = Field(default=80.0, gt=0, allow_inf_nan=False, description="first σ (or t): x_T = σ_max·z")
+    rho: float = Field(default=7.0, gt=0, allow_inf_nan=False, description="schedule exponent (1: evenly spaced)")
 
     @model_validator(mode="after")
     def _schedule(self) -> "SamplerConfig":
@@ -52,6 +58,15 @@ class SamplerConfig(Strict):
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
         return self
+
+    def over(self, defaults: dict[str, Any]) -> "SamplerConfig":
+        """The sampler with the fields set by a preset or flag over the teacher's `defaults` (every field set)."""
+        explicit = self.model_dump(include=self.model_fields_set)
+        try:
+            return SamplerConfig.model_validate({**defaults, **explicit})
+        except ValidationError as e:
+            raise ConfigError(f"sampler: {format_validation(e)} (the teacher's defaults: {defaults}; set by the "
+                              f"preset or flags: {explicit})") from None
 
 
 class GenerateConfig(Strict):

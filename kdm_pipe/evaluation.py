@@ -43,7 +43,7 @@ from kdm_pipe.normalization import copy_moments
 from kdm_pipe.plots import image_rows, pairs_scatter
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
+from kdm_pipe.sampling import schedule, seed_noise, solve
 from kdm_pipe.shards import atomic_write_text, load_manifest, read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
@@ -342,7 +342,7 @@ def speed_report(model, tcfg, manifest, x_T: np.ndarray, labels, device) -> dict
         gcfg = GenerateConfig.model_validate({"teacher": src["teacher"], "sampler": src["sampler"]})
         teacher = build_teacher(gcfg.teacher)
         s = gcfg.sampler
-        sigmas = edm_sigmas(s.steps, s.sigma_min, s.sigma_max, s.rho).to(device)
+        sigmas = schedule(s).to(device)
         xt = torch.from_numpy(x_T).to(device, torch.float64)
         y = None if labels is None else torch.from_numpy(labels[: len(x_T)]).to(device)
         out["teacher_nfe"] = manifest.nfe

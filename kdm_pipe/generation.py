@@ -10,7 +10,7 @@ import torch
 
 from kdm_pipe.config import GenerateConfig, SamplerConfig
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.sampling import edm_sigmas, seed_noise, solve, trajectory_steps
+from kdm_pipe.sampling import schedule, seed_noise, solve, trajectory_steps
 from kdm_pipe.shards import ShardInfo, shard_name, write_shard
 from kdm_pipe.teachers import Teacher, build_teacher
 
@@ -28,12 +28,17 @@ def cached_teacher(cfg: GenerateConfig) -> Teacher:
     return _TEACHERS[key]
 
 
+def with_teacher_defaults(cfg: GenerateConfig) -> GenerateConfig:
+    """`cfg` with its sampler resolved over the teacher's own defaults (building the teacher once, here)."""
+    return cfg.model_copy(update={"sampler": cfg.sampler.over(cached_teacher(cfg).sampler_defaults)})
+
+
 def sample_pairs(teacher: Teacher, sampler: SamplerConfig, seeds: list[int], keep: list[int] | None,
                  device: torch.device) -> dict[str, torch.Tensor]:
     """x_T = σ_max·z and the teacher's x_0 (float64), plus labels and the kept trajectory states."""
     z, labels = seed_noise(seeds, teacher.shape, teacher.label_dim, device)
     x_T = sampler.sigma_max * z.to(torch.float64)
-    sigmas = edm_sigmas(sampler.steps, sampler.sigma_min, sampler.sigma_max, sampler.rho).to(device)
+    sigmas = schedule(sampler).to(device)
     x_0, traj = solve(teacher.denoise, x_T, sigmas, labels, sampler.solver, keep)
     bad = ~torch.isfinite(x_0.flatten(1)).all(dim=1)
     if bad.any():

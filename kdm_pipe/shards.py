@@ -81,6 +81,8 @@ class Manifest(BaseModel):
     dtypes: dict[str, str]
     trajectory_steps: list[int] | None = None
     trajectory_sigmas: list[float] | None = None
+    sigmas: list[float] | None = Field(default=None, description="the sampler's σ (or t) schedule, N + 1 values "
+                                       "ending in 0, as the teacher ran it (generate; imports do not know it)")
     shards: list[ShardInfo] = Field(default_factory=list)
     filter: FilterRecord | None = None
 
