@@ -3,6 +3,7 @@ code, the one `error:` line and that nothing was left behind or lost; reading a 
 what its headers declare."""
 
 import io
+import json
 import os
 import shlex
 import shutil
@@ -326,3 +327,36 @@ def test_sigterm_during_generate_exits_143_clean_and_resumable(tmp_path):
     r = kdm(*args)
     assert r.returncode == 0, r.stderr
     assert shards.verify(out) == {} and len(load_manifest(out).shards) == 4
+
+
+def test_diffusers_folders_refused_with_one_line(tmp_path):
+    from diffusers_fixture import save_model
+
+    ok = save_model(tmp_path / "ok", "vp")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("config.json", "scheduler_config.json"):
+        (bad / f).write_bytes((ok / f).read_bytes())
+    (bad / "diffusion_pytorch_model.bin").write_bytes(b"a pickle that must never be opened")
+    out = tmp_path / "pairs"
+    cases = [(tmp_path / "missing", "not a directory"), (bad, "never unpickled")]
+    for folder, fragment in cases:
+        error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", folder, "--out", out, "-q"), 2,
+                   "diffusers model", fragment)
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", bad, "--out", out, "-q"), 2,
+               "cannot load diffusers model")
+    cfg = json.loads((ok / "scheduler_config.json").read_text())
+    (ok / "scheduler_config.json").write_text(json.dumps({**cfg, "_class_name": "ScoreSdeVeScheduler"}))
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "ScoreSdeVeScheduler", "not supported")
+    (ok / "scheduler_config.json").write_text(json.dumps({**cfg, "beta_schedule": "bogus"}))
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "scheduler config is not valid")
+    (ok / "scheduler_config.json").unlink()
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "scheduler_config.json is missing")
+    (ok / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "UNet2DConditionModel")
+    assert tree(out) == {}
