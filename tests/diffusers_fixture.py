@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 
-def tiny_unet(size: int = 8, channels: int = 1, classes: int | None = None, width: int = 8, seed: int = 0):
+def tiny_unet(size: int = 8, channels: int = 1, classes: int | None = None, width: int = 8, seed: int = 0, **extra):
     import diffusers
 
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
                                  block_out_channels=(width, 2 * width), norm_num_groups=4,
                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=classes)
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=classes, **extra)
     with torch.no_grad():      # larger random weights: outputs that depend visibly on x, t and the label
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -65,6 +65,16 @@ def test_flow_denoiser_steps_as_flow_match_euler(tmp_path):
     torch.testing.assert_close(ours, x.double(), rtol=2e-6, atol=2e-6 * x.abs().max().item())
 
 
+def test_learned_time_embedding_takes_the_nearest_timestep(tmp_path):
+    teacher = teacher_for(save_model(tmp_path, "vp", time_embedding_type="learned", num_train_timesteps=1000))
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    between = (teacher.sigmas[500] * teacher.sigmas[501]).sqrt()         # t = 500.5 in log σ
+    assert teacher.timestep(between).item() == pytest.approx(500.5)
+    with torch.no_grad():
+        want = teacher.unet(x.float() / (1 + between ** 2).sqrt().float(), torch.tensor([500, 500])).sample
+    torch.testing.assert_close(teacher.denoise(x, between, None), x - between * want.double(), rtol=1e-5, atol=1e-4)
+
+
 def test_sampler_defaults_come_from_the_model(tmp_path):
     vp = teacher_for(save_model(tmp_path / "vp", "vp"))
     # Linear β in [1e-4, 0.02] over 1000 steps: the network covers σ ∈ [0.0100, 157.4]; EDM's rule clips [0.002, 80].

@@ -12,12 +12,12 @@ solver's (x − D)/t the velocity: EDM's solver on "σ" = t integrates dx/dt = v
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import diffusers
 import torch
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.teachers.base import Teacher, edm_sampler_defaults
@@ -29,18 +29,19 @@ class DiffusersTeacher(Teacher):
 
     def __init__(self, folder: ModelFolder, unet: torch.nn.Module, sampler_defaults: dict[str, Any],
                  params: dict[str, Any]) -> None:
-        with (folder.unet_dir / WEIGHTS).open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
         super().__init__(name="diffusers", shape=(folder.unet.get("in_channels", 3), *folder.size),
-                         label_dim=folder.unet.get("num_class_embeds") or 0, params=params, weights_sha256=digest,
+                         label_dim=folder.unet.get("num_class_embeds") or 0, params=params,
+                         weights_sha256=storage.sha256(folder.unet_dir / WEIGHTS),
                          sampler_defaults=sampler_defaults)
         self.unet = unet.eval().requires_grad_(False)
         self.device = next(unet.parameters()).device
         self.train_steps = int(folder.scheduler.get("num_train_timesteps", 1000))
+        self.learned_time = folder.unet.get("time_embedding_type") == "learned"     # a table: integer t only
 
     def net(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         classes = None if labels is None else labels.argmax(dim=1).to(self.device)
-        out = self.unet(x.to(self.device, torch.float32), timestep.to(self.device, torch.float32),
+        t = timestep.round().long() if self.learned_time else timestep.float()
+        out = self.unet(x.to(self.device, torch.float32), t.to(self.device),
                         class_labels=classes, return_dict=False)[0]
         return out.to(x.device, torch.float64)
 
@@ -55,7 +56,6 @@ class VPTeacher(DiffusersTeacher):
                               f"(ᾱ_t must fall strictly inside (0, 1))")
         self.log_sigmas = self.sigmas.log()
         self.prediction = folder.prediction
-        self.learned_time = folder.unet.get("time_embedding_type") == "learned"
         defaults = edm_sampler_defaults(max(folder.size), self.sigmas[0].item(), self.sigmas[-1].item())
         super().__init__(folder, unet, defaults, params)
 
@@ -63,8 +63,7 @@ class VPTeacher(DiffusersTeacher):
         """Fractional t with log σ linear between the training σ's (clamped to [0, T − 1])."""
         ls = sigma.to(torch.float64).log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
         i = (torch.searchsorted(self.log_sigmas, ls.reshape(1), right=True) - 1).clamp(0, len(self.sigmas) - 2)[0]
-        t = i + (ls - self.log_sigmas[i]) / (self.log_sigmas[i + 1] - self.log_sigmas[i])
-        return t.round() if self.learned_time else t
+        return i + (ls - self.log_sigmas[i]) / (self.log_sigmas[i + 1] - self.log_sigmas[i])
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
