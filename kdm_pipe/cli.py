@@ -21,11 +21,13 @@ from kdm_pipe.config import (
     AnalyzeConfig,
     DemoConfig,
     EvaluateConfig,
+    ExportConfig,
     FilterConfig,
     ImportConfig,
     RefStatsConfig,
     SampleConfig,
     StatsConfig,
+    TeacherConvertConfig,
     TrainConfig,
     VerifyConfig,
     build,
@@ -309,6 +311,24 @@ def sample(
     stage.run(cfg)
 
 
+@app.command()
+@user_errors
+def export(
+    run: Path = typer.Argument(..., help=ExportConfig.model_fields["run"].description),
+    out: Path = typer.Option(..., help=ExportConfig.model_fields["out"].description),
+    format: str = typer.Option("diffusers", "--format", help=ExportConfig.model_fields["format"].description),
+    weights: str = typer.Option("auto", help=ExportConfig.model_fields["weights"].description),
+    device: str = typer.Option("auto", help=ExportConfig.model_fields["device"].description),
+    storage_option: Optional[list[str]] = StorageOpt,
+):
+    """A trained student as a diffusers pipeline folder (runs without kdm-pipe) or safetensors weights + config."""
+    storage.set_options(storage_option)
+    cfg = build(ExportConfig, dict(run=run, out=out, format=format, weights=weights, device=device),
+                where="export config")
+    from stages import export as stage
+    stage.run(cfg)
+
+
 @app.command("import")
 @user_errors
 def import_(
@@ -420,6 +440,20 @@ def teacher_train(
         return
     from stages import teacher as stage
     stage.run_train(cfg, progress=not quiet)
+
+
+@teacher_app.command("convert")
+@user_errors
+def teacher_convert(
+    checkpoint: Path = typer.Argument(..., help=TeacherConvertConfig.model_fields["checkpoint"].description),
+    out: Path = typer.Option(..., help=TeacherConvertConfig.model_fields["out"].description),
+    key: str = typer.Option("ema", help=TeacherConvertConfig.model_fields["key"].description),
+):
+    """An official EDM .pkl as model.safetensors + model.json (no NVlabs code needed to load it); use it with
+    `generate --teacher edm --checkpoint OUT/model.safetensors`."""
+    cfg = build(TeacherConvertConfig, dict(checkpoint=checkpoint, out=out, key=key), where="teacher convert config")
+    from stages import teacher as stage
+    stage.run_convert(cfg)
 
 
 def main() -> None:  # pragma: no cover

@@ -315,6 +315,29 @@ class SampleConfig(Strict):
     device: Device = "auto"
 
 
+ExportFormat = Literal["diffusers", "safetensors"]
+
+
+class ExportConfig(Strict):
+    """Settings of `kdm-pipe export RUN --out OUT`."""
+
+    run: Location = Field(description="run directory written by train")
+    out: Path = Field(description="new (or empty) local directory for the exported files")
+    format: ExportFormat = Field(default="diffusers", description="diffusers: a pipeline folder diffusers loads "
+                                 "(weights, config, pipeline code, model card); safetensors: weights + config.json")
+    weights: Weights = Field(default="auto", description="auto: the run's recorded choice (RUN/weights.json), as "
+                             "`kdm-pipe sample` uses it")
+    device: Device = Field(default="auto", description="device for choosing the weights when the run has not yet")
+
+
+class TeacherConvertConfig(Strict):
+    """Settings of `kdm-pipe teacher convert CHECKPOINT --out OUT`."""
+
+    checkpoint: Path = Field(description="official EDM network pickle (.pkl), read without running its code")
+    out: Path = Field(description="new (or empty) directory for model.safetensors + model.json")
+    key: str = Field(default="ema", description="the pickle's network to convert")
+
+
 class AnalyzeConfig(Strict):
     """Settings of `kdm-pipe analyze RUN`."""
 
