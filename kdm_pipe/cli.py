@@ -314,16 +314,17 @@ def sample(
 @app.command()
 @user_errors
 def export(
-    run: Path = typer.Argument(..., help=ExportConfig.model_fields["run"].description),
+    src: Path = typer.Argument(..., metavar="RUN|DIR", help=ExportConfig.model_fields["src"].description),
     out: Path = typer.Option(..., help=ExportConfig.model_fields["out"].description),
     format: str = typer.Option("diffusers", "--format", help=ExportConfig.model_fields["format"].description),
     weights: str = typer.Option("auto", help=ExportConfig.model_fields["weights"].description),
     device: str = typer.Option("auto", help=ExportConfig.model_fields["device"].description),
     storage_option: Optional[list[str]] = StorageOpt,
 ):
-    """A trained student as a diffusers pipeline folder (runs without kdm-pipe) or safetensors weights + config."""
+    """A trained student as a diffusers pipeline folder (runs without kdm-pipe) or safetensors weights + config; a
+    pair set as rectified flow's, official KDM's or GET's files."""
     storage.set_options(storage_option)
-    cfg = build(ExportConfig, dict(run=run, out=out, format=format, weights=weights, device=device),
+    cfg = build(ExportConfig, dict(src=src, out=out, format=format, weights=weights, device=device),
                 where="export config")
     from stages import export as stage
     stage.run(cfg)
@@ -332,10 +333,10 @@ def export(
 @app.command("import")
 @user_errors
 def import_(
-    src: Optional[Path] = typer.Argument(None, help="kdm-npz / get: the folder; npy: a (T, N, ...) stack "
-                                         "(x_T at index 0, x_0 at −1); omit with --x-T/--x-0"),
+    src: Optional[Path] = typer.Argument(None, help="kdm-npz / get / rectified-flow: the folder; npy: a (T, N, ...) "
+                                         "stack (x_T at index 0, x_0 at −1); omit with --x-T/--x-0"),
     out: Optional[Path] = typer.Option(None, help="output directory (manifest.json + shards)"),
-    format: str = typer.Option(..., "--format", help="kdm-npz | get | npy"),
+    format: str = typer.Option(..., "--format", help="kdm-npz | get | npy | rectified-flow"),
     x_t: Optional[Path] = typer.Option(None, "--x-T", help="npy: (N, ...) x_T array"),
     x_0: Optional[Path] = typer.Option(None, "--x-0", help="npy: (N, ...) x_0 array"),
     labels: Optional[Path] = typer.Option(None, help="npy: (N,) int classes or (N, label_dim) one-hot"),

@@ -1,6 +1,6 @@
 """Pair sets made elsewhere, read as aligned (x_T, x_0, label) blocks: the official KDM per-pair `.npz` folders,
-GET's torch-saved files, and plain `.npy` arrays (two files, or one (T, N, ...) stack such as the official
-checkerboard).
+GET's torch-saved files, rectified flow's z0.npy / z1.npy, and plain `.npy` arrays (two files, or one (T, N, ...)
+stack such as the official checkerboard). `kdm-pipe export DIR` writes the first three (kdm_pipe/interop.py).
 
 Every source gives random access to pairs [start, stop) in a stable order (natural sort of file names) as raw
 ends (a, b, label) and never holds more than one file (GET) or one block in memory. When both ends come from one
@@ -321,17 +321,34 @@ class NpyArrays(Source):
         return " / ".join(self.paths) + f" (row {i})"
 
 
+FOLDERS = {"kdm-npz": "of .npz pair files", "get": "holding latent/ and image/",
+           "rectified-flow": "holding z0.npy and z1.npy"}
+
+
+def rectified_flow_arrays(cfg: ImportConfig) -> ImportConfig:
+    """Rectified flow's pair files as npy arrays: z0.npy the noise (x_T, unit std by default), z1.npy the data
+    (x_0), labels.npy (int classes) when present."""
+    missing = [n for n in ("z0.npy", "z1.npy") if not (cfg.src / n).is_file()]
+    if missing:
+        raise ConfigError(f"{cfg.src} has no {' or '.join(missing)}; a rectified-flow pair folder holds z0.npy "
+                          f"(noise) and z1.npy (data)")
+    labels = cfg.src / "labels.npy"
+    return cfg.model_copy(update={"x_T": cfg.src / "z0.npy", "x_0": cfg.src / "z1.npy", "src": None,
+                                  "labels": labels if labels.is_file() else None})
+
+
 def open_source(cfg: ImportConfig) -> Source:
     if cfg.src is not None and not cfg.src.exists():
         raise ConfigError(f"SRC {cfg.src} does not exist")
-    if cfg.format in ("kdm-npz", "get") and not cfg.src.is_dir():
-        raise ConfigError(f"SRC {cfg.src} is a file; --format {cfg.format} takes a folder "
-                          f"({'of .npz pair files' if cfg.format == 'kdm-npz' else 'holding latent/ and image/'})"
+    if cfg.format in FOLDERS and not cfg.src.is_dir():
+        raise ConfigError(f"SRC {cfg.src} is a file; --format {cfg.format} takes a folder ({FOLDERS[cfg.format]})"
                           f"{'; a single .npy array is --format npy' if cfg.src.suffix == '.npy' else ''}")
     if cfg.format == "kdm-npz":
         src: Source = KdmNpz(cfg.src, cfg.label_dim, cfg.trajectory)
     elif cfg.format == "get":
         src = GetFiles(cfg.src, cfg.sigma)
+    elif cfg.format == "rectified-flow":
+        src = NpyArrays(rectified_flow_arrays(cfg))
     else:
         src = NpyArrays(cfg)
     if src.n == 0 or math.prod(src.shape) == 0:

@@ -158,3 +158,29 @@ def test_converted_weights_changed_after_conversion_are_refused(tmp_path, pickle
     (tmp_path / "out" / "model.json").unlink()
     with pytest.raises(ConfigError, match="model.json"):
         build_edm(EDMTeacherConfig(checkpoint=weights))
+
+
+# ---- pair formats ------------------------------------------------------------------------------------------------
+
+def test_pair_format_of_a_run_and_student_format_of_a_pair_set(run, tmp_path):
+    error_line(cli("export", run, "--out", tmp_path / "out", "--format", "kdm-npz"), 2, "not a pair directory",
+               "manifest.json")
+    pairs = run.parent / "pairs"
+    error_line(cli("export", pairs, "--out", tmp_path / "out", "--format", "safetensors"), 2, "not a training run")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_corrupt_shard_exits_1_and_leaves_nothing(run, tmp_path):
+    pairs = shutil.copytree(run.parent / "pairs", tmp_path / "pairs")
+    shard = pairs / "shard-000001.tar"
+    flip_byte(shard, 700)
+    error_line(cli("export", pairs, "--out", tmp_path / "out", "--format", "rectified-flow"), 1, "shard-000001.tar")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_import_rectified_flow_needs_both_files(tmp_path):
+    (tmp_path / "rf").mkdir()
+    np.save(tmp_path / "rf" / "z0.npy", np.zeros((4, 2)))
+    error_line(cli("import", tmp_path / "rf", "--format", "rectified-flow", "--out", tmp_path / "out", "-q"), 2,
+               "z1.npy")
+    assert not (tmp_path / "out").exists()

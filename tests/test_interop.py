@@ -57,3 +57,21 @@ def test_ray_data_reads_the_shards(pairs, ray_cluster):
     rows.sort(key=lambda r: (r["__url__"], r["__key__"]))     # blocks may arrive in any order
     assert len(rows) == 6 and rows[0]["x_T.npy"].shape == (50, 1, 4, 4)
     same_pairs(rows, pairs)
+
+
+@pytest.mark.parametrize("fmt", ["rectified-flow", "kdm-npz", "get"])
+def test_pair_formats_round_trip(pairs, tmp_path, fmt):
+    """export DIR --format F, then import it back: the same pairs (x_T / σ_max where F stores unit noise)."""
+    out = tmp_path / fmt
+    assert cli("export", pairs, "--out", out, "--format", fmt).returncode == 0
+    back = tmp_path / "back"
+    assert cli("import", out, "--format", fmt, "--out", back, "-q").returncode == 0
+    want, got = expected(pairs), expected(back)
+    assert np.array_equal(got["x_0"], want["x_0"]) and np.array_equal(got["label"], want["label"])
+    if fmt == "rectified-flow":                    # z0 = x_T / σ_max, imported with σ_max = 1
+        assert load_manifest(back).sigma_max == 1.0 and np.array_equal(got["x_T"], want["x_T"] / np.float32(80))
+    else:                                          # GET's z is scaled back by --sigma-max (80 by default)
+        np.testing.assert_allclose(got["x_T"], want["x_T"], rtol=1e-6)
+        assert load_manifest(back).sigma_max == 80.0
+    if fmt == "kdm-npz":
+        assert np.array_equal(got["x_T"], want["x_T"])
