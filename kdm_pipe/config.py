@@ -315,7 +315,7 @@ class SampleConfig(Strict):
     device: Device = "auto"
 
 
-ExportFormat = Literal["diffusers", "safetensors", "rectified-flow", "kdm-npz", "get"]
+ExportFormat = Literal["diffusers", "safetensors", "rectified-flow", "kdm-npz", "get", "fastgen"]
 STUDENT_FORMATS = ("diffusers", "safetensors")          # of a RUN; the others are of a pair directory
 
 
@@ -323,12 +323,12 @@ class ExportConfig(Strict):
     """Settings of `kdm-pipe export RUN|DIR --out OUT`."""
 
     src: Location = Field(description="run directory written by train (diffusers, safetensors) or pair directory "
-                          "(rectified-flow, kdm-npz, get)")
+                          "(rectified-flow, kdm-npz, get, fastgen)")
     out: Path = Field(description="new (or empty) local directory for the exported files")
     format: ExportFormat = Field(default="diffusers", description="a run: diffusers (a pipeline folder diffusers "
                                  "loads: weights, config, pipeline code, model card) or safetensors (weights + "
                                  "config.json); a pair set: rectified-flow (z0.npy, z1.npy), kdm-npz (one .npz per "
-                                 "pair), get (latent/ and image/ files)")
+                                 "pair), get (latent/ and image/ files), fastgen (WebDataset, one pair per sample)")
     weights: Weights = Field(default="auto", description="a run's weights; auto: its recorded choice "
                              "(RUN/weights.json), as `kdm-pipe sample` uses it")
     device: Device = Field(default="auto", description="device for choosing the weights when the run has not yet")

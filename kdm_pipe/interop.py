@@ -5,6 +5,8 @@
     kdm-npz          OUT/{i:07d}.npz per pair: endpoints (2, ...) = [x_T, x_0] [, label one-hot]
     get              OUT/latent/{k:06d}.pt: z = x_T / σ_max (n, ...) or [z, one-hot labels];
                      OUT/image/{k:06d}.pt: x_0 (n, ...); one pair of files per shard
+    fastgen          OUT/shard-{k:06d}.tar: WebDataset, one pair per sample (real, noise [, condition] [, path]),
+                     OUT/index.json (key_map for FastGen's WDSLoader, path_timesteps)
 
 Pairs are read in the pair set's order (shard by shard), through the memorisation filter's exclusions, from shards
 whose checksums have been verified.
@@ -12,6 +14,8 @@ whose checksums have been verified.
 from __future__ import annotations
 
 import itertools
+import json
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from kdm_pipe.exclusions import exclusions
-from kdm_pipe.shards import Manifest, bad_shards_error, check_shards
+from kdm_pipe.shards import Manifest, add_npy, bad_shards_error, check_shards
 
 Records = Iterator[tuple[int, dict[str, np.ndarray]]]      # (shard index, record)
 
@@ -101,4 +105,31 @@ def write_get(out: Path, directory: Path, manifest: Manifest) -> int:
     return n
 
 
-WRITERS = {"rectified-flow": write_rectified_flow, "kdm-npz": write_kdm_npz, "get": write_get}
+def write_fastgen(out: Path, directory: Path, manifest: Manifest) -> int:
+    """WebDataset shards for FastGen's WDSLoader, one pair per sample (its loader batches): shard-{k:06d}.tar per
+    shard k, samples `{seed:012d}.real.npy` (x_0), `.noise.npy` (x_T), `.condition.npy` (one-hot label, conditional
+    sets), `.path.npy` (S, ...) (trajectory sets: the stored states before x_0, x_T first); index.json."""
+    out.mkdir(parents=True)
+    n = 0
+    for k, group in itertools.groupby(records(directory, manifest), key=lambda item: item[0]):
+        with tarfile.open(out / f"shard-{k:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for _, rec in group:
+                for j, seed in enumerate(rec["seed"].tolist()):
+                    members = {"real": rec["x_0"], "noise": rec["x_T"], "condition": rec.get("label"),
+                               "path": rec.get("traj")}
+                    for name, a in members.items():
+                        if a is not None:
+                            add_npy(tar, f"{seed:012d}.{name}.npy", a[j][:-1] if name == "path" else a[j])
+                    n += 1
+    sigmas = manifest.trajectory_sigmas
+    index = {"num_samples": n, "key_map": {"real": "real.npy", "noise": "noise.npy"}
+             | ({"condition": "condition.npy"} if manifest.label_dim else {})
+             | ({"path": "path.npy"} if sigmas else {}),
+             "noise": f"x_T = sigma_max * z, z ~ N(0, I): the sample at t = sigma_max = {manifest.sigma_max:g}",
+             "path_timesteps": sigmas[:-1] if sigmas else None, "teacher": manifest.teacher}
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return n
+
+
+WRITERS = {"rectified-flow": write_rectified_flow, "kdm-npz": write_kdm_npz, "get": write_get,
+           "fastgen": write_fastgen}

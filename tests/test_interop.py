@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from faults import cli
@@ -75,3 +77,36 @@ def test_pair_formats_round_trip(pairs, tmp_path, fmt):
         assert load_manifest(back).sigma_max == 80.0
     if fmt == "kdm-npz":
         assert np.array_equal(got["x_T"], want["x_T"])
+
+
+def fastgen_samples(folder) -> list[dict]:
+    """The exported shards as the webdataset library (FastGen's reader) yields them, .npy members decoded."""
+    import webdataset as wds
+    urls = sorted(str(p) for p in folder.glob("shard-*.tar"))
+    return list(wds.WebDataset(urls, shardshuffle=False).decode())
+
+
+def test_fastgen_export_is_one_pair_per_webdataset_sample(pairs, tmp_path):
+    out = tmp_path / "fastgen"
+    assert cli("export", pairs, "--out", out, "--format", "fastgen").returncode == 0
+    want, samples = expected(pairs), fastgen_samples(out)
+    assert len(samples) == len(want["x_0"]) == 300
+    assert [s["__key__"] for s in samples] == [f"{int(s):012d}" for s in want["seed"]]
+    for name, field in (("real.npy", "x_0"), ("noise.npy", "x_T"), ("condition.npy", "label")):
+        assert np.array_equal(np.stack([s[name] for s in samples]), want[field]), name
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_samples"] == 300 and index["key_map"]["condition"] == "condition.npy"
+
+
+def test_fastgen_path_holds_the_states_before_x_0(tmp_path):
+    rng = np.random.default_rng(1)
+    stack = np.stack([80 * rng.standard_normal((40, 3)), 5 * rng.standard_normal((40, 3)),
+                      rng.uniform(-1, 1, (40, 3))])                                # (T=3, N, 3): x_T … x_0
+    np.save(tmp_path / "stack.npy", stack)
+    assert cli("import", tmp_path / "stack.npy", "--format", "npy", "--sigma-max", "80", "--times", "80,5,0",
+               "--out", tmp_path / "pairs", "-q").returncode == 0
+    assert cli("export", tmp_path / "pairs", "--out", tmp_path / "fg", "--format", "fastgen").returncode == 0
+    samples = fastgen_samples(tmp_path / "fg")
+    paths = np.stack([s["path.npy"] for s in samples])
+    assert paths.shape == (40, 2, 3) and np.array_equal(paths, np.moveaxis(stack[:2], 0, 1).astype(np.float32))
+    assert json.loads((tmp_path / "fg" / "index.json").read_text())["path_timesteps"] == [80.0, 5.0]
