@@ -322,7 +322,7 @@ def export(
     storage_option: Optional[list[str]] = StorageOpt,
 ):
     """A trained student as a diffusers pipeline folder (runs without kdm-pipe) or safetensors weights + config; a
-    pair set as rectified flow's, official KDM's or GET's files."""
+    pair set as rectified flow's, official KDM's, GET's or FastGen's files."""
     storage.set_options(storage_option)
     cfg = build(ExportConfig, dict(src=src, out=out, format=format, weights=weights, device=device),
                 where="export config")

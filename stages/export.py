@@ -4,7 +4,8 @@
 runs it without kdm-pipe, and its samples from seed s equal `kdm-pipe sample RUN --seed s` bit for bit on CPU
 (same weights: the run's recorded choice unless --weights says otherwise). `--format safetensors` → OUT holds
 model.safetensors + config.json. A pair directory DIR exports as rectified-flow (z0.npy, z1.npy), kdm-npz (one
-.npz per pair) or get (latent/ and image/ files), each of which `kdm-pipe import` reads back. OUT is built in a
+.npz per pair), get (latent/ and image/ files) — each of which `kdm-pipe import` reads back — or fastgen
+(WebDataset, one pair per sample). OUT is built in a
 temporary directory beside it and renamed into place at the end: an export that fails leaves no OUT behind. RUN and
 DIR may be s3:// URLs; OUT is local.
 """
