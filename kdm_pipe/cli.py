@@ -402,7 +402,7 @@ def demo(
     stage.run(cfg, progress=not quiet)
 
 
-teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data; convert official EDM pickles.")
 app.add_typer(teacher_app, name="teacher")
 
 

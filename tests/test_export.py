@@ -48,20 +48,21 @@ LOADER = textwrap.dedent("""
 
     torch.set_num_threads(1)
     folder, seeds, out = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], sys.argv[3]
+    label = int(sys.argv[4]) if len(sys.argv) > 4 else None
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-    result = pipe(seeds=seeds, output_type="np")
-    raw = pipe(seeds=seeds, output_type="pt").samples
+    result = pipe(seeds=seeds, output_type="np", class_label=label)
+    raw = pipe(seeds=seeds, output_type="pt", class_label=label).samples
     np.savez(out, samples=result.samples, raw=raw.numpy(), seeds=result.seeds,
              labels=np.array(result.labels if result.labels is not None else []))
     assert not [m for m in sys.modules if m.split(".")[0] in ("kdm_pipe", "stages")]
 """)
 
 
-def run_exported(folder, seeds, tmp_path) -> dict:
+def run_exported(folder, seeds, tmp_path, *extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env |= {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "exported.npz"
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(folder), ",".join(map(str, seeds)), str(out)],
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(folder), ",".join(map(str, seeds)), str(out), *extra],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(out) as f:
@@ -94,6 +95,7 @@ def vector_run(request, vector_pairs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow      # ~25 s: a U-Net student trained, sampled, exported and loaded by diffusers in a new process
 def test_image_export_samples_like_kdm_pipe_sample(image_run, tmp_path):
     folder, samples = tmp_path / "digits-kdm", tmp_path / "samples"
     assert cli("export", str(image_run), "--out", str(folder)).returncode == 0
@@ -120,6 +122,35 @@ def test_vector_export_samples_like_kdm_pipe_sample(vector_run, tmp_path):
     with np.load(samples / "samples.npz") as f:
         assert got["samples"].dtype == np.float32 and np.array_equal(got["samples"], f["x_0"])
     assert torch.equal(torch.from_numpy(got["raw"]), torch.from_numpy(in_process(vector_run, list(range(300)))))
+
+
+def test_conditional_export_draws_the_labels_as_sample_does(tmp_path):
+    """Labels drawn from each seed's generator after its noise, or one --class for all; B y in the operator."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "xT.npy", 80 * rng.standard_normal((256, 2)))
+    np.save(tmp_path / "x0.npy", rng.uniform(-1, 1, (256, 2)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 4, 256))
+    assert cli("import", "--format", "npy", "--x-T", tmp_path / "xT.npy", "--x-0", tmp_path / "x0.npy", "--labels",
+               tmp_path / "y.npy", "--label-dim", "4", "--out", tmp_path / "pairs", "--pairs-per-shard", "64",
+               "-q").returncode == 0
+    run = tmp_path / "run"
+    train(TrainConfig.model_validate({"data": tmp_path / "pairs", "out": run, "steps": 5, "batch": 32,
+                                      "loader_workers": 0, "tensorboard": False,
+                                      "student": {"hidden": 16, "depth": 2, "latent_dim": 8}}), progress=False)
+    folder = tmp_path / "cond"
+    assert cli("export", run, "--out", folder).returncode == 0
+    assert json.loads((folder / "student" / "config.json").read_text())["operator"]["label_dim"] == 4
+    for extra in ([], ["--class", "2"]):
+        samples = tmp_path / f"samples{len(extra)}"
+        assert cli("sample", run, "--out", samples, "--num", "20", *extra).returncode == 0
+        got = run_exported(folder, range(20), tmp_path, *extra[1:])
+        with np.load(samples / "samples.npz") as f:
+            assert np.array_equal(got["samples"], f["x_0"])
+            assert got["labels"].tolist() == f["labels"].argmax(1).tolist()
+        if extra:
+            assert set(got["labels"].tolist()) == {2}
+        else:
+            assert len(set(got["labels"].tolist())) > 1
 
 
 def test_safetensors_export_holds_the_run_weights(image_run, tmp_path):
