@@ -333,10 +333,10 @@ def export(
 @app.command("import")
 @user_errors
 def import_(
-    src: Optional[Path] = typer.Argument(None, help="kdm-npz / get / rectified-flow: the folder; npy: a (T, N, ...) "
-                                         "stack (x_T at index 0, x_0 at −1); omit with --x-T/--x-0"),
+    src: Optional[Path] = typer.Argument(None, help="kdm-npz / get / rectified-flow / fastgen: the folder; npy: a "
+                                         "(T, N, ...) stack (x_T at index 0, x_0 at −1); omit with --x-T/--x-0"),
     out: Optional[Path] = typer.Option(None, help="output directory (manifest.json + shards)"),
-    format: str = typer.Option(..., "--format", help="kdm-npz | get | npy | rectified-flow"),
+    format: str = typer.Option(..., "--format", help="kdm-npz | get | npy | rectified-flow | fastgen"),
     x_t: Optional[Path] = typer.Option(None, "--x-T", help="npy: (N, ...) x_T array"),
     x_0: Optional[Path] = typer.Option(None, "--x-0", help="npy: (N, ...) x_0 array"),
     labels: Optional[Path] = typer.Option(None, help="npy: (N,) int classes or (N, label_dim) one-hot"),
@@ -357,7 +357,8 @@ def import_(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     storage_option: Optional[list[str]] = StorageOpt,
 ):
-    """Convert an existing pair set (official KDM .npz folder, GET files, .npy arrays) into verified shards."""
+    """Convert an existing pair set (official KDM .npz folder, GET files, rectified flow's z0/z1, FastGen's KD
+    shards, .npy arrays) into verified shards."""
     storage.set_options(storage_option)
     flags: dict[str, Any] = dict(src=src, out=out, format=format, x_T=x_t, x_0=x_0, labels=labels,
                                  label_dim=label_dim, order=order, sigma_max=sigma_max, tolerance=tolerance,

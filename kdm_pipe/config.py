@@ -361,15 +361,15 @@ class DemoConfig(Strict):
     resume: bool = Field(default=True, description="keep finished shards and runs (re-evaluate only)")
 
 
-ImportFormat = Literal["kdm-npz", "get", "npy", "rectified-flow"]
+ImportFormat = Literal["kdm-npz", "get", "npy", "rectified-flow", "fastgen"]
 
 
 class ImportConfig(Strict):
     """Settings of `kdm-pipe import`."""
 
     format: ImportFormat
-    src: Path | None = Field(default=None, description="kdm-npz / get / rectified-flow: the folder; npy: a (T, N, ...) "
-                             "stack")
+    src: Path | None = Field(default=None, description="kdm-npz / get / rectified-flow / fastgen: the folder; npy: a "
+                             "(T, N, ...) stack")
     out: Location = Path("runs/pairs")
     x_T: Path | None = Field(default=None, description="npy: the (N, ...) x_T array (with x_0, instead of src)")
     x_0: Path | None = Field(default=None, description="npy: the (N, ...) x_0 array")
@@ -409,9 +409,9 @@ class ImportConfig(Strict):
                 raise ValueError("--order applies to kdm-npz and (T, N, ...) stacks; --x-T/--x-0 already name the ends")
         elif self.src is None:
             raise ValueError(f"--format {self.format} needs SRC")
-        if self.format in ("get", "rectified-flow") and self.order != "auto":
-            raise ValueError(f"--order does not apply to --format {self.format} (latent/ and z0 are x_T, image/ and "
-                             f"z1 are x_0)")
+        if self.format in ("get", "rectified-flow", "fastgen") and self.order != "auto":
+            raise ValueError(f"--order does not apply to --format {self.format} (latent/, z0 and noise are x_T; "
+                             f"image/, z1 and real are x_0)")
         return self
 
     @property

@@ -4,8 +4,10 @@ failure while writing (a full disk) exits 1 and leaves neither OUT nor a tempora
 from __future__ import annotations
 
 import errno
+import io
 import shutil
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -183,4 +185,20 @@ def test_import_rectified_flow_needs_both_files(tmp_path):
     np.save(tmp_path / "rf" / "z0.npy", np.zeros((4, 2)))
     error_line(cli("import", tmp_path / "rf", "--format", "rectified-flow", "--out", tmp_path / "out", "-q"), 2,
                "z1.npy")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_fastgen_refuses_what_is_not_kd_pairs(tmp_path):
+    (tmp_path / "fg").mkdir()
+    (tmp_path / "fg" / "shard-000000.tar").write_bytes(b"not a tar" * 100)
+    error_line(cli("import", tmp_path / "fg", "--format", "fastgen", "--out", tmp_path / "out", "-q"), 2,
+               "shard-000000.tar", "not a readable tar")
+    with tarfile.open(tmp_path / "fg" / "shard-000000.tar", "w") as tar:      # real.npy without its noise.npy
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((2, 2), np.float32))
+        info = tarfile.TarInfo("000000000000.real.npy")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    error_line(cli("import", tmp_path / "fg", "--format", "fastgen", "--out", tmp_path / "out", "-q"), 2,
+               "without noise.npy")
     assert not (tmp_path / "out").exists()

@@ -61,7 +61,7 @@ def test_ray_data_reads_the_shards(pairs, ray_cluster):
     same_pairs(rows, pairs)
 
 
-@pytest.mark.parametrize("fmt", ["rectified-flow", "kdm-npz", "get"])
+@pytest.mark.parametrize("fmt", ["rectified-flow", "kdm-npz", "get", "fastgen"])
 def test_pair_formats_round_trip(pairs, tmp_path, fmt):
     """export DIR --format F, then import it back: the same pairs (x_T / σ_max where F stores unit noise)."""
     out = tmp_path / fmt
@@ -75,7 +75,7 @@ def test_pair_formats_round_trip(pairs, tmp_path, fmt):
     else:                                          # GET's z is scaled back by --sigma-max (80 by default)
         np.testing.assert_allclose(got["x_T"], want["x_T"], rtol=1e-6)
         assert load_manifest(back).sigma_max == 80.0
-    if fmt == "kdm-npz":
+    if fmt in ("kdm-npz", "fastgen"):                # x_T as stored
         assert np.array_equal(got["x_T"], want["x_T"])
 
 
