@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -22,8 +22,6 @@ from pydantic import (
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError  # noqa: F401  (re-exported: stages raise it via config)
-from kdm_pipe.teachers import TEACHERS, TeacherConfig
-from kdm_pipe.teachers.analytic import CheckerboardTeacherConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "manifests"
 Dtype = Literal["float16", "float32", "float64"]
@@ -37,6 +35,63 @@ Location = storage.Location
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# Teachers: a config (discriminated by `name`) per teacher; kdm_pipe.teachers builds the denoiser from it.
+
+class GMMTeacherConfig(Strict):
+    """A general isotropic Gaussian mixture in any dimension."""
+
+    name: Literal["gmm"] = "gmm"
+    means: list[list[float]] = Field(default=[[-1.0, 0.0], [1.0, 0.0]], min_length=1)
+    stds: list[float] = Field(default=[0.2, 0.2])
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GMMTeacherConfig":
+        k, d = len(self.means), len(self.means[0])
+        if any(len(m) != d for m in self.means):
+            raise ValueError("gmm: every mean must have the same dimension")
+        if len(self.stds) != k or any(s <= 0 for s in self.stds):
+            raise ValueError(f"gmm: need {k} positive stds (one per mean), got {self.stds}")
+        if self.weights is not None and (len(self.weights) != k or any(w <= 0 for w in self.weights)):
+            raise ValueError(f"gmm: need {k} positive weights (one per mean), got {self.weights}")
+        return self
+
+
+class CheckerboardTeacherConfig(Strict):
+    """A mixture tiling the black squares of a size×size board on [−extent, extent]² with a per_square² grid."""
+
+    name: Literal["checkerboard"] = "checkerboard"
+    size: int = Field(default=4, ge=2)
+    extent: float = Field(default=2.0, gt=0, description="board scale: the board spans [−extent, extent]² (the "
+                          "official 2-D data: 4 squares of side 2 on [−4, 4]², i.e. extent 4)")
+    per_square: int = Field(default=4, ge=1)
+    std_ratio: float = Field(default=0.25, gt=0, description="component std as a fraction of the grid spacing")
+
+
+class EDMTeacherConfig(Strict):
+    """A trained EDM network: an official `.pkl` (network `key`) or a `.pt` with its `.json` spec beside it."""
+
+    name: Literal["edm"] = "edm"
+    checkpoint: storage.Location
+    key: str = "ema"
+    allow_tf32: bool = False
+    use_fp16: bool = False
+
+
+class DigitsTeacherConfig(Strict):
+    """The small EDM teacher shipped with the package, trained on scikit-learn's 8×8 digits (docs/TEACHERS.md)."""
+
+    name: Literal["digits"] = "digits"
+
+
+TeacherConfig = Annotated[
+    Union[CheckerboardTeacherConfig, GMMTeacherConfig, EDMTeacherConfig, DigitsTeacherConfig],
+    Field(discriminator="name"),
+]
+TEACHERS = {"checkerboard": CheckerboardTeacherConfig, "gmm": GMMTeacherConfig, "edm": EDMTeacherConfig,
+            "digits": DigitsTeacherConfig}
 
 
 class SamplerConfig(Strict):
@@ -396,6 +451,44 @@ class ImportConfig(Strict):
         """The settings that determine the bytes of every shard (compared on rerun)."""
         return self.model_dump(mode="json", exclude={"out", "tolerance"}) | {"sigma_max": self.sigma} | {
             k: str(p.resolve()) for k in ("src", "x_T", "x_0", "labels") if (p := getattr(self, k)) is not None}
+
+
+class TeacherTrainConfig(Strict):
+    data: str = Field(default="sklearn-digits",
+                      description="a folder of images, an EDM dataset .zip, an .npy array, or sklearn-digits")
+    out: Path = Path("runs/teacher")
+    arch: Literal["ddpmpp", "ncsnpp", "adm"] = "ddpmpp"
+    # Explicit U-Net settings override the arch preset's.
+    model_channels: int | None = Field(default=None, ge=1)
+    channel_mult: list[int] | None = Field(default=None, min_length=1)
+    num_blocks: int | None = Field(default=None, ge=1)
+    attn_resolutions: list[int] | None = None
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    precond: Literal["edm", "vp", "ve"] = "edm"
+    cond: bool = Field(default=False, description="condition on the dataset's class labels")
+    steps: int = Field(default=4000, ge=1)
+    batch: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    lr_warmup: int = Field(default=200, ge=0, description="steps of linear learning-rate warm-up")
+    ema_halflife_kimg: float = Field(default=10.0, gt=0)
+    ema_rampup: float | None = Field(default=0.05, gt=0, description="half-life ≤ this × images seen (EDM)")
+    ema_beta: float | None = Field(default=None, ge=0, lt=1,
+                                   description="fixed EMA decay per step (overrides the half-life)")
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = Field(default=0.5, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    ckpt_every: int = Field(default=1000, ge=1)
+    grid: int = Field(default=64, ge=0, description="samples in the final grid (seeds 0 … grid − 1)")
+
+    @field_validator("channel_mult", "attn_resolutions", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        """Command-line lists arrive as "1,2" ("" for an empty list)."""
+        return [int(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
 
 class Preset(Strict):
