@@ -101,3 +101,42 @@ def test_help_and_usage_errors_do_not_import_heavy_modules():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_new_setting_is_one_edit():
+    """A field added to a model is an option with its help, bounds, choices and default, and reaches the command
+    only when given (nested fields flattened, a nested name already taken prefixed with its parent's)."""
+    from typing import Literal
+
+    from pydantic import Field
+    from typer.testing import CliRunner
+
+    from kdm_pipe.cli import options
+    from kdm_pipe.config import Strict
+
+    class Inner(Strict):
+        depth: int = Field(default=2, ge=1, description="inner depth")
+        on: bool = Field(default=True, description="a switch")
+
+    class Settings(Strict):
+        depth: int = Field(default=3, ge=1, le=9, description="how deep")
+        mode: Literal["a", "b"] = Field(default="a", description="the mode")
+        sizes: list[int] = Field(default=[1, 2], description="sizes")
+        inner: Inner = Field(default_factory=Inner)
+
+    demo = typer.Typer(rich_markup_mode=None)
+
+    @demo.command()
+    @options(Settings)
+    def go(flags: dict):
+        print(json.dumps(flags))
+
+    help_ = CliRunner().invoke(demo, ["--help"], terminal_width=200).stdout
+    for line in ["how deep; ≥ 1, ≤ 9 [default: 3]", "the mode; one of: a | b [default: a]",
+                 "sizes; comma-separated [default: 1,2]", "--inner-depth", "inner depth; ≥ 1 [default: 2]",
+                 "--on / --no-on", "a switch [default: --on]"]:
+        assert line in help_, (line, help_)
+    r = CliRunner().invoke(demo, ["--mode", "b", "--sizes", "4,5", "--inner-depth", "7", "--no-on"])
+    assert json.loads(r.stdout) == {"mode": "b", "sizes": ["4", "5"], "inner": {"depth": 7, "on": False}}
+    assert Settings.model_validate(json.loads(r.stdout)).sizes == [4, 5]
+    assert json.loads(CliRunner().invoke(demo, []).stdout) == {}
