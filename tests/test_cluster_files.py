@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import typer.main
 import yaml
+from infra import free_port
 
 from kdm_pipe.cli import app
 from kdm_pipe.config import PRESET_DIR
@@ -368,12 +368,6 @@ def test_slurm_requeues_on_term(tmp_path):
                 pass
     assert "requeue 4242" in (tmp_path / "scontrol.log").read_text()
     assert "requeueing job 4242" in log.read_text() and proc.returncode != 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow      # minutes: CI runs it in its slow pass
