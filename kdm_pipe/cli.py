@@ -273,8 +273,8 @@ def version(value: bool) -> None:
         raise typer.Exit()
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Offline one-step distillation of diffusion models with a Koopman student.")
+# Plain help (no rich markup): the models' descriptions hold brackets such as [x, t], and start-up stays short.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 @app.callback()
