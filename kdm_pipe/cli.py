@@ -32,6 +32,7 @@ import annotated_types
 import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own click (typer ≥ 0.2x vendors it)
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
@@ -273,8 +274,22 @@ def version(value: bool) -> None:
         raise typer.Exit()
 
 
+class App(TyperGroup):
+    """The root command: a usage error anywhere below it (an unknown option, a missing argument, a value of the
+    wrong type) is one `error:` line and exit code 2, as every other invalid input is."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            fail(2, f"{e.format_message()} (see {e.ctx.command_path if e.ctx else 'kdm-pipe'} --help)")
+
+
 # Plain help (no rich markup): the models' descriptions hold brackets such as [x, t], and start-up stays short.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(cls=App, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 
 
 @app.callback()

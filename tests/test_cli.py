@@ -74,8 +74,14 @@ def test_options_a_command_would_ignore_are_refused(tmp_path, args, fragments):
                                   ["stats", "{t}", "--from", "{t}"],
                                   ["stats", "latents", "{t}", "--run", "{t}", "--cov-max-dim", "3"]])
 def test_options_a_command_does_not_use_do_not_exist(tmp_path, args):
-    r = cli(*[a.format(t=tmp_path) for a in args])
-    assert r.returncode == 2 and "No such option" in r.stderr + r.stdout
+    error_line(cli(*[a.format(t=tmp_path) for a in args]), 2, "No such option", "--help")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--steps", "x"], ["--steps", "valid integer"]), (["analyze"], ["Missing argument 'RUN'"]),
+    (["nosuch"], ["No such command"]), (["filter", "{t}"], ["Missing option '--ref'"])])
+def test_usage_errors_are_one_line(tmp_path, args, fragments):
+    error_line(cli(*[a.format(t=tmp_path) for a in args]), 2, *fragments)
 
 
 def test_flags_left_out_keep_the_preset(tmp_path):
