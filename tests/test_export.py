@@ -15,11 +15,11 @@ from edm_pickle_fixture import write_edm_pickle
 from faults import cli
 from safetensors.torch import load_file
 
-from kdm_pipe.config import TrainConfig
+from kdm_pipe.config import EDMTeacherConfig, TrainConfig
 from kdm_pipe.evaluation import apply
 from kdm_pipe.networks import build_network
 from kdm_pipe.sampling import seed_noise
-from kdm_pipe.teachers.edm import EDMTeacherConfig, build_edm
+from kdm_pipe.teachers.edm import build_edm
 from kdm_pipe.teachers.edm_checkpoint import load_edm_pickle
 from kdm_pipe.trained import load_weights
 from kdm_pipe.training import train

@@ -15,10 +15,10 @@ import torch
 from edm_pickle_fixture import write_edm_pickle
 from faults import cli, error_line, flip_byte, tree
 
-from kdm_pipe.config import TrainConfig
+from kdm_pipe.config import EDMTeacherConfig, TrainConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.networks import build_network
-from kdm_pipe.teachers.edm import EDMTeacherConfig, build_edm
+from kdm_pipe.teachers.edm import build_edm
 from kdm_pipe.training import train
 
 UNET = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=8, channel_mult=[1, 2],
