@@ -52,6 +52,12 @@ LOADER = textwrap.dedent("""
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     result = pipe(seeds=seeds, output_type="np", class_label=label)
     raw = pipe(seeds=seeds, output_type="pt", class_label=label).samples
+    drawn = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), class_label=label)
+    again = pipe(seeds=drawn.seeds, class_label=label).samples
+    assert len(set(drawn.seeds)) == 3 and np.array_equal(drawn.samples, again)
+    if len(pipe.student.config.shape) == 3:
+        pil = pipe(seeds=seeds[:2], output_type="pil").samples
+        assert [im.size for im in pil] == [tuple(pipe.student.config.shape[:0:-1])] * 2
     np.savez(out, samples=result.samples, raw=raw.numpy(), seeds=result.seeds,
              labels=np.array(result.labels if result.labels is not None else []))
     assert not [m for m in sys.modules if m.split(".")[0] in ("kdm_pipe", "stages")]
