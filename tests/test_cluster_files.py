@@ -33,8 +33,11 @@ PINS = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "constraints.txt").
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def cli_options(command: str) -> set[str]:
-    params = typer.main.get_command(app).commands[command].params
+def cli_options(*command: str) -> set[str]:
+    cmd = typer.main.get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]
+    params = cmd.params
     return {o for p in params for o in p.opts + p.secondary_opts if o.startswith("-")}
 
 
@@ -225,7 +228,7 @@ def test_rayjob_entrypoint_matches_cluster_and_cli():
     # A flag the CLI does not have yet must at least name a field of the teacher's config (e.g. --checkpoint).
     teacher_fields = {"--" + f.replace("_", "-") for f in TEACHERS[gen["--teacher"]].model_fields}
     assert set(gen) - cli_options("generate") <= teacher_fields
-    assert set(flags(steps[2])) <= cli_options("stats")
+    assert set(flags(steps[2])) <= cli_options("stats", "pairs")
 
 
 def test_auto_address_reads_ray_address(monkeypatch):

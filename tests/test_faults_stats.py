@@ -46,7 +46,6 @@ def test_detector_on_vector_pairs_is_refused(tmp_path):
     (["ref", "--out", "{t}/r.npz"], ["usage", "--from DIR"]),
     (["ref", "sklearn-digits", "--from", "{t}", "--out", "{t}/r.npz"], ["either SOURCE", "not both"]),
     (["ref", "--from", "{t}", "--num", "5", "--out", "{t}/r.npz"], ["--num applies to SOURCE"]),
-    (["{t}", "--from", "{t}"], ["only `stats ref`"]),
 ])
 def test_stats_ref_usage(tmp_path, args, fragments):
     error_line(cli("stats", *[a.format(t=tmp_path) for a in args]), 2, *fragments)

@@ -41,8 +41,8 @@ def fresh_teachers():
     ("VEPrecond", 64, (40, 0.02, 80.0)),
 ])
 def test_generate_runs_edms_choices(tmp_path, precond, resolution, want):
-    cfg = generate_config(None, {"out": tmp_path / "pairs"}, teacher="edm",
-                          checkpoint=checkpoint(tmp_path, precond, resolution))
+    cfg = generate_config(None, {"out": tmp_path / "pairs", "teacher": {
+        "name": "edm", "checkpoint": checkpoint(tmp_path, precond, resolution)}})
     s = with_teacher_defaults(cfg).sampler
     assert (s.solver, s.rho) == ("heun", 7.0)
     assert (s.steps, s.sigma_min, s.sigma_max) == pytest.approx(want)
@@ -54,7 +54,7 @@ def test_layers_model_teacher_preset_flags(tmp_path):
     assert SamplerConfig().over({}) == SamplerConfig()                                  # no teacher layer: EDM's
     preset = tmp_path / "p.yaml"
     preset.write_text("generate:\n  sampler:\n    steps: 18\n    rho: 5.0\n")
-    cfg = generate_config(str(preset), {"sampler": {"rho": 3.0, "sigma_min": None}})
+    cfg = generate_config(str(preset), {"sampler": {"rho": 3.0}})
     s = cfg.sampler.over(teacher)
     assert (s.steps, s.rho, s.sigma_min, s.sigma_max) == (18, 3.0, 0.02, 80.0)    # preset > teacher; flag > preset
     # A preset stating a model default still wins over the teacher: set is set.

@@ -1,9 +1,10 @@
 """Local diffusers models as teachers: a `UNet2DModel` with its scheduler config, or a `DiffusionPipeline` folder.
 
-This module holds the config and the checks of a folder, without torch or diffusers; `build_diffusers` imports the
-denoisers (kdm_pipe/teachers/diffusers_model.py), and so diffusers, only when the teacher is built. Weights are read
-from safetensors only (a pickled `.bin` is refused, never unpickled), from the folder only (no download), and no code
-from the folder is run: the model class must be diffusers' own `UNet2DModel`, the scheduler one of the classes below.
+This module checks a folder (its config is kdm_pipe.config.DiffusersTeacherConfig) without torch or diffusers;
+`build_diffusers` imports the denoisers (kdm_pipe/teachers/diffusers_model.py), and so diffusers, only when the
+teacher is built. Weights are read from safetensors only (a pickled `.bin` is refused, never unpickled), from the
+folder only (no download), and no code from the folder is run: the model class must be diffusers' own
+`UNet2DModel`, the scheduler one of the classes below.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from kdm_pipe.config import DiffusersTeacherConfig
 from kdm_pipe.errors import ConfigError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -29,16 +29,6 @@ VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscre
 # Rectified-flow schedulers: x_t = (1 − t)·x_0 + t·ε, the model predicts v = ε − x_0 at timestep t·T.
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
-
-
-class DiffusersTeacherConfig(BaseModel):
-    """A local diffusers model: a folder with a UNet2DModel (config.json + diffusion_pytorch_model.safetensors) and
-    scheduler_config.json, or a pipeline folder (model_index.json, unet/, scheduler/)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["diffusers"] = "diffusers"
-    checkpoint: Path = Field(description="the model's folder (UNet2DModel + scheduler_config.json, or a pipeline "
-                             "folder with unet/ and scheduler/); read locally, safetensors only")
 
 
 @dataclass(frozen=True)
