@@ -27,7 +27,7 @@ from kdm_pipe.errors import ConfigError
 from kdm_pipe.metrics.detectors import FeatureNet, feature_batches, load_detector, to_uint8
 from kdm_pipe.metrics.fid import FeatureStats, FeatureSums
 from kdm_pipe.shards import Manifest
-from kdm_pipe.stats import STORE, create_array, store_at
+from kdm_pipe.stats import STORE, create_array, filtered_alike, store_at
 
 GROUP = "features"
 
@@ -130,8 +130,9 @@ def stale_rows(g: zarr.Group, manifest: Manifest) -> set[int]:
 
 def set_reference(directory: Path, manifest: Manifest, detector: str, flag: str = "") -> FeatureStats | None:
     """The teacher set's feature statistics in `detector`'s space, None when the store has none for it; a store
-    computed from other shards (or never completed) is refused: it does not describe this set. `flag`: the stats
-    flags that recompute it (e.g. ` --detector PATH`), for the message."""
+    computed from other shards, before the memorisation filter changed (its rows would count excluded pairs) or
+    never completed is refused: it does not describe this set. `flag`: the stats flags that recompute it (e.g.
+    ` --detector PATH`), for the message."""
     path = storage.location(directory) / STORE
     try:
         root = zarr.open_group(store_at(directory), mode="r")
@@ -145,5 +146,8 @@ def set_reference(directory: Path, manifest: Manifest, detector: str, flag: str 
     if listed != [(s.index, s.sha256) for s in manifest.shards]:
         raise ConfigError(f"{path}: the {detector} feature statistics describe other shards ({len(listed)} listed, "
                           f"the manifest has {len(manifest.shards)} or other contents); {hint}")
+    if not filtered_alike(root, manifest, directory):
+        raise ConfigError(f"{path} was computed before the memorisation filter of {directory} changed (it counts "
+                          f"pairs the filter excludes); {hint}")
     m = g["merged"]
     return FeatureStats(m["mean"][...], m["cov"][...], int(m["count"][...]), detector)
