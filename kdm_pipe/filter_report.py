@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdm_pipe import plots
+from kdm_pipe import plots, storage
 from kdm_pipe.memorisation import Scores, flags
-from kdm_pipe.report import filter_section, page
+from kdm_pipe.pages import figure, html_table, page, relative, section
 from kdm_pipe.shards import Manifest, read_shard
 
 SHOWN = 16                           # flagged samples drawn (then the closest unflagged ones, to compare)
@@ -39,6 +39,26 @@ def write_filter_report(directory: Path, manifest: Manifest, ref: np.ndarray, sc
     out.write_text(page(f"kdm-pipe filter {directory.resolve().name}", filter_section(directory, manifest, directory)),
                    encoding="utf-8")
     return out
+
+
+def filter_section(directory: Path, manifest: Manifest, base: Path) -> str:
+    """The memorisation filter of a pair set: its settings, counts and figures (DIR/filter-*.png), linked from
+    `base`; empty when the set was not filtered."""
+    f = manifest.filter
+    if f is None:
+        return ""
+    s = f.settings
+    rule = ("d₁ < α · mean(d₂…d_k)" if s["rule"] == "relative" else "d₁ < τ") + f", threshold {s['threshold']:g}"
+    rows = [["reference", f"{s['ref']['source']} ({s['ref']['count']:,} images, sha256 {s['ref']['sha256'][:12]}…)"],
+            ["space", s["metric"] + (f" ({s['detector']['path']})" if s.get("detector") else " (pixels)")],
+            ["rule", f"{s['rule']}: {rule}, k = {s['k']}"],
+            ["excluded", f"{f.flagged:,} of {f.scored:,} pairs ({f.flagged / max(f.scored, 1):.2%})"]]
+    local = not storage.is_remote(directory)          # a bucket's figures are not linked from a local page
+    figs = [figure(src, caption) for name, caption in (
+        ("filter-distances.png", "distances to the nearest reference images; the line is the threshold"),
+        ("filter-flagged.png", "top: teacher samples (flagged first, closest first); bottom: their nearest reference "
+                               "image")) if local and (src := relative(Path(directory) / name, base)) is not None]
+    return section("Memorisation filter", html_table(["setting", "value"], rows), *figs)
 
 
 def x0_of(directory: Path, wanted: list[tuple[str, int]]) -> np.ndarray:

@@ -1,25 +1,22 @@
-"""The per-run HTML report (RUN/report.html) and a page comparing several runs.
-
-Plain HTML with one inline stylesheet: no scripts, no external fonts or CSS, every text escaped. Figures are PNGs
-beside the page, linked by relative paths: the samples evaluate drew (eval.json "figures"), RUN/analysis/*.png
-from `analyze`, and the curves drawn here into RUN/report_files/. A section whose inputs are missing says so.
+"""The per-run HTML report (RUN/report.html) and a page comparing several runs, built with the kit of
+`kdm_pipe.pages`. Figures: the samples evaluate drew (eval.json "figures"), RUN/analysis/*.png from `analyze`, and
+the curves drawn here into RUN/report_files/. A section whose inputs are missing says so.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-from html import escape
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from kdm_pipe import plots, storage
+from kdm_pipe import plots
 from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR
 from kdm_pipe.analysis import probe_spectra
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.filter_report import filter_section
+from kdm_pipe.pages import figure, fmt, html_table, link, page, para, relative, section
 from kdm_pipe.probes import load_probes
 from kdm_pipe.run import Run
 from kdm_pipe.shards import Manifest
@@ -30,40 +27,6 @@ FILES = "report_files"
 METRICS = ("sliced_wasserstein", "mmd", "off_support", "fd_teacher", "precision", "recall", "inception_score", "mse",
            "psnr")
 NOT_LOSSES = ("step", "steps_per_s", "pairs_per_s")
-STYLE = """body{font-family:sans-serif;max-width:75em;margin:1em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}thead th{background:#eee}img{max-width:100%}
-figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}figcaption{font-size:90%;color:#555}
-.note{color:#666}"""
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """The one number format of every table and line: `digits` significant digits, thousands separators, no trailing
-    zeros, and scientific notation only outside 1e-4 ≤ |x| < 1e15 (8,433 and 16,040, not 8433 and 1.604e+04);
-    integers in full; None as an empty cell; anything else as str()."""
-    if value is None:
-        return ""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return f"{int(value):,}"
-    if not isinstance(value, (float, np.floating)):
-        return str(value)
-    short = f"{float(value):.{digits}g}"
-    rounded = float(short)
-    if not math.isfinite(rounded) or rounded == 0 or not 1e-4 <= abs(rounded) < 1e15:
-        return short
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
-    text = f"{rounded:,.{decimals}f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A table whose first column names the row; cells are formatted with `fmt` and escaped."""
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{escape(fmt(c))}</{'th' if i == 0 else 'td'}>"
-                                    for i, c in enumerate(row)) + "</tr>\n" for row in rows)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
-
-
 def metric_keys(results: Sequence[dict]) -> list[str]:
     """The student metrics of these eval.json results: the printed ones first, then every other number."""
     present = [k for r in results for k, v in r.get("student", {}).items() if isinstance(v, (int, float))]
@@ -122,34 +85,6 @@ def spectrum_line(analysis: dict | None) -> str:
                 f"operator norm (largest singular value) {fmt(s['operator_norm'])}")
 
 
-def page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{escape(title)}</h1>\n{body}</body>\n</html>\n")
-
-
-def section(title: str, *parts: str) -> str:
-    return f"<h2>{escape(title)}</h2>\n" + "".join(parts)
-
-
-def para(text: str, cls: str | None = None) -> str:
-    attr = f' class="{cls}"' if cls else ""
-    return f"<p{attr}>{escape(text)}</p>\n"
-
-
-def figure(src: str, caption: str) -> str:
-    return (f'<figure><img src="{escape(src)}" alt="{escape(caption)}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>\n")
-
-
-def link(href: str, text: str) -> str:
-    return f'<a href="{escape(href)}">{escape(text)}</a>'
-
-
-def relative(path: Path, base: Path) -> str | None:
-    """`path` as a URL relative to the directory `base`, or None if the file is missing."""
-    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix() if path.is_file() else None
-
-
 def eval_figures(run: Path, results: dict) -> list[Path]:
     """eval.json's figures, found inside `run` even if the run has moved since (evaluate recorded them as
     results["run"]/name, relative to its own working directory)."""
@@ -199,26 +134,6 @@ def config_rows(run: Path, cfg: dict, manifest: Manifest | str) -> list[list[Any
              ["steps × batch", f"{cfg.get('steps')} × {cfg.get('batch')}"],
              ["optimiser", f"Adam lr {cfg.get('lr')}, betas {cfg.get('betas')}, EMA {cfg.get('ema')}"]]
     return rows
-
-
-def filter_section(directory: Path, manifest: Manifest, base: Path) -> str:
-    """The memorisation filter of a pair set: its settings, counts and figures (DIR/filter-*.png), linked from
-    `base`; empty when the set was not filtered."""
-    f = manifest.filter
-    if f is None:
-        return ""
-    s = f.settings
-    rule = ("d₁ < α · mean(d₂…d_k)" if s["rule"] == "relative" else "d₁ < τ") + f", threshold {s['threshold']:g}"
-    rows = [["reference", f"{s['ref']['source']} ({s['ref']['count']:,} images, sha256 {s['ref']['sha256'][:12]}…)"],
-            ["space", s["metric"] + (f" ({s['detector']['path']})" if s.get("detector") else " (pixels)")],
-            ["rule", f"{s['rule']}: {rule}, k = {s['k']}"],
-            ["excluded", f"{f.flagged:,} of {f.scored:,} pairs ({f.flagged / max(f.scored, 1):.2%})"]]
-    local = not storage.is_remote(directory)          # a bucket's figures are not linked from a local page
-    figs = [figure(src, caption) for name, caption in (
-        ("filter-distances.png", "distances to the nearest reference images; the line is the threshold"),
-        ("filter-flagged.png", "top: teacher samples (flagged first, closest first); bottom: their nearest reference "
-                               "image")) if local and (src := relative(Path(directory) / name, base)) is not None]
-    return section("Memorisation filter", html_table(["setting", "value"], rows), *figs)
 
 
 def loss_figure(run: Path, files: Path) -> Path | None:

@@ -9,7 +9,8 @@ import pytest
 from kdm_pipe.analysis import analyze
 from kdm_pipe.config import ConfigError, EvaluateConfig, TrainConfig
 from kdm_pipe.evaluation import evaluate
-from kdm_pipe.report import fmt, write_comparison, write_report
+from kdm_pipe.pages import fmt
+from kdm_pipe.report import write_comparison, write_report
 from kdm_pipe.training import train
 
 SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
