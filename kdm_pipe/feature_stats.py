@@ -107,14 +107,19 @@ def open_group(root: zarr.Group, space: FeatureSpace, num_shards: int) -> zarr.G
     return create_group(root, space, num_shards)
 
 
-def write_merged(g: zarr.Group, manifest: Manifest) -> None:
-    """Merge the rows of the manifest's shards (streamed, one row at a time) and publish them."""
+def summed(g: zarr.Group, shards: list) -> FeatureSums:
+    """The feature sums of the rows of `shards` (streamed, one row at a time)."""
     rows, sums = g["per_shard"], FeatureSums(g.attrs["dim"])
-    for s in manifest.shards:
+    for s in shards:
         sums.count += int(rows["count"][s.index])
         sums.sum += rows["sum"][s.index]
         sums.outer += rows["outer"][s.index]
-    stats = sums.stats(g.attrs["detector"])
+    return sums
+
+
+def write_merged(g: zarr.Group, manifest: Manifest) -> None:
+    """Merge the rows of the manifest's shards and publish them."""
+    stats = summed(g, manifest.shards).stats(g.attrs["detector"])
     g.attrs.update({"complete": False})
     merged = g.require_group("merged")
     for name, a in (("count", np.int64(stats.num)), ("mean", stats.mu), ("cov", stats.sigma)):
@@ -151,3 +156,13 @@ def set_reference(directory: Path, manifest: Manifest, detector: str, flag: str 
                           f"pairs the filter excludes); {hint}")
     m = g["merged"]
     return FeatureStats(m["mean"][...], m["cov"][...], int(m["count"][...]), detector)
+
+
+def set_halves(directory: Path, manifest: Manifest, detector: str) -> tuple[FeatureStats, FeatureStats] | None:
+    """The feature statistics of the first and the second half of the set's shards (the teacher-vs-teacher floor
+    of the whole-set FD); None with fewer than 2 shards. Call after `set_reference` accepted the store."""
+    if len(manifest.shards) < 2:
+        return None
+    g = zarr.open_group(store_at(directory), mode="r")[f"{GROUP}/{key(detector)}"]
+    h = len(manifest.shards) // 2
+    return (summed(g, manifest.shards[:h]).stats(detector), summed(g, manifest.shards[h:]).stats(detector))

@@ -167,8 +167,9 @@ def image_rows(path: Path, rows: dict[str, np.ndarray], scale: int = 1, dpi: int
 def curves(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str = "step") -> Path:
     """Lines (x, y) per name on one axis; log-y when every value is positive."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    few = max((len(x) for x, _ in series.values()), default=0) < 20      # a short run: show every point
     for name, (x, y) in series.items():
-        ax.plot(x, y, label=name, lw=1.2)
+        ax.plot(x, y, label=name, lw=1.2, marker="o" if few else None, ms=4)
     values = np.concatenate([np.asarray(y, float) for _, y in series.values()]) if series else np.ones(1)
     if (values[np.isfinite(values)] > 0).all():
         ax.set_yscale("log")

@@ -250,6 +250,12 @@ class Run:
             atomic_write_text(log, "".join(r + "\n" for r in rows))
 
 
+def per_steps(name: str, steps: int) -> str:
+    """The file of a `steps`-step evaluation: eval.json / report.html for one step, eval-2steps.json … beside."""
+    stem, dot, ext = name.rpartition(".")
+    return name if steps == 1 else f"{stem}-{steps}steps{dot}{ext}"
+
+
 def _step(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])
