@@ -29,8 +29,8 @@ METRICS = ("sliced_wasserstein", "mmd", "off_support", "fd_teacher", "precision"
 NOT_LOSSES = ("step", "steps_per_s", "pairs_per_s")
 # Which way each number improves (every table says it).
 BETTER = {"sliced_wasserstein": "lower", "mmd": "lower", "off_support": "lower", "fd_teacher": "lower",
-          "precision": "higher", "recall": "higher", "inception_score": "higher", "mse": "lower", "psnr": "higher",
-          "fd_set": "lower", "samples/s": "higher"}
+          "precision": "higher", "recall": "higher", "inception_score": "higher", "mse": "lower", "rmse": "lower",
+          "mae": "lower", "psnr": "higher", "fd_set": "lower", "samples/s": "higher"}
 # The rows a comparison leads with: a distance of the sample distribution with little bias, and the paired error.
 HEADLINE = {True: ("fd_set", "mse", "psnr"), False: ("sliced_wasserstein", "mmd", "off_support", "mse")}
 LABELS = {"fd_teacher": "FD, held out (secondary: {} vs {} samples, dominated by its bias)",
