@@ -52,7 +52,7 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
 def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
     address = address or os.environ.get("RAY_ADDRESS")     # set inside a RayJob / a Ray cluster's containers
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # A private single-machine cluster: no auth token written to $HOME, no usage reporting, no dashboard.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
