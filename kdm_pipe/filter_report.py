@@ -64,7 +64,7 @@ def filter_section(directory: Path, manifest: Manifest, base: Path) -> str:
         ("filter-distances.png", f"distances to the nearest reference images of all {f.scored:,} scored samples "
                                  f"({f.flagged:,} flagged in red); the dashed line is the threshold"),
         ("filter-flagged.png", flagged)) if local and (src := relative(Path(directory) / name, base)) is not None]
-    return section("Memorisation filter", html_table(["setting", "value"], rows), *figs)
+    return section("Memorisation filter", html_table(["setting", "value"], rows, "kv"), *figs)
 
 
 def x0_of(directory: Path, wanted: list[tuple[str, int]]) -> np.ndarray:

@@ -18,7 +18,7 @@ STYLE = """body{font-family:sans-serif;max-width:75em;margin:1em auto;padding:0 
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}
 th:first-child,td:first-child{text-align:left}thead th{background:#eee}img{max-width:100%}
 figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}figcaption{font-size:90%;color:#555}
-.note{color:#666}"""
+.note{color:#666}.warn{color:#a40}table.kv td{text-align:left}table.kv th{white-space:nowrap;text-align:left}"""
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -40,12 +40,14 @@ def fmt(value: Any, digits: int = 4) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A table whose first column names the row; cells are formatted with `fmt` and escaped."""
+def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str | None = None) -> str:
+    """A table whose first column names the row; cells are formatted with `fmt` and escaped. `cls="kv"`: a table of
+    settings (text left-aligned, names unbroken)."""
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{escape(fmt(c))}</{'th' if i == 0 else 'td'}>"
                                     for i, c in enumerate(row)) + "</tr>\n" for row in rows)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
 
 
 def page(title: str, body: str) -> str:

@@ -53,8 +53,8 @@ def label(key: str, results: Sequence[dict]) -> str:
     """A row's name: the metric's key, or what it measures when that needs saying."""
     if key == "fd_set":
         fd = results[0].get("fd_set") or {}
-        return (f"FD to the whole teacher set ({fd.get('num_samples')} fresh samples vs its "
-                f"{fd.get('num_reference')} pairs)")
+        return (f"FD to the whole teacher set ({fmt(fd.get('num_samples'))} fresh samples vs its "
+                f"{fmt(fd.get('num_reference'))} pairs)")
     held = results[0].get("fd_teacher_samples", ["?", "?"])
     return LABELS.get(key, key).format(*held)
 
@@ -75,7 +75,8 @@ def comparison_rows(results: dict[str, dict]) -> tuple[list[list[Any]], list[lis
     def row(k: str) -> list[Any]:
         vals = value[k]
         known = [(v, n) for v, n in zip(vals, results) if v is not None]
-        best = (min if BETTER.get(k) == "lower" else max)(known)[1] if len(known) > 1 and k in BETTER else None
+        top = (min if BETTER.get(k) == "lower" else max)(known) if len(known) > 1 and k in BETTER else None
+        best = top[1] if top is not None and sum(v == top[0] for v, _ in known) == 1 else None    # no tie
         return [label(k, runs), BETTER.get(k, ""), *vals, floor.get(k), best]
 
     lead = [k for k in HEADLINE[image] if k in value]
@@ -102,9 +103,10 @@ def oddities(results: dict[str, dict]) -> list[str]:
     fd_floor = (first.get("fd_set") or {}).get("floor")
     if fd_floor:
         notes.append(f"the whole-set FD's floor compares the first half of the set's shards with the second "
-                     f"({fd_floor['num'][0]} vs {fd_floor['num'][1]} teacher samples): with half the samples on each "
-                     f"side its bias is about twice the students' ({first['fd_set']['num_samples']} fresh samples vs "
-                     f"all {first['fd_set']['num_reference']}), so a student close to the teacher can sit below it.")
+                     f"({fmt(fd_floor['num'][0])} vs {fmt(fd_floor['num'][1])} teacher samples): with half the samples "
+                     f"on each side its bias is about twice the students' ({fmt(first['fd_set']['num_samples'])} fresh "
+                     f"samples vs all {fmt(first['fd_set']['num_reference'])}), so a student close to the teacher can "
+                     f"sit below it.")
     return notes
 
 
@@ -365,7 +367,7 @@ def write_report(run: Path, steps: int = 1) -> Path:
               if p is not None]
     kdm = cfg.get("student", {}).get("kind") == "kdm"
     spectrum = spectrum_figure(run, files) if kdm else None
-    body = [section("Configuration", html_table(["setting", "value"], config_rows(run, cfg, manifest))),
+    body = [section("Configuration", html_table(["setting", "value"], config_rows(run, cfg, manifest), "kv")),
             eval_section(run, results, image, steps),
             section("Training", *(curves or [para("no train.jsonl rows yet", "note")]))]
     if kdm:                                            # a KD student has no operator and no latent space

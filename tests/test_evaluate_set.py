@@ -50,6 +50,10 @@ def test_fd_to_the_teacher_set_equals_raw_features(setup, capsys):
     want = fid_from_stats(FeatureStats.of(features(net, [samples]), net.name),
                           FeatureStats.of(features(net, [x_0]), net.name))
     assert fd["fd"] == pytest.approx(want, rel=1e-6)
+    h = len(manifest.shards) // 2 * 64                     # the floor: the first half of the shards vs the rest
+    floor = fid_from_stats(FeatureStats.of(features(net, [x_0[:h]]), net.name),
+                           FeatureStats.of(features(net, [x_0[h:]]), net.name))
+    assert fd["floor"]["num"] == [h, 192 - h] and fd["floor"]["fd"] == pytest.approx(floor, rel=1e-6)
 
 
 def test_stale_store_refused_with_exit_2(setup, tmp_path):
