@@ -12,13 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from kdm_pipe import plots
-from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR
-from kdm_pipe.analysis import probe_spectra
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.filter_report import filter_section
 from kdm_pipe.pages import figure, fmt, html_table, link, page, para, relative, section
-from kdm_pipe.probes import load_probes
-from kdm_pipe.run import EVAL, Run, per_steps
+from kdm_pipe.probes import load_probes, probe_spectra
+from kdm_pipe.run import ANALYSIS, EVAL, Run, per_steps
 from kdm_pipe.shards import Manifest
 from kdm_pipe.student import is_image
 
@@ -273,7 +271,7 @@ def spectrum_figure(run: Path, files: Path) -> tuple[Path, str, np.ndarray | Non
     latest probe's eigenvalues (None when there are no probes)."""
     spectra = probe_spectra(run)
     latest = None if spectra is None else spectra[1][-1]
-    done = run / ANALYSIS_DIR / "spectrum.png"
+    done = run / ANALYSIS / "spectrum.png"
     if done.is_file():
         return done, "Koopman eigenvalues against the unit circle (from kdm-pipe analyze)", latest
     if spectra is None:
@@ -359,7 +357,7 @@ def write_report(run: Path, steps: int = 1) -> Path:
         raise ConfigError(f"{run} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
     files = run / FILES
     files.mkdir(exist_ok=True)
-    results, analysis = read_json(run / per_steps(EVAL, steps)), read_json(run / ANALYSIS_DIR / "analysis.json")
+    results, analysis = read_json(run / per_steps(EVAL, steps)), read_json(run / ANALYSIS / "analysis.json")
     manifest = data_manifest(run, cfg)
     image = is_image(manifest.shape) if isinstance(manifest, Manifest) else "detector" in (results or {})
     curves = [figure(relative(p, run), c) for p, c in ((loss_figure(run, files), "training losses"),
@@ -381,7 +379,7 @@ def write_report(run: Path, steps: int = 1) -> Path:
     links = [(n, n) for n in (per_steps(EVAL, steps), "config.json", "split.json", "train.jsonl")
              if (run / n).is_file()]
     if analysis is not None:
-        links.append((f"{ANALYSIS_DIR}/analysis.json", "analysis.json"))
+        links.append((f"{ANALYSIS}/analysis.json", "analysis.json"))
     body.append(section("Files", "<ul>\n" + "".join(f"<li>{link(h, t)}</li>\n" for h, t in links) + "</ul>\n"))
     out = run / per_steps("report.html", steps)
     title = run_title(run, cfg, manifest) + ("" if steps == 1 else f", {steps}-step sampler")
