@@ -87,7 +87,8 @@ def write_samples(out: str | Path, images: np.ndarray, seeds: np.ndarray, labels
         _png(im).save(path)
     arrays = {"arr_0": pixels, "seeds": seeds} | ({} if classes is None else {"labels": classes})
     np.savez(out / SAMPLES_NPZ, **arrays)
-    save_grid(out / GRID_PNG, images[:GRID_MAX], scale=max(1, GRID_TILE // max(images.shape[2:])))
+    scale = max(1, GRID_TILE // max(images.shape[2:]))
+    save_grid(out / GRID_PNG, images[:GRID_MAX], scale=scale, gap=max(2, scale))
     record = {"num": len(images), "shape": list(images.shape[1:]), "seeds": seeds.tolist(),
               "labels": None if classes is None else classes.tolist(), "settings": settings or {}}
     atomic_write_text(out / SAMPLES_JSON, json.dumps(record))
