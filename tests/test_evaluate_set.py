@@ -65,3 +65,16 @@ def test_stale_store_refused_with_exit_2(setup, tmp_path):
     r = cli("evaluate", run, "--data", stale, "--num", 32)
     error_line(r, 2, "stats.zarr", "other shards", f"kdm-pipe stats {stale}")
     assert tree(run) == before
+
+
+def test_statistics_from_before_the_filter_refused_with_exit_2(setup, tmp_path):
+    """`evaluate` after `filter` never reports an FD against statistics that still count the excluded pairs."""
+    data, run = setup
+    filtered = shutil.copytree(data, tmp_path / "pairs")
+    r = cli("filter", filtered, "--ref", "sklearn-digits", "--rule", "absolute", "--threshold", "2.8", "-q")
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(filtered).filter.flagged > 0
+    before = tree(run)
+    r = cli("evaluate", run, "--data", filtered, "--num", 32)
+    error_line(r, 2, "stats.zarr", "before the memorisation filter", f"kdm-pipe stats {filtered}")
+    assert tree(run) == before
