@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -174,7 +175,7 @@ def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
         return manifest
     task = remote(make_shard, num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
     t0, mine = time.perf_counter(), identity_hash(cfg)
-    if progress and cfg.address is None and not ray.is_initialized():
+    if progress and not (cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         print(f"generate: starting a local Ray session ({cfg.workers} workers)…", flush=True)
     with ray_session(cfg.address, cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker):
         if progress:             # the bar moves by whole shards: say what happens until the first one is done
