@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from kdm_pipe import mirror, storage
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.errors import ConfigError, one_line
-from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, load_manifest, sha256_file
+from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, checked_manifest, sha256_file
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
 LOGS = (LOG, "latents.zarr", "tensorboard")        # what a resumed run appends to
@@ -136,10 +136,7 @@ class Run:
     def manifest(self, data: Path | None = None) -> Manifest:
         """The manifest of the run's pairs (or of --data, which must be pairs of the same kind)."""
         directory = self.data_dir(data)
-        try:
-            manifest = load_manifest(directory)
-        except ValueError as e:
-            raise ConfigError(f"{directory / MANIFEST} is not a valid kdm-pipe manifest ({e})") from None
+        manifest = checked_manifest(directory, "--data" if data is not None else "")
         if data is not None:
             trained = self.manifest()
             if (manifest.shape, manifest.label_dim) != (trained.shape, trained.label_dim):

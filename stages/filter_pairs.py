@@ -42,9 +42,8 @@ from kdm_pipe.shards import (
     FilteredShard,
     FilterRecord,
     Manifest,
-    bad_shards_error,
-    check_shards,
     checked_manifest,
+    open_pairs,
     save_manifest,
     sha256_file,
 )
@@ -135,9 +134,7 @@ def run(cfg: FilterConfig, progress: bool = True) -> FilterRecord:
             return old
         scores = previous_scores(directory, search_fingerprint(settings), manifest)
         todo = [s for s in manifest.shards if s.name not in scores]
-        problems = check_shards(directory, manifest, [s.name for s in todo])
-        if problems:
-            raise bad_shards_error(directory, problems)
+        open_pairs(directory, [s.name for s in todo])
         if todo:                                                  # none: only the rule changed, distances kept
             scores.update(score(directory, todo, ref, settings, cfg, progress))
         record = decide(manifest, scores, settings, fp)
