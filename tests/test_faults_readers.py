@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from faults import bless, cli, error_line, flip_byte, tree
 
 from kdm_pipe import run as kdm_run
 from kdm_pipe.shards import read_shard, write_shard
-from kdm_pipe.trained import latest_checkpoint
 
 QUICK = ["--steps", "3", "--batch", "100", "--ckpt-every", "3", "--probe-every", "3", "--no-tensorboard", "-q",
          "--student", "kdm"]
