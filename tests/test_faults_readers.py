@@ -8,19 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from faults import bless, cli, error_line, flip_byte, tree
 
 from kdm_pipe import run as kdm_run
-from kdm_pipe.shards import read_shard, write_shard
+from kdm_pipe.shards import read_shard, sha256_file, write_shard
+from kdm_pipe.trained import latest_checkpoint
 
-QUICK = ["--steps", "3", "--batch", "100", "--ckpt-every", "3", "--probe-every", "3", "--no-tensorboard", "-q",
+QUICK = ["--steps", "4", "--batch", "100", "--ckpt-every", "2", "--probe-every", "2", "--no-tensorboard", "-q",
          "--student", "kdm"]
 HELDOUT = "shard-000004.tar"                         # holdout_shards = 1: the last of the 5
 
 
 @pytest.fixture(scope="module")
 def trained(vector_pairs, tmp_path_factory):
-    """A run trained 3 steps beside a copy of the 5 × 1000 checkerboard pairs (no weights.json yet)."""
+    """A run trained 4 steps (checkpoints 2 and 4) beside a copy of the 5 × 1000 board pairs (no weights.json)."""
     root = tmp_path_factory.mktemp("trained")
     shutil.copytree(vector_pairs, root / "pairs")
     r = cli("train", "--data", root / "pairs", "--out", root / "run", *QUICK)
@@ -77,3 +79,27 @@ def test_heldout_values_that_are_not_finite_are_named(setup, stage):
     before = written(setup)
     error_line(cli(*readers(setup)[stage]), 1, HELDOUT, "non-finite", "verify")
     assert written(setup) == before
+
+
+class Payload:
+    """Stands for any object a hostile pickle would carry (loading it would run code)."""
+
+
+@pytest.mark.parametrize("kind", ["hostile", "truncated"])
+def test_unloadable_checkpoint_with_matching_checksum_falls_back(setup, kind):
+    run = setup / "run"
+    latest = run / "checkpoints" / "ckpt-00000004.pt"
+    if kind == "hostile":
+        torch.save({"step": 4, "ema": Payload()}, latest)
+    else:
+        latest.write_bytes(latest.read_bytes()[:5000])
+    (run / "checkpoints" / "ckpt-00000004.pt.sha256").write_text(sha256_file(latest) + "\n")    # it "matches"
+    for args in readers(setup).values():
+        r = fresh(*args)
+        assert r.returncode == 0, r.stderr
+        assert "ckpt-00000004.pt is damaged" in r.stderr and "weights_only" not in r.stderr + r.stdout
+    r = fresh("train", "--data", setup / "pairs", "--out", run, *QUICK[:1], "6", *QUICK[2:], "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "falling back" in r.stderr and "weights_only" not in r.stderr
+    assert (run / "checkpoints" / "ckpt-00000004.pt.damaged").is_file()
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 6
