@@ -261,8 +261,15 @@ class RefStatsConfig(Strict):
     data: Location | None = Field(default=None, description="--from: pair directory whose stats.zarr is exported")
     out: Location
     detector: Path | None = Field(default=None, description="TorchScript feature net (default: pixel features)")
-    num: int | None = Field(default=None, description="images used (default: all)")
+    num: int | None = Field(default=None, ge=1, description="images used (default: all)")
     device: Device = "auto"
+
+    @field_validator("out")
+    @classmethod
+    def _file(cls, v: Any) -> Any:
+        if not storage.is_remote(v) and Path(v).is_dir():
+            raise ValueError(f"{v} is a directory; pass the path of the .npz file to write")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> RefStatsConfig:
@@ -428,6 +435,8 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the preset as UTF-8 YAML") from None
     if data is None or data == {}:       # an empty file would otherwise run the built-in defaults silently
         raise ConfigError(f"{path}: the preset is empty; give at least one of the sections generate/train/evaluate")
     if not isinstance(data, dict):

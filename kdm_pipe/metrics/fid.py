@@ -79,8 +79,11 @@ def save_ref_stats(path: str | Path, stats: FeatureStats) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), detector=np.str_(stats.detector))
-    tmp.replace(path)
+    try:
+        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), detector=np.str_(stats.detector))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
