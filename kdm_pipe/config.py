@@ -175,7 +175,8 @@ def unset_or(value: Any, default: Any) -> Any:
 
 
 class TrainConfig(Strict):
-    data: Location = Path("runs/pairs")
+    data: Location | None = Field(default=None, description="pair directory; with --resume it may be left out: the "
+                                  "run's own pairs (where config.json says, or beside the run as split.json records)")
     out: Location = Path("runs/train")
     student: StudentConfig = Field(default_factory=StudentConfig)
     steps: int = Field(default=4000, ge=1)

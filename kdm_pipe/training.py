@@ -97,6 +97,19 @@ def discriminator_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module | None:
     return Discriminator(manifest.shape[0], manifest.shape[1])
 
 
+def with_pairs(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """`cfg` with its pairs: --data, or when a resumed run is given none, the run's own (`Run.data_dir`: the
+    recorded path, else the same place relative to the run — a run moved together with its pairs)."""
+    if cfg.data is not None:
+        return cfg
+    if not resume:
+        raise ConfigError("train needs --data DIR: a pair directory written by `kdm-pipe generate` or import")
+    run = Run(cfg.out)
+    if not run.exists():
+        raise ConfigError(f"--resume: {cfg.out} holds no run (no config.json); drop --resume and pass --data DIR")
+    return cfg.model_copy(update={"data": run.data_dir()})
+
+
 def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: str) -> None:
     """Refuse to mix runs: a new run needs an empty --out; a resumed one must keep every setting but `steps`, and
     the same pairs (by checksum: the run and its pairs may have moved) with the same pairs excluded by the
@@ -225,6 +238,7 @@ def trained_fields(cfg: TrainConfig) -> frozenset[str]:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run `cfg.out`; returns {"run", "step", "status": "done" | "preempted"}."""
+    cfg = with_pairs(cfg, resume)
     manifest = open_pairs(cfg.data, label="--data")    # every shard checked: nothing corrupt is learned silently
     drop = exclusions(manifest, cfg.data)              # pairs the memorisation filter excluded: never read
     cfg = resolved(cfg, manifest)

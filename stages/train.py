@@ -11,12 +11,13 @@ import os
 from kdm_pipe import storage
 from kdm_pipe.config import TrainConfig
 from kdm_pipe.run import LOGS, Run
-from kdm_pipe.training import train
+from kdm_pipe.training import train, with_pairs
 
 PREEMPTED_EXIT = 143        # 128 + SIGTERM: schedulers read it as "terminated", restart policies rerun the job
 
 
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    cfg = with_pairs(cfg, resume)
     storage.check_bucket(cfg.data, "--data")
     storage.check_bucket(cfg.out, "--out")
     lead = os.environ.get("RANK", "0") == "0"

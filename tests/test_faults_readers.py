@@ -103,3 +103,19 @@ def test_unloadable_checkpoint_with_matching_checksum_falls_back(setup, kind):
     assert "falling back" in r.stderr and "weights_only" not in r.stderr
     assert (run / "checkpoints" / "ckpt-00000004.pt.damaged").is_file()
     assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 6
+
+
+def test_run_moved_with_its_pairs_resumes_without_data(setup, tmp_path):
+    moved = Path(shutil.move(setup, tmp_path / "elsewhere"))      # config.json's --data no longer exists
+    run = moved / "run"
+    r = fresh("train", "--out", run, *QUICK[:1], "6", *QUICK[2:], "--resume")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 6
+    assert json.loads((run / "split.json").read_text())["data_from_run"] == "../pairs"
+    assert fresh("evaluate", run, "--num", "200").returncode == 0
+
+
+def test_train_without_data_is_bad_input(tmp_path):
+    error_line(cli("train", "--out", tmp_path / "run", *QUICK), 2, "--data")
+    error_line(cli("train", "--out", tmp_path / "run", *QUICK, "--resume"), 2, "holds no run", "--data")
+    assert not (tmp_path / "run").exists()
