@@ -28,7 +28,6 @@ from tqdm import tqdm
 from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, FilterConfig
 from kdm_pipe.datasets import BUILTIN, load_images
-from kdm_pipe.errors import DataError
 from kdm_pipe.exclusions import uncovered
 from kdm_pipe.filter_report import write_filter_report
 from kdm_pipe.interrupts import stop_on_signals
@@ -36,7 +35,7 @@ from kdm_pipe.locks import directory_lock
 from kdm_pipe.memorisation import ALPHA, TAU, Scores, ShardScorer, embedding, flags
 from kdm_pipe.metrics.detectors import load_detector
 from kdm_pipe.pairset import atomic_write_bytes
-from kdm_pipe.raypool import ray_session
+from kdm_pipe.raypool import ray_session, task_failures
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.shards import (
     FilteredShard,
@@ -173,14 +172,11 @@ def score(directory: Path, todo: list, ref: np.ndarray, settings: dict, cfg: Fil
         bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="filter", dynamic_ncols=True)
         t0 = time.perf_counter()
         try:
-            for name, sc in ActorPool(actors).map_unordered(lambda a, info: a.score.remote(str(directory), info),
-                                                            todo):
-                out[name] = sc
-                bar.update(len(sc.seed))
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, DataError):            # a shard changed since it was checked
-                raise e.cause from None
-            raise RuntimeError(f"a filter task failed: {type(e.cause).__name__}: {e.cause}") from None
+            with task_failures("a filter task"):
+                for name, sc in ActorPool(actors).map_unordered(lambda a, info: a.score.remote(str(directory), info),
+                                                                todo):
+                    out[name] = sc
+                    bar.update(len(sc.seed))
         finally:
             bar.close()
         seconds = time.perf_counter() - t0

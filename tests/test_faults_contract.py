@@ -77,3 +77,27 @@ def test_preset_that_is_not_utf8(tmp_path):
     preset.write_bytes(b"train:\n  steps: 3\n  out: caf\xe9\n")
     error_line(cli("train", "--preset", preset, "--dry-run"), documented("README.md", "Bad input anywhere"),
                "p.yaml", "UTF-8")
+
+
+def test_a_failed_ray_task_is_reported_once_in_one_line():
+    """Ray wraps a task's exception with the worker's traceback; the driver reports the task's own DataError as
+    raised (exit 1 naming the shard) and anything else as one line saying which task failed and why."""
+    import ray
+
+    from kdm_pipe.errors import DataError
+    from kdm_pipe.raypool import remote, task_failures
+
+    def fail(kind: str):
+        raise DataError("DIR/shard-000001.tar: unreadable; rerun") if kind == "data" else ZeroDivisionError("1/0")
+
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
+    try:
+        task = remote(fail, num_cpus=1)
+        with pytest.raises(DataError) as e, task_failures("a test task"):
+            ray.get(task.remote("data"))
+        assert type(e.value) is DataError and str(e.value) == "DIR/shard-000001.tar: unreadable; rerun"
+        with pytest.raises(RuntimeError) as e, task_failures("a test task"):
+            ray.get(task.remote("other"))
+        assert str(e.value) == "a test task failed: ZeroDivisionError: 1/0"
+    finally:
+        ray.shutdown()
