@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError, DataError, one_line
+from kdm_pipe.npyfiles import read_header
 
 MANIFEST = "manifest.json"
 VERIFIED = ".kdm-verified.json"        # check_shards' cache: shards whose sha256 matched, keyed by their stat
@@ -234,23 +235,12 @@ def shard_error(path: Path, what: str) -> ShardError:
     return ShardError(path, what)
 
 
-def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy version {version}")
-
-
 def read_npy(f: Any, size: int) -> np.ndarray:
     """A `.npy` of `size` bytes from stream `f`, allocating only once the header has been shown to describe exactly
     the bytes that are there (np.load would allocate whatever a crafted header declares). ValueError if not."""
     start = f.tell()
-    shape, fortran, dtype = _npy_header(f)
-    if dtype.hasobject:
-        raise ValueError("object arrays are refused (they would need pickle)")
-    nbytes = math.prod(shape) * dtype.itemsize              # Python ints: no overflow for crafted shapes
+    h = read_header(f, "", error=ValueError)                # the one .npy header parser (kdm_pipe/npyfiles.py)
+    shape, fortran, dtype, nbytes = h.shape, h.fortran, h.dtype, h.nbytes
     have = size - (f.tell() - start)
     if nbytes != have:
         raise ValueError(f"header declares shape {tuple(shape)} {dtype} ({nbytes} bytes) but {have} bytes follow")
