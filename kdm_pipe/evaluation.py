@@ -15,6 +15,7 @@ one-step samples from seeds 0… against reference statistics.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -24,11 +25,11 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
+from kdm_pipe.config import CheckerboardTeacherConfig, ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.datasets import BUILTIN
 from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import set_reference
-from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
+from kdm_pipe.metrics import checkerboard_mask, frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
 from kdm_pipe.metrics.fid import (
     FID_NUM,
@@ -47,7 +48,7 @@ from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
 from kdm_pipe.shards import atomic_write_text, open_pairs, read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
-from kdm_pipe.teachers import TEACHERS, build_teacher
+from kdm_pipe.teachers import build_teacher
 from kdm_pipe.trained import latest_checkpoint, load_weights, student_for
 
 WEIGHTS_JSON = "weights.json"
@@ -176,12 +177,12 @@ def network_passes(steps: int) -> int:
 
 
 def declared_support(teacher: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The support the pairs' teacher declares (its config's `support_mask`, e.g. the checkerboard's black squares),
-    or None (EDM and image teachers, imported pairs)."""
-    cls = TEACHERS.get(teacher.get("name"))
-    if cls is None or not hasattr(cls, "support_mask"):
+    """The support the pairs' teacher declares (the checkerboard's black squares), or None (the Gaussian mixture,
+    EDM and image teachers, imported pairs)."""
+    if teacher.get("name") != "checkerboard":
         return None
-    return cls.model_validate(teacher.get("params", {})).support_mask
+    board = CheckerboardTeacherConfig.model_validate(teacher.get("params", {}))
+    return functools.partial(checkerboard_mask, size=board.size, extent=board.extent)
 
 
 def distribution_metrics(x: np.ndarray, ref: np.ndarray, seed: int, teacher: dict[str, Any]) -> dict:

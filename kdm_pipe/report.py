@@ -17,11 +17,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kdm_pipe import plots, storage
-from kdm_pipe.analysis import OUT_DIR as ANALYSIS_DIR
-from kdm_pipe.analysis import probe_spectra
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.probes import load_probes
-from kdm_pipe.run import Run
+from kdm_pipe.probes import load_probes, probe_spectra
+from kdm_pipe.run import ANALYSIS, Run
 from kdm_pipe.shards import Manifest
 from kdm_pipe.student import is_image
 
@@ -245,7 +243,7 @@ def probe_figure(run: Path, files: Path) -> Path | None:
 
 def spectrum_figure(run: Path, files: Path) -> tuple[Path, str] | None:
     """analyze's spectrum.png when it exists, else the latest probe's eigenvalues drawn into files/."""
-    done = run / ANALYSIS_DIR / "spectrum.png"
+    done = run / ANALYSIS / "spectrum.png"
     if done.is_file():
         return done, "Koopman eigenvalues against the unit circle (from kdm-pipe analyze)"
     spectra = probe_spectra(run)
@@ -321,7 +319,7 @@ def write_report(run: Path) -> Path:
         raise ConfigError(f"{run} is not a training run (no config.json); pass the --out directory of `kdm-pipe train`")
     files = run / FILES
     files.mkdir(exist_ok=True)
-    results, analysis = read_json(run / "eval.json"), read_json(run / ANALYSIS_DIR / "analysis.json")
+    results, analysis = read_json(run / "eval.json"), read_json(run / ANALYSIS / "analysis.json")
     manifest = data_manifest(run, cfg)
     image = is_image(manifest.shape) if isinstance(manifest, Manifest) else "detector" in (results or {})
     curves = [figure(relative(p, run), c) for p, c in ((loss_figure(run, files), "training losses"),
@@ -339,7 +337,7 @@ def write_report(run: Path) -> Path:
         body.insert(1, filter_section(Run(run).data_dir(), manifest, run))
     links = [(n, n) for n in ("eval.json", "config.json", "split.json", "train.jsonl") if (run / n).is_file()]
     if analysis is not None:
-        links.append((f"{ANALYSIS_DIR}/analysis.json", "analysis.json"))
+        links.append((f"{ANALYSIS}/analysis.json", "analysis.json"))
     body.append(section("Files", "<ul>\n" + "".join(f"<li>{link(h, t)}</li>\n" for h, t in links) + "</ul>\n"))
     out = run / "report.html"
     out.write_text(page(f"kdm-pipe run {run.resolve().name}", "".join(body)), encoding="utf-8")

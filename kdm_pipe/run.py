@@ -36,9 +36,10 @@ from kdm_pipe.errors import ConfigError
 from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, checked_manifest, sha256_file
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
+ANALYSIS = "analysis"                   # analyze's figures and analysis.json
 LOGS = (LOG, "latents.zarr", "tensorboard")        # what a resumed run appends to
 # What evaluate, sample, analyze and the report read besides the checkpoint (pulled first for a run on s3://).
-READ = (CONFIG, SPLIT, "weights.json", EVAL, LOG, "latents.zarr", "analysis/analysis.json", "report.html")
+READ = (CONFIG, SPLIT, "weights.json", EVAL, LOG, "latents.zarr", f"{ANALYSIS}/analysis.json", "report.html")
 _warned: set[Path] = set()              # damaged checkpoints already reported by this process
 
 

@@ -16,12 +16,12 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from kdm_pipe import storage
+from kdm_pipe.config import DigitsTeacherConfig, EDMTeacherConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.teachers.base import Teacher
@@ -29,24 +29,6 @@ from kdm_pipe.teachers.edm_checkpoint import CheckpointError, EDMCheckpoint, loa
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_CHECKPOINT = ASSETS / "digits-teacher.pt"
-
-
-class EDMTeacherConfig(BaseModel):
-    """A trained EDM network: an official `.pkl` (network `key`) or a `.pt` with its `.json` spec beside it."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["edm"] = "edm"
-    checkpoint: storage.Location
-    key: str = "ema"
-    allow_tf32: bool = False
-    use_fp16: bool = False
-
-
-class DigitsTeacherConfig(BaseModel):
-    """The small EDM teacher shipped with the package, trained on scikit-learn's 8×8 digits (docs/TEACHERS.md)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["digits"] = "digits"
 
 
 def edm_sampler_defaults(net: torch.nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0) -> dict[str, Any]:
