@@ -101,3 +101,11 @@ def test_a_failed_ray_task_is_reported_once_in_one_line():
         assert str(e.value) == "a test task failed: ZeroDivisionError: 1/0"
     finally:
         ray.shutdown()
+
+
+def test_stats_ref_of_a_pair_set_checks_its_shards(tmp_path):
+    d = pair_set(tmp_path / "p", (1, 4, 4))
+    flip_byte(d / "shard-000000.tar", 900)
+    code = documented("stages/README.md", "a shard missing or changed since stops the command")
+    error_line(cli("stats", "ref", d, "--out", tmp_path / "r.npz"), code, "shard-000000.tar", "sha256")
+    assert not (tmp_path / "r.npz").exists()
