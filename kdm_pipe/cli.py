@@ -41,12 +41,14 @@ from kdm_pipe.config import (
     AnalyzeConfig,
     DemoConfig,
     EvaluateConfig,
+    ExportConfig,
     FilterConfig,
     GenerateConfig,
     ImportConfig,
     RefStatsConfig,
     SampleConfig,
     StatsConfig,
+    TeacherConvertConfig,
     TeacherTrainConfig,
     TrainConfig,
     VerifyConfig,
@@ -461,12 +463,27 @@ def sample(flags: dict, dry_run: bool = DryRun, storage_option: Optional[list[st
     stage.run(cfg)
 
 
+@app.command()
+@user_errors
+@options(ExportConfig, arguments="src:RUN|DIR")
+def export(flags: dict, dry_run: bool = DryRun, storage_option: Optional[list[str]] = StorageOpt):
+    """A trained student as a diffusers pipeline folder (runs without kdm-pipe) or safetensors weights + config; a
+    pair set as rectified flow's, official KDM's, GET's or FastGen's files."""
+    storage.set_options(storage_option)
+    cfg = build(ExportConfig, flags, where="export config")
+    if dry(cfg, dry_run):
+        return
+    from stages import export as stage
+    stage.run(cfg)
+
+
 @app.command("import")
 @user_errors
 @options(ImportConfig, arguments="src:SRC")
 def import_(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
             storage_option: Optional[list[str]] = StorageOpt):
-    """Convert an existing pair set (official KDM .npz folder, GET files, .npy arrays) into verified shards."""
+    """Convert an existing pair set (official KDM .npz folder, GET files, rectified flow's z0/z1, FastGen's KD
+    shards, .npy arrays) into verified shards."""
     storage.set_options(storage_option)
     cfg = build(ImportConfig, flags, where="import config")
     if dry(cfg, dry_run):
@@ -500,7 +517,7 @@ def demo(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet):
     stage.run(cfg, progress=not quiet)
 
 
-teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data; convert official EDM pickles.")
 app.add_typer(teacher_app, name="teacher")
 
 
@@ -514,6 +531,19 @@ def teacher_train(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet):
         return
     from stages import teacher as stage
     stage.run_train(cfg, progress=not quiet)
+
+
+@teacher_app.command("convert")
+@user_errors
+@options(TeacherConvertConfig, arguments="checkpoint:CHECKPOINT")
+def teacher_convert(flags: dict, dry_run: bool = DryRun):
+    """An official EDM .pkl as model.safetensors + model.json (no NVlabs code needed to load it); use it with
+    `generate --teacher edm --checkpoint OUT/model.safetensors`."""
+    cfg = build(TeacherConvertConfig, flags, where="teacher convert config")
+    if dry(cfg, dry_run):
+        return
+    from stages import teacher as stage
+    stage.run_convert(cfg)
 
 
 def main() -> None:  # pragma: no cover

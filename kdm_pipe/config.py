@@ -87,10 +87,12 @@ class CheckerboardTeacherConfig(Strict):
 
 
 class EDMTeacherConfig(Strict):
-    """A trained EDM network: an official `.pkl` (network `key`) or a `.pt` with its `.json` spec beside it."""
+    """A trained EDM network: an official `.pkl` (network `key`) or a `.pt` / `.safetensors` with its `.json` spec
+    beside it (`teacher train` and `teacher convert` write them)."""
 
     name: Literal["edm"] = teacher_name("edm")
-    checkpoint: storage.Location = Field(description="edm: teacher weights, an official .pkl or a .pt with its .json")
+    checkpoint: storage.Location = Field(description="edm: teacher weights, an official .pkl, or a .pt / .safetensors "
+                                         "with its .json")
     key: str = Field(default="ema", description="edm: the network in an official .pkl")
     allow_tf32: bool = Field(default=False, description="edm: TF32 matmuls on NVIDIA GPUs")
     use_fp16: bool = Field(default=False, description="edm: the network in float16 (GPUs)")
@@ -404,6 +406,33 @@ class SampleConfig(Strict):
     device: Device = Field(default="auto", description=DEVICE)
 
 
+ExportFormat = Literal["diffusers", "safetensors", "rectified-flow", "kdm-npz", "get", "fastgen"]
+STUDENT_FORMATS = ("diffusers", "safetensors")          # of a RUN; the others are of a pair directory
+
+
+class ExportConfig(Strict):
+    """Settings of `kdm-pipe export RUN|DIR --out OUT`."""
+
+    src: Location = Field(description="run directory written by train (diffusers, safetensors) or pair directory "
+                          "(rectified-flow, kdm-npz, get, fastgen)")
+    out: Path = Field(description="new (or empty) local directory for the exported files")
+    format: ExportFormat = Field(default="diffusers", description="a run: diffusers (a pipeline folder diffusers "
+                                 "loads: weights, config, pipeline code, model card) or safetensors (weights + "
+                                 "config.json); a pair set: rectified-flow (z0.npy, z1.npy), kdm-npz (one .npz per "
+                                 "pair), get (latent/ and image/ files), fastgen (WebDataset, one pair per sample)")
+    weights: Weights = Field(default="auto", description="a run's weights; auto: its recorded choice "
+                             "(RUN/weights.json), as `kdm-pipe sample` uses it")
+    device: Device = Field(default="auto", description="device for choosing the weights when the run has not yet")
+
+
+class TeacherConvertConfig(Strict):
+    """Settings of `kdm-pipe teacher convert CHECKPOINT --out OUT`."""
+
+    checkpoint: Path = Field(description="official EDM network pickle (.pkl), read without running its code")
+    out: Path = Field(description="new (or empty) directory for model.safetensors + model.json")
+    key: str = Field(default="ema", description="the pickle's network to convert")
+
+
 class AnalyzeConfig(Strict):
     """Settings of `kdm-pipe analyze RUN`."""
 
@@ -425,14 +454,15 @@ class DemoConfig(Strict):
     resume: bool = Field(default=True, description="keep finished shards and runs (re-evaluate only)")
 
 
-ImportFormat = Literal["kdm-npz", "get", "npy"]
+ImportFormat = Literal["kdm-npz", "get", "npy", "rectified-flow", "fastgen"]
 
 
 class ImportConfig(Strict):
     """Settings of `kdm-pipe import`."""
 
     format: ImportFormat = Field(description="the source's format")
-    src: Path | None = Field(default=None, description="kdm-npz / get: the folder; npy: a (T, N, ...) stack")
+    src: Path | None = Field(default=None, description="kdm-npz / get / rectified-flow / fastgen: the folder; npy: a "
+                             "(T, N, ...) stack")
     out: Location = Field(default=Path("runs/pairs"), description="output directory (manifest.json + shards)")
     x_T: Path | None = Field(default=None, description="npy: the (N, ...) x_T array (with x_0, instead of src)")
     x_0: Path | None = Field(default=None, description="npy: the (N, ...) x_0 array")
@@ -442,7 +472,8 @@ class ImportConfig(Strict):
     order: Literal["auto", "xT-first", "x0-first"] = Field(
         default="auto", description="kdm-npz / npy stack: which end of each array is x_T (auto: the noisy one)")
     sigma_max: float | None = Field(default=None, gt=0,
-                                    description="std of x_T (default 80; 1 for a (T, N, ...) stack)")
+                                    description="std of x_T (default 80; 1 for a (T, N, ...) stack and "
+                                    "rectified-flow z0)")
     tolerance: float = Field(default=0.1, gt=0, lt=1, description="relative tolerance of std(x_T) ≈ sigma_max")
     pairs_per_shard: int = Field(default=4096, ge=1, description="at most this many pairs per shard")
     batch: int = Field(default=1024, ge=1, description="pairs per tar record")
@@ -468,8 +499,9 @@ class ImportConfig(Strict):
                 raise ValueError("--order applies to kdm-npz and (T, N, ...) stacks; --x-T/--x-0 already name the ends")
         elif self.src is None:
             raise ValueError(f"--format {self.format} needs SRC")
-        if self.format == "get" and self.order != "auto":
-            raise ValueError("--order does not apply to GET files (latent/ is x_T, image/ is x_0)")
+        if self.format in ("get", "rectified-flow", "fastgen") and self.order != "auto":
+            raise ValueError(f"--order does not apply to --format {self.format} (latent/, z0 and noise are x_T; "
+                             f"image/, z1 and real are x_0)")
         return self
 
     @property
@@ -478,7 +510,8 @@ class ImportConfig(Strict):
 
     @property
     def sigma(self) -> float:
-        return self.sigma_max if self.sigma_max is not None else (1.0 if self.stack else 80.0)
+        unit = self.stack or self.format == "rectified-flow"       # these store x_T ~ N(0, I)
+        return self.sigma_max if self.sigma_max is not None else (1.0 if unit else 80.0)
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the bytes of every shard (compared on rerun)."""

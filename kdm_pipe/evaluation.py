@@ -302,8 +302,9 @@ def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, devic
     ref_path = Path(cfg.ref)
     ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
            else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
-    return image_metrics(fresh_samples(model, manifest, cfg.fid_seed, cfg.fid_num, cfg.batch, device), net, ref,
-                         batch=cfg.batch, device=device)
+    out = image_metrics(fresh_samples(model, manifest, cfg.fid_seed, cfg.fid_num, cfg.batch, device), net, ref,
+                        batch=cfg.batch, device=device)
+    return out | {"reference": str(cfg.ref), "seeds": [cfg.fid_seed, cfg.fid_seed + cfg.fid_num]}
 
 
 def fresh_samples(model: torch.nn.Module, manifest, start: int, num: int, batch: int, device) -> Iterator[np.ndarray]:
