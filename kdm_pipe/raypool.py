@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
+from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.interrupts import SIGNALS, Terminated, as_terminated, raise_terminated, restore
 
 
@@ -95,3 +96,16 @@ def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> I
 def remote(fn: Callable, num_cpus: float, num_gpus: float = 0, max_retries: int = 3) -> Any:
     """`fn` as a Ray task; tasks whose worker or node dies are retried (system failures only, not exceptions)."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
+
+
+@contextmanager
+def task_failures(what: str) -> Iterator[None]:
+    """A failed Ray task as the driver reports it: the task's own DataError or ConfigError as raised there (a shard
+    unreadable or changed since it was checked: its one line names it), anything else as one RuntimeError saying
+    that `what` failed and why (never Ray's wrapper with the worker's traceback)."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (DataError, ConfigError)):
+            raise e.cause from None
+        raise RuntimeError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None

@@ -24,7 +24,7 @@ from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.generation import make_shard
 from kdm_pipe.pairset import PairSetWriter, free_bytes
-from kdm_pipe.raypool import ray_session, remote, run_bounded
+from kdm_pipe.raypool import ray_session, remote, run_bounded, task_failures
 from kdm_pipe.sampling import edm_sigmas, nfe, trajectory_steps
 from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, check_shard, estimated_shard_bytes, pair_bytes
 from kdm_pipe.teachers import build_teacher
@@ -185,9 +185,10 @@ def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
         bar = tqdm(total=len(todo) * cfg.pairs_per_shard, unit="pair", disable=not progress, desc="generate",
                    dynamic_ncols=True)
         calls = ((cfg, k) for k in todo)
-        for info, stats in run_bounded(task, calls, cfg.max_in_flight or 2 * cfg.workers):
-            w.commit(info, log={**stats, "identity": mine, "info": info.model_dump()})
-            bar.update(info.pairs)
+        with task_failures("a generate task"):
+            for info, stats in run_bounded(task, calls, cfg.max_in_flight or 2 * cfg.workers):
+                w.commit(info, log={**stats, "identity": mine, "info": info.model_dump()})
+                bar.update(info.pairs)
     bar.close()
     seconds = time.perf_counter() - t0
     pairs = len(todo) * cfg.pairs_per_shard
