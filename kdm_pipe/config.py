@@ -282,7 +282,8 @@ def unset_or(value: Any, default: Any) -> Any:
 
 
 class TrainConfig(Strict):
-    data: Location = Field(default=Path("runs/pairs"), description="pair directory")
+    data: Location | None = Field(default=None, description="pair directory; with --resume it may be left out: the "
+                                  "run's own pairs (where config.json says, or beside the run as split.json records)")
     out: Location = Field(default=Path("runs/train"), description="run directory (checkpoints, logs)")
     student: StudentConfig = Field(default_factory=StudentConfig)
     steps: int = Field(description="optimiser steps", default=4000, ge=1)
@@ -369,8 +370,15 @@ class RefStatsConfig(Strict):
                                   "whole teacher set)", json_schema_extra=cli("--from"))
     out: Location = Field(description="the reference .npz to write (mu, sigma)")
     detector: Path | None = Field(default=None, description="TorchScript feature net (default: pixel features)")
-    num: int | None = Field(default=None, description="images used (default: all)")
+    num: int | None = Field(default=None, ge=1, description="images used (default: all)")
     device: Device = Field(default="auto", description=DEVICE)
+
+    @field_validator("out")
+    @classmethod
+    def _file(cls, v: Any) -> Any:
+        if not storage.is_remote(v) and Path(v).is_dir():
+            raise ValueError(f"{v} is a directory; pass the path of the .npz file to write")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> RefStatsConfig:
@@ -469,7 +477,8 @@ class DemoConfig(Strict):
                         "checkerboard-quick: a reduced 2-D setup; checkerboard: the official one, hours on a CPU)",
                         json_schema_extra=cli("--preset", "-p"))
     out: Location = Field(default=Path("runs/demo"), description="directory for pairs/, kdm/, kd/ and report.html")
-    scale: float = Field(default=1.0, ge=0.01, le=1.0, description="shrink pairs per shard and training steps")
+    scale: float = Field(default=1.0, ge=0.01, le=1.0, description="shrink pairs per shard and training steps (with "
+                         "their checkpoint, probe and log intervals); 0.1 is the quick look at every stage and page")
     resume: bool = Field(default=True, description="keep finished shards and runs (re-evaluate only)")
 
 
@@ -606,6 +615,8 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the preset as UTF-8 YAML") from None
     if data is None or data == {}:       # an empty file would otherwise run the built-in defaults silently
         raise ConfigError(f"{path}: the preset is empty; give at least one of the sections generate/train/evaluate")
     if not isinstance(data, dict):

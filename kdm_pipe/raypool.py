@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -11,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
+from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.interrupts import SIGNALS, Terminated, as_terminated, raise_terminated, restore
 
 
@@ -51,7 +53,7 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
 def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
     address = address or os.environ.get("RAY_ADDRESS")     # set inside a RayJob / a Ray cluster's containers
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # A private single-machine cluster: no auth token written to $HOME, no usage reporting, no dashboard.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -59,8 +61,17 @@ def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
         # Ray starts workers at nice 15 (made for shared clusters): on the user's own machine the job it was asked
         # to run would then crawl beside any other process (20–50× slower next to one busy job, measured).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray's own INFO lines are not printed (they would glue onto a progress bar); its warnings and errors are.
         ray.init(num_cpus=max(1, int(round(num_cpus))), num_gpus=int(num_gpus) if num_gpus else None,
-                 include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=True)
+                 include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=True,
+                 logging_level=logging.WARNING)
+
+
+def in_process(address: str | None, work: float, threshold: float) -> bool:
+    """Whether a job of `work` units is done in this process rather than in Ray tasks: only without a cluster to
+    use (no `address`, no session already open) and when starting one (seconds) would cost more than the work."""
+    return (address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+            and work <= threshold)
 
 
 def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> Iterator[Any]:
@@ -85,3 +96,16 @@ def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> I
 def remote(fn: Callable, num_cpus: float, num_gpus: float = 0, max_retries: int = 3) -> Any:
     """`fn` as a Ray task; tasks whose worker or node dies are retried (system failures only, not exceptions)."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
+
+
+@contextmanager
+def task_failures(what: str) -> Iterator[None]:
+    """A failed Ray task as the driver reports it: the task's own DataError or ConfigError as raised there (a shard
+    unreadable or changed since it was checked: its one line names it), anything else as one RuntimeError saying
+    that `what` failed and why (never Ray's wrapper with the worker's traceback)."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (DataError, ConfigError)):
+            raise e.cause from None
+        raise RuntimeError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None

@@ -25,12 +25,11 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
 from kdm_pipe import normalization, storage
-from kdm_pipe.config import TrainConfig, format_validation
+from kdm_pipe.config import TrainConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
 from kdm_pipe.loader import batches
@@ -39,7 +38,7 @@ from kdm_pipe.optim import ema_update, sanitize_grads
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import Run
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.shards import Manifest, atomic_write_text, bad_shards_error, check_shards, load_manifest, read_pairs
+from kdm_pipe.shards import Manifest, atomic_write_text, open_pairs, read_pairs
 from kdm_pipe.stats_update import update
 from kdm_pipe.student import is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
@@ -52,8 +51,13 @@ def split_shards(manifest: Manifest, holdout: int) -> tuple[list[str], list[str]
     """Training shards and held-out shards (the last `holdout` complete shards)."""
     names = [s.name for s in sorted(manifest.shards, key=lambda s: s.index)]
     if len(names) <= holdout:
-        raise ConfigError(f"the data has {len(names)} complete shards; holding out {holdout} leaves none to train on "
-                          f"(generate more shards or lower holdout_shards)")
+        n = manifest.num_pairs
+        smaller = (f"pass --holdout-shards {max(1, len(names) // 5)} (held out for evaluation), or "
+                   if len(names) > 1 else "")
+        raise ConfigError(f"the data has {len(names)} complete shards ({n:,} pairs); holding out {holdout} "
+                          f"(holdout_shards) leaves none to train on: {smaller}split the pairs into more shards "
+                          f"(`kdm-pipe import … --pairs-per-shard {max(1, n // (holdout + 4))}`, or `generate` with "
+                          f"more --shards)")
     return names[: len(names) - holdout], names[len(names) - holdout:]
 
 
@@ -96,6 +100,19 @@ def discriminator_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module | None:
     if not (is_image(manifest.shape) and cfg.student.w_adv):
         return None
     return Discriminator(manifest.shape[0], manifest.shape[1])
+
+
+def with_pairs(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """`cfg` with its pairs: --data, or when a resumed run is given none, the run's own (`Run.data_dir`: the
+    recorded path, else the same place relative to the run — a run moved together with its pairs)."""
+    if cfg.data is not None:
+        return cfg
+    if not resume:
+        raise ConfigError("train needs --data DIR: a pair directory written by `kdm-pipe generate` or import")
+    run = Run(cfg.out)
+    if not run.exists():
+        raise ConfigError(f"--resume: {cfg.out} holds no run (no config.json); drop --resume and pass --data DIR")
+    return cfg.model_copy(update={"data": run.data_dir()})
 
 
 def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: str) -> None:
@@ -224,25 +241,10 @@ def trained_fields(cfg: TrainConfig) -> frozenset[str]:
     return frozenset({"x_0", "x_T", "label"} | ({"traj"} if cfg.student.trajectory is not None else set()))
 
 
-def checked_pairs(cfg: TrainConfig) -> Manifest:
-    """The manifest of --data, after checking every shard's size and sha256 against it (cached per file, so an
-    unchanged set is not re-hashed): nothing corrupt is learned silently."""
-    try:
-        manifest = load_manifest(cfg.data)
-    except ValidationError as e:
-        raise ConfigError(f"--data {cfg.data}: manifest.json is not a kdm-pipe manifest ({format_validation(e)}); "
-                          f"pass a pair directory written by generate or import") from None
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"--data {cfg.data}: {e}") from None
-    problems = check_shards(cfg.data, manifest)
-    if problems:
-        raise bad_shards_error(cfg.data, problems)
-    return manifest
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run `cfg.out`; returns {"run", "step", "status": "done" | "preempted"}."""
-    manifest = checked_pairs(cfg)
+    cfg = with_pairs(cfg, resume)
+    manifest = open_pairs(cfg.data, label="--data")    # every shard checked: nothing corrupt is learned silently
     drop = exclusions(manifest, cfg.data)              # pairs the memorisation filter excluded: never read
     cfg = resolved(cfg, manifest)
     train_names, holdout_names = split_shards(manifest, cfg.holdout_shards)

@@ -160,4 +160,4 @@ def test_generate_verify_train_evaluate(tmp_path, kind):
     train(TrainConfig.model_validate({"data": pairs, "out": run, "steps": 4, "batch": 8, "loader_workers": 0,
                                       "holdout_shards": 1, "tensorboard": False, "student": student}), progress=False)
     res = evaluate.run(EvaluateConfig(run=run, num=16, batch=8, fid_num=16, set_num=16))
-    assert res["speed"]["teacher_nfe"] == 7 and res["student"]["fd_teacher"] >= 0
+    assert res["speed"]["teacher_network_passes"] == 7 and res["student"]["fd_teacher"] >= 0

@@ -210,6 +210,17 @@ def test_generate_out_is_a_file_and_empty_preset(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_generate_into_a_directory_of_unrelated_files_is_refused(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not pairs")
+    (out / "notes").mkdir()
+    before = tree(out)
+    error_line(cli("generate", "--out", out, "--shards", "1", "--pairs-per-shard", "8", "-q"), 2,
+               "not empty and not a pair set", "holiday.jpg", "choose an empty")
+    assert tree(out) == before and sorted(p.name for p in out.iterdir()) == ["holiday.jpg", "notes"]
+
+
 def test_second_generate_is_refused_and_leaves_the_first_runs_files(pairs):
     tmp = pairs / ".shard-000003.tar.tmp-0123456789abcdef"       # the first run's shard in flight
     tmp.write_bytes(b"half a shard")

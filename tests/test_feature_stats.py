@@ -11,7 +11,7 @@ import zarr
 from handmade import pair_set
 
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
-from kdm_pipe.feature_stats import set_reference
+from kdm_pipe.feature_stats import set_halves, set_reference
 from kdm_pipe.metrics import FeatureStats, PixelFeatures, features, fid_from_stats, load_detector, load_ref_stats
 from kdm_pipe.shards import Manifest, load_manifest, read_shard
 from kdm_pipe.stats import STORE, load_stats
@@ -85,6 +85,17 @@ def test_fd_from_store_equals_fd_from_raw_features(images):
     samples = FeatureStats.of(features(net, [other]), net.name)
     raw = FeatureStats.of(features(net, [all_x0(images)]), net.name)
     assert fid_from_stats(samples, reference(images, net)) == pytest.approx(fid_from_stats(samples, raw), rel=1e-9)
+
+
+def test_split_half_floor_equals_fd_between_the_raw_halves(images):
+    net = PixelFeatures()
+    m = load_manifest(images)
+    first, second = set_halves(images, m, net.name)               # 3 shards: the first vs the other two
+    assert (first.num, second.num) == (SIZES[0], SIZES[1] + SIZES[2])
+    half = [np.concatenate([r["x_0"] for r in read_shard(images / s.name)]) for s in m.shards]
+    a = FeatureStats.of(features(net, [half[0]]), net.name)
+    b = FeatureStats.of(features(net, [np.concatenate(half[1:])]), net.name)
+    assert fid_from_stats(first, second) == pytest.approx(fid_from_stats(a, b), rel=1e-9)
 
 
 def test_incremental_after_adding_shards_equals_from_scratch(images_copy, tmp_path, capsys):
