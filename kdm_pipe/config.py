@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -36,7 +36,8 @@ Location = storage.Location
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every number reaches arithmetic: inf or NaN is never a setting (`--lr inf` once segfaulted in a probe).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SamplerConfig(Strict):
@@ -146,13 +147,14 @@ class StudentConfig(Strict):
         "λ, plus the inverse loss on P⁻¹ as the official code adds them together)")
     prior_seed: int = 0
     koopman_control: bool = Field(default=True, description="add B y to the pushed latent when labels exist")
-    sigma_z: float = Field(default=0.4, ge=0)
+    sigma_z: float = Field(default=0.4, ge=0, le=100)
     trajectory: TrajectoryConfig | None = Field(default=None, description="trajectory supervision (off when unset)")
     # The loss
-    w_latent: float = 1.0
-    w_rec: float = 1.0
-    w_push: float | None = None
-    w_reg: float = 1.0
+    # (a negative weight maximises its term: the run diverges)
+    w_latent: float = Field(default=1.0, ge=0)
+    w_rec: float = Field(default=1.0, ge=0)
+    w_push: float | None = Field(default=None, ge=0)
+    w_reg: float = Field(default=1.0, ge=0)
     w_adv: float | None = Field(default=None, ge=0, description="0 turns the discriminator off")
     distance: Literal["l2", "pseudo_huber", "lpips", "l2+lpips"] | None = None
     huber_c: float = Field(default=0.03, gt=0)
@@ -174,14 +176,20 @@ def unset_or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class TrainConfig(Strict):
     data: Location = Path("runs/pairs")
     out: Location = Path("runs/train")
     student: StudentConfig = Field(default_factory=StudentConfig)
     steps: int = Field(default=4000, ge=1)
     batch: int = Field(default=256, ge=1)
-    lr: float = Field(default=3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = Field(default=3e-4, gt=0, le=1, description="Adam's step size (Adam moves each weight by about lr "
+                      "per step whatever the gradient's scale: above 1 every run diverges)")
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    nonfinite_steps: int = Field(default=20, ge=1, description="stop the run (exit 1, the last finite checkpoint "
+                                 "kept) after this many consecutive steps with a non-finite loss")
     ema: float = Field(default=0.9999, ge=0, lt=1)
     ema_rampup: float = Field(
         default=0.05, ge=0, description="EMA warm-up as in EDM: the EMA half-life is at most this fraction of the "

@@ -20,7 +20,7 @@ from kdm_pipe.teachers.base import Teacher
 class GMMTeacherConfig(BaseModel):
     """A general isotropic Gaussian mixture in any dimension."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Literal["gmm"] = "gmm"
     means: list[list[float]] = Field(default=[[-1.0, 0.0], [1.0, 0.0]], min_length=1)
     stds: list[float] = Field(default=[0.2, 0.2])
@@ -41,7 +41,7 @@ class GMMTeacherConfig(BaseModel):
 class CheckerboardTeacherConfig(BaseModel):
     """A mixture tiling the black squares of a size×size board on [−extent, extent]² with a per_square² grid."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Literal["checkerboard"] = "checkerboard"
     size: int = Field(default=4, ge=2)
     extent: float = Field(default=2.0, gt=0, description="board scale: the board spans [−extent, extent]² (the "

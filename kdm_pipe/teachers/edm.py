@@ -34,7 +34,7 @@ DIGITS_CHECKPOINT = ASSETS / "digits-teacher.pt"
 class EDMTeacherConfig(BaseModel):
     """A trained EDM network: an official `.pkl` (network `key`) or a `.pt` with its `.json` spec beside it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Literal["edm"] = "edm"
     checkpoint: storage.Location
     key: str = "ema"
@@ -45,7 +45,7 @@ class EDMTeacherConfig(BaseModel):
 class DigitsTeacherConfig(BaseModel):
     """The small EDM teacher shipped with the package, trained on scikit-learn's 8×8 digits (docs/TEACHERS.md)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: Literal["digits"] = "digits"
 
 

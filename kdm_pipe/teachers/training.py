@@ -38,7 +38,7 @@ CKPT_DIR = "checkpoints"
 
 
 class TeacherTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     data: str = Field(default="sklearn-digits",
                       description="a folder of images, an EDM dataset .zip, an .npy array, or sklearn-digits")
     out: Path = Path("runs/teacher")
