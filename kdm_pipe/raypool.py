@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
+from kdm_pipe.errors import ConfigError, DataError, disk_full
 from kdm_pipe.interrupts import SIGNALS, Terminated, as_terminated, raise_terminated, restore
 
 
@@ -49,6 +50,9 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
 
 
 def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
+    # The stages report a failed task once, as one line; Ray would print it again as a traceback when the reference
+    # to the failed result goes.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = address or os.environ.get("RAY_ADDRESS")     # set inside a RayJob / a Ray cluster's containers
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -65,7 +69,8 @@ def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
 
 def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> Iterator[Any]:
     """Submit `remote_fn.remote(*args)` for each call with at most `max_in_flight` pending;
-    yield results as they finish.
+    yield results as they finish. A task that failed with a DataError, a ConfigError or a full disk raises that
+    exception here.
 
     Bounding keeps the driver's memory and the object store flat for any number of shards; `calls` is consumed
     lazily, so it may be a generator over a huge plan.
@@ -79,9 +84,17 @@ def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> I
         if not pending:
             return
         done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            # Failures the stage reports as one line come out as themselves, not as Ray's traceback in a wrapper.
+            if isinstance(e.cause, (DataError, ConfigError)) or disk_full(e.cause):
+                raise e.cause from None
+            raise
+        yield result
 
 
 def remote(fn: Callable, num_cpus: float, num_gpus: float = 0, max_retries: int = 3) -> Any:
     """`fn` as a Ray task; tasks whose worker or node dies are retried (system failures only, not exceptions)."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
+

@@ -324,7 +324,7 @@ def diverged(cfg: TrainConfig, run: Run, step: int, streak: int) -> DataError:
     what = (f"the loss was NaN or inf for {streak} consecutive steps (since step {step - streak + 1}; limit "
             f"nonfinite_steps = {cfg.nonfinite_steps})" if streak else "the weights became NaN or inf")
     return DataError(f"training diverged at step {step}: {what}; {kept}; try a lower --lr than {cfg.lr:g} (or a "
-                     f"larger --batch) in a new --out")
+                     f"larger --batch; pairs far from unit scale diverge too) in a new --out")
 
 
 def _train(s: Session) -> dict:
