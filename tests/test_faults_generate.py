@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, tree
+from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, left, small_disk, tree
 
 import kdm_pipe.shards as shards
 from kdm_pipe.errors import DataError
@@ -326,3 +326,15 @@ def test_sigterm_during_generate_exits_143_clean_and_resumable(tmp_path):
     r = kdm(*args)
     assert r.returncode == 0, r.stderr
     assert shards.verify(out) == {} and len(load_manifest(out).shards) == 4
+
+
+def test_a_full_disk_inside_a_ray_task_is_one_line(tmp_path):
+    """The disk fills up after the free-space check (here: a tmpfs out of inodes, so the check on bytes passes): the
+    ENOSPC inside a Ray task comes out as one line with where and how much, not Ray's traceback."""
+    disk = tmp_path / "disk"
+    r = small_disk(disk, "size=4m,nr_inodes=6", *CLI, "generate", "--out", disk / "p", "--shards", "3",
+                   "--pairs-per-shard", "500", "--workers", "1", "-q")
+    line = error_line(r, 1, f"disk full at {disk / 'p'}:", "need ~", "MB free")
+    assert "ray::" not in r.stderr and "Unhandled error" not in r.stderr, r.stderr
+    assert not [f for f in left(r) if ".tmp" in f], left(r)             # no temp file left behind
+    assert {"./p/manifest.json", "./p/shard-000000.tar"} <= set(left(r)), line   # the shards made so far are kept

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_resume_is_exact
-from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, tree
+from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, left, small_disk, tree
 
 from kdm_pipe import run as kdm_run
 from kdm_pipe.config import TrainConfig
@@ -295,24 +295,6 @@ def test_one_writer_per_run_and_readers_see_only_committed_checkpoints(pairs, tm
     assert not list((run / "checkpoints").glob(".*"))
     r = fresh("train", "--data", pairs, "--out", run, *QUICK[:1], "3", *QUICK[2:], "--resume")
     assert r.returncode == 0, r.stderr
-
-
-def small_disk(mount: Path, options: str, *command) -> subprocess.CompletedProcess:
-    """`command` with a fresh tmpfs (mount options `options`, e.g. size=1m) at `mount`, in a private mount namespace;
-    afterwards, in the same namespace, prints what is left under `mount` (the tmpfs goes with the namespace)."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
-        pytest.skip("needs user and mount namespaces (unshare -rm) for a small disk")
-    mount.mkdir(parents=True, exist_ok=True)
-    script = ('mount -t tmpfs -o "$2" tmpfs "$1" || exit 99; m="$1"; shift 2; "$@"; rc=$?; '
-              'echo "LEFT:$(cd "$m" && find . -mindepth 1 | sort | tr "\\n" " ")"; exit $rc')
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), options, *map(str, command)],
-                       capture_output=True, text=True, timeout=300, env=ENV, cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode != 99, r.stderr
-    return r
-
-
-def left(r: subprocess.CompletedProcess) -> list[str]:
-    return r.stdout.rsplit("LEFT:", 1)[1].split()
 
 
 def test_a_full_disk_while_checkpointing_is_one_line(pairs, tmp_path):
