@@ -350,3 +350,18 @@ def test_image_feature_statistics_in_the_bucket_are_the_local_ones(digit_pairs, 
     assert np.array_equal(ours.mu, theirs.mu) and np.array_equal(ours.sigma, theirs.sigma)
     a, b = load_stats(url), load_stats(local)
     assert all(np.array_equal(a[f][k], b[f][k]) for f in b for k in b[f])
+
+
+def test_a_second_writer_of_an_s3_run_is_refused_naming_the_holder(s3_pairs, bucket, tmp_path):
+    """The run's lease (kdm_pipe.locks, as pair sets use it) is held by a `train` writing the run."""
+    from kdm_pipe import storage
+    from kdm_pipe.locks import directory_lock
+    run = f"{bucket}/run"
+    with directory_lock(storage.location(run), f"train --out {run}"):
+        r = cli(*train_args(tmp_path, s3_pairs, run, steps=5))
+        error_line(r, 2, run, "in use by", f"train --out {run}", f"pid {os.getpid()}")
+        assert list(objects(run)) == [".kdm-pipe.lock"]              # nothing written beside the lock
+    assert objects(run) == {}
+    r = cli(*train_args(tmp_path, s3_pairs, run, steps=5))       # released: the run can be written
+    assert r.returncode == 0, r.stderr
+    assert ".kdm-pipe.lock" not in objects(run)
