@@ -273,15 +273,17 @@ def alive(pid: int) -> bool:
 def test_one_writer_per_run_and_readers_see_only_committed_checkpoints(pairs, tmp_path):
     import signal
     run = tmp_path / "run"
-    assert cli("train", "--data", pairs, "--out", run, *QUICK[:1], "3", *QUICK[2:]).returncode == 0
-    first = subprocess.Popen([*CLI, "train", "--data", pairs, "--out", run, "--steps", "100000", "--batch", "100",
-                              "--ckpt-every", "1", "--probe-every", "50", "--no-tensorboard", "-q", "--resume"],
-                             env=ENV, stderr=subprocess.PIPE, text=True)
+    every_step = ["--data", pairs, "--out", run, "--batch", "100", "--ckpt-every", "1", "--probe-every", "50",
+                  "--no-tensorboard", "-q"]
+    assert cli("train", *every_step, "--steps", "3").returncode == 0
+    first = subprocess.Popen([*CLI, "train", *every_step, "--steps", "100000", "--resume"], env=ENV,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while len(list((run / "checkpoints").glob("ckpt-*.pt"))) < 4 and time.time() < deadline:
+        while len(list((run / "checkpoints").glob("ckpt-*.pt"))) < 6 and time.time() < deadline:
+            assert first.poll() is None, first.stderr.read()
             time.sleep(0.2)
-        second = cli("train", "--data", pairs, "--out", run, *QUICK, "--resume")
+        second = cli("train", *every_step, "--steps", "10", "--resume")
         error_line(second, 2, str(run), "in use by", f"train --out {run}", f"pid {first.pid}")
         for _ in range(3):                   # checkpoints are written every step meanwhile
             r = fresh("evaluate", run, "--num", "200")
@@ -293,7 +295,8 @@ def test_one_writer_per_run_and_readers_see_only_committed_checkpoints(pairs, tm
         first.kill()
     assert not (run / ".kdm-pipe.lock").exists()
     assert not list((run / "checkpoints").glob(".*"))
-    r = fresh("train", "--data", pairs, "--out", run, *QUICK[:1], "3", *QUICK[2:], "--resume")
+    step = torch.load(latest_checkpoint(run), weights_only=True)["step"]
+    r = fresh("train", *every_step, "--steps", str(step + 2), "--resume")
     assert r.returncode == 0, r.stderr
 
 
