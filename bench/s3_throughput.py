@@ -13,41 +13,15 @@ each is compared). Reported: the whole run's wall rate, and the rate over the pe
 
 import argparse
 import os
-import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from infra import moto_server  # noqa: E402
+
 from bench.generate_throughput import SIZES, config, pipeline  # noqa: E402
-
-
-def moto_server(**env: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    """moto's standalone S3 server on a free loopback port (with `env` in its environment), and the AWS variables
-    that point a process (and the processes it starts: CLI subprocesses, Ray workers) at it. Also the test
-    fixtures' server (tests/conftest.py)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto's S3 server did not start on {url}") from None
-            time.sleep(0.2)
-    return proc, {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

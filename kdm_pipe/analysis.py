@@ -35,13 +35,12 @@ from kdm_pipe.errors import ConfigError
 from kdm_pipe.evaluation import apply, chosen_weights, heldout_pairs
 from kdm_pipe.image_files import class_indices
 from kdm_pipe.latents import load_latent_stats
-from kdm_pipe.probes import load_probes
-from kdm_pipe.run import Run
+from kdm_pipe.probes import probe_spectra
+from kdm_pipe.run import ANALYSIS, Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.student.koopman import eigvals
 from kdm_pipe.trained import load_weights
 
-OUT_DIR = "analysis"
 DBSCAN_EPS, DBSCAN_MIN_SAMPLES, Z_THRESHOLD, MODES = 0.15, 5, 3.0, 8
 IMAGE_ALPHAS, PATH_ALPHAS, PATHS = 9, 41, 6
 
@@ -52,16 +51,6 @@ def spectrum_summary(lam: np.ndarray) -> dict[str, float]:
     modulus = np.abs(lam)
     return {"dim": int(len(lam)), "spectral_radius": float(modulus.max()),
             "fraction_inside": float((modulus < 1).mean()), "mean_modulus": float(modulus.mean())}
-
-
-def probe_spectra(run: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(steps (n,), complex eigenvalues (n, d)) of the EMA probes in RUN/latents.zarr, or None without them."""
-    path = Path(run) / "latents.zarr"
-    probes = load_probes(path) if path.exists() else {}
-    if "eigenvalues" not in probes:
-        return None
-    lam = probes["eigenvalues"]
-    return probes["step"], lam[..., 0] + 1j * lam[..., 1]
 
 
 def outliers(points: np.ndarray) -> dict[str, np.ndarray]:
@@ -217,7 +206,7 @@ def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> 
     x_0, x_T, labels = pairs["x_0"], pairs["x_T"], pairs.get("label")
     latent = hasattr(model, "koopman")
     extent = manifest.teacher.get("params", {}).get("extent")
-    out = run / OUT_DIR
+    out = run / ANALYSIS
     out.mkdir(exist_ok=True)
     result: dict[str, Any] = {"run": str(run), "step": step, "weights": which, "student": cfg.student.kind,
                               "operator": cfg.student.operator if latent else None, "num_pairs": len(x_0),
@@ -234,7 +223,7 @@ def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> 
     result["interpolation"] = interpolation_section(model, x_0, x_T, labels, list(manifest.shape), extent, out, seed,
                                                     dev)
     # each section drew the figure of its own name
-    result["figures"] = [f"{OUT_DIR}/{name}.png" for name in ("spectrum", "latent_spectra", "noise_structure",
+    result["figures"] = [f"{ANALYSIS}/{name}.png" for name in ("spectrum", "latent_spectra", "noise_structure",
                                                              "interpolation")
                          if name in result and "note" not in result[name]]
     (out / "analysis.json").write_text(json.dumps(result, indent=1))

@@ -1,19 +1,39 @@
 """`kdm-pipe`: parse flags → build a validated config (preset, then flags) → call a stage.
 
-Invalid input of any kind prints one message on stderr and exits with code 2 before anything is written.
+The options are generated from the config models in kdm_pipe/config.py, where each setting is declared once: type,
+default, bounds (`Field(ge=…)`) and description. `@options(Model, …)` turns every field of `Model` into an option:
+
+- the flag is the field's name with `_` → `-` (`pairs_per_shard` → `--pairs-per-shard`), or the names given by
+  `json_schema_extra=cli("--x-0-dtype", "--x0-dtype")` on the field; booleans read `--x/--no-x`;
+- nested models are flattened (train's `student.operator` → `--operator`, generate's `sampler.steps` → `--steps`,
+  every teacher's fields → `--checkpoint`, …); a nested name already taken nearer the top gets its parent's prefix;
+- lists are given comma-separated (`--channel-mult 1,2`); Literal fields list their choices in the help, which also
+  shows the bounds and the model's default; fields without a default are required;
+- `skip="a b.c"` keeps fields out of a command (settings of presets only); `arguments="data:DIR"` makes positionals.
+
+So adding a setting is one edit: the field in its model. Options not given stay unset, so the precedence holds:
+model defaults < preset < flags. Invalid input of any kind prints one message on stderr and exits with code 2
+before anything is written; `--dry-run` prints the resolved config of any command and exits.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import traceback
+import types
+import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
+import annotated_types
 import typer
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own click (typer ≥ 0.2x vendors it)
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kdm_pipe import storage
@@ -21,11 +41,15 @@ from kdm_pipe.config import (
     AnalyzeConfig,
     DemoConfig,
     EvaluateConfig,
+    ExportConfig,
     FilterConfig,
+    GenerateConfig,
     ImportConfig,
     RefStatsConfig,
     SampleConfig,
     StatsConfig,
+    TeacherConvertConfig,
+    TeacherTrainConfig,
     TrainConfig,
     VerifyConfig,
     build,
@@ -33,16 +57,178 @@ from kdm_pipe.config import (
     resolve,
 )
 from kdm_pipe.errors import ConfigError, DataError, one_line
-from kdm_pipe.teachers import TEACHERS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Offline one-step distillation of diffusion models with a Koopman student.")
+# ------------------------------------------------------------------------------------------------ options from models
 
-PresetOpt = typer.Option(None, "--preset", "-p", help="preset name in manifests/ or a path to a YAML file")
-DryRun = typer.Option(False, "--dry-run", help="print the resolved config and exit")
-StorageOpt = typer.Option(None, "--storage-option", metavar="KEY=VALUE",
-                          help="for s3:// locations: an s3fs option (repeatable), e.g. endpoint_url=http://minio:9000; "
-                               "credentials come from the AWS variables / profiles")
+
+class Leaf(typing.NamedTuple):
+    """One setting that becomes an option: its path in the model, the field (of each union member that has it), and
+    the default the help shows (the parent's default instance wins: generate's default teacher is the checkerboard)."""
+    path: tuple[str, ...]
+    fields: list[FieldInfo]
+    default: Any
+
+
+def options(model: type[BaseModel], skip: str = "", arguments: str = "", into: str = "flags"):
+    """Decorator: an option (or positional argument) per field of `model`, handed to the command as `into`, a nested
+    dict of the values given (unset ones left out, so the preset's stand)."""
+    positional = dict(a.split(":") for a in arguments.split())
+    leaves = list(walk(model, tuple(skip.split())))
+    names = flag_names(leaves)
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != into]
+        params = {"__".join(leaf.path): parameter(leaf, names[leaf.path], positional) for leaf in leaves}
+
+        @functools.wraps(fn)
+        def command(**kw):
+            given: dict[str, Any] = {}
+            for leaf in leaves:
+                value = kw.pop("__".join(leaf.path))
+                if value is not None:
+                    nested = given
+                    for part in leaf.path[:-1]:
+                        nested = nested.setdefault(part, {})
+                    nested[leaf.path[-1]] = commas(value) if is_list(leaf.fields[0].annotation) else value
+            return fn(**kw, **{into: given})
+
+        ordered = [*[p for n, p in params.items() if n.split("__")[0] in positional],
+                   *[p for n, p in params.items() if n.split("__")[0] not in positional],
+                   *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]]
+        command.__signature__ = sig.replace(parameters=ordered)
+        command.__annotations__ = {p.name: p.annotation for p in ordered}
+        return command
+    return decorate
+
+
+def walk(model: type[BaseModel], skip: tuple[str, ...], prefix: tuple[str, ...] = (), parent: Any = None):
+    """The leaves of `model`, nested models (and unions of models, merged by field name) flattened."""
+    merged: dict[tuple[str, ...], Leaf] = {}
+    for member in models_of(model) or [model]:
+        for name, f in member.model_fields.items():
+            path = (*prefix, name)
+            if ".".join(path) in skip:
+                continue
+            default = getattr(parent, name, None) if parent is not None else f.get_default(call_default_factory=True)
+            if models_of(f.annotation):
+                yield from walk(f.annotation, skip, path, default)
+            elif path in merged:
+                merged[path].fields.append(f)
+            else:
+                merged[path] = Leaf(path, [f], default)
+    yield from merged.values()
+
+
+def models_of(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation stands for (one, or the members of a union), else []."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    args = typing.get_args(annotation) if is_union(annotation) else ()
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)] if args else []
+
+
+def flag_names(leaves: list[Leaf]) -> dict[tuple[str, ...], list[str]]:
+    """Flags of each leaf: its own (cli(...)), else --name; a nested name taken nearer the top gets its parent's."""
+    names: dict[tuple[str, ...], list[str]] = {}
+    taken: set[str] = set()
+    for leaf in sorted(leaves, key=lambda leaf: len(leaf.path)):
+        extra = leaf.fields[0].json_schema_extra or {}
+        flags = list(extra.get("flags", [])) or [dashed(leaf.path[-1])]
+        if flags[0].split("/")[0] in taken and len(leaf.path) > 1:
+            flags = [dashed("_".join(leaf.path[-2:]))]
+        clash = taken & {f.split("/")[0] for f in flags}
+        if clash:
+            raise TypeError(f"{'.'.join(leaf.path)}: flag {clash.pop()} is taken; name it with cli(...) or skip it")
+        taken.update(f.split("/")[0] for f in flags)
+        names[leaf.path] = flags
+    return names
+
+
+def dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parameter(leaf: Leaf, flags: list[str], positional: dict[str, str]) -> inspect.Parameter:
+    """The typer parameter of one leaf: typed for click, unset by default, with the model's help."""
+    f = leaf.fields[0]
+    kind, required = click_type(leaf), f.is_required() and len(leaf.path) == 1
+    name = "__".join(leaf.path)
+    if leaf.path[0] in positional:
+        info = typer.Argument(... if required else None, metavar=positional[leaf.path[0]],
+                              help=help_text(leaf, flags), show_default=False)
+    else:
+        if kind is bool and not any("/" in flag for flag in flags):
+            flags = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]]
+        info = typer.Option(... if required else None, *flags, help=help_text(leaf, flags), show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=Optional[kind])
+
+
+def click_type(leaf: Leaf) -> type:
+    t = bare(leaf.fields[0].annotation)
+    if t in (bool, int, float):
+        return t
+    if t in (str, Path, Any) or typing.get_origin(t) is Literal or is_union(t) or is_list(t) and all(
+            a in (int, float, str) for a in typing.get_args(t)):
+        return str
+    raise TypeError(f"{'.'.join(leaf.path)}: no command-line form for {t}; skip it (skip=…) or give it one")
+
+
+def bare(annotation: Any) -> Any:
+    """The annotation without `| None` and without Annotated's metadata."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return bare(typing.get_args(annotation)[0])
+    if is_union(annotation):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bare(args[0]) if len(args) == 1 else typing.Union[tuple(args)]
+    return annotation
+
+
+def is_union(t: Any) -> bool:
+    return typing.get_origin(t) in (typing.Union, types.UnionType)
+
+
+def is_list(t: Any) -> bool:
+    return typing.get_origin(bare(t)) is list
+
+
+def commas(value: str) -> list[str]:
+    """`1,2` → ['1', '2'] (the model converts the items); `` → []."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def help_text(leaf: Leaf, flags: list[str]) -> str:
+    f = leaf.fields[0]
+    parts = [next((g.description for g in leaf.fields if g.description), "")]
+    choices = [c for g in leaf.fields if typing.get_origin(t := bare(g.annotation)) is Literal
+               for c in typing.get_args(t)]
+    if choices:
+        parts.append("one of: " + " | ".join(dict.fromkeys(map(str, choices))))
+    bounds = {annotated_types.Ge: "≥", annotated_types.Gt: ">", annotated_types.Le: "≤", annotated_types.Lt: "<"}
+    limits = [f"{sign} {getattr(m, type(m).__name__.lower())}" for m in f.metadata for kind, sign in bounds.items()
+              if isinstance(m, kind)]
+    if limits:
+        parts.append(", ".join(limits))
+    if is_list(f.annotation):
+        parts.append("comma-separated")
+    default = shown(leaf, flags)
+    return "; ".join(p for p in parts if p) + (f" [default: {default}]" if default is not None else "")
+
+
+def shown(leaf: Leaf, flags: list[str]) -> str | None:
+    """The model's default as the help shows it (booleans as the flag that is on by default)."""
+    d = leaf.default
+    if d is None or leaf.fields[0].is_required() and len(leaf.path) == 1:
+        return None
+    if isinstance(d, bool):
+        on, off = (flags[0] if "/" in flags[0] else f"{flags[0]}/--no-{flags[0][2:]}").split("/")
+        return on if d else off
+    if isinstance(d, list):
+        return ",".join(map(str, d)) or "''"
+    return str(d)
+
+
+# ------------------------------------------------------------------------------------------------ the error boundary
 
 
 def user_errors(fn):
@@ -73,48 +259,64 @@ def fail(code: int, message: str) -> None:
     raise typer.Exit(code)
 
 
-def finish(cfg: BaseModel, dry_run: bool) -> bool:
+def dry(cfg: BaseModel, dry_run: bool) -> bool:
+    """With --dry-run: print the resolved config; the command then stops."""
     if dry_run:
         typer.echo(cfg.model_dump_json(indent=2))
     return dry_run
 
 
+# ------------------------------------------------------------------------------------------------ the commands
+
+
+def version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as installed
+        typer.echo(f"kdm-pipe {installed('kdm-pipe')}")
+        raise typer.Exit()
+
+
+class App(TyperGroup):
+    """The root command: a usage error anywhere below it (an unknown option, a missing argument, a value of the
+    wrong type) is one `error:` line and exit code 2, as every other invalid input is."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            fail(2, f"{e.format_message()} (see {e.ctx.command_path if e.ctx else 'kdm-pipe'} --help)")
+
+
+# Plain help (no rich markup): the models' descriptions hold brackets such as [x, t], and start-up stays short.
+app = typer.Typer(cls=App, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
+
+
+@app.callback()
+def main_options(show_version: bool = typer.Option(False, "--version", callback=version, is_eager=True,
+                                                   help="print the version and exit")) -> None:
+    """Offline one-step distillation of diffusion models with a Koopman student."""
+
+
+PresetOpt = typer.Option(None, "--preset", "-p", help="preset name in manifests/ or a path to a YAML file")
+DryRun = typer.Option(False, "--dry-run", help="print the resolved config and exit")
+Quiet = typer.Option(False, "--quiet", "-q", help="no progress bar")
+StorageOpt = typer.Option(None, "--storage-option", metavar="KEY=VALUE",
+                          help="for s3:// locations: an s3fs option (repeatable), e.g. endpoint_url=http://minio:9000; "
+                               "credentials come from the AWS variables / profiles")
+
+
 @app.command()
 @user_errors
-def generate(
-    teacher: Optional[str] = typer.Option(None, help=f"teacher: {', '.join(TEACHERS)}"),
-    checkpoint: Optional[Path] = typer.Option(None, help="teacher weights (edm: an official .pkl or a .pt + .json)"),
-    shards: Optional[int] = typer.Option(None, help="number of tar shards"),
-    pairs_per_shard: Optional[int] = typer.Option(None, help="pairs in each shard"),
-    out: Optional[Path] = typer.Option(None, help="output directory (manifest.json + shards)"),
-    workers: Optional[int] = typer.Option(None, help="concurrent teacher workers (Ray tasks)"),
-    address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
-    steps: Optional[int] = typer.Option(None, help="sampler steps N (NFE = 2N − 1 for Heun)"),
-    solver: Optional[str] = typer.Option(None, help="heun | euler"),
-    sigma_min: Optional[float] = typer.Option(None), sigma_max: Optional[float] = typer.Option(None),
-    rho: Optional[float] = typer.Option(None),
-    trajectory: Optional[str] = typer.Option(None, help="store trajectories: none | all | every-K"),
-    seed: Optional[int] = typer.Option(None, help="first seed; shard k holds the next pairs_per_shard seeds after k·K"),
-    batch: Optional[int] = typer.Option(None, help="pairs per sampler batch / tar record"),
-    x0_dtype: Optional[str] = typer.Option(None, "--x-0-dtype", "--x0-dtype",
-                                           help="storage dtype of x_0: float16 | float32 | float64"),
-    xt_dtype: Optional[str] = typer.Option(None, "--x-T-dtype", "--xT-dtype", help="storage dtype of x_T"),
-    threads_per_worker: Optional[int] = typer.Option(None), cpus_per_worker: Optional[float] = typer.Option(None),
-    gpus_per_worker: Optional[float] = typer.Option(None), device: Optional[str] = typer.Option(None),
-    preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    storage_option: Optional[list[str]] = StorageOpt,
-):
+@options(GenerateConfig, skip="teacher.means")
+def generate(flags: dict, preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = Quiet,
+             storage_option: Optional[list[str]] = StorageOpt):
     """Run the teacher's ODE sampler in Ray workers and write (x_T, x_0) pairs into tar shards."""
     storage.set_options(storage_option)
-    flags: dict[str, Any] = dict(shards=shards, pairs_per_shard=pairs_per_shard, out=out, workers=workers,
-                                 address=address, trajectory=trajectory, seed=seed, batch=batch, x0_dtype=x0_dtype,
-                                 xT_dtype=xt_dtype, threads_per_worker=threads_per_worker,
-                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, device=device,
-                                 sampler=dict(steps=steps, solver=solver, sigma_min=sigma_min, sigma_max=sigma_max,
-                                              rho=rho))
-    cfg = generate_config(preset, flags, teacher=teacher, checkpoint=checkpoint)
-    if finish(cfg, dry_run):
+    cfg = generate_config(preset, flags)
+    if dry(cfg, dry_run):
         return
     from stages import generate as stage
     stage.run(cfg, progress=not quiet)
@@ -122,136 +324,112 @@ def generate(
 
 @app.command()
 @user_errors
-def verify(directory: Path = typer.Argument(..., help="pair directory written by generate"),
-           storage_option: Optional[list[str]] = StorageOpt):
+@options(VerifyConfig, arguments="data:DIR")
+def verify(flags: dict, dry_run: bool = DryRun, storage_option: Optional[list[str]] = StorageOpt):
     """Recompute every shard's checksum and contents against the manifest; non-zero exit naming each bad shard."""
     storage.set_options(storage_option)
-    cfg = build(VerifyConfig, dict(data=directory), where="verify config")
+    cfg = build(VerifyConfig, flags, where="verify config")
+    if dry(cfg, dry_run):
+        return
     from stages import verify as stage
     stage.run(cfg)
 
 
-@app.command()
+class StatsGroup(TyperGroup):
+    """`stats DIR` is `stats pairs DIR`; the older `stats DIR --run RUN` is `stats latents DIR --run RUN`."""
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["latents" if "--run" in args else "pairs", *args]
+        return super().resolve_command(ctx, args)
+
+
+stats_app = typer.Typer(cls=StatsGroup, no_args_is_help=True,
+                        help="Statistics: of a pair set (`stats DIR`), of a trained student's latents "
+                             "(`stats latents DIR --run RUN`), FID references (`stats ref`).")
+app.add_typer(stats_app, name="stats")
+
+
+@stats_app.command("pairs")
 @user_errors
-def stats(
-    target: str = typer.Argument(..., help="a pair directory written by generate, or `ref` (then SOURCE)"),
-    source: Optional[str] = typer.Argument(None, help="with `ref`: images (folder, EDM zip, .npy, "
-                                           "sklearn-digits, a pair directory or a `sample` output)"),
-    from_: Optional[Path] = typer.Option(None, "--from", help="with `ref`: export a pair directory's teacher-set "
-                                         "statistics (computed first when missing or stale)"),
-    out: Optional[Path] = typer.Option(None, help="with `ref`: the reference .npz to write (mu, sigma)"),
-    detector: Optional[Path] = typer.Option(None, help="TorchScript feature net, e.g. inception-2015-12-05.pt "
-                                            "(default: pixel features)"),
-    num: Optional[int] = typer.Option(None, help="with `ref SOURCE`: images used (default: all)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
-    cov_max_dim: int = typer.Option(1024, min=0, help="store covariances only up to this flattened dimension"),
-    batch: int = typer.Option(250, min=1, help="images per detector / student batch"),
-    run: Optional[Path] = typer.Option(None, "--run", help="a trained run: statistics of its latents over DIR's "
-                                       "pairs → RUN/latents.zarr"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-    storage_option: Optional[list[str]] = StorageOpt,
-):
-    """`stats DIR [--detector PATH]`: per-shard sufficient statistics and x_0 feature statistics (Ray) merged into
-    DIR/stats.zarr. `stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images;
-    `stats ref --from DIR --out REF.npz`: the same from DIR's stats.zarr (the whole teacher set).
-    `stats DIR --run RUN`: statistics of RUN's latents over DIR's pairs (RUN/latents.zarr)."""
+@options(StatsConfig, skip="run", arguments="data:DIR")
+def stats_pairs(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
+                storage_option: Optional[list[str]] = StorageOpt):
+    """`stats DIR`: per-shard sufficient statistics and x_0 feature statistics (Ray) merged into DIR/stats.zarr."""
     storage.set_options(storage_option)
-    stats_flags = dict(workers=workers, address=address, cov_max_dim=cov_max_dim, detector=detector, batch=batch)
-    if target == "ref":
-        if (source is None and from_ is None) or out is None:
-            raise ConfigError("usage: kdm-pipe stats ref (SOURCE | --from DIR) --out REF.npz [--detector PATH] "
-                              "[--num N]")
-        ref = build(RefStatsConfig, dict(source=source, data=from_, out=out, detector=detector, num=num,
-                                         device=device), where="stats ref config")
-        from stages import stats as stage
-        stage.reference(ref, build(StatsConfig, dict(data=from_, **stats_flags), where="stats config")
-                        if from_ is not None else None, progress=not quiet)
+    cfg = build(StatsConfig, flags, where="stats config")
+    if dry(cfg, dry_run):
         return
-    if source is not None or from_ is not None:
-        raise ConfigError(f"stats {target}: unexpected second argument {source or '--from'!r} (only `stats ref` "
-                          f"takes one)")
-    cfg = build(StatsConfig, dict(data=Path(target), run=run, **stats_flags), where="stats config")
     from stages import stats as stage
     stage.run(cfg, progress=not quiet)
 
 
+@stats_app.command("latents")
+@user_errors
+@options(StatsConfig, skip="cov_max_dim detector", arguments="data:DIR")
+def stats_latents(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
+                  storage_option: Optional[list[str]] = StorageOpt):
+    """Statistics of RUN's latents (z_T, z_0, C z_T) over DIR's pairs → RUN/latents.zarr."""
+    storage.set_options(storage_option)
+    if flags.get("run") is None:
+        raise ConfigError("usage: kdm-pipe stats latents DIR --run RUN (a trained run)")
+    cfg = build(StatsConfig, flags, where="stats config")
+    if dry(cfg, dry_run):
+        return
+    from stages import stats as stage
+    stage.run(cfg, progress=not quiet)
+
+
+@stats_app.command("ref")
+@user_errors
+@options(StatsConfig, skip="data detector run", into="store")
+@options(RefStatsConfig, arguments="source:SOURCE")
+def stats_ref(flags: dict, store: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
+              storage_option: Optional[list[str]] = StorageOpt):
+    """`stats ref SOURCE --out REF.npz`: FID reference statistics (EDM format) of SOURCE's images;
+    `stats ref --from DIR --out REF.npz`: the same from DIR's stats.zarr (the whole teacher set)."""
+    storage.set_options(storage_option)
+    if flags.get("source") is None and flags.get("data") is None:
+        raise ConfigError("usage: kdm-pipe stats ref (SOURCE | --from DIR) --out REF.npz [--detector PATH] [--num N]")
+    ref = build(RefStatsConfig, flags, where="stats ref config")
+    if ref.source is not None and store:
+        raise ConfigError(f"--{next(iter(store)).replace('_', '-')} applies to --from DIR (its statistics are "
+                          f"brought up to date first), not to SOURCE images")
+    stats = (build(StatsConfig, dict(data=ref.data, detector=ref.detector), store, where="stats config")
+             if ref.data is not None else None)
+    if dry(ref, dry_run):
+        return
+    from stages import stats as stage
+    stage.reference(ref, stats, progress=not quiet)
+
+
 @app.command("filter")
 @user_errors
-def filter_(
-    directory: Path = typer.Argument(..., help="pair directory written by generate or import"),
-    ref: str = typer.Option(..., help="the teacher's training images: folder of PNGs, EDM zip, .npy, sklearn-digits"),
-    metric: str = typer.Option("l2", help="l2 (pixels) | features (--detector's feature space)"),
-    detector: Optional[Path] = typer.Option(None, help="TorchScript feature net, e.g. inception-2015-12-05.pt"),
-    rule: str = typer.Option("relative", help="relative: d1 < threshold · mean(d2..dk) (Carlini et al. 2023) | "
-                             "absolute: d1 < threshold"),
-    threshold: Optional[float] = typer.Option(None, help="default: 0.5 (relative), 0.1 (absolute: RMS distance)"),
-    k: int = typer.Option(50, "-k", "--k", help="nearest reference images searched"),
-    chunk: int = typer.Option(2048, help="queries × reference rows per distance block (bounds memory)"),
-    workers: int = typer.Option(2, min=1), address: Optional[str] = typer.Option(None),
-    gpus_per_worker: float = typer.Option(0.0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    replace: bool = typer.Option(False, "--replace", help="replace a filter recorded with other settings"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-    storage_option: Optional[list[str]] = StorageOpt,
-):
+@options(FilterConfig, arguments="data:DIR")
+def filter_(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
+            storage_option: Optional[list[str]] = StorageOpt):
     """Flag the teacher samples that copy its training data (nearest reference images) and exclude them from train,
     stats and evaluate; the decision is recorded in DIR/manifest.json, the report in DIR/filter.html."""
     storage.set_options(storage_option)
-    cfg = build(FilterConfig, dict(data=directory, ref=ref, metric=metric, detector=detector, rule=rule,
-                                   threshold=threshold, k=k, chunk=chunk, workers=workers, address=address,
-                                   gpus_per_worker=gpus_per_worker, device=device, replace=replace),
-                where="filter config")
+    cfg = build(FilterConfig, flags, where="filter config")
+    if dry(cfg, dry_run):
+        return
     from stages import filter_pairs as stage
     stage.run(cfg, progress=not quiet)
 
 
 @app.command()
 @user_errors
-def train(
-    data: Optional[Path] = typer.Option(None, help="pair directory"),
-    out: Optional[Path] = typer.Option(None, help="run directory"),
-    steps: Optional[int] = typer.Option(None), batch: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None), ema: Optional[float] = typer.Option(None),
-    ema_rampup: Optional[float] = typer.Option(None, help="EMA half-life ≤ this fraction of the steps so far (0: off)"),
-    update_order: Optional[str] = typer.Option(None, help="disc-first (official) | student-first"),
-    seed: Optional[int] = typer.Option(None),
-    student: Optional[str] = typer.Option(None, help="kdm | kd (the direct-regression baseline)"),
-    operator: Optional[str] = typer.Option(None, help="affine | linear | decomposed"),
-    spectrum_prior: Optional[str] = typer.Option(None, help="none | uniform | gradual | circle (eigenvalue prior)"),
-    mlp: Optional[str] = typer.Option(None, help="vector students: official (the KDM 2-D nets) | linear-head"),
-    distance: Optional[str] = typer.Option(None, help="l2 | pseudo_huber | lpips | l2+lpips"),
-    w_adv: Optional[float] = typer.Option(None, help="adversarial weight (images; 0 turns the discriminator off)"),
-    lpips_vgg: Optional[Path] = typer.Option(None, help="torchvision's vgg16-397923af.pth (for LPIPS)"),
-    lpips_lin: Optional[Path] = typer.Option(None, help="lpips' weights/v0.1/vgg.pth (for LPIPS)"),
-    loader_workers: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
-    threads: Optional[int] = typer.Option(None),
-    ckpt_every: Optional[int] = typer.Option(None), probe_every: Optional[int] = typer.Option(None),
-    holdout_shards: Optional[int] = typer.Option(None, help="last shards kept out of training, for evaluation"),
-    amp: Optional[str] = typer.Option(None, help="off | bf16 (autocast)"),
-    tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="TF32 matmuls on NVIDIA GPUs"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student"),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
-    normalize: Optional[str] = typer.Option(None, help="vector data: none | standard (x_0 by the training shards' "
-                                            "mean/std from stats.zarr; default none; images: none only)"),
-    normalize_x_t: Optional[bool] = typer.Option(None, "--normalize-x-T/--no-normalize-x-T",
-                                                 help="with --normalize standard, standardise x_T too"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
-    preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
-    storage_option: Optional[list[str]] = StorageOpt,
-):
+@options(TrainConfig, skip="betas student.trajectory")
+def train(flags: dict, resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last "
+                                                   "checkpoint"),
+          preset: Optional[str] = PresetOpt, dry_run: bool = DryRun, quiet: bool = Quiet,
+          storage_option: Optional[list[str]] = StorageOpt):
     """Fit the Koopman student on streamed pairs; checkpoints and logs under --out.
     Multi-GPU: torchrun ... -m kdm_pipe.cli train."""
     storage.set_options(storage_option)
-    student_flags = dict(kind=student, operator=operator, spectrum_prior=spectrum_prior, mlp=mlp, distance=distance,
-                         w_adv=w_adv, lpips_vgg=lpips_vgg, lpips_lin=lpips_lin)
-    flags = dict(data=data, out=out, steps=steps, batch=batch, lr=lr, ema=ema, ema_rampup=ema_rampup,
-                 update_order=update_order, seed=seed,
-                 loader_workers=loader_workers, device=device, threads=threads, ckpt_every=ckpt_every,
-                 probe_every=probe_every, holdout_shards=holdout_shards, amp=amp, tf32=tf32, compile=compile,
-                 tensorboard=tensorboard, normalize=normalize, normalize_x_T=normalize_x_t,
-                 student={k: v for k, v in student_flags.items() if v is not None})
     cfg = resolve(TrainConfig, "train", preset, flags)
-    if finish(cfg, dry_run):
+    if dry(cfg, dry_run):
         return
     from stages import train as stage
     if stage.run(cfg, resume=resume, progress=not quiet)["status"] == "preempted":
@@ -260,29 +438,13 @@ def train(
 
 @app.command()
 @user_errors
-def evaluate(
-    run: Path = typer.Argument(..., help="run directory written by train"),
-    data: Optional[Path] = typer.Option(None, help="pair directory (default: the run's)"),
-    num: Optional[int] = typer.Option(None, help="held-out pairs for the reported metrics"),
-    weights: Optional[str] = typer.Option(None, help="auto | ema | raw"),
-    seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
-    detector: Optional[Path] = typer.Option(None, help="TorchScript feature net (inception-2015-12-05.pt); "
-                                            "default: pixel features"),
-    ref: Optional[str] = typer.Option(None, help="FID reference: EDM .npz (mu, sigma) or images to compute it from"),
-    fid_num: Optional[int] = typer.Option(None, help="fresh one-step samples for the FID against --ref (50000)"),
-    batch: Optional[int] = typer.Option(None, help="images per batch"),
-    set_num: Optional[int] = typer.Option(None, help="fresh samples compared with the whole teacher set "
-                                          "(stats.zarr; default: min(set size, 50000))"),
-    steps: Optional[int] = typer.Option(None, help="student sampling steps (> 1: trajectory-supervised students)"),
-    preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
-    storage_option: Optional[list[str]] = StorageOpt,
-):
+@options(EvaluateConfig, arguments="run:RUN")
+def evaluate(flags: dict, preset: Optional[str] = PresetOpt, dry_run: bool = DryRun,
+             storage_option: Optional[list[str]] = StorageOpt):
     """Metrics of the student's one-step samples against held-out teacher pairs → RUN/eval.json and figures."""
     storage.set_options(storage_option)
-    cfg = resolve(EvaluateConfig, "evaluate", preset,
-                  dict(run=run, data=data, num=num, weights=weights, seed=seed, device=device, detector=detector,
-                       ref=ref, fid_num=fid_num, batch=batch, set_num=set_num, steps=steps))
-    if finish(cfg, dry_run):
+    cfg = resolve(EvaluateConfig, "evaluate", preset, flags)
+    if dry(cfg, dry_run):
         return
     from stages import evaluate as stage
     stage.run(cfg)
@@ -290,60 +452,41 @@ def evaluate(
 
 @app.command()
 @user_errors
-def sample(
-    run: Path = typer.Argument(..., help="run directory written by train"),
-    out: Path = typer.Option(..., help="output directory (PNGs per seed, samples.npz, grid.png, samples.json)"),
-    num: int = typer.Option(64, min=1, help="samples, from seeds SEED … SEED+NUM−1"),
-    seed: int = typer.Option(0, min=0, help="first seed"),
-    weights: str = typer.Option("auto", help="auto (the run's recorded choice, RUN/weights.json) | ema | raw"),
-    class_label: Optional[int] = typer.Option(None, "--class", help="class for every sample (conditional runs)"),
-    batch: int = typer.Option(250, min=1), device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    steps: int = typer.Option(1, help="sampling steps (> 1: trajectory-supervised students)"),
-    storage_option: Optional[list[str]] = StorageOpt,
-):
+@options(SampleConfig, arguments="run:RUN")
+def sample(flags: dict, dry_run: bool = DryRun, storage_option: Optional[list[str]] = StorageOpt):
     """One-step samples of a trained student, written as EDM writes them."""
     storage.set_options(storage_option)
-    cfg = build(SampleConfig, dict(run=run, out=out, num=num, seed=seed, weights=weights, class_label=class_label,
-                                   batch=batch, device=device, steps=steps), where="sample config")
+    cfg = build(SampleConfig, flags, where="sample config")
+    if dry(cfg, dry_run):
+        return
     from stages import sample as stage
+    stage.run(cfg)
+
+
+@app.command()
+@user_errors
+@options(ExportConfig, arguments="src:RUN|DIR")
+def export(flags: dict, dry_run: bool = DryRun, storage_option: Optional[list[str]] = StorageOpt):
+    """A trained student as a diffusers pipeline folder (runs without kdm-pipe) or safetensors weights + config; a
+    pair set as rectified flow's, official KDM's, GET's or FastGen's files."""
+    storage.set_options(storage_option)
+    cfg = build(ExportConfig, flags, where="export config")
+    if dry(cfg, dry_run):
+        return
+    from stages import export as stage
     stage.run(cfg)
 
 
 @app.command("import")
 @user_errors
-def import_(
-    src: Optional[Path] = typer.Argument(None, help="kdm-npz / get: the folder; npy: a (T, N, ...) stack "
-                                         "(x_T at index 0, x_0 at −1); omit with --x-T/--x-0"),
-    out: Optional[Path] = typer.Option(None, help="output directory (manifest.json + shards)"),
-    format: str = typer.Option(..., "--format", help="kdm-npz | get | npy"),
-    x_t: Optional[Path] = typer.Option(None, "--x-T", help="npy: (N, ...) x_T array"),
-    x_0: Optional[Path] = typer.Option(None, "--x-0", help="npy: (N, ...) x_0 array"),
-    labels: Optional[Path] = typer.Option(None, help="npy: (N,) int classes or (N, label_dim) one-hot"),
-    label_dim: Optional[int] = typer.Option(None, help="number of classes for int labels (default: max + 1)"),
-    order: Optional[str] = typer.Option(None, help="kdm-npz / npy stack: auto | xT-first | x0-first "
-                                        "(auto: the end that looks like N(0, sigma_max²) noise is x_T)"),
-    sigma_max: Optional[float] = typer.Option(None, help="std of x_T in the source (default 80; 1 for a stack)"),
-    tolerance: Optional[float] = typer.Option(None, help="relative tolerance of the check std(x_T) ≈ sigma_max"),
-    pairs_per_shard: Optional[int] = typer.Option(None, help="at most this many pairs per shard"),
-    batch: Optional[int] = typer.Option(None, help="pairs per tar record"),
-    x0_dtype: Optional[str] = typer.Option(None, "--x-0-dtype", "--x0-dtype",
-                                           help="storage dtype of x_0: float16 | float32 | float64"),
-    xt_dtype: Optional[str] = typer.Option(None, "--x-T-dtype", "--xT-dtype", help="storage dtype of x_T"),
-    ends_only: bool = typer.Option(False, "--ends-only", help="keep only x_T and x_0 of trajectory sources"),
-    times: Optional[str] = typer.Option(None, help="time of each stored state in source order, comma-separated "
-                                        "(EDM σ_max … 0, flow matching 1 … 0; default: evenly from sigma_max to 0)"),
-    dry_run: bool = DryRun,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    storage_option: Optional[list[str]] = StorageOpt,
-):
-    """Convert an existing pair set (official KDM .npz folder, GET files, .npy arrays) into verified shards."""
+@options(ImportConfig, arguments="src:SRC")
+def import_(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
+            storage_option: Optional[list[str]] = StorageOpt):
+    """Convert an existing pair set (official KDM .npz folder, GET files, rectified flow's z0/z1, FastGen's KD
+    shards, .npy arrays) into verified shards."""
     storage.set_options(storage_option)
-    flags: dict[str, Any] = dict(src=src, out=out, format=format, x_T=x_t, x_0=x_0, labels=labels,
-                                 label_dim=label_dim, order=order, sigma_max=sigma_max, tolerance=tolerance,
-                                 pairs_per_shard=pairs_per_shard, batch=batch, x0_dtype=x0_dtype, xT_dtype=xt_dtype,
-                                 trajectory=False if ends_only else None, times=times)
     cfg = build(ImportConfig, flags, where="import config")
-    if finish(cfg, dry_run):
+    if dry(cfg, dry_run):
         return
     from stages import import_pairs as stage
     stage.run(cfg, progress=not quiet)
@@ -351,75 +494,58 @@ def import_(
 
 @app.command()
 @user_errors
-def analyze(
-    run: Path = typer.Argument(..., help="run directory written by train"),
-    num: int = typer.Option(2000, min=2, help="held-out pairs analysed"),
-    seed: int = typer.Option(0, help="seed of the clusterings, the noise baseline and the interpolation endpoints"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    storage_option: Optional[list[str]] = StorageOpt,
-):
+@options(AnalyzeConfig, arguments="run:RUN")
+def analyze(flags: dict, dry_run: bool = DryRun, storage_option: Optional[list[str]] = StorageOpt):
     """Koopman spectrum, 2-D noise structure and outliers, latent proximity, interpolations → RUN/analysis/."""
     storage.set_options(storage_option)
-    cfg = build(AnalyzeConfig, dict(run=run, num=num, seed=seed, device=device), where="analyze config")
+    cfg = build(AnalyzeConfig, flags, where="analyze config")
+    if dry(cfg, dry_run):
+        return
     from stages import analyze as stage
     stage.run(cfg)
 
 
 @app.command()
 @user_errors
-def demo(
-    preset: str = typer.Option("digits", "--preset", "-p", help="preset to run end to end (digits: real 8×8 images; "
-                               "checkerboard-quick: a reduced 2-D setup; checkerboard: the official one, hours "
-                               "on a CPU)"),
-    out: Path = typer.Option(Path("runs/demo"), help="directory for pairs/, kdm/, kd/ and report.html"),
-    scale: float = typer.Option(1.0, min=0.01, max=1.0, help="shrink pairs per shard and training steps (quick look)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-):
-    """The whole pipeline on a preset: generate → verify → stats → train KDM and the KD baseline → evaluate → report."""
-    cfg = build(DemoConfig, dict(preset=preset, out=out, scale=scale), where="demo config")
+@options(DemoConfig)
+def demo(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet):
+    """The whole pipeline on a preset: generate → verify → filter (memorised samples) → stats → train KDM and the KD
+    baseline → evaluate → report. `--scale 0.1` is the quick look (≈ 2 min on 2 quiet cores; the full digits demo
+    ≈ 7 min)."""
+    cfg = build(DemoConfig, flags, where="demo config")
+    if dry(cfg, dry_run):
+        return
     from stages import demo as stage
     stage.run(cfg, progress=not quiet)
 
 
-teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train EDM teachers on image data; convert official EDM pickles.")
 app.add_typer(teacher_app, name="teacher")
 
 
 @teacher_app.command("train")
 @user_errors
-def teacher_train(
-    data: Optional[str] = typer.Option(None, help="folder or EDM .zip of images, an .npy array, or sklearn-digits"),
-    out: Optional[Path] = typer.Option(None, help="run directory (config.json, train.jsonl, teacher.pt + .json)"),
-    arch: Optional[str] = typer.Option(None, help="U-Net preset: ddpmpp | ncsnpp | adm"),
-    model_channels: Optional[int] = typer.Option(None, help="overrides the preset"),
-    channel_mult: Optional[str] = typer.Option(None, help="comma-separated, e.g. 1,2 (overrides the preset)"),
-    num_blocks: Optional[int] = typer.Option(None, help="blocks per resolution (overrides the preset)"),
-    attn_resolutions: Optional[str] = typer.Option(None, help="comma-separated, e.g. 16 ('' for none)"),
-    dropout: Optional[float] = typer.Option(None),
-    precond: Optional[str] = typer.Option(None, help="edm | vp | ve (each with EDM's matching loss)"),
-    cond: Optional[bool] = typer.Option(None, "--cond/--uncond", help="condition on the data's class labels"),
-    steps: Optional[int] = typer.Option(None), batch: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None), lr_warmup: Optional[int] = typer.Option(None),
-    ema_halflife_kimg: Optional[float] = typer.Option(None),
-    ema_beta: Optional[float] = typer.Option(None, help="fixed EMA decay per step (overrides the half-life)"),
-    seed: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None),
-    threads: Optional[int] = typer.Option(None), log_every: Optional[int] = typer.Option(None),
-    ckpt_every: Optional[int] = typer.Option(None),
-    grid: Optional[int] = typer.Option(None, help="samples drawn into samples.png at the end (0: none)"),
-    dry_run: bool = DryRun, quiet: bool = typer.Option(False, "--quiet", "-q"),
-):
+@options(TeacherTrainConfig)
+def teacher_train(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet):
     """Train an EDM teacher (EDM loss, Adam, EMA) on images; use it with `generate --teacher edm --checkpoint`."""
-    from kdm_pipe.teachers.training import TeacherTrainConfig
-    flags = dict(data=data, out=out, arch=arch, model_channels=model_channels, channel_mult=channel_mult,
-                 num_blocks=num_blocks, attn_resolutions=attn_resolutions, dropout=dropout, precond=precond,
-                 cond=cond, steps=steps, batch=batch, lr=lr, lr_warmup=lr_warmup,
-                 ema_halflife_kimg=ema_halflife_kimg, ema_beta=ema_beta, seed=seed, device=device, threads=threads,
-                 log_every=log_every, ckpt_every=ckpt_every, grid=grid)
     cfg = build(TeacherTrainConfig, flags, where="teacher train config")
-    if finish(cfg, dry_run):
+    if dry(cfg, dry_run):
         return
     from stages import teacher as stage
     stage.run_train(cfg, progress=not quiet)
+
+
+@teacher_app.command("convert")
+@user_errors
+@options(TeacherConvertConfig, arguments="checkpoint:CHECKPOINT")
+def teacher_convert(flags: dict, dry_run: bool = DryRun):
+    """An official EDM .pkl as model.safetensors + model.json (no NVlabs code needed to load it); use it with
+    `generate --teacher edm --checkpoint OUT/model.safetensors`."""
+    cfg = build(TeacherConvertConfig, flags, where="teacher convert config")
+    if dry(cfg, dry_run):
+        return
+    from stages import teacher as stage
+    stage.run_convert(cfg)
 
 
 def main() -> None:  # pragma: no cover

@@ -15,6 +15,7 @@ one-step samples from seeds 0… against reference statistics.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -24,11 +25,11 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from kdm_pipe.config import ConfigError, EvaluateConfig, GenerateConfig
+from kdm_pipe.config import CheckerboardTeacherConfig, ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.datasets import BUILTIN
 from kdm_pipe.exclusions import Exclusions, exclusions
-from kdm_pipe.feature_stats import set_reference
-from kdm_pipe.metrics import frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
+from kdm_pipe.feature_stats import set_halves, set_reference
+from kdm_pipe.metrics import checkerboard_mask, frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
 from kdm_pipe.metrics.fid import (
     FID_NUM,
@@ -41,13 +42,13 @@ from kdm_pipe.metrics.fid import (
 )
 from kdm_pipe.normalization import copy_moments
 from kdm_pipe.plots import image_rows, pairs_scatter
-from kdm_pipe.run import Run
+from kdm_pipe.run import EVAL, Run, per_steps
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
 from kdm_pipe.shards import atomic_write_text, load_manifest, read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
-from kdm_pipe.teachers import TEACHERS, build_teacher
+from kdm_pipe.teachers import build_teacher
 from kdm_pipe.trained import latest_checkpoint, load_weights, student_for
 
 WEIGHTS_JSON = "weights.json"
@@ -168,18 +169,20 @@ def sampler(model: torch.nn.Module, steps: int) -> Callable:
     return lambda x, y: model.sample(x, y, steps)
 
 
-def network_passes(steps: int) -> int:
-    """Student network passes per sample: E_T and D, plus a decode and a re-encode at each of the steps − 1 stops."""
-    return 2 * steps
+def network_passes(kind: str, steps: int) -> int:
+    """Network passes per sample of a `steps`-step student (the one vocabulary of `sample`, `evaluate` and the
+    reports; a teacher's NFE counts the same thing): KD is one network, KDM runs its encoder E_T and decoder D, plus
+    a decode and a re-encode at each of the steps − 1 stops (the operator is a matrix product, not a network)."""
+    return steps if kind == "kd" else 2 * steps
 
 
 def declared_support(teacher: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The support the pairs' teacher declares (its config's `support_mask`, e.g. the checkerboard's black squares),
-    or None (EDM and image teachers, imported pairs)."""
-    cls = TEACHERS.get(teacher.get("name"))
-    if cls is None or not hasattr(cls, "support_mask"):
+    """The support the pairs' teacher declares (the checkerboard's black squares), or None (the Gaussian mixture,
+    EDM and image teachers, imported pairs)."""
+    if teacher.get("name") != "checkerboard":
         return None
-    return cls.model_validate(teacher.get("params", {})).support_mask
+    board = CheckerboardTeacherConfig.model_validate(teacher.get("params", {}))
+    return functools.partial(checkerboard_mask, size=board.size, extent=board.extent)
 
 
 def distribution_metrics(x: np.ndarray, ref: np.ndarray, seed: int, teacher: dict[str, Any]) -> dict:
@@ -241,7 +244,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model = fns["student"]
     results: dict[str, Any] = {"run": str(run), "data": str(data), "step": step, "weights": chosen,
                                "weights_choice": choice, "num_pairs": len(x_0), "steps": cfg.steps}
-    suffix = "" if cfg.steps == 1 else f"-{cfg.steps}steps"
+    figure = run / per_steps("samples.png", cfg.steps)
     for name, x in outputs.items():
         results[name] = paired_errors(flat(x), flat(x_0))
     # Distribution metrics compare samples of the first half's x_T with the teacher's samples of the second half:
@@ -253,27 +256,27 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["fd_teacher_samples"] = [h, len(x_0) - h]     # (samples, held-out teacher samples) it compares
         results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
         results["fd_set"] = set_fd_report(cfg, net, model, manifest, data, set_ref, device)
-        shown = f"student x̂_0 ({chosen} weights, step {step}), {cfg.steps} step(s) from the same x_T"
-        image_rows(run / f"samples{suffix}.png", {"teacher x_0 (held-out pairs)": x_0[:16],
+        shown = (f"{tcfg.student.kind.upper()} student x̂_0 ({chosen} weights, step {step}), {cfg.steps} step(s) "
+                 f"from the same x_T")
+        image_rows(figure, {"teacher x_0 (held-out pairs)": x_0[:16],
                                          shown: outputs["student"][:16]}, scale=max(1, 64 // manifest.shape[-1]))
-        results["figures"] = [str(run / f"samples{suffix}.png")]
+        results["figures"] = [str(figure)]
     else:
         for name, x in samples.items():
             results.setdefault(name, {}).update(distribution_metrics(x, x_0[h:], cfg.seed, manifest.teacher))
 
     # Both weights' numbers on the report split (the chosen ones are also "student").
     results["by_weights"] = {chosen: results["student"], other: results.pop(f"{other}_weights")}
-    results["speed"] = speed_report(model, tcfg, manifest, x_T[:cfg.batch], labels(report), device)
-    results["speed"].update(student_nfe=cfg.steps, student_network_passes=network_passes(cfg.steps))
+    results["speed"] = speed_report(model, tcfg, manifest, x_T[:cfg.batch], labels(report), device, cfg.steps)
     modes = KMeans(8, n_init=4, random_state=cfg.seed).fit_predict(x_0) if x_0.ndim == 2 and x_0.shape[1] == 2 else None
     if modes is not None:
         extent = manifest.teacher["params"].get("extent")
-        pairs_scatter(run / f"samples{suffix}.png", x_T / manifest.sigma_max, x_0,
-                      {f"student x̂_0 ({chosen}, step {step})": outputs["student"],
+        pairs_scatter(figure, x_T / manifest.sigma_max, x_0,
+                      {f"{tcfg.student.kind.upper()} student x̂_0 ({chosen}, step {step})": outputs["student"],
                        "untrained student": outputs["untrained"]},
                       modes, extent)
-        results["figures"] = [str(run / f"samples{suffix}.png")]
-    (run / f"eval{suffix}.json").write_text(json.dumps(results, indent=1))
+        results["figures"] = [str(figure)]
+    (run / per_steps(EVAL, cfg.steps)).write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -299,8 +302,9 @@ def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, devic
     ref_path = Path(cfg.ref)
     ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
            else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
-    return image_metrics(fresh_samples(model, manifest, cfg.fid_seed, cfg.fid_num, cfg.batch, device), net, ref,
-                         batch=cfg.batch, device=device)
+    out = image_metrics(fresh_samples(model, manifest, cfg.fid_seed, cfg.fid_num, cfg.batch, device), net, ref,
+                        batch=cfg.batch, device=device)
+    return out | {"reference": str(cfg.ref), "seeds": [cfg.fid_seed, cfg.fid_seed + cfg.fid_num]}
 
 
 def fresh_samples(model: torch.nn.Module, manifest, start: int, num: int, batch: int, device) -> Iterator[np.ndarray]:
@@ -323,8 +327,13 @@ def set_fd_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, da
     num = cfg.set_num or min(ref.num, FID_NUM)
     start = max(s.seed_end for s in manifest.shards)
     sums = stream_sums(net, fresh_samples(model, manifest, start, num, cfg.batch, device), cfg.batch, device)
-    return {"fd": fid_from_stats(sums.stats(net.name), ref), "num_samples": num, "num_reference": ref.num,
-            "detector": net.name, "seeds": [start, start + num]}
+    out = {"fd": fid_from_stats(sums.stats(net.name), ref), "num_samples": num, "num_reference": ref.num,
+           "detector": net.name, "seeds": [start, start + num]}
+    halves = set_halves(data, manifest, net.name)
+    if halves is not None:            # teacher vs teacher at about half the sizes: about twice the bias of FD
+        out["floor"] = {"fd": fid_from_stats(*halves), "num": [halves[0].num, halves[1].num],
+                        "note": "the first half of the set's shards vs the second half"}
+    return out
 
 
 def _has_images(path: Path) -> bool:
@@ -333,10 +342,12 @@ def _has_images(path: Path) -> bool:
         return "mu" not in f.files
 
 
-def speed_report(model, tcfg, manifest, x_T: np.ndarray, labels, device) -> dict[str, float]:
-    """Student one-step samples/s vs the teacher's sampler on the same device and batch."""
+def speed_report(model, tcfg, manifest, x_T: np.ndarray, labels, device, steps: int = 1) -> dict[str, float]:
+    """Samples/s of the student's `steps`-step sampler `model` vs the teacher's sampler on the same device and batch,
+    with the steps and network passes per sample of each (a teacher's network passes are its NFE)."""
     src = manifest.source.get("identity", {})
-    out = {"batch": len(x_T), "student_nfe": 1,
+    out = {"batch": len(x_T), "student_steps": steps,
+           "student_network_passes": network_passes(tcfg.student.kind, steps),
            "student_samples_per_s": speed(lambda: apply(model, x_T, labels, device), len(x_T))}
     if "teacher" in src:
         gcfg = GenerateConfig.model_validate({"teacher": src["teacher"], "sampler": src["sampler"]})
@@ -345,7 +356,7 @@ def speed_report(model, tcfg, manifest, x_T: np.ndarray, labels, device) -> dict
         sigmas = edm_sigmas(s.steps, s.sigma_min, s.sigma_max, s.rho).to(device)
         xt = torch.from_numpy(x_T).to(device, torch.float64)
         y = None if labels is None else torch.from_numpy(labels[: len(x_T)]).to(device)
-        out["teacher_nfe"] = manifest.nfe
+        out["teacher_steps"], out["teacher_network_passes"] = s.steps, manifest.nfe
         out["teacher_samples_per_s"] = speed(lambda: solve(teacher.denoise, xt, sigmas, y, s.solver), len(x_T))
         out["speedup"] = out["student_samples_per_s"] / out["teacher_samples_per_s"]
     return out

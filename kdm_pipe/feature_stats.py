@@ -27,7 +27,7 @@ from kdm_pipe.errors import ConfigError
 from kdm_pipe.metrics.detectors import FeatureNet, feature_batches, load_detector, to_uint8
 from kdm_pipe.metrics.fid import FeatureStats, FeatureSums
 from kdm_pipe.shards import Manifest
-from kdm_pipe.stats import STORE, create_array, store_at
+from kdm_pipe.stats import STORE, create_array, filtered_alike, store_at
 
 GROUP = "features"
 
@@ -107,14 +107,19 @@ def open_group(root: zarr.Group, space: FeatureSpace, num_shards: int) -> zarr.G
     return create_group(root, space, num_shards)
 
 
-def write_merged(g: zarr.Group, manifest: Manifest) -> None:
-    """Merge the rows of the manifest's shards (streamed, one row at a time) and publish them."""
+def summed(g: zarr.Group, shards: list) -> FeatureSums:
+    """The feature sums of the rows of `shards` (streamed, one row at a time)."""
     rows, sums = g["per_shard"], FeatureSums(g.attrs["dim"])
-    for s in manifest.shards:
+    for s in shards:
         sums.count += int(rows["count"][s.index])
         sums.sum += rows["sum"][s.index]
         sums.outer += rows["outer"][s.index]
-    stats = sums.stats(g.attrs["detector"])
+    return sums
+
+
+def write_merged(g: zarr.Group, manifest: Manifest) -> None:
+    """Merge the rows of the manifest's shards and publish them."""
+    stats = summed(g, manifest.shards).stats(g.attrs["detector"])
     g.attrs.update({"complete": False})
     merged = g.require_group("merged")
     for name, a in (("count", np.int64(stats.num)), ("mean", stats.mu), ("cov", stats.sigma)):
@@ -130,8 +135,9 @@ def stale_rows(g: zarr.Group, manifest: Manifest) -> set[int]:
 
 def set_reference(directory: Path, manifest: Manifest, detector: str, flag: str = "") -> FeatureStats | None:
     """The teacher set's feature statistics in `detector`'s space, None when the store has none for it; a store
-    computed from other shards (or never completed) is refused: it does not describe this set. `flag`: the stats
-    flags that recompute it (e.g. ` --detector PATH`), for the message."""
+    computed from other shards, before the memorisation filter changed (its rows would count excluded pairs) or
+    never completed is refused: it does not describe this set. `flag`: the stats flags that recompute it (e.g.
+    ` --detector PATH`), for the message."""
     path = storage.location(directory) / STORE
     try:
         root = zarr.open_group(store_at(directory), mode="r")
@@ -145,5 +151,18 @@ def set_reference(directory: Path, manifest: Manifest, detector: str, flag: str 
     if listed != [(s.index, s.sha256) for s in manifest.shards]:
         raise ConfigError(f"{path}: the {detector} feature statistics describe other shards ({len(listed)} listed, "
                           f"the manifest has {len(manifest.shards)} or other contents); {hint}")
+    if not filtered_alike(root, manifest, directory):
+        raise ConfigError(f"{path} was computed before the memorisation filter of {directory} changed (it counts "
+                          f"pairs the filter excludes); {hint}")
     m = g["merged"]
     return FeatureStats(m["mean"][...], m["cov"][...], int(m["count"][...]), detector)
+
+
+def set_halves(directory: Path, manifest: Manifest, detector: str) -> tuple[FeatureStats, FeatureStats] | None:
+    """The feature statistics of the first and the second half of the set's shards (the teacher-vs-teacher floor
+    of the whole-set FD); None with fewer than 2 shards. Call after `set_reference` accepted the store."""
+    if len(manifest.shards) < 2:
+        return None
+    g = zarr.open_group(store_at(directory), mode="r")[f"{GROUP}/{key(detector)}"]
+    h = len(manifest.shards) // 2
+    return (summed(g, manifest.shards[:h]).stats(detector), summed(g, manifest.shards[h:]).stats(detector))

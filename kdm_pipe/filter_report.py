@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdm_pipe import plots
+from kdm_pipe import plots, storage
 from kdm_pipe.memorisation import Scores, flags
-from kdm_pipe.report import filter_section, page
+from kdm_pipe.pages import figure, html_table, page, relative, section
 from kdm_pipe.shards import Manifest, read_shard
 
 SHOWN = 16                           # flagged samples drawn (then the closest unflagged ones, to compare)
@@ -30,15 +30,41 @@ def write_filter_report(directory: Path, manifest: Manifest, ref: np.ndarray, sc
     seeds = np.concatenate([scores[n].seed for n in names])
     nearest = np.concatenate([scores[n].nearest for n in names])
     samples = x0_of(directory, [(names[shard[i]], seeds[i]) for i in order])
-    n_hit = int(hit[order].sum())
+    n_hit, total = int(hit[order].sum()), int(hit.sum())
+    shown = (f"the {n_hit} closest of the {total:,} flagged" if total > n_hit else f"all {total} flagged")
     plots.image_rows(directory / "filter-flagged.png", {
-        f"teacher samples: {n_hit} flagged" + (f", then the {len(order) - n_hit} closest unflagged"
-                                               if len(order) > n_hit else ""): samples,
+        f"teacher samples: {shown}" + (f", then the {len(order) - n_hit} closest kept ones"
+                                       if len(order) > n_hit else ""): samples,
         "nearest reference image": ref[nearest[order]]}, scale=max(1, 64 // manifest.shape[-1]))
     out = directory / "filter.html"
-    out.write_text(page(f"kdm-pipe filter {directory.resolve().name}", filter_section(directory, manifest, directory)),
+    out.write_text(page(f"Memorisation filter of {directory}", filter_section(directory, manifest, directory)),
                    encoding="utf-8")
     return out
+
+
+def filter_section(directory: Path, manifest: Manifest, base: Path) -> str:
+    """The memorisation filter of a pair set: its settings, counts and figures (DIR/filter-*.png), linked from
+    `base`; empty when the set was not filtered."""
+    f = manifest.filter
+    if f is None:
+        return ""
+    s = f.settings
+    rule = ("d₁ < α · mean(d₂…d_k)" if s["rule"] == "relative" else "d₁ < τ") + f", threshold {s['threshold']:g}"
+    rows = [["reference", f"{s['ref']['source']} ({s['ref']['count']:,} images, sha256 {s['ref']['sha256'][:12]}…)"],
+            ["space", s["metric"] + (f" ({s['detector']['path']})" if s.get("detector") else " (pixels)")],
+            ["rule", f"{s['rule']}: {rule}, k = {s['k']}"],
+            ["excluded", f"{f.flagged:,} of {f.scored:,} pairs ({f.flagged / max(f.scored, 1):.2%})"]]
+    local = not storage.is_remote(directory)          # a bucket's figures are not linked from a local page
+    shown = min(SHOWN, f.flagged)
+    flagged = (f"top: the {shown} flagged teacher samples closest to a reference image"
+               + (f" (of {f.flagged:,} flagged)" if f.flagged > SHOWN else
+                  ", then the closest kept ones" if f.flagged < SHOWN else "")
+               + "; bottom: the nearest reference image of each")
+    figs = [figure(src, caption) for name, caption in (
+        ("filter-distances.png", f"distances to the nearest reference images of all {f.scored:,} scored samples "
+                                 f"({f.flagged:,} flagged in red); the dashed line is the threshold"),
+        ("filter-flagged.png", flagged)) if local and (src := relative(Path(directory) / name, base)) is not None]
+    return section("Memorisation filter", html_table(["setting", "value"], rows, "kv"), *figs)
 
 
 def x0_of(directory: Path, wanted: list[tuple[str, int]]) -> np.ndarray:

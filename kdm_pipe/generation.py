@@ -12,7 +12,8 @@ from kdm_pipe.config import GenerateConfig, SamplerConfig
 from kdm_pipe.runtime import pick_device, set_threads
 from kdm_pipe.sampling import edm_sigmas, seed_noise, solve, trajectory_steps
 from kdm_pipe.shards import ShardInfo, shard_name, write_shard
-from kdm_pipe.teachers import Teacher, build_teacher
+from kdm_pipe.teachers import build_teacher
+from kdm_pipe.teachers.base import Teacher
 
 _TEACHERS: dict[str, Teacher] = {}  # built once per worker process, reused by every task it runs
 

@@ -2,7 +2,8 @@
 
 Layout of `out/`: `{seed - seed % 1000:06d}/{seed:06d}.png` (grey images as 8-bit L, else RGB), `samples.npz`
 (`arr_0` uint8 NHWC as ADM/EDM evaluators read it, `seeds`, and `labels` when conditional), `grid.png`, and
-`samples.json` (seeds, labels, settings), written last so its presence means the directory is complete.
+`samples.json` (seeds, labels, settings), written last so its presence means the directory is complete. The grid
+separates its tiles by grey gaps and enlarges small images (pixel for pixel) so that each reads as an image.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SAMPLES_JSON = "samples.json"
 SAMPLES_NPZ = "samples.npz"
 GRID_PNG = "grid.png"
 GRID_MAX = 256  # images in grid.png; the rest are in the PNGs and the npz
+GRID_TILE = 32  # grid.png draws small images enlarged to at least this many pixels a side (8×8 digits read as such)
 
 
 def image_grid(images: np.ndarray, ncol: int | None = None, gap: int = 0) -> np.ndarray:
@@ -85,7 +87,8 @@ def write_samples(out: str | Path, images: np.ndarray, seeds: np.ndarray, labels
         _png(im).save(path)
     arrays = {"arr_0": pixels, "seeds": seeds} | ({} if classes is None else {"labels": classes})
     np.savez(out / SAMPLES_NPZ, **arrays)
-    _png(image_grid(images[:GRID_MAX])).save(out / GRID_PNG)
+    scale = max(1, GRID_TILE // max(images.shape[2:]))
+    save_grid(out / GRID_PNG, images[:GRID_MAX], scale=scale, gap=max(2, scale))
     record = {"num": len(images), "shape": list(images.shape[1:]), "seeds": seeds.tolist(),
               "labels": None if classes is None else classes.tolist(), "settings": settings or {}}
     atomic_write_text(out / SAMPLES_JSON, json.dumps(record))

@@ -1,11 +1,13 @@
 """Pair sets made elsewhere, read as aligned (x_T, x_0, label) blocks: the official KDM per-pair `.npz` folders,
-GET's torch-saved files, and plain `.npy` arrays (two files, or one (T, N, ...) stack such as the official
-checkerboard).
+GET's torch-saved files, rectified flow's z0.npy / z1.npy, FastGen's KD WebDataset shards, and plain `.npy` arrays
+(two files, or one (T, N, ...) stack such as the official checkerboard). `kdm-pipe export DIR` writes the first
+four (kdm_pipe/interop.py).
 
 Every source gives random access to pairs [start, stop) in a stable order (natural sort of file names) as raw
-ends (a, b, label) and never holds more than one file (GET) or one block in memory. When both ends come from one
-array (kdm-npz, the stack), a is index 0 and b index −1 and `orient` decides from the data which one is x_T;
-when the arrays are named (GET's latent/ and image/, --x-T and --x-0), a is x_T and `orient` only checks it.
+ends (a, b, label) and never holds more than one file (GET, FastGen) or one block in memory. When both ends come
+from one array (kdm-npz, the stack), a is index 0 and b index −1 and `orient` decides from the data which one is
+x_T; when the arrays are named (GET's latent/ and image/, FastGen's noise and real, rectified flow's z0 and z1,
+--x-T and --x-0), a is x_T and `orient` only checks it.
 
 The check: x_T must look like N(0, σ_max²) noise (std within `tolerance` of σ_max, mean near 0, Gaussian
 kurtosis) on the first ≥ 65,536 values, and x_0 must not. x_T is stored as the source has it (GET's unit z
@@ -22,6 +24,7 @@ import hashlib
 import math
 import pickle
 import re
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +33,7 @@ import torch
 
 from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.npyfiles import Header, human, load_npy, npz_arrays
-from kdm_pipe.shards import sha256_file
+from kdm_pipe.shards import npy_from_bytes, sha256_file
 
 # (a, b, labels, states): the two ends, one-hot labels or None, and every stored state (B, T, ...) in source order
 # (a = states[:, 0], b = states[:, −1]) when the source keeps a trajectory, else None.
@@ -252,6 +255,77 @@ class GetFiles(Source):
         return np.concatenate(a), np.concatenate(b), np.concatenate(y) if self.label_dim else None, None
 
 
+class FastGenShards(Source):
+    """FastGen's KD WebDataset shards, one pair per sample: `<key>.real.npy` (x_0), `<key>.noise.npy` (x_T)
+    [, `<key>.condition.npy` one-hot or int class]; other members (a `path`, text) are not imported."""
+
+    two_ended = False
+
+    def __init__(self, folder: Path, label_dim: int | None):
+        self.files, self.label_dim_arg = listing(folder, "*.tar"), label_dim
+        self.digest = files_digest(self.files, folder, contents=False)
+        self.x_T_convention = "x_T as FastGen's noise.npy holds it (std checked against sigma_max); no generator seed"
+        self._cached: tuple[int, Ends] | None = None
+        counts = []
+        for path in self.files:
+            try:
+                with tarfile.open(path) as tar:
+                    counts.append(sum(m.name.endswith(".real.npy") for m in tar))
+            except (tarfile.TarError, OSError) as e:
+                raise ConfigError(f"{path}: not a readable tar ({e})") from None
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        self.n = self.starts[-1]
+        a, _, y, _ = self._file(0)
+        self.shape, self.label_dim = tuple(a.shape[1:]), 0 if y is None else y.shape[1]
+
+    def _file(self, i: int) -> Ends:
+        if self._cached is None or self._cached[0] != i:
+            path, samples = self.files[i], {}
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    key, _, name = m.name.partition(".")
+                    if m.isfile() and name in ("real.npy", "noise.npy", "condition.npy"):
+                        samples.setdefault(key, {})[name] = npy_from_bytes(tar.extractfile(m).read())
+            rows = [v for v in samples.values() if "real.npy" in v]
+            if any("noise.npy" not in v or v["noise.npy"].shape != v["real.npy"].shape for v in rows):
+                raise ConfigError(f"{path}: a sample without noise.npy, or of a shape unlike its real.npy; FastGen "
+                                  f"KD pairs hold both")
+            shapes = {v["real.npy"].shape for v in rows}
+            if len(shapes) != 1:
+                raise ConfigError(f"{path}: samples of shapes {sorted(shapes)}; one pair set holds one shape")
+            conds = [v.get("condition.npy") for v in rows]
+            if any((c is None) != (conds[0] is None) for c in conds):
+                raise ConfigError(f"{path}: some samples have condition.npy and some do not")
+            y = None
+            if conds[0] is not None:
+                c = np.stack(conds)
+                y = one_hot(c.reshape(len(c), -1) if c[0].size > 1 else c.reshape(-1).astype(np.int64),
+                            self.label_dim_arg or self.label_dim or None, str(path))
+            self._cached = (i, (np.stack([v["noise.npy"] for v in rows]), np.stack([v["real.npy"] for v in rows]),
+                                y, None))
+        return self._cached[1]
+
+    def where(self, i: int) -> str:
+        f = bisect.bisect_right(self.starts, i) - 1
+        return f"{self.files[f]} (sample {i - self.starts[f]} of that shard)"
+
+    def ends(self, start: int, stop: int) -> Ends:
+        parts = []
+        i = bisect.bisect_right(self.starts, start) - 1
+        while start < stop:
+            a, b, y, _ = self._file(i)
+            lo, hi = start - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
+            if a.shape[1:] != self.shape:
+                raise ConfigError(f"{self.files[i]}: pairs of shape {a.shape[1:]}, unlike {self.shape}")
+            if (y is None) != (self.label_dim == 0):
+                raise ConfigError(f"{self.files[i]}: labels {'missing' if y is None else 'present'}, unlike in "
+                                  f"{self.files[0].name}")
+            parts.append((a[lo:hi], b[lo:hi], None if y is None else y[lo:hi]))
+            start, i = self.starts[i] + hi, i + 1
+        a, b, y = zip(*parts)
+        return np.concatenate(a), np.concatenate(b), np.concatenate(y) if self.label_dim else None, None
+
+
 def npy_file(path: Path, what: str) -> np.ndarray:
     """A `.npy` array, memory-mapped once its header has been checked (numeric, sizes ≥ 0, fits the file)."""
     if Path(path).suffix == ".npz":
@@ -321,17 +395,36 @@ class NpyArrays(Source):
         return " / ".join(self.paths) + f" (row {i})"
 
 
+FOLDERS = {"kdm-npz": "of .npz pair files", "get": "holding latent/ and image/",
+           "rectified-flow": "holding z0.npy and z1.npy", "fastgen": "of WebDataset .tar shards"}
+
+
+def rectified_flow_arrays(cfg: ImportConfig) -> ImportConfig:
+    """Rectified flow's pair files as npy arrays: z0.npy the noise (x_T, unit std by default), z1.npy the data
+    (x_0), labels.npy (int classes) when present."""
+    missing = [n for n in ("z0.npy", "z1.npy") if not (cfg.src / n).is_file()]
+    if missing:
+        raise ConfigError(f"{cfg.src} has no {' or '.join(missing)}; a rectified-flow pair folder holds z0.npy "
+                          f"(noise) and z1.npy (data)")
+    labels = cfg.src / "labels.npy"
+    return cfg.model_copy(update={"x_T": cfg.src / "z0.npy", "x_0": cfg.src / "z1.npy", "src": None,
+                                  "labels": labels if labels.is_file() else None})
+
+
 def open_source(cfg: ImportConfig) -> Source:
     if cfg.src is not None and not cfg.src.exists():
         raise ConfigError(f"SRC {cfg.src} does not exist")
-    if cfg.format in ("kdm-npz", "get") and not cfg.src.is_dir():
-        raise ConfigError(f"SRC {cfg.src} is a file; --format {cfg.format} takes a folder "
-                          f"({'of .npz pair files' if cfg.format == 'kdm-npz' else 'holding latent/ and image/'})"
+    if cfg.format in FOLDERS and not cfg.src.is_dir():
+        raise ConfigError(f"SRC {cfg.src} is a file; --format {cfg.format} takes a folder ({FOLDERS[cfg.format]})"
                           f"{'; a single .npy array is --format npy' if cfg.src.suffix == '.npy' else ''}")
     if cfg.format == "kdm-npz":
         src: Source = KdmNpz(cfg.src, cfg.label_dim, cfg.trajectory)
     elif cfg.format == "get":
         src = GetFiles(cfg.src, cfg.sigma)
+    elif cfg.format == "rectified-flow":
+        src = NpyArrays(rectified_flow_arrays(cfg))
+    elif cfg.format == "fastgen":
+        src = FastGenShards(cfg.src, cfg.label_dim)
     else:
         src = NpyArrays(cfg)
     if src.n == 0 or math.prod(src.shape) == 0:

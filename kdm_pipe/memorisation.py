@@ -105,7 +105,7 @@ class ShardScorer:
     """One Ray worker's search state: the reference embedding (held once, read from the object store without a
     copy) and its squared norms, the detector, and the settings; `score` handles one shard."""
 
-    def __init__(self, ref: np.ndarray, detector: str | None, k: int, chunk: int, device: str, threads: int):
+    def __init__(self, ref: np.ndarray, detector: str | None, k: int, chunk: int, device: str, threads: int | None):
         set_threads(threads)
         self.device = pick_device(device)
         with warnings.catch_warnings():             # the object store's arrays are read-only; we only read them

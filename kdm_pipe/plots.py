@@ -144,8 +144,9 @@ def interpolation_paths(path: Path, background: np.ndarray, paths: dict[str, np.
 def image_rows(path: Path, rows: dict[str, np.ndarray], scale: int = 1, dpi: int = 110) -> Path:
     """One strip per row of images (N, C, H, W) in [−1, 1], each under its title (which row is which stays on the
     figure wherever it is shown). Strips are drawn pixel for pixel (each image pixel `scale` × `scale` screen
-    pixels, no resampling), left-aligned on a figure at least 480 pixels wide so that titles fit."""
-    strips = {k: image_grid(np.asarray(v).repeat(scale, 2).repeat(scale, 3), ncol=len(v), gap=2)
+    pixels, no resampling, tiles `scale` pixels apart so that enlarged ones stay apart), left-aligned on a figure
+    at least 480 pixels wide so that titles fit."""
+    strips = {k: image_grid(np.asarray(v).repeat(scale, 2).repeat(scale, 3), ncol=len(v), gap=max(2, scale))
               for k, v in rows.items()}
     h, w = max(s.shape[0] for s in strips.values()), max(s.shape[1] for s in strips.values())
     title, pad = 20, 4                                 # pixels above each strip for its title, and around
@@ -167,8 +168,9 @@ def image_rows(path: Path, rows: dict[str, np.ndarray], scale: int = 1, dpi: int
 def curves(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str = "step") -> Path:
     """Lines (x, y) per name on one axis; log-y when every value is positive."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    few = max((len(x) for x, _ in series.values()), default=0) < 20      # a short run: show every point
     for name, (x, y) in series.items():
-        ax.plot(x, y, label=name, lw=1.2)
+        ax.plot(x, y, label=name, lw=1.2, marker="o" if few else None, ms=4)
     values = np.concatenate([np.asarray(y, float) for _, y in series.values()]) if series else np.ones(1)
     if (values[np.isfinite(values)] > 0).all():
         ax.set_yscale("log")

@@ -72,3 +72,13 @@ class ProbeStore:
 def load_probes(path: Path) -> dict[str, np.ndarray]:
     """All probe arrays of a run's latents.zarr, by path ("z_0/mean", "eigenvalues", ...)."""
     return {name: arr[:] for name, arr in walk(zarr.open_group(str(path), mode="r"))}
+
+
+def probe_spectra(run: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps (n,), complex eigenvalues (n, d)) of the EMA probes in RUN/latents.zarr, or None without them."""
+    path = Path(run) / "latents.zarr"
+    probes = load_probes(path) if path.exists() else {}
+    if "eigenvalues" not in probes:
+        return None
+    lam = probes["eigenvalues"]
+    return probes["step"], lam[..., 0] + 1j * lam[..., 1]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -55,7 +56,7 @@ def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = address or os.environ.get("RAY_ADDRESS")     # set inside a RayJob / a Ray cluster's containers
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # A private single-machine cluster: no auth token written to $HOME, no usage reporting, no dashboard.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -63,8 +64,17 @@ def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
         # Ray starts workers at nice 15 (made for shared clusters): on the user's own machine the job it was asked
         # to run would then crawl beside any other process (20–50× slower next to one busy job, measured).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray's own INFO lines are not printed (they would glue onto a progress bar); its warnings and errors are.
         ray.init(num_cpus=max(1, int(round(num_cpus))), num_gpus=int(num_gpus) if num_gpus else None,
-                 include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=True)
+                 include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=True,
+                 logging_level=logging.WARNING)
+
+
+def in_process(address: str | None, work: float, threshold: float) -> bool:
+    """Whether a job of `work` units is done in this process rather than in Ray tasks: only without a cluster to
+    use (no `address`, no session already open) and when starting one (seconds) would cost more than the work."""
+    return (address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+            and work <= threshold)
 
 
 def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> Iterator[Any]:

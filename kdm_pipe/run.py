@@ -39,9 +39,10 @@ from kdm_pipe.locks import Lock, directory_lock
 from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, load_manifest, sha256_file
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
+ANALYSIS = "analysis"                   # analyze's figures and analysis.json
 LOGS = (LOG, "latents.zarr", "tensorboard")        # what a resumed run appends to
 # What evaluate, sample, analyze and the report read besides the checkpoint (pulled first for a run on s3://).
-READ = (CONFIG, SPLIT, "weights.json", EVAL, LOG, "latents.zarr", "analysis/analysis.json", "report.html")
+READ = (CONFIG, SPLIT, "weights.json", EVAL, LOG, "latents.zarr", f"{ANALYSIS}/analysis.json", "report.html")
 _warned: set[Path] = set()              # damaged checkpoints already reported by this process
 
 
@@ -279,6 +280,12 @@ def _bytes(state: Any) -> int:
     if isinstance(state, (list, tuple)):
         return sum(_bytes(v) for v in state)
     return 0
+
+
+def per_steps(name: str, steps: int) -> str:
+    """The file of a `steps`-step evaluation: eval.json / report.html for one step, eval-2steps.json … beside."""
+    stem, dot, ext = name.rpartition(".")
+    return name if steps == 1 else f"{stem}-{steps}steps{dot}{ext}"
 
 
 def _step(line: str) -> int | None:

@@ -168,6 +168,14 @@ def estimated_shard_bytes(manifest: Manifest, pairs: int, batch: int) -> int:
     return pairs * pair_bytes(manifest) + records * members * 1536 + 10240
 
 
+def add_npy(tar: tarfile.TarFile, name: str, a: np.ndarray) -> None:
+    """`a` as the `.npy` member `name`, with fixed mtime and mode: the same arrays give the same bytes."""
+    data = _npy_bytes(a)
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
 def write_shard(path: Path, records: Iterable[dict[str, np.ndarray]]) -> tuple[int, str]:
     """Write records atomically; returns (bytes, sha256). Same records → same bytes."""
     path = storage.location(path)
@@ -179,10 +187,7 @@ def write_shard(path: Path, records: Iterable[dict[str, np.ndarray]]) -> tuple[i
                     key = f"s{int(rec['seed'][0]):012d}"
                     for field in FIELDS:
                         if field in rec:
-                            data = _npy_bytes(rec[field])
-                            info = tarfile.TarInfo(f"{key}.{field}.npy")
-                            info.size, info.mtime, info.mode = len(data), 0, 0o644
-                            tar.addfile(info, io.BytesIO(data))
+                            add_npy(tar, f"{key}.{field}.npy", rec[field])
             f.flush()
             os.fsync(f.fileno())
         size, digest = tmp.stat().st_size, sha256_file(tmp)

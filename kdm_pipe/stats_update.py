@@ -20,7 +20,7 @@ from kdm_pipe import feature_stats, storage
 from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import FeatureSpace, ShardFeatures
-from kdm_pipe.raypool import ray_session, remote, run_bounded
+from kdm_pipe.raypool import in_process, ray_session, remote, run_bounded
 from kdm_pipe.shards import Manifest, ShardInfo, shard_error
 from kdm_pipe.stats import (
     STORE,
@@ -38,6 +38,10 @@ from kdm_pipe.stats import (
     write_merged,
 )
 from kdm_pipe.student import is_image
+
+# Below this many pairs (pixel features or none) a local job runs in this process: a Ray start-up takes 5–15 s,
+# the work ~0.1 s per thousand pairs.
+IN_PROCESS_PAIRS = 50_000
 
 
 def write_shard(store: str, directory: str, info: ShardInfo, specs: list[FieldSpec] | None, label_dim: int,
@@ -125,7 +129,9 @@ def update(directory: Path, manifest: Manifest, workers: int = 2, address: str |
                  for s in todo)
         pairs, seconds = sum(s.pairs for s in todo), 0.0
         if todo:
-            seconds = compute(calls, pairs, workers, address, progress)
+            small = space is None or space.path is None          # a detector's features are worth the workers
+            seconds = compute(calls, pairs, workers, address, progress,
+                              local=small and in_process(address, pairs, IN_PROCESS_PAIRS))
         write_merged(root, manifest, specs, cov_max_dim, drop)
         if group is not None:
             feature_stats.write_merged(group, manifest)
@@ -145,16 +151,26 @@ def update(directory: Path, manifest: Manifest, workers: int = 2, address: str |
 
 
 def compute(calls, pairs: int, workers: int, address: str | None, progress: bool, fn=write_shard,
-            done=lambda pairs: pairs) -> float:
-    """Ray tasks run `fn(*call)` and `done(*result)` (or `done(result)`) takes each result in the driver and returns
-    the pairs it covered; returns the seconds the tasks took. A failed task → one-line error."""
+            done=lambda pairs: pairs, local: bool = False) -> float:
+    """Ray tasks (`local`: this process, one call after the other) run `fn(*call)` and `done(*result)` (or
+    `done(result)`) takes each result in the driver and returns the pairs it covered; returns the seconds the tasks
+    took. A failed task → one-line error."""
+    def take(result) -> None:
+        bar.update(done(*result) if isinstance(result, tuple) else done(result))
+
+    if local:
+        t0 = time.perf_counter()
+        with tqdm(total=pairs, unit="pair", disable=not progress, desc="stats", dynamic_ncols=True) as bar:
+            for call in calls:
+                take(fn(*call))
+        return time.perf_counter() - t0
     task = remote(fn, num_cpus=1)
-    bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
     with ray_session(address, workers):
+        bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
         t0 = time.perf_counter()                  # throughput of the work, not of starting a cluster
         try:
             for result in run_bounded(task, calls, 2 * workers):
-                bar.update(done(*result) if isinstance(result, tuple) else done(result))
+                take(result)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, (DataError, ConfigError)):   # a shard unreadable or changed since it was checked
                 raise e.cause from None

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -263,3 +264,25 @@ def remove(loc: Any) -> None:
             pass
     else:
         Path(loc).unlink(missing_ok=True)
+
+
+def check_new_dir(out: Path, flag: str) -> None:
+    """A local output directory that must be new or empty (nothing is overwritten), under an existing parent."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise ConfigError(f"{flag} {out} exists and is not an empty directory; remove it or pick a new path")
+    if not out.absolute().parent.is_dir():
+        raise ConfigError(f"{flag} {out}: its parent directory does not exist; create it first")
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh directory path beside `out` (new or empty) to write into: renamed to `out` when the block succeeds,
+    removed when it fails, so `out` appears whole or not at all."""
+    tmp = out.absolute().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

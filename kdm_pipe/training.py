@@ -54,8 +54,13 @@ def split_shards(manifest: Manifest, holdout: int) -> tuple[list[str], list[str]
     """Training shards and held-out shards (the last `holdout` complete shards)."""
     names = [s.name for s in sorted(manifest.shards, key=lambda s: s.index)]
     if len(names) <= holdout:
-        raise ConfigError(f"the data has {len(names)} complete shards; holding out {holdout} leaves none to train on "
-                          f"(generate more shards or lower holdout_shards)")
+        n = manifest.num_pairs
+        smaller = (f"pass --holdout-shards {max(1, len(names) // 5)} (held out for evaluation), or "
+                   if len(names) > 1 else "")
+        raise ConfigError(f"the data has {len(names)} complete shards ({n:,} pairs); holding out {holdout} "
+                          f"(holdout_shards) leaves none to train on: {smaller}split the pairs into more shards "
+                          f"(`kdm-pipe import … --pairs-per-shard {max(1, n // (holdout + 4))}`, or `generate` with "
+                          f"more --shards)")
     return names[: len(names) - holdout], names[len(names) - holdout:]
 
 

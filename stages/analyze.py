@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdm_pipe.analysis import OUT_DIR, analyze
+from kdm_pipe.analysis import analyze
 from kdm_pipe.config import AnalyzeConfig
 from kdm_pipe.report import write_report
-from kdm_pipe.run import working
+from kdm_pipe.run import ANALYSIS, working
 
 
 def run(cfg: AnalyzeConfig) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def run(cfg: AnalyzeConfig) -> dict[str, Any]:
               f"{s['dim']} eigenvalues inside the unit circle, operator norm {s['operator_norm']:.4g}")
     else:
         print(result["note"])
-    written = [f"{OUT_DIR}/analysis.json", *result["figures"]]
+    written = [f"{ANALYSIS}/analysis.json", *result["figures"]]
     if (r.path / "report.html").is_file():
         written.append("report.html")
     print("wrote " + ", ".join(f"{run_dir}/{f}" for f in written))

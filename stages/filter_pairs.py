@@ -36,7 +36,7 @@ from kdm_pipe.locks import directory_lock
 from kdm_pipe.memorisation import ALPHA, TAU, Scores, ShardScorer, embedding, flags
 from kdm_pipe.metrics.detectors import load_detector
 from kdm_pipe.pairset import atomic_write_bytes
-from kdm_pipe.raypool import ray_session
+from kdm_pipe.raypool import in_process, ray_session
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.shards import (
     FilteredShard,
@@ -161,23 +161,35 @@ def decide(manifest: Manifest, scores: dict[str, Scores], settings: dict, fp: st
     return FilterRecord(settings=settings, fingerprint=fp, scored=manifest.num_pairs, flagged=flagged, shards=shards)
 
 
+# Below this many sample-to-reference distances (pixel space) the search runs in this process: a Ray start-up takes
+# 5–15 s, 10^8 distances about a second.
+IN_PROCESS_DISTANCES = 10**8
+
+
 def score(directory: Path, todo: list, ref: np.ndarray, settings: dict, cfg: FilterConfig,
           progress: bool) -> dict[str, Scores]:
-    """Scores of the shards `todo`, one Ray actor per worker (the reference put once into the object store)."""
+    """Scores of the shards `todo`: in this process for a small pixel-space search, else one Ray actor per worker
+    (the reference put once into the object store)."""
     out = {}
-    with ray_session(cfg.address, cfg.workers, cfg.gpus_per_worker * cfg.workers):
-        actor = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardScorer)
-        ref_id = ray.put(ref)
-        detector = str(cfg.detector) if cfg.detector else None
-        actors = [actor.remote(ref_id, detector, settings["k"], cfg.chunk, cfg.device, 1)
-                  for _ in range(min(cfg.workers, len(todo)))]
-        ray.get([a.ready.remote() for a in actors])  # pairs/s of the search, not of starting workers
-        pairs = sum(s.pairs for s in todo)
+    pairs = sum(s.pairs for s in todo)
+    detector = str(cfg.detector) if cfg.detector else None
+    local = detector is None and in_process(cfg.address, pairs * len(ref), IN_PROCESS_DISTANCES)
+    with ExitStack() as stack:
+        if local:
+            scorers = [ShardScorer(ref, None, settings["k"], cfg.chunk, cfg.device, None)]   # our threads
+            results = (scorers[0].score(str(directory), info) for info in todo)
+        else:
+            stack.enter_context(ray_session(cfg.address, cfg.workers, cfg.gpus_per_worker * cfg.workers))
+            actor = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker)(ShardScorer)
+            ref_id = ray.put(ref)
+            scorers = [actor.remote(ref_id, detector, settings["k"], cfg.chunk, cfg.device, 1)
+                       for _ in range(min(cfg.workers, len(todo)))]
+            ray.get([a.ready.remote() for a in scorers])  # pairs/s of the search, not of starting workers
+            results = ActorPool(scorers).map_unordered(lambda a, info: a.score.remote(str(directory), info), todo)
         bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="filter", dynamic_ncols=True)
         t0 = time.perf_counter()
         try:
-            for name, sc in ActorPool(actors).map_unordered(lambda a, info: a.score.remote(str(directory), info),
-                                                            todo):
+            for name, sc in results:
                 out[name] = sc
                 bar.update(len(sc.seed))
         except ray.exceptions.RayTaskError as e:
@@ -187,8 +199,9 @@ def score(directory: Path, todo: list, ref: np.ndarray, settings: dict, cfg: Fil
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
+    where = "in this process" if local else f"{len(scorers)} workers"
     print(f"{directory}: scored {len(todo)} shards ({pairs} pairs in {seconds:.1f} s, {pairs / seconds:,.0f} pairs/s, "
-          f"{len(actors)} workers)")
+          f"{where})")
     return out
 
 

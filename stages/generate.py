@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import ray
 from tqdm import tqdm
 
 from kdm_pipe import storage
@@ -182,10 +184,16 @@ def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
         print(f"{out}: all {cfg.shards} shards complete ({manifest.num_pairs} pairs)")
         return manifest
     task = remote(make_shard, num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
-    bar = tqdm(total=len(todo) * cfg.pairs_per_shard, unit="pair", disable=not progress, desc="generate",
-               dynamic_ncols=True)
     t0, mine = time.perf_counter(), identity_hash(cfg)
+    if progress and not (cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        print(f"generate: starting a local Ray session ({cfg.workers} workers)…", flush=True)
     with ray_session(cfg.address, cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker):
+        if progress:             # the bar moves by whole shards: say what happens until the first one is done
+            print(f"generate: {len(todo)} shards of {cfg.pairs_per_shard} pairs on {cfg.workers} workers (each "
+                  f"builds the {cfg.teacher.name} teacher, then runs {cfg.sampler.solver} with {cfg.sampler.steps} "
+                  f"steps); the bar advances as shards finish", flush=True)
+        bar = tqdm(total=len(todo) * cfg.pairs_per_shard, unit="pair", disable=not progress, desc="generate",
+                   dynamic_ncols=True)
         calls = ((cfg, k) for k in todo)
         for info, stats in run_bounded(task, calls, cfg.max_in_flight or 2 * cfg.workers):
             w.commit(info, log={**stats, "identity": mine, "info": info.model_dump()})

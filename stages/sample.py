@@ -66,7 +66,7 @@ def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
     x = np.concatenate(xs)
     labels = None if ys[0] is None else np.concatenate(ys)
     settings = {"run": str(r), "step": step, "weights": which, "seed": seed, "class": class_label,
-                "steps": cfg.steps, "network_passes": network_passes(cfg.steps),
+                "steps": cfg.steps, "network_passes": network_passes(r.config.student.kind, cfg.steps),
                 "x_T": "sigma_max * z, one generator per seed (EDM)"}
     if is_image(manifest.shape):
         paths = write_samples(out, x, seeds, labels, settings)
@@ -75,6 +75,6 @@ def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
         np.savez(out / "samples.npz", x_0=x, seeds=seeds, **({} if labels is None else {"labels": labels}))
         atomic_write_text(out / SAMPLES_JSON, json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
         paths = {"dir": out, "npz": out / "samples.npz"}
-    print(f"{cfg.out}: {num} {cfg.steps}-step samples ({network_passes(cfg.steps)} network passes each; seeds "
+    print(f"{cfg.out}: {num} {cfg.steps}-step samples ({settings['network_passes']} network passes each; seeds "
           f"{seed}…{seed + num - 1}) from {r} step {step}, {which} weights")
     return paths

@@ -16,7 +16,10 @@ from kdm_pipe.training import train
 PREEMPTED_EXIT = 143        # 128 + SIGTERM: schedulers read it as "terminated", restart policies rerun the job
 
 
-def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+        again: str = "rerun with --resume to continue") -> dict:
+    """Train; `again` is what the SIGTERM message tells the user to do next (a command composing this stage, such
+    as `demo`, has no --resume flag of its own)."""
     storage.check_bucket(cfg.data, "--data")
     storage.check_bucket(cfg.out, "--out")
     lead = os.environ.get("RANK", "0") == "0"
@@ -30,6 +33,5 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     if lead:
         what = "stopped by SIGTERM at" if out["status"] == "preempted" else "trained to"
         print(f"{out['run']}: {what} step {out['step']}; log {out['run']}/train.jsonl, "
-              f"checkpoints in {out['run']}/checkpoints" + ("; rerun with --resume to continue"
-                                                           if out["status"] == "preempted" else ""))
+              f"checkpoints in {out['run']}/checkpoints" + (f"; {again}" if out["status"] == "preempted" else ""))
     return out

@@ -55,11 +55,7 @@ def s3_server():
     """A real S3 API server (moto's standalone server) on a free loopback port for the whole session. The standard
     AWS variables point every process started afterwards at it: CLI subprocesses and Ray workers (module-scoped Ray
     clusters start after this session-scoped fixture)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.s3_throughput import moto_server
+    from infra import moto_server
 
     try:
         proc, env = moto_server()

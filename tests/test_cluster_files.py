@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import typer.main
 import yaml
+from infra import free_port
 
 from kdm_pipe.cli import app
 from kdm_pipe.config import PRESET_DIR
@@ -33,8 +33,11 @@ PINS = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "constraints.txt").
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def cli_options(command: str) -> set[str]:
-    params = typer.main.get_command(app).commands[command].params
+def cli_options(*command: str) -> set[str]:
+    cmd = typer.main.get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]
+    params = cmd.params
     return {o for p in params for o in p.opts + p.secondary_opts if o.startswith("-")}
 
 
@@ -225,7 +228,7 @@ def test_rayjob_entrypoint_matches_cluster_and_cli():
     # A flag the CLI does not have yet must at least name a field of the teacher's config (e.g. --checkpoint).
     teacher_fields = {"--" + f.replace("_", "-") for f in TEACHERS[gen["--teacher"]].model_fields}
     assert set(gen) - cli_options("generate") <= teacher_fields
-    assert set(flags(steps[2])) <= cli_options("stats")
+    assert set(flags(steps[2])) <= cli_options("stats", "pairs")
 
 
 def test_auto_address_reads_ray_address(monkeypatch):
@@ -365,12 +368,6 @@ def test_slurm_requeues_on_term(tmp_path):
                 pass
     assert "requeue 4242" in (tmp_path / "scontrol.log").read_text()
     assert "requeueing job 4242" in log.read_text() and proc.returncode != 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow      # minutes: CI runs it in its slow pass

@@ -17,7 +17,9 @@ def test_digits_demo_end_to_end(tmp_path):
     for stage in ("== generate", "== verify", "== filter", "== stats", "== train kdm", "== train kd", "== evaluate kd"):
         assert stage in r.stdout
     assert "pairs as copies of sklearn-digits" in r.stdout
-    assert "kd/kdm" in r.stdout and "fd_teacher" in r.stdout
+    assert "KD/KDM" in r.stdout and "FD to the whole teacher set" in r.stdout and "secondary:" in r.stdout
+    assert "starting a local Ray session" in r.stdout and r.stdout.count("== starting") == 1   # one session
+    assert "INFO" not in r.stderr
     html = (out / "report.html").read_text()
     assert 'src="kdm/samples.png"' in html and 'src="kd/samples.png"' in html
     for kind in ("kdm", "kd"):

@@ -50,6 +50,10 @@ def test_fd_to_the_teacher_set_equals_raw_features(setup, capsys):
     want = fid_from_stats(FeatureStats.of(features(net, [samples]), net.name),
                           FeatureStats.of(features(net, [x_0]), net.name))
     assert fd["fd"] == pytest.approx(want, rel=1e-6)
+    h = len(manifest.shards) // 2 * 64                     # the floor: the first half of the shards vs the rest
+    floor = fid_from_stats(FeatureStats.of(features(net, [x_0[:h]]), net.name),
+                           FeatureStats.of(features(net, [x_0[h:]]), net.name))
+    assert fd["floor"]["num"] == [h, 192 - h] and fd["floor"]["fd"] == pytest.approx(floor, rel=1e-6)
 
 
 def test_stale_store_refused_with_exit_2(setup, tmp_path):
@@ -60,4 +64,17 @@ def test_stale_store_refused_with_exit_2(setup, tmp_path):
     before = tree(run)
     r = cli("evaluate", run, "--data", stale, "--num", 32)
     error_line(r, 2, "stats.zarr", "other shards", f"kdm-pipe stats {stale}")
+    assert tree(run) == before
+
+
+def test_statistics_from_before_the_filter_refused_with_exit_2(setup, tmp_path):
+    """`evaluate` after `filter` never reports an FD against statistics that still count the excluded pairs."""
+    data, run = setup
+    filtered = shutil.copytree(data, tmp_path / "pairs")
+    r = cli("filter", filtered, "--ref", "sklearn-digits", "--rule", "absolute", "--threshold", "2.8", "-q")
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(filtered).filter.flagged > 0
+    before = tree(run)
+    r = cli("evaluate", run, "--data", filtered, "--num", 32)
+    error_line(r, 2, "stats.zarr", "before the memorisation filter", f"kdm-pipe stats {filtered}")
     assert tree(run) == before

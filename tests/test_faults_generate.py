@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, left, small_disk, tree
+from handmade import pair_set
 
 import kdm_pipe.shards as shards
 from kdm_pipe.errors import DataError
@@ -23,13 +24,10 @@ from kdm_pipe.locks import directory_lock
 from kdm_pipe.shards import (
     MANIFEST,
     VERIFIED,
-    Manifest,
-    ShardInfo,
     check_shards,
     load_manifest,
     read_shard,
     save_manifest,
-    write_shard,
 )
 from kdm_pipe.stats import STORE, load_stats
 
@@ -39,17 +37,8 @@ SAME = ["--shards", "5", "--pairs-per-shard", "1000", "--batch", "500", "-q"]   
 
 def small_set(d: Path, n: int = 3) -> Path:
     """A pair directory written by hand (no Ray): n shards of 20 two-dimensional pairs."""
-    d.mkdir(parents=True, exist_ok=True)
-    infos = []
-    for k in range(n):
-        recs = [{"x_T": np.full((10, 2), k, np.float32), "x_0": np.ones((10, 2), np.float32),
-                 "seed": np.arange(20 * k + b, 20 * k + b + 10)} for b in (0, 10)]
-        size, digest = write_shard(d / shards.shard_name(k), recs)
-        infos.append(ShardInfo(index=k, name=shards.shard_name(k), pairs=20, seed_start=20 * k, seed_end=20 * k + 20,
-                               bytes=size, sha256=digest))
-    save_manifest(d, Manifest(teacher={"name": "hand"}, source={}, shape=[2], sigma_max=80.0, num_shards=n,
-                              pairs_per_shard=20, dtypes={"x_T": "float32", "x_0": "float32"}, shards=infos))
-    return d
+    return pair_set(d, [[{"x_T": np.full((10, 2), k, np.float32), "x_0": np.ones((10, 2), np.float32),
+                          "seed": np.arange(20 * k + b, 20 * k + b + 10)} for b in (0, 10)] for k in range(n)])
 
 
 

@@ -72,6 +72,13 @@ def test_bad_heldout_shard_is_named(pairs, tmp_path):
     error_line(r, 1, "shard-000004.tar")
 
 
+def test_holding_out_every_shard_says_which_flag_to_change(pairs, tmp_path):
+    r = cli("train", "--data", pairs, "--out", tmp_path / "run", *QUICK, "--holdout-shards", "5")
+    error_line(r, 2, "5 complete shards (5,000 pairs)", "holding out 5", "--holdout-shards 1",
+               "--pairs-per-shard 555")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])
 def test_unusable_out_is_bad_input(pairs, tmp_path, kind):
     (tmp_path / "f").write_text("x")

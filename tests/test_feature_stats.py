@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from handmade import pair_set
 
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
-from kdm_pipe.feature_stats import set_reference
+from kdm_pipe.feature_stats import set_halves, set_reference
 from kdm_pipe.metrics import FeatureStats, PixelFeatures, features, fid_from_stats, load_detector, load_ref_stats
-from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, read_shard, save_manifest, shard_name, write_shard
+from kdm_pipe.shards import Manifest, load_manifest, read_shard
 from kdm_pipe.stats import STORE, load_stats
 from stages import stats
 
@@ -32,21 +33,14 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")     # one private Ray sessio
 def add_shards(directory: Path, sizes: list[int], seed: int) -> None:
     """Image pairs (1×4×4, values in [−1, 1]) appended as new shards of `directory`'s manifest."""
     rng = np.random.default_rng(seed)
-    path = directory / "manifest.json"
-    m = load_manifest(directory) if path.exists() else Manifest(
-        teacher={"name": "hand", "sha256": "ab"}, source={}, shape=[1, 4, 4], sigma_max=80.0, num_shards=0,
-        pairs_per_shard=max(sizes), dtypes={"x_T": "float32", "x_0": "float32"}, shards=[])
-    for n in sizes:
-        k = len(m.shards)
+    k0 = len(load_manifest(directory).shards) if (directory / "manifest.json").exists() else 0
+    shards = []
+    for k, n in enumerate(sizes, k0):
         x_0 = np.tanh(rng.standard_normal((n, 1, 4, 4)) + rng.uniform(-1, 1, (n, 1, 1, 1))).astype(np.float32)
         x_T = (80 * rng.standard_normal((n, 1, 4, 4))).astype(np.float32)
         seeds = np.arange(1000 * k, 1000 * k + n)
-        recs = [{"seed": seeds[b:b + 32], "x_T": x_T[b:b + 32], "x_0": x_0[b:b + 32]} for b in range(0, n, 32)]
-        size, sha = write_shard(directory / shard_name(k), recs)
-        m.shards.append(ShardInfo(index=k, name=shard_name(k), pairs=n, seed_start=1000 * k, seed_end=1000 * k + n,
-                                  bytes=size, sha256=sha))
-    m.num_shards = len(m.shards)
-    save_manifest(directory, m)
+        shards.append([{"seed": seeds[b:b + 32], "x_T": x_T[b:b + 32], "x_0": x_0[b:b + 32]} for b in range(0, n, 32)])
+    pair_set(directory, shards, teacher={"name": "hand", "sha256": "ab"})
 
 
 def all_x0(directory: Path) -> np.ndarray:
@@ -91,6 +85,17 @@ def test_fd_from_store_equals_fd_from_raw_features(images):
     samples = FeatureStats.of(features(net, [other]), net.name)
     raw = FeatureStats.of(features(net, [all_x0(images)]), net.name)
     assert fid_from_stats(samples, reference(images, net)) == pytest.approx(fid_from_stats(samples, raw), rel=1e-9)
+
+
+def test_split_half_floor_equals_fd_between_the_raw_halves(images):
+    net = PixelFeatures()
+    m = load_manifest(images)
+    first, second = set_halves(images, m, net.name)               # 3 shards: the first vs the other two
+    assert (first.num, second.num) == (SIZES[0], SIZES[1] + SIZES[2])
+    half = [np.concatenate([r["x_0"] for r in read_shard(images / s.name)]) for s in m.shards]
+    a = FeatureStats.of(features(net, [half[0]]), net.name)
+    b = FeatureStats.of(features(net, [np.concatenate(half[1:])]), net.name)
+    assert fid_from_stats(first, second) == pytest.approx(fid_from_stats(a, b), rel=1e-9)
 
 
 def test_incremental_after_adding_shards_equals_from_scratch(images_copy, tmp_path, capsys):

@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from handmade import pair_set
 from PIL import Image
 
 from kdm_pipe.config import ConfigError
@@ -22,7 +23,6 @@ from kdm_pipe.metrics import (
     save_ref_stats,
     to_uint8,
 )
-from kdm_pipe.shards import Manifest, ShardInfo, save_manifest, shard_name, write_shard
 
 
 class TinyInception(torch.nn.Module):
@@ -261,15 +261,8 @@ def test_fid_path_accepts_grey_images_and_sample_dirs(tmp_path, detector_file):
 def test_reference_stats_from_pair_shards_use_x0_and_stop_at_num(tmp_path, detector_file):
     net = load_detector(detector_file)
     x_0 = _images(11, 30)
-    shards = []
-    for k in range(2):
-        recs = [{"x_T": 80 * np.ones_like(x_0[i:i + 5]), "x_0": x_0[i:i + 5], "seed": np.arange(i, i + 5)}
-                for i in range(15 * k, 15 * k + 15, 5)]
-        size, digest = write_shard(tmp_path / shard_name(k), recs)
-        shards.append(ShardInfo(index=k, name=shard_name(k), pairs=15, seed_start=15 * k, seed_end=15 * k + 15,
-                                bytes=size, sha256=digest))
-    save_manifest(tmp_path, Manifest(teacher={"name": "t"}, source={}, shape=[3, 8, 8], sigma_max=80.0,
-                                     num_shards=2, pairs_per_shard=15, dtypes={"x_0": "float32"}, shards=shards))
+    pair_set(tmp_path, [[{"x_T": 80 * np.ones_like(x_0[i:i + 5]), "x_0": x_0[i:i + 5], "seed": np.arange(i, i + 5)}
+                         for i in range(15 * k, 15 * k + 15, 5)] for k in range(2)])
     assert sum(len(c) for c in image_source(tmp_path, num=22)) == 22
     stats = reference_stats(tmp_path, net, num=22)
     want = FeatureStats.of(features(net, [x_0[:22]]), net.name)

@@ -14,6 +14,7 @@ from faults import bless, cli, error_line, tree
 from kdm_pipe.config import ConfigError, ImportConfig, TrainConfig
 from kdm_pipe.datasets import sklearn_digits
 from kdm_pipe.exclusions import NO_EXCLUSIONS, exclusions
+from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.loader import PairStream, batches
 from kdm_pipe.memorisation import nearest
 from kdm_pipe.report import write_report
@@ -152,9 +153,12 @@ def test_stats_count_kept_pairs_and_notice_a_changed_filter(planted, session):
     assert stats["x_0"]["count"] == N
     fresh = sklearn_digits().images[N_REF:N_REF + N].astype(np.float64)
     assert np.allclose(stats["x_0"]["mean"], fresh.mean(0), atol=1e-6)
+    assert set_reference(directory, load_manifest(directory), "pixels").num == N    # the FD reference too
     filtered(planted, session, "--replace")                      # the relative rule excludes more
     with pytest.raises(ConfigError, match="rerun `kdm-pipe stats"):
         load_stats(directory)
+    with pytest.raises(ConfigError, match="before the memorisation filter .* rerun `kdm-pipe stats"):
+        set_reference(directory, load_manifest(directory), "pixels")    # evaluate's whole-set FD never uses it
 
 
 @pytest.mark.slow                                               # a real (tiny) training run: ~20 s here

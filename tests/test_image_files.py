@@ -37,8 +37,11 @@ def test_rgb_samples_load_back_with_edm_names_shapes_and_seeds(tmp_path):
     record = json.loads(paths["json"].read_text())
     assert record["seeds"] == seeds.tolist() and record["labels"] is None
     assert record["shape"] == [3, 5, 4] and record["settings"] == {"weights": "ema"}
-    with Image.open(paths["grid"]) as g:          # 5 images → 3 columns × 2 rows
-        assert g.size == (3 * 4, 2 * 5)
+    with Image.open(paths["grid"]) as g:          # 5 images → 3 columns × 2 rows, enlarged 32 // 5 = 6×, 6 px gaps
+        assert g.size == (3 * 4 * 6 + 2 * 6, 2 * 5 * 6 + 6)
+        grid = np.asarray(g)
+        np.testing.assert_array_equal(grid[:30:6, :24:6], want[0])               # tile 0, pixel for pixel
+        assert (grid[:, 24:30] == 128).all() and (grid[30:36] == 128).all()     # the gaps between tiles
 
 
 def test_grey_samples_are_mode_l_and_one_hot_labels_become_indices(tmp_path):

@@ -49,7 +49,9 @@ def test_evaluate_with_reference_and_detector(run, tmp_path):
     assert res["student"]["fd_teacher"] >= 0 and 0 <= res["student"]["precision"] <= 1
     assert res["student"]["fd_teacher"] < res["untrained"]["fd_teacher"]
     assert res["fid"]["num_samples"] == 40 and res["fid"]["frechet_distance"] > 0
-    assert res["speed"]["teacher_nfe"] == 5 and res["speed"]["student_nfe"] == 1
+    sp = res["speed"]      # one vocabulary: steps and network passes (the teacher's are its NFE)
+    assert (sp["teacher_steps"], sp["teacher_network_passes"]) == (3, 5)
+    assert (sp["student_steps"], sp["student_network_passes"]) == (1, 2)          # KDM: encoder + decoder
     Image.open(run / "samples.png").verify()
 
     detector = tmp_path / "tiny.pt"

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from handmade import pair_set
 
 from kdm_pipe.analysis import analyze
 from kdm_pipe.config import StatsConfig, TrainConfig
@@ -13,7 +14,7 @@ from kdm_pipe.latents import load_latent_stats, participation_ratio
 from kdm_pipe.probes import load_probes
 from kdm_pipe.report import write_report
 from kdm_pipe.run import Run
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard, save_manifest, shard_name, write_shard
+from kdm_pipe.shards import read_shard, shard_name
 from kdm_pipe.training import train
 from stages import stats
 from tests.faults import cli, error_line, tree
@@ -31,12 +32,8 @@ def pairs(tmp_path_factory) -> Path:
     for k, n in enumerate([300, 170, 230]):
         x_T = 80 * rng.standard_normal((n, 2))
         x_0 = x_T @ np.array([[0.02, 0.01], [0.0, 0.03]]) + 0.5 * rng.standard_normal((n, 2)) + [1.0, -2.0]
-        size, sha = write_shard(out / shard_name(k), [{"seed": np.arange(n) + 1000 * k, "x_T": x_T, "x_0": x_0}])
-        shards.append(ShardInfo(index=k, name=shard_name(k), pairs=n, seed_start=1000 * k, seed_end=1000 * k + n,
-                                bytes=size, sha256=sha))
-    save_manifest(out, Manifest(teacher={"name": "hand"}, source={}, shape=[2], sigma_max=80.0, num_shards=3,
-                                pairs_per_shard=300, dtypes={"x_T": "float64", "x_0": "float64"}, shards=shards))
-    return out
+        shards.append([{"seed": np.arange(n) + 1000 * k, "x_T": x_T, "x_0": x_0}])
+    return pair_set(out, shards)
 
 
 @pytest.fixture(scope="module")

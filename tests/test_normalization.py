@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from handmade import pair_set
 
 from kdm_pipe.config import ConfigError, SampleConfig, StatsConfig, TrainConfig
 from kdm_pipe.normalization import Standardized
 from kdm_pipe.run import Run
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard, save_manifest, shard_name, write_shard
+from kdm_pipe.shards import Manifest, read_shard, shard_name
 from kdm_pipe.stats import STORE
 from kdm_pipe.trained import load_weights
 from kdm_pipe.training import resolved, train
@@ -30,13 +31,8 @@ def far_pairs(tmp_path_factory) -> Path:
     for k in range(3):
         x_0 = CENTRE + SCALE * rng.standard_normal((400, 2))
         x_T = 80 * rng.standard_normal((400, 2))
-        size, sha = write_shard(out / shard_name(k), [{"seed": np.arange(400 * k, 400 * k + 400), "x_T": x_T,
-                                                       "x_0": x_0}])
-        shards.append(ShardInfo(index=k, name=shard_name(k), pairs=400, seed_start=400 * k, seed_end=400 * k + 400,
-                                bytes=size, sha256=sha))
-    save_manifest(out, Manifest(teacher={"name": "hand"}, source={}, shape=[2], sigma_max=80.0, num_shards=3,
-                                pairs_per_shard=400, dtypes={"x_T": "float64", "x_0": "float64"}, shards=shards))
-    return out
+        shards.append([{"seed": np.arange(400 * k, 400 * k + 400), "x_T": x_T, "x_0": x_0}])
+    return pair_set(out, shards)
 
 
 def fit(data: Path, out: Path, **kw) -> Path:

@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 import ray
+from infra import FAST_FAILURE_DETECTION, LocalCluster  # noqa: E402
 
 from kdm_pipe.config import GenerateConfig
 from kdm_pipe.generation import make_shard
 from kdm_pipe.shards import load_manifest, verify
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.cluster_throughput import FAST_FAILURE_DETECTION, LocalCluster  # noqa: E402
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 SHARDS, PER_SHARD, BATCH, STEPS = 8, 3000, 1000, 30     # ~1.5 s a shard: time to kill a node mid-shard

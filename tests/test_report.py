@@ -9,7 +9,8 @@ import pytest
 from kdm_pipe.analysis import analyze
 from kdm_pipe.config import ConfigError, EvaluateConfig, TrainConfig
 from kdm_pipe.evaluation import evaluate
-from kdm_pipe.report import fmt, write_comparison, write_report
+from kdm_pipe.pages import fmt
+from kdm_pipe.report import BETTER, label, write_comparison, write_report
 from kdm_pipe.training import train
 
 SMALL_MLP = {"hidden": 32, "depth": 2, "latent_dim": 16}
@@ -24,7 +25,7 @@ class StrictHTML(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.stack, self.imgs, self.hrefs, self.tables, self.text, self.doctype = [], [], [], [], [], None
-        self.cell = None
+        self.cell, self.title, self._in_title = None, None, False
 
     def handle_decl(self, decl):
         self.doctype = decl
@@ -42,6 +43,7 @@ class StrictHTML(HTMLParser):
             self.tables[-1].append([])
         if tag in ("td", "th"):
             self.cell = []
+        self._in_title = tag == "title"
         if tag not in VOID:
             self.stack.append(tag)
 
@@ -53,6 +55,8 @@ class StrictHTML(HTMLParser):
             self.cell = None
 
     def handle_data(self, data):
+        if self._in_title:
+            self.title, self._in_title = data, False
         self.text.append(data)
         if self.cell is not None:
             self.cell.append(data)
@@ -133,15 +137,23 @@ def test_report_is_valid_html_with_images_and_the_eval_numbers(runs, name):
     assert {"eval.json", "config.json"} <= set(html.hrefs)
 
     results = json.loads((run / "eval.json").read_text())
-    rows = table_with(html, ["metric", "student", "untrained", "teacher floor"])
-    assert_numbers(rows, {k: [results[p].get(k) for p in ("student", "untrained", "teacher_floor")]
+    rows = table_with(html, ["metric", "better", "student", "untrained", "teacher floor"])
+    parts = ("student", "untrained", "teacher_floor")
+    assert_numbers(rows, {label(k, [results]): [BETTER.get(k, "")] + [results[p].get(k) for p in parts]
                           for k in student_keys(results)})
     text = "".join(html.text)
-    assert f"{fmt(results['speed']['student_samples_per_s'])} samples/s" in text
+    passes = {"kdm": "2 network passes", "kd": "1 network pass", "image": "2 network passes"}[name]
+    assert f"{fmt(results['speed']['student_samples_per_s'])} samples/s (1 step, {passes};" in text
+    assert results["speed"]["student_network_passes"] == (1 if name == "kd" else 2)
+    kind = "KD" if name == "kd" else "KDM"
+    assert html.title == f"{kind} student of the {'digits' if name == 'image' else 'checkerboard'} teacher: {run}"
     assert "samples.png" in html.imgs and "report_files/losses.png" in html.imgs
     config = dict(table_with(html, ["setting", "value"]))
     assert config["steps × batch"] == {"kdm": "60 × 128", "kd": "20 × 128", "image": "6 × 16"}[name]
     assert config["teacher NFE"] == {"kdm": "35", "kd": "35", "image": "5"}[name]
+    assert config["sampler steps"] == {"kdm": "18", "kd": "18", "image": "3"}[name]     # settings as rows, not JSON
+    assert not any("{" in v for v in config.values())
+    assert ("w_latent" in config["loss"]) == (name != "kd")                      # a KD report: only KD's settings
 
     if name == "kdm":                 # analysed: its figures and proximity table are shown
         assert {"analysis/spectrum.png", "analysis/noise_structure.png", "analysis/interpolation.png",
@@ -151,8 +163,25 @@ def test_report_is_valid_html_with_images_and_the_eval_numbers(runs, name):
                        {k: [v["ari"], v["nmi"], v["davies_bouldin"], v["calinski_harabasz"]] for k, v in prox.items()})
     elif name == "image":             # not analysed: the spectrum comes from the latest probe
         assert "report_files/spectrum.png" in html.imgs and "not analysed yet" in text
-    else:
-        assert "no Koopman operator" in text and not any("spectrum" in s for s in html.imgs)
+    else:                             # KD: no operator, no latent space: no such sections
+        assert "Koopman spectrum" not in text and not any("spectrum" in s for s in html.imgs)
+    if name != "kd":                  # whether eigenvalues leave the unit circle is said in words
+        assert "eigenvalues lie inside the unit circle" in text or "lie outside the unit circle" in text
+
+
+def test_a_steps_evaluation_gets_its_own_report(runs, tmp_path):
+    run = shutil.copytree(runs["image"], tmp_path / "image")
+    res = json.loads((run / "eval.json").read_text())
+    res["steps"], res["student"]["mse"] = 2, 0.123456
+    res["speed"].update(student_steps=2, student_network_passes=4)
+    (run / "eval-2steps.json").write_text(json.dumps(res))
+    path = write_report(run, steps=2)
+    assert path == run / "report-2steps.html"
+    html = parse(path)
+    text = "".join(html.text)
+    assert html.title.endswith(", 2-step sampler") and "2 sampling steps" in text
+    assert "(2 steps, 4 network passes;" in text
+    assert "0.1235" in text and "eval-2steps.json" in html.hrefs
 
 
 def test_report_of_a_moved_run_and_of_an_unevaluated_one(runs, tmp_path):
@@ -180,11 +209,49 @@ def test_comparison_page_puts_runs_side_by_side(runs, tmp_path):
         assert (out.parent / ref).is_file(), ref
     assert len(html.imgs) == 2 and len(html.hrefs) == 2
     results = {n: json.loads((r / "eval.json").read_text()) for n, r in names.items()}
-    rows = table_with(html, ["metric", *names, "teacher floor"])          # same data: one floor column
+    header = ["metric", "better", *names, "teacher floor", "best"]
     floor = results["KDM"]["teacher_floor"]
-    expected = {"step": [60, 20, None], "weights": [results[n]["weights"] for n in names] + [None]}
-    expected |= {k: [results[n]["student"][k] for n in names] + [floor.get(k)] for k in student_keys(results["KDM"])}
-    expected["samples/s (1 step)"] = [results[n]["speed"]["student_samples_per_s"] for n in names] + [None]
-    assert_numbers(rows, expected)
+    tables = [t[1:] for t in html.tables if t[0] == header]
+    assert len(tables) == 2                                                # headline, then the secondary rows
+    lead, rest = tables
+    assert [r[0] for r in lead] == ["sliced_wasserstein", "mmd", "off_support", "paired MSE (x̂_0 vs the teacher's "
+                                                                              "x_0 from the same held-out x_T)"]
+
+    def want(k, values, floor_value):
+        known = {n: v for n, v in zip(names, values) if v is not None}
+        if k not in BETTER:
+            return ["", *values, floor_value, None]
+        pick = min if BETTER[k] == "lower" else max
+        return [BETTER[k], *values, floor_value, pick(known, key=known.get)]
+
+    expected = {"step": ["", 60, 20, None, None], "weights": ["", *(results[n]["weights"] for n in names), None, None]}
+    expected |= {label(k, [results["KDM"]]): want(k, [results[n]["student"][k] for n in names], floor.get(k))
+                 for k in student_keys(results["KDM"])}
+    expected["samples/s"] = want("samples/s", [results[n]["speed"]["student_samples_per_s"] for n in names], None)
+    assert_numbers(lead + rest, expected)
     with pytest.raises(ConfigError, match="evaluate"):
         write_comparison({"nothing": tmp_path}, tmp_path / "x.html")
+
+
+def test_image_comparison_leads_with_the_whole_set_fd_and_explains_odd_floors(runs, tmp_path):
+    res = json.loads((runs["image"] / "eval.json").read_text())
+    assert "stats" in res["fd_set"]["note"]                   # the session's digit pairs have no stats.zarr
+    runs_ = {}
+    for name, fd, precision in (("A", 5.0, 1.0), ("B", 4.0, 0.5)):
+        run = shutil.copytree(runs["image"], tmp_path / name)
+        fd_set = {"fd": fd, "num_samples": 192, "num_reference": 192, "detector": "pixels",
+                  "floor": {"fd": 0.75, "num": [64, 128]}}
+        r = dict(res, fd_set=fd_set, student=dict(res["student"], precision=precision),
+                 teacher_floor=dict(res["teacher_floor"], precision=0.94, mmd=-0.001))
+        (run / "eval.json").write_text(json.dumps(r))
+        runs_[name] = run
+    html = parse(write_comparison(runs_, tmp_path / "cmp.html", title="A vs B on the digits"))
+    tables = [t for t in html.tables if t[0][:2] == ["metric", "better"]]
+    first = tables[0][1]
+    assert first[0].startswith("FD to the whole teacher set") and first[1] == "lower" and first[-1] == "B"
+    assert first[0] == "FD to the whole teacher set (192 fresh samples vs its 192 pairs)" and first[4] == "0.75"
+    assert tables[0][2][0].startswith("paired MSE") and any(r[0].startswith("FD, held out (secondary")
+                                                            for r in tables[1])
+    text = "".join(html.text)
+    assert html.title == "A vs B on the digits"
+    assert "precision of A above the teacher's own (0.94)" in text and "MMD floor is negative" in text

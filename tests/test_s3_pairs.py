@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import ray
 from faults import CLI, ENV, bucket_tree, cli, error_line, flip_object_byte, kdm
+from infra import moto_server  # noqa: E402
 
 from kdm_pipe import locks, storage
 from kdm_pipe.config import GenerateConfig
@@ -29,9 +29,6 @@ from kdm_pipe.pairset import PairSetWriter
 from kdm_pipe.shards import load_manifest, verify
 from kdm_pipe.teachers.edm import DIGITS_CHECKPOINT
 from stages import generate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.s3_throughput import moto_server  # noqa: E402
 
 SETTINGS = dict(shards=4, pairs_per_shard=300, batch=128, sampler={"steps": 6}, workers=2)
 FLAGS = ["--shards", "4", "--pairs-per-shard", "300", "--batch", "128", "--steps", "6", "--workers", "2", "-q"]
@@ -432,7 +429,7 @@ def test_driver_killed_mid_run_resumes_to_identical_bytes(s3_server, bucket, slo
 def test_two_node_cluster_uploads_from_both_nodes_with_the_checkpoint_from_the_bucket(s3_server, bucket, tmp_path):
     """`--address` to a cluster of two `ray start` nodes, each with its own cache: every node fetches the teacher
     from the bucket itself and uploads its own shards; the bytes are those of a local run."""
-    from bench.cluster_throughput import LocalCluster
+    from infra import LocalCluster
     fs = storage.location(bucket).fs
     for src in (DIGITS_CHECKPOINT, DIGITS_CHECKPOINT.with_suffix(".json")):
         fs.put_file(str(src), f"{bucket[5:]}/models/{src.name}")

@@ -7,16 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import s3fs
+from infra import LocalCluster  # noqa: E402
 
 from kdm_pipe.shards import load_manifest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.cluster_throughput import LocalCluster  # noqa: E402
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 GENERATE = ["generate", "--preset", "checkerboard-quick", "--shards", "4", "--pairs-per-shard", "1000", "--batch",

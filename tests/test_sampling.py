@@ -5,8 +5,9 @@ import torch
 from kdm_pipe.config import GenerateConfig, SamplerConfig
 from kdm_pipe.generation import NonFiniteTeacherOutput, sample_pairs
 from kdm_pipe.sampling import edm_sigmas, nfe, seed_noise, solve, trajectory_steps
-from kdm_pipe.teachers import Teacher, build_teacher
+from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.analytic import GMMTeacherConfig
+from kdm_pipe.teachers.base import Teacher
 
 
 def test_edm_schedule_matches_published_values():

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import ray
 import zarr
+from handmade import pair_set
 from zarr.codecs import BloscCodec
 
 from kdm_pipe.config import ConfigError, GenerateConfig, StatsConfig
 from kdm_pipe.errors import DataError
-from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, load_manifest, read_shard, save_manifest, write_shard
+from kdm_pipe.shards import MANIFEST, load_manifest, read_shard, save_manifest, write_shard
 from kdm_pipe.stats import STORE, load_stats
 from stages import generate, stats
 
@@ -176,16 +177,11 @@ def test_labels_and_skipped_covariance(tmp_path):
     for k in range(2):
         x0, xT = rng.standard_normal((50, 1, 4, 4)), 80 * rng.standard_normal((50, 1, 4, 4))
         y = np.eye(3, dtype=np.float32)[rng.integers(3, size=50)]
-        recs = [{"seed": np.arange(50 * k + b, 50 * k + b + 25), "x_T": xT[b:b + 25], "x_0": x0[b:b + 25],
-                 "label": y[b:b + 25]} for b in (0, 25)]
-        size, sha = write_shard(tmp_path / f"shard-{k:06d}.tar", recs)
-        shards.append(ShardInfo(index=k, name=f"shard-{k:06d}.tar", pairs=50, seed_start=50 * k,
-                                seed_end=50 * k + 50, bytes=size, sha256=sha))
+        shards.append([{"seed": np.arange(50 * k + b, 50 * k + b + 25), "x_T": xT[b:b + 25], "x_0": x0[b:b + 25],
+                        "label": y[b:b + 25]} for b in (0, 25)])
         xs.append(x0)
         ys.append(y)
-    save_manifest(tmp_path, Manifest(teacher={"name": "hand", "sha256": "ab"}, source={}, shape=[1, 4, 4],
-                                     label_dim=3, sigma_max=80.0, num_shards=2, pairs_per_shard=50,
-                                     dtypes={"x_T": "float64", "x_0": "float64"}, shards=shards))
+    pair_set(tmp_path, shards, teacher={"name": "hand", "sha256": "ab"})
     stats.run(StatsConfig(data=tmp_path, cov_max_dim=8), progress=False)
     s = load_stats(tmp_path)
     np.testing.assert_array_equal(s["label"]["count"], np.concatenate(ys).sum(0))

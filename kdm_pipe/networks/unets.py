@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from kdm_pipe.networks.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+# Relative: `kdm-pipe export` copies this file and layers.py into pipelines that run without kdm-pipe.
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
 
 def _drop_labels(labels: Tensor, p: float, training: bool) -> Tensor:

@@ -44,12 +44,16 @@ class ImageStudent(nn.Module):
         self.cfg, self.shape, self.label_dim = cfg, (channels, height, width), label_dim
         self.lpips = LPIPS(cfg.lpips_vgg, cfg.lpips_lin) if "lpips" in cfg.distance else None
         self.last_sample: Tensor | None = None
+        self.specs: dict[str, dict] = {}
 
-    def unet(self, c_in: int, c_out: int) -> SongUNet:
+    def unet(self, name: str, c_in: int, c_out: int) -> SongUNet:
+        """The U-Net `name`, its constructor keywords kept in `specs[name]` (what `kdm-pipe export` writes down)."""
         c = self.cfg
-        return SongUNet(img_resolution=self.shape[1], in_channels=c_in, out_channels=c_out, label_dim=self.label_dim,
-                        model_channels=c.model_channels, channel_mult=c.channel_mult, num_blocks=c.num_blocks,
-                        attn_resolutions=c.attn_resolutions, dropout=c.dropout, **DDPMPP)
+        kwargs = dict(img_resolution=self.shape[1], in_channels=c_in, out_channels=c_out, label_dim=self.label_dim,
+                      model_channels=c.model_channels, channel_mult=list(c.channel_mult), num_blocks=c.num_blocks,
+                      attn_resolutions=list(c.attn_resolutions), dropout=c.dropout, **DDPMPP)
+        self.specs[name] = kwargs
+        return SongUNet(**kwargs)
 
     def labels_like(self, labels: Tensor | None, x: Tensor) -> Tensor | None:
         """Labels in x's dtype (the U-Nets cast their weights to the input dtype), checked against label_dim."""
@@ -101,9 +105,9 @@ class ImageKDM(ImageStudent, KDM):
         super().__init__(cfg, shape, label_dim)
         channels, res, _ = self.shape
         grid = cfg.latent_channels * res * res
-        self.enc_0 = self.unet(channels, cfg.latent_channels)
-        self.enc_T = self.unet(channels, cfg.latent_channels)
-        self.dec = self.unet(cfg.latent_channels, channels)
+        self.enc_0 = self.unet("enc_0", channels, cfg.latent_channels)
+        self.enc_T = self.unet("enc_T", channels, cfg.latent_channels)
+        self.dec = self.unet("dec", cfg.latent_channels, channels)
         p = cfg.projection
         self.proj_0 = Linear(grid, p, init_mode="xavier_uniform") if p else None
         self.proj_T = Linear(grid, p, init_mode="xavier_uniform") if p else None
@@ -145,7 +149,7 @@ class ImageKD(ImageStudent):
 
     def __init__(self, cfg: StudentConfig, shape: tuple[int, int, int], label_dim: int = 0) -> None:
         super().__init__(cfg, shape, label_dim)
-        self.net = self.unet(self.shape[0], self.shape[0])
+        self.net = self.unet("net", self.shape[0], self.shape[0])
 
     def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.net(x_T, self.time(x_T, 1.0), self.labels_like(labels, x_T))

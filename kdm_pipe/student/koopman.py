@@ -1,11 +1,13 @@
-"""Koopman operators C acting on the flattened latent: dense (affine / linear) or decomposed K = P Λ P⁻¹."""
+"""Koopman operators C acting on the flattened latent: dense (affine / linear) or decomposed K = P Λ P⁻¹.
+
+Sampling needs torch alone (scipy only for the spectrum prior's matching): `kdm-pipe export` copies this file into
+exported pipelines."""
 from __future__ import annotations
 
 import math
 from typing import Literal, get_args
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 OperatorKind = Literal["affine", "linear", "decomposed"]
@@ -51,6 +53,8 @@ def matched_targets(lam: Tensor, targets: Tensor) -> Tensor:
     distance Σ_j |λ_j − u_π(j)| (the Hungarian algorithm, on detached values: the matching is piecewise constant)."""
     if bool((targets == targets[:1]).all()) or not bool(torch.isfinite(torch.view_as_real(lam)).all()):
         return targets                      # one target for all ("circle"), or nothing to match (a diverged run)
+    # Imported here: `kdm-pipe export` copies this module into pipelines that need torch alone to sample.
+    from scipy.optimize import linear_sum_assignment
     u = targets.detach().cpu().double()
     lam = lam.detach().cpu().to(torch.complex128)
     cost = (lam[:, None] - torch.complex(u[:, 0], u[:, 1])[None, :]).abs().numpy()
@@ -71,8 +75,10 @@ class DecomposedOperator(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         scale = 1 / math.sqrt(2 * dim)
-        self.P_re = nn.Parameter(torch.linalg.qr(torch.randn(dim, dim))[0] * scale)
-        self.P_im = nn.Parameter(torch.linalg.qr(torch.randn(dim, dim))[0] * scale)
+        # QR returns column-major factors; row-major like every other weight, so that the products below (whose last
+        # bits depend on the layout) are the same wherever the weights are loaded, e.g. in an exported pipeline.
+        self.P_re = nn.Parameter((torch.linalg.qr(torch.randn(dim, dim))[0] * scale).contiguous())
+        self.P_im = nn.Parameter((torch.linalg.qr(torch.randn(dim, dim))[0] * scale).contiguous())
         self.P_inv_re = nn.Parameter(torch.randn(dim, dim) * scale)
         self.P_inv_im = nn.Parameter(torch.randn(dim, dim) * scale)
         # |λ| = √u₁ spreads the initial eigenvalues uniformly over the unit disk, phases uniform in [0, 2π);

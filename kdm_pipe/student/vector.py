@@ -21,49 +21,26 @@ import torch
 from torch import Tensor, nn
 
 from kdm_pipe.config import StudentConfig
+from kdm_pipe.networks.mlp import build_mlp
 from kdm_pipe.student.kdm import KDM, distance
 from kdm_pipe.student.noise import LatentNoise
 
 
-def mlp(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential:
-    """depth × (Linear + SiLU) then Linear(→ d_out): a linear head."""
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers += [nn.Linear(d_in if i == 0 else hidden, hidden), nn.SiLU()]
-    return nn.Sequential(*layers, nn.Linear(hidden if depth else d_in, d_out))
+def mlp_spec(layers: str, d_in: int, d_out: int, hidden: int, depth: int, time: float | None = None) -> dict:
+    return {"layers": layers, "d_in": d_in, "d_out": d_out, "hidden": hidden, "depth": depth, "time": time}
 
 
-def swish_stack(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential:
-    """depth × (Linear + Swish), the last one to d_out: the official 2-D encoder (its output is activated)."""
-    widths = [d_in] + [hidden] * (depth - 1) + [d_out]
-    layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.SiLU()]
-    return nn.Sequential(*layers)
-
-
-class TimeInput(nn.Module):
-    """`net` applied to [x, t], t by default the network's constant time (the official 2-D networks' time input: a
-    learned bias); trajectory supervision passes the time of an intermediate state."""
-
-    def __init__(self, net: nn.Module, t: float) -> None:
-        super().__init__()
-        self.net, self.t = net, t
-
-    def forward(self, x: Tensor, t: float | None = None) -> Tensor:
-        return self.net(torch.cat([x, x.new_full((x.shape[0], 1), self.t if t is None else t)], dim=1))
-
-
-def kdm_networks(cfg: StudentConfig, data_dim: int, label_dim: int) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(E_T, E_0, D) of the MLP design `cfg.mlp`, each taking [input, labels] (built in this order: it fixes the
-    seeded initial weights)."""
+def kdm_specs(cfg: StudentConfig, data_dim: int, label_dim: int) -> dict[str, dict]:
+    """The `networks.mlp` specs of E_T, E_0 and D in the MLP design `cfg.mlp`, each taking [input, labels] (built in
+    this order: it fixes the seeded initial weights)."""
     x_in, z_in = data_dim + label_dim, cfg.latent_dim + label_dim
     if cfg.mlp == "official":
-        return (TimeInput(swish_stack(x_in + 1, cfg.latent_dim, cfg.hidden, cfg.depth), 1.0),
-                TimeInput(swish_stack(x_in + 1, cfg.latent_dim, cfg.hidden, cfg.depth), 0.0),
-                TimeInput(mlp(z_in + 1, data_dim, cfg.hidden, cfg.depth - 1), 0.0))
-    return (mlp(x_in, cfg.latent_dim, cfg.hidden, cfg.depth), mlp(x_in, cfg.latent_dim, cfg.hidden, cfg.depth),
-            mlp(z_in, data_dim, cfg.hidden, cfg.depth))
+        return {"enc_T": mlp_spec("swish", x_in + 1, cfg.latent_dim, cfg.hidden, cfg.depth, 1.0),
+                "enc_0": mlp_spec("swish", x_in + 1, cfg.latent_dim, cfg.hidden, cfg.depth, 0.0),
+                "dec": mlp_spec("linear-head", z_in + 1, data_dim, cfg.hidden, cfg.depth - 1, 0.0)}
+    return {"enc_T": mlp_spec("linear-head", x_in, cfg.latent_dim, cfg.hidden, cfg.depth),
+            "enc_0": mlp_spec("linear-head", x_in, cfg.latent_dim, cfg.hidden, cfg.depth),
+            "dec": mlp_spec("linear-head", z_in, data_dim, cfg.hidden, cfg.depth)}
 
 
 class VectorKDM(KDM):
@@ -71,7 +48,8 @@ class VectorKDM(KDM):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("x_T_scale", torch.tensor(1.0 / sigma_max))
-        self.enc_T, self.enc_0, self.dec = kdm_networks(cfg, data_dim, label_dim)
+        self.specs = kdm_specs(cfg, data_dim, label_dim)          # (what `kdm-pipe export` writes down)
+        self.enc_T, self.enc_0, self.dec = (build_mlp(self.specs[k]) for k in ("enc_T", "enc_0", "dec"))
         self.koopman = self.operator(cfg.latent_dim, label_dim)
 
     @staticmethod
@@ -107,7 +85,8 @@ class VectorKD(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("x_T_scale", torch.tensor(1.0 / sigma_max))
-        self.net = mlp(data_dim + label_dim, data_dim, cfg.hidden, cfg.depth)
+        self.specs = {"net": mlp_spec("linear-head", data_dim + label_dim, data_dim, cfg.hidden, cfg.depth)}
+        self.net = build_mlp(self.specs["net"])
 
     def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         x = x_T * self.x_T_scale

@@ -1,32 +1,23 @@
-"""Teacher registry: a config (discriminated by `name`) builds a Teacher."""
+"""Teacher registry: a config from kdm_pipe.config (discriminated by `name`) builds a Teacher.
+
+The builders import torch and the networks, so they are imported when a teacher is built, not when the registry is
+(the command line imports the configs only)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import TYPE_CHECKING
 
-from pydantic import Field
+from kdm_pipe.config import TEACHERS, TeacherConfig
 
-from kdm_pipe.teachers.analytic import (
-    CheckerboardTeacherConfig,
-    GMMTeacherConfig,
-    build_checkerboard,
-    build_gmm,
-)
-from kdm_pipe.teachers.base import Teacher
-from kdm_pipe.teachers.edm import DigitsTeacherConfig, EDMTeacherConfig, build_digits, build_edm
-
-TeacherConfig = Annotated[
-    Union[CheckerboardTeacherConfig, GMMTeacherConfig, EDMTeacherConfig, DigitsTeacherConfig],
-    Field(discriminator="name"),
-]
-
-_BUILDERS = {"checkerboard": build_checkerboard, "gmm": build_gmm, "edm": build_edm, "digits": build_digits}
-TEACHERS = {"checkerboard": CheckerboardTeacherConfig, "gmm": GMMTeacherConfig, "edm": EDMTeacherConfig,
-            "digits": DigitsTeacherConfig}
+if TYPE_CHECKING:
+    from kdm_pipe.teachers.base import Teacher
 
 
 def build_teacher(cfg) -> Teacher:
-    return _BUILDERS[cfg.name](cfg)
+    from kdm_pipe.teachers import analytic, edm
+    builders = {"checkerboard": analytic.build_checkerboard, "gmm": analytic.build_gmm, "edm": edm.build_edm,
+                "digits": edm.build_digits}
+    return builders[cfg.name](cfg)
 
 
-__all__ = ["Teacher", "TeacherConfig", "TEACHERS", "build_teacher"]
+__all__ = ["TeacherConfig", "TEACHERS", "build_teacher"]

@@ -8,68 +8,11 @@ so the teacher's ODE is the true probability-flow ODE of the mixture.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kdm_pipe.config import CheckerboardTeacherConfig, GMMTeacherConfig
 from kdm_pipe.teachers.base import Teacher
-
-
-class GMMTeacherConfig(BaseModel):
-    """A general isotropic Gaussian mixture in any dimension."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: Literal["gmm"] = "gmm"
-    means: list[list[float]] = Field(default=[[-1.0, 0.0], [1.0, 0.0]], min_length=1)
-    stds: list[float] = Field(default=[0.2, 0.2])
-    weights: list[float] | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "GMMTeacherConfig":
-        k, d = len(self.means), len(self.means[0])
-        if any(len(m) != d for m in self.means):
-            raise ValueError("gmm: every mean must have the same dimension")
-        if len(self.stds) != k or any(s <= 0 for s in self.stds):
-            raise ValueError(f"gmm: need {k} positive stds (one per mean), got {self.stds}")
-        if self.weights is not None and (len(self.weights) != k or any(w <= 0 for w in self.weights)):
-            raise ValueError(f"gmm: need {k} positive weights (one per mean), got {self.weights}")
-        return self
-
-
-class CheckerboardTeacherConfig(BaseModel):
-    """A mixture tiling the black squares of a size×size board on [−extent, extent]² with a per_square² grid."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: Literal["checkerboard"] = "checkerboard"
-    size: int = Field(default=4, ge=2)
-    extent: float = Field(default=2.0, gt=0, description="board scale: the board spans [−extent, extent]² (the "
-                          "official 2-D data: 4 squares of side 2 on [−4, 4]², i.e. extent 4)")
-    per_square: int = Field(default=4, ge=1)
-    std_ratio: float = Field(default=0.25, gt=0, description="component std as a fraction of the grid spacing")
-
-    def support_mask(self, x: np.ndarray) -> np.ndarray:
-        """The support this teacher declares: True where a point of x (N, 2) lies on a black square (evaluation
-        reports the fraction of samples off it)."""
-        return board_mask(x, self.size, self.extent)
-
-
-def board_mask(x: np.ndarray, size: int = 4, extent: float = 2.0) -> np.ndarray:
-    """True where a point of x (N, 2) lies on a black square of the size×size board on [−extent, extent)².
-
-    With w = 2·extent/size, square (i, j) = (floor((x+extent)/w), floor((y+extent)/w)) counted from the
-    lower-left corner is black iff (i + j) is even. The board is half-open so every square has the same
-    shape; points off the board are never on it.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != 2:
-        raise ValueError(f"expected (N, 2) points, got shape {x.shape}")
-    w = 2.0 * extent / size
-    cells = np.floor((x + extent) / w)
-    on_board = np.all((cells >= 0) & (cells < size), axis=1)
-    black = (cells.sum(axis=1) % 2) == 0
-    return on_board & black
 
 
 class GMMTeacher(Teacher):
@@ -108,7 +51,7 @@ def checkerboard_components(cfg: CheckerboardTeacherConfig) -> tuple[np.ndarray,
     centres = []
     for i in range(cfg.size):
         for j in range(cfg.size):
-            if (i + j) % 2 == 0:                                         # same rule as board_mask
+            if (i + j) % 2 == 0:                                         # same rule as metrics.checkerboard_mask
                 x0, y0 = -cfg.extent + i * w, -cfg.extent + j * w
                 centres += [(x0 + a, y0 + b) for a in offsets for b in offsets]
     return np.array(centres), cfg.std_ratio * spacing

@@ -1,4 +1,5 @@
-"""EDM networks as teachers: an official `.pkl` or the project's `.pt` + `.json`, and the shipped digits teacher.
+"""EDM networks as teachers: an official `.pkl` or the project's `.pt` / `.safetensors` + `.json`, and the shipped
+digits teacher.
 
 A checkpoint may be an s3:// URL: every process that builds the teacher (the driver, each Ray worker, on any node)
 downloads it once into its host's cache (cache_dir(), keyed by the object's URL, ETag and size, so a replaced object
@@ -16,12 +17,12 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from kdm_pipe import storage
+from kdm_pipe.config import DigitsTeacherConfig, EDMTeacherConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.teachers.base import Teacher
@@ -29,24 +30,6 @@ from kdm_pipe.teachers.edm_checkpoint import CheckpointError, EDMCheckpoint, loa
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_CHECKPOINT = ASSETS / "digits-teacher.pt"
-
-
-class EDMTeacherConfig(BaseModel):
-    """A trained EDM network: an official `.pkl` (network `key`) or a `.pt` with its `.json` spec beside it."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: Literal["edm"] = "edm"
-    checkpoint: storage.Location
-    key: str = "ema"
-    allow_tf32: bool = False
-    use_fp16: bool = False
-
-
-class DigitsTeacherConfig(BaseModel):
-    """The small EDM teacher shipped with the package, trained on scikit-learn's 8×8 digits (docs/TEACHERS.md)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: Literal["digits"] = "digits"
 
 
 def edm_sampler_defaults(net: torch.nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0) -> dict[str, Any]:
@@ -71,15 +54,17 @@ class EDMTeacher(Teacher):
 
 def _load(path: Any, key: str, device: torch.device) -> EDMCheckpoint:
     with storage.remote_errors(path, "EDM checkpoint", ConfigError):
-        present = path.is_file(), path.suffix != ".pt" or path.with_suffix(".json").is_file()
+        present = path.is_file(), path.suffix == ".pkl" or path.with_suffix(".json").is_file()
     if not present[0]:
         raise ConfigError(f"EDM checkpoint {path} does not exist; pass --checkpoint with an official EDM .pkl or a "
-                            f"kdm-pipe .pt (with its .json beside it), e.g. one written by `kdm-pipe teacher train`")
-    if path.suffix not in (".pkl", ".pt"):
-        raise ConfigError(f"EDM checkpoint {path}: unknown format {path.suffix!r}; use an official .pkl or a .pt")
+                            f"kdm-pipe .pt / .safetensors (with its .json beside it), e.g. one written by "
+                            f"`kdm-pipe teacher train` or `kdm-pipe teacher convert`")
+    if path.suffix not in (".pkl", ".pt", ".safetensors"):
+        raise ConfigError(f"EDM checkpoint {path}: unknown format {path.suffix!r}; use an official .pkl, or a .pt or "
+                          f".safetensors with its .json")
     if not present[1]:
         raise ConfigError(f"EDM checkpoint {path} has no spec {path.with_suffix('.json').name} beside it; "
-                            f"put the .json written with the .pt next to it")
+                            f"put the .json written with it next to it")
     local = local_copy(path)
     try:
         if path.suffix == ".pkl":
@@ -94,10 +79,11 @@ def cache_dir() -> Path:
 
 
 def local_copy(loc: Any) -> Path:
-    """`loc` itself when local; a remote checkpoint (and a .pt's .json) downloaded into cache_dir() unless there."""
+    """`loc` itself when local; a remote checkpoint (and the .json beside a .pt or .safetensors) downloaded into
+    cache_dir() unless there."""
     if not storage.is_remote(loc):
         return Path(loc)
-    objects = [loc, loc.with_suffix(".json")] if loc.suffix == ".pt" else [loc]
+    objects = [loc] if loc.suffix == ".pkl" else [loc, loc.with_suffix(".json")]
     with storage.remote_errors(loc, "EDM checkpoint", ConfigError):
         infos = [o.fs.info(o.path) for o in objects]
         key = json.dumps([[str(o), i.get("ETag"), i["size"]] for o, i in zip(objects, infos)])

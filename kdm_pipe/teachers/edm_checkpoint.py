@@ -1,4 +1,5 @@
-"""Teacher weights without running pickled code: official EDM `.pkl` files and the project's state-dict checkpoints.
+"""Teacher weights without running pickled code: official EDM `.pkl` files and the project's state-dict checkpoints
+(`.pt` or `.safetensors`, each with a `.json` spec beside it; `kdm-pipe teacher convert` turns a `.pkl` into one).
 
 EDM pickles every network class as `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where
 `meta['module_src']` is Python source that EDM's own loader executes. Here an allow-listing unpickler turns each
@@ -232,29 +233,43 @@ def _spec_path(path: Path) -> Path:
 def save_state_dict_checkpoint(
     net: torch.nn.Module, class_name: str, init_kwargs: dict[str, Any], path: str | Path
 ) -> Path:
-    """Write `path` (a plain `torch.save` of the state dict) and `path.with_suffix('.json')` beside it.
+    """Write `path` (the state dict: a plain `torch.save` for `.pt`, safetensors for `.safetensors`) and
+    `path.with_suffix('.json')` beside it.
 
-    The JSON holds {"class_name", "init_kwargs", "sha256"} (sha256 of the `.pt`), so both files load with
-    `weights_only=True` / `json` alone. Each file is written to a temporary name and renamed into place.
-    Returns the JSON path.
+    The JSON holds {"class_name", "init_kwargs", "sha256"} (sha256 of the weights file), so both files load with
+    `weights_only=True` (or safetensors) and `json` alone. Each file is written to a temporary name and renamed into
+    place. Returns the JSON path.
     """
     path = Path(path)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    spec = dict(class_name=class_name, init_kwargs=_plain(init_kwargs, "init_kwargs"), sha256=_sha256(buf.getvalue()))
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    if path.suffix == ".safetensors":
+        payload = _safetensors().save(state, metadata={"format": "pt"})
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        payload = buf.getvalue()
+    spec = dict(class_name=class_name, init_kwargs=_plain(init_kwargs, "init_kwargs"), sha256=_sha256(payload))
     spec_path = _spec_path(path)
-    for target, payload in ((path, buf.getvalue()), (spec_path, json.dumps(spec, indent=2).encode())):
+    for target, data in ((path, payload), (spec_path, json.dumps(spec, indent=2).encode())):
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(payload)
+        tmp.write_bytes(data)
         os.replace(tmp, target)
     return spec_path
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise CheckpointError("safetensors weights need the safetensors package: pip install 'kdm-pipe[diffusers]'")
+    return safetensors.torch
 
 
 def load_state_dict_checkpoint(
     path: str | Path, spec: dict[str, Any] | None = None, device: torch.device | str = "cpu"
 ) -> EDMCheckpoint:
-    """Load a state-dict `.pt` into `networks.build_network(spec['class_name'], **spec['init_kwargs'])`.
+    """Load a state-dict `.pt` or `.safetensors` into
+    `networks.build_network(spec['class_name'], **spec['init_kwargs'])`.
 
     Without `spec`, the JSON written beside it by `save_state_dict_checkpoint` is used and its sha256 checked.
     `keys` of the result are the state-dict names (the file's top-level dict).
@@ -267,7 +282,10 @@ def load_state_dict_checkpoint(
     if spec.get("sha256") not in (None, sha256):
         raise CheckpointError(f"{path.name} does not match the sha256 in its spec (file changed after saving?)")
     try:
-        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        state = (_safetensors().load(data) if path.suffix == ".safetensors"
+                 else torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+    except CheckpointError:
+        raise
     except Exception as e:  # weights_only refusals and corrupt archives alike
         raise CheckpointError(f"cannot read {path.name}: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

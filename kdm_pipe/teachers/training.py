@@ -14,16 +14,15 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
 
-from kdm_pipe.config import ConfigError, SamplerConfig  # noqa: E402
+from kdm_pipe.config import ConfigError, SamplerConfig, TeacherTrainConfig  # noqa: E402
 from kdm_pipe.datasets import ImageData, load_images  # noqa: E402
 from kdm_pipe.generation import sample_pairs  # noqa: E402
 from kdm_pipe.image_files import save_grid  # noqa: E402
@@ -35,45 +34,6 @@ from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint  # noqa:
 
 PRECONDS = {"edm": "EDMPrecond", "vp": "VPPrecond", "ve": "VEPrecond"}
 CKPT_DIR = "checkpoints"
-
-
-class TeacherTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    data: str = Field(default="sklearn-digits",
-                      description="a folder of images, an EDM dataset .zip, an .npy array, or sklearn-digits")
-    out: Path = Path("runs/teacher")
-    arch: Literal["ddpmpp", "ncsnpp", "adm"] = "ddpmpp"
-    # Explicit U-Net settings override the arch preset's.
-    model_channels: int | None = Field(default=None, ge=1)
-    channel_mult: list[int] | None = Field(default=None, min_length=1)
-    num_blocks: int | None = Field(default=None, ge=1)
-    attn_resolutions: list[int] | None = None
-    dropout: float = Field(default=0.1, ge=0, lt=1)
-    precond: Literal["edm", "vp", "ve"] = "edm"
-    cond: bool = Field(default=False, description="condition on the dataset's class labels")
-    steps: int = Field(default=4000, ge=1)
-    batch: int = Field(default=64, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    lr_warmup: int = Field(default=200, ge=0, description="steps of linear learning-rate warm-up")
-    ema_halflife_kimg: float = Field(default=10.0, gt=0)
-    ema_rampup: float | None = Field(default=0.05, gt=0, description="half-life ≤ this × images seen (EDM)")
-    ema_beta: float | None = Field(default=None, ge=0, lt=1,
-                                   description="fixed EMA decay per step (overrides the half-life)")
-    P_mean: float = -1.2
-    P_std: float = 1.2
-    sigma_data: float = Field(default=0.5, gt=0)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(default=None, ge=1)
-    log_every: int = Field(default=50, ge=1)
-    ckpt_every: int = Field(default=1000, ge=1)
-    grid: int = Field(default=64, ge=0, description="samples in the final grid (seeds 0 … grid − 1)")
-
-    @field_validator("channel_mult", "attn_resolutions", mode="before")
-    @classmethod
-    def _comma_list(cls, v: Any) -> Any:
-        """Command-line lists arrive as "1,2" ("" for an empty list)."""
-        return [int(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
 
 def network_spec(cfg: TeacherTrainConfig, data: ImageData) -> tuple[str, dict[str, Any]]:

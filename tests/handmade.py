@@ -1,0 +1,31 @@
+"""Pair directories written by hand (no Ray, no teacher) for tests that need exact contents or odd layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, save_manifest, shard_name, write_shard
+
+
+def pair_set(directory: Path, shards: list[list[dict[str, np.ndarray]]], *, teacher: dict | None = None,
+             sigma_max: float = 80.0) -> Path:
+    """Write `shards` (per shard, its records: dicts of arrays with `seed`, `x_T`, `x_0` [, `label`]) as new shards
+    of `directory`, after any it already has; the manifest's shape, dtypes, label_dim and seed ranges come from the
+    records."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    first = shards[0][0]
+    m = load_manifest(directory) if (directory / "manifest.json").exists() else Manifest(
+        teacher=teacher or {"name": "hand"}, source={}, shape=list(first["x_0"].shape[1:]), sigma_max=sigma_max,
+        label_dim=first["label"].shape[1] if "label" in first else 0, num_shards=0, pairs_per_shard=0,
+        dtypes={k: str(first[k].dtype) for k in ("x_T", "x_0")})
+    for recs in shards:
+        k, seeds = len(m.shards), np.concatenate([r["seed"] for r in recs])
+        size, sha = write_shard(directory / shard_name(k), recs)
+        m.shards.append(ShardInfo(index=k, name=shard_name(k), pairs=len(seeds), seed_start=int(seeds.min()),
+                                  seed_end=int(seeds.max()) + 1, bytes=size, sha256=sha))
+    m.num_shards, m.pairs_per_shard = len(m.shards), max(s.pairs for s in m.shards)
+    save_manifest(directory, m)
+    return directory
