@@ -7,6 +7,10 @@ RNG states, step) loadable with `weights_only=True`; the run's resolved config s
 restores all of it and replays the data stream from the current epoch's start, so an interrupted run ends bit for
 bit where an uninterrupted one does (on CPU). SIGTERM (cluster preemption) ends the step, writes a checkpoint and
 stops with status "preempted".
+
+Trust: sizes are bounded by the data and the memory before step 1; rank 0 holds the run's lock (one writer per
+run); `nonfinite_steps` consecutive NaN/inf losses stop the run (DataError, exit 1), and checkpoints only ever hold
+finite weights, so a diverged run's newest checkpoint is its last finite one.
 """
 
 from __future__ import annotations
