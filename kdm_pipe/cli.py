@@ -199,7 +199,7 @@ def commas(value: str) -> list[str]:
 
 def help_text(leaf: Leaf, flags: list[str]) -> str:
     f = leaf.fields[0]
-    parts = [next((g.description for g in leaf.fields if g.description), "")]
+    parts = ["; ".join(dict.fromkeys(g.description for g in leaf.fields if g.description))]   # every teacher's
     choices = [c for g in leaf.fields if typing.get_origin(t := bare(g.annotation)) is Literal
                for c in typing.get_args(t)]
     if choices:

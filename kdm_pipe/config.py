@@ -105,20 +105,38 @@ class DigitsTeacherConfig(Strict):
     name: Literal["digits"] = teacher_name("digits")
 
 
+class DiffusersTeacherConfig(Strict):
+    """A local diffusers model: a folder with a UNet2DModel (config.json + diffusion_pytorch_model.safetensors) and
+    scheduler_config.json, or a pipeline folder (model_index.json, unet/, scheduler/); docs/TEACHERS.md."""
+
+    name: Literal["diffusers"] = teacher_name("diffusers")
+    checkpoint: Path = Field(description="diffusers: the model's local folder (UNet2DModel + scheduler_config.json, "
+                             "or a pipeline folder with unet/ and scheduler/), safetensors only")
+
+
 TeacherConfig = Annotated[
-    Union[CheckerboardTeacherConfig, GMMTeacherConfig, EDMTeacherConfig, DigitsTeacherConfig],
+    Union[CheckerboardTeacherConfig, GMMTeacherConfig, EDMTeacherConfig, DigitsTeacherConfig, DiffusersTeacherConfig],
     Field(discriminator="name"),
 ]
 TEACHERS = {"checkerboard": CheckerboardTeacherConfig, "gmm": GMMTeacherConfig, "edm": EDMTeacherConfig,
-            "digits": DigitsTeacherConfig}
+            "digits": DigitsTeacherConfig, "diffusers": DiffusersTeacherConfig}
 
 
 class SamplerConfig(Strict):
-    solver: Literal["heun", "euler"] = Field(default="heun", description="ODE solver")
-    steps: int = Field(default=18, ge=1, le=10_000, description="sampler steps N (NFE = 2N − 1 for Heun)")
-    sigma_min: float = Field(default=0.002, gt=0, allow_inf_nan=False, description="last noise level of the schedule")
-    sigma_max: float = Field(default=80.0, gt=0, allow_inf_nan=False, description="first noise level (std of x_T)")
-    rho: float = Field(default=7.0, gt=0, allow_inf_nan=False, description="EDM schedule exponent")
+    """EDM's deterministic sampler on the σ schedule σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, then 0.
+
+    Layers, lowest first: these defaults (EDM's) < the teacher's own (`Teacher.sampler_defaults`: its network's σ
+    range, 40 steps above 32 px) < the preset < the flags. Only the fields a preset or flag sets win over the
+    teacher's; `generate` resolves them once (`over`) and records the result and its schedule in the manifest."""
+
+    solver: Literal["heun", "euler"] = Field(default="heun", description="ODE solver (default: the teacher's)")
+    steps: int = Field(default=18, ge=1, le=10_000, description="sampler steps N (NFE = 2N − 1 for Heun; default: the "
+                       "teacher's, 18 up to 32 px, 40 above)")
+    sigma_min: float = Field(default=0.002, gt=0, allow_inf_nan=False, description="last noise level of the schedule "
+                             "(default: 0.002 clipped to the teacher's range)")
+    sigma_max: float = Field(default=80.0, gt=0, allow_inf_nan=False, description="first noise level (std of x_T; "
+                             "default: 80 clipped to the teacher's range)")
+    rho: float = Field(default=7.0, gt=0, allow_inf_nan=False, description="EDM schedule exponent (1: evenly spaced)")
 
     @model_validator(mode="after")
     def _schedule(self) -> "SamplerConfig":
@@ -126,6 +144,15 @@ class SamplerConfig(Strict):
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
         return self
+
+    def over(self, defaults: dict[str, Any]) -> "SamplerConfig":
+        """The sampler with the fields set by a preset or flag over the teacher's `defaults` (every field set)."""
+        explicit = self.model_dump(include=self.model_fields_set)
+        try:
+            return SamplerConfig.model_validate({**defaults, **explicit})
+        except ValidationError as e:
+            raise ConfigError(f"sampler: {format_validation(e)} (the teacher's defaults: {defaults}; set by the "
+                              f"preset or flags: {explicit})") from None
 
 
 class GenerateConfig(Strict):
@@ -260,7 +287,8 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class TrainConfig(Strict):
-    data: Location = Field(default=Path("runs/pairs"), description="pair directory")
+    data: Location | None = Field(default=None, description="pair directory; with --resume it may be left out: the "
+                                  "run's own pairs (where config.json says, or beside the run as split.json records)")
     out: Location = Field(default=Path("runs/train"), description="run directory (checkpoints, logs)")
     student: StudentConfig = Field(default_factory=StudentConfig)
     steps: int = Field(description="optimiser steps", default=4000, ge=1)
@@ -350,8 +378,15 @@ class RefStatsConfig(Strict):
                                   "whole teacher set)", json_schema_extra=cli("--from"))
     out: Location = Field(description="the reference .npz to write (mu, sigma)")
     detector: Path | None = Field(default=None, description="TorchScript feature net (default: pixel features)")
-    num: int | None = Field(default=None, description="images used (default: all)")
+    num: int | None = Field(default=None, ge=1, description="images used (default: all)")
     device: Device = Field(default="auto", description=DEVICE)
+
+    @field_validator("out")
+    @classmethod
+    def _file(cls, v: Any) -> Any:
+        if not storage.is_remote(v) and Path(v).is_dir():
+            raise ValueError(f"{v} is a directory; pass the path of the .npz file to write")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> RefStatsConfig:
@@ -588,6 +623,8 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the preset as UTF-8 YAML") from None
     if data is None or data == {}:       # an empty file would otherwise run the built-in defaults silently
         raise ConfigError(f"{path}: the preset is empty; give at least one of the sections generate/train/evaluate")
     if not isinstance(data, dict):

@@ -44,8 +44,8 @@ from kdm_pipe.normalization import copy_moments
 from kdm_pipe.plots import image_rows, pairs_scatter
 from kdm_pipe.run import EVAL, Run, per_steps
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.sampling import edm_sigmas, seed_noise, solve
-from kdm_pipe.shards import atomic_write_text, load_manifest, read_pairs
+from kdm_pipe.sampling import schedule, seed_noise, solve
+from kdm_pipe.shards import atomic_write_text, open_pairs, read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
@@ -57,8 +57,10 @@ POOL_TO = 16                  # images are average-pooled to at most POOL_TO × 
 
 
 def heldout_pairs(data: Path, names: list[str], num: int, drop: Exclusions | None = None) -> dict[str, np.ndarray]:
-    """The first `num` pairs of held-out shards `names`, without those the memorisation filter excluded."""
-    drop = drop if drop is not None else exclusions(load_manifest(data), data)
+    """The first `num` pairs of held-out shards `names`, without those the memorisation filter excluded; the shards
+    are checked against the manifest first (`open_pairs`) and their values must be finite (`read_pairs`)."""
+    manifest = open_pairs(data, names)
+    drop = drop if drop is not None else exclusions(manifest, data)
     pairs = read_pairs(data, names, num, drop.read)
     if pairs is None:
         raise ConfigError(f"no held-out pairs in {data}: train with holdout_shards ≥ 1")
@@ -353,7 +355,7 @@ def speed_report(model, tcfg, manifest, x_T: np.ndarray, labels, device, steps: 
         gcfg = GenerateConfig.model_validate({"teacher": src["teacher"], "sampler": src["sampler"]})
         teacher = build_teacher(gcfg.teacher)
         s = gcfg.sampler
-        sigmas = edm_sigmas(s.steps, s.sigma_min, s.sigma_max, s.rho).to(device)
+        sigmas = schedule(s).to(device)
         xt = torch.from_numpy(x_T).to(device, torch.float64)
         y = None if labels is None else torch.from_numpy(labels[: len(x_T)]).to(device)
         out["teacher_steps"], out["teacher_network_passes"] = s.steps, manifest.nfe

@@ -10,7 +10,7 @@ import torch
 
 from kdm_pipe.config import GenerateConfig, SamplerConfig
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.sampling import edm_sigmas, seed_noise, solve, trajectory_steps
+from kdm_pipe.sampling import schedule, seed_noise, solve, trajectory_steps
 from kdm_pipe.shards import ShardInfo, shard_name, write_shard
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.base import Teacher
@@ -29,12 +29,17 @@ def cached_teacher(cfg: GenerateConfig) -> Teacher:
     return _TEACHERS[key]
 
 
+def with_teacher_defaults(cfg: GenerateConfig) -> GenerateConfig:
+    """`cfg` with its sampler resolved over the teacher's own defaults (building the teacher once, here)."""
+    return cfg.model_copy(update={"sampler": cfg.sampler.over(cached_teacher(cfg).sampler_defaults)})
+
+
 def sample_pairs(teacher: Teacher, sampler: SamplerConfig, seeds: list[int], keep: list[int] | None,
                  device: torch.device) -> dict[str, torch.Tensor]:
     """x_T = σ_max·z and the teacher's x_0 (float64), plus labels and the kept trajectory states."""
     z, labels = seed_noise(seeds, teacher.shape, teacher.label_dim, device)
     x_T = sampler.sigma_max * z.to(torch.float64)
-    sigmas = edm_sigmas(sampler.steps, sampler.sigma_min, sampler.sigma_max, sampler.rho).to(device)
+    sigmas = schedule(sampler).to(device)
     x_0, traj = solve(teacher.denoise, x_T, sigmas, labels, sampler.solver, keep)
     bad = ~torch.isfinite(x_0.flatten(1)).all(dim=1)
     if bad.any():
@@ -61,7 +66,7 @@ def make_shard(cfg: GenerateConfig, index: int) -> tuple[ShardInfo, dict[str, An
     keep = trajectory_steps(cfg.trajectory, cfg.sampler.steps)
     seeds = shard_seeds(cfg, index)
     dtypes = {"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype, "traj": cfg.x0_dtype, "label": "float32", "seed": "int64"}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     sample_s = 0.0
 
     def records():
@@ -75,8 +80,9 @@ def make_shard(cfg: GenerateConfig, index: int) -> tuple[ShardInfo, dict[str, An
 
     path = cfg.out / shard_name(index)              # a local path, or an object this worker uploads itself
     size, digest = write_shard(path, records())
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     info = ShardInfo(index=index, name=path.name, pairs=len(seeds), seed_start=seeds.start, seed_end=seeds.stop,
                      bytes=size, sha256=digest)
-    return info, {"shard": index, "seconds": seconds, "sample_seconds": sample_s, "pairs_per_s": len(seeds) / seconds,
-                  "device": str(device), "threads": torch.get_num_threads()}
+    # CPU seconds beside wall seconds: on a shared machine they tell the work from the wait for a core.
+    return info, {"shard": index, "seconds": seconds, "cpu_seconds": cpu_seconds, "sample_seconds": sample_s,
+                  "pairs_per_s": len(seeds) / seconds, "device": str(device), "threads": torch.get_num_threads()}

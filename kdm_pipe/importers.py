@@ -22,15 +22,14 @@ import bisect
 import functools
 import hashlib
 import math
-import pickle
 import re
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kdm_pipe import tensorfile
 from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.npyfiles import Header, human, load_npy, npz_arrays
 from kdm_pipe.shards import npy_from_bytes, sha256_file
@@ -194,16 +193,13 @@ class KdmNpz(Source):
 def torch_file(path: Path) -> object:
     """A torch.save'd file, tensors only (weights_only), memory-mapped when the file format allows it."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # e.g. "pickle protocol 4": the refusal below says what matters
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:    # legacy (non-zip) files cannot be mapped
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        why = ("it holds Python objects other than tensors, which kdm-pipe never unpickles; re-save plain tensors "
-               "with torch.save" if "Weights only load failed" in str(e) else f"{type(e).__name__}: {e}")
-        raise ConfigError(f"{path}: not a tensor file loadable with torch.load(weights_only=True) ({why})") from None
+        try:
+            return tensorfile.load(path, mmap=True)
+        except tensorfile.UnloadableError:      # legacy (non-zip) files cannot be mapped
+            return tensorfile.load(path)
+    except tensorfile.UnloadableError as e:
+        raise ConfigError(f"{path}: not a file of plain tensors ({e.why}); re-save plain tensors with torch.save"
+                          ) from None
 
 
 class GetFiles(Source):

@@ -62,20 +62,27 @@ def _what(prefix: bytes) -> str:
     return f"it starts with {prefix[:6]!r}"
 
 
-def read_header(f: IO[bytes], where: str, kinds: str = NUMERIC) -> Header:
-    """The checked header of the `.npy` stream `f` positioned at its start; leaves `f` at the first data byte."""
+def read_header(f: IO[bytes], where: str, kinds: str = NUMERIC, error: type[Exception] = ConfigError) -> Header:
+    """The checked header of the `.npy` stream `f` positioned at its start; leaves `f` at the first data byte.
+
+    The one `.npy` header parser. A refusal is `error`: ConfigError (a file a user handed over) names `where`, what
+    is wrong and how to fix it; any other kind (a shard member, whose reader names the shard and its repair) says
+    only what is wrong."""
+    def refuse(what: str, fix: str) -> Exception:
+        return ConfigError(f"{where}: {what}; {fix}") if error is ConfigError else error(what)
+
     prefix = f.read(8)
     if prefix[:6] != MAGIC:
-        raise ConfigError(f"{where}: not an .npy array ({_what(prefix)}); save the array with numpy.save")
+        raise refuse(f"not an .npy array ({_what(prefix)})", "save the array with numpy.save")
     version = (prefix[6], prefix[7]) if len(prefix) == 8 else None
     if version not in ((1, 0), (2, 0), (3, 0)):
-        raise ConfigError(f"{where}: unsupported .npy format version {version}; save it again with numpy.save")
+        raise refuse(f"unsupported .npy format version {version}", "save it again with numpy.save")
     width = 2 if version == (1, 0) else 4
     raw = f.read(width)
     length = int.from_bytes(raw, "little")
     if len(raw) != width or length > MAX_HEADER:
-        raise ConfigError(f"{where}: .npy header of {length} bytes (limit {MAX_HEADER}): corrupt or crafted file; "
-                          f"save the array again with numpy.save")
+        raise refuse(f".npy header of {length} bytes (limit {MAX_HEADER}): corrupt or crafted file",
+                     "save the array again with numpy.save")
     text = f.read(length)
     try:
         d = ast.literal_eval(text.decode("utf8" if version == (3, 0) else "latin1"))
@@ -84,18 +91,18 @@ def read_header(f: IO[bytes], where: str, kinds: str = NUMERIC) -> Header:
         if not (isinstance(shape, tuple) and all(type(s) is int for s in shape) and isinstance(fortran, bool)):
             raise ValueError("shape is not a tuple of ints")
     except (ValueError, SyntaxError, TypeError, KeyError, UnicodeDecodeError, MemoryError, RecursionError) as e:
-        raise ConfigError(f"{where}: unreadable .npy header ({type(e).__name__}: {e}); save the array again with "
-                          f"numpy.save") from None
+        raise refuse(f"unreadable .npy header ({type(e).__name__}: {e})", "save the array again with numpy.save"
+                     ) from None
     if dtype.hasobject:
-        raise ConfigError(f"{where}: holds Python objects (dtype {dtype}), which could only be read by unpickling; "
-                          f"kdm-pipe never unpickles data: save a numeric array, e.g. numpy.save(path, a.astype("
-                          f"numpy.float32))")
+        raise refuse(f"holds Python objects (dtype {dtype}), which could only be read by unpickling",
+                     "kdm-pipe never unpickles data: save a numeric array, e.g. numpy.save(path, a.astype("
+                     "numpy.float32))")
     if dtype.kind not in kinds or dtype.names is not None or dtype.subdtype is not None:
-        raise ConfigError(f"{where}: dtype {dtype} is not a plain numeric array ({'/'.join(kinds)}); save it as "
-                          f"float32 (or integer labels)")
+        raise refuse(f"dtype {dtype} is not a plain numeric array ({'/'.join(kinds)})",
+                     "save it as float32 (or integer labels)")
     if any(s < 0 for s in shape):
-        raise ConfigError(f"{where}: header declares shape {shape} with a negative size: corrupt or crafted file; "
-                          f"save the array again with numpy.save")
+        raise refuse(f"header declares shape {shape} with a negative size: corrupt or crafted file",
+                     "save the array again with numpy.save")
     return Header(tuple(shape), dtype, fortran, len(prefix) + width + length)
 
 

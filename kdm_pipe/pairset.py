@@ -32,6 +32,7 @@ manifest, not the log, is what a rerun trusts.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -43,9 +44,11 @@ from typing import Any, Callable, Iterator
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.interrupts import Terminated, stop_on_signals
-from kdm_pipe.locks import Lock, directory_lock
+from kdm_pipe.locks import LOCK, Lock, directory_lock
 from kdm_pipe.shards import (
     MANIFEST,
+    SHARD_FILE,
+    VERIFIED,
     Manifest,
     Pending,
     ShardInfo,
@@ -56,6 +59,10 @@ from kdm_pipe.shards import (
     save_manifest,
     shard_name,
 )
+
+STAGE_FILE = re.compile(r"(generate|import)\.(config\.json|jsonl)|manifest\.json\..+|stats\.zarr"
+                        r"|filter(\.npz|\.html|-.+\.png)")
+TEMP_FILE = re.compile(r"\..+\.tmp-[0-9a-f]+")          # storage.temp_beside's names
 
 
 def existing_parent(path: Path) -> Path:
@@ -194,15 +201,22 @@ class PairSetWriter:
                       unreadable: Callable[[Path, ValueError], str], strays: str | None) -> Manifest:
         """DIR's manifest as `accept` takes it (it raises ConfigError for another run's pairs), or `fresh()` when
         DIR has none. Shard files without a manifest are refused with the message `strays` (None: they are this
-        run's own, to reconcile); a manifest that does not parse with the message `unreadable(path, error)`."""
+        run's own, to reconcile); a manifest that does not parse with the message `unreadable(path, error)`. A
+        directory without a manifest that holds files a pair set does not have is refused: pairs are never written
+        among unrelated files."""
         self.refuse_file()
         path = self.out / MANIFEST
         with storage.remote_errors(self.out, "reading", ConfigError):
             exists = path.exists()
             has_shards = not exists and strays is not None and any(self.out.glob("shard-*.tar"))
+            foreign = [] if exists else self.foreign_files()
         if not exists:
             if has_shards:
                 raise ConfigError(strays)
+            if foreign:
+                raise ConfigError(f"--out {self.out} is not empty and not a pair set (no {MANIFEST}; it holds "
+                                  f"{', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}); choose an empty or "
+                                  f"new directory")
             self.manifest = fresh()
             return self.manifest
         try:
@@ -211,6 +225,15 @@ class PairSetWriter:
             raise ConfigError(unreadable(path, e)) from None
         self.manifest = accept(old)
         return self.manifest
+
+    def foreign_files(self) -> list[str]:
+        """Names in DIR that no pair set holds (anything but shards, their temp files, the lock, the checksum cache
+        the stages' config, log and report files, a manifest set aside, and temporary files a killed write left)."""
+        if not self.out.is_dir():
+            return []
+        ours = (SHARD_FILE, TEMP_FILE, STAGE_FILE)
+        return sorted(p.name for p in self.out.iterdir()
+                      if p.name not in (LOCK, VERIFIED) and not any(r.fullmatch(p.name) for r in ours))
 
     def reconcile(self) -> Pending:
         """Shards still to write (missing or corrupt ones dropped from the manifest, orphans removed)."""

@@ -79,8 +79,7 @@ def in_process(address: str | None, work: float, threshold: float) -> bool:
 
 def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> Iterator[Any]:
     """Submit `remote_fn.remote(*args)` for each call with at most `max_in_flight` pending;
-    yield results as they finish. A task that failed with a DataError, a ConfigError or a full disk raises that
-    exception here.
+    yield results as they finish.
 
     Bounding keeps the driver's memory and the object store flat for any number of shards; `calls` is consumed
     lazily, so it may be a generator over a huge plan.
@@ -94,17 +93,23 @@ def run_bounded(remote_fn: Any, calls: Iterable[tuple], max_in_flight: int) -> I
         if not pending:
             return
         done, pending = ray.wait(pending, num_returns=1)
-        try:
-            result = ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:
-            # Failures the stage reports as one line come out as themselves, not as Ray's traceback in a wrapper.
-            if isinstance(e.cause, (DataError, ConfigError)) or disk_full(e.cause):
-                raise e.cause from None
-            raise
-        yield result
+        yield ray.get(done[0])
 
 
 def remote(fn: Callable, num_cpus: float, num_gpus: float = 0, max_retries: int = 3) -> Any:
     """`fn` as a Ray task; tasks whose worker or node dies are retried (system failures only, not exceptions)."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
 
+
+@contextmanager
+def task_failures(what: str) -> Iterator[None]:
+    """A failed Ray task as the driver reports it: the task's own DataError or ConfigError as raised there (a shard
+    unreadable or changed since it was checked: its one line names it) and a full disk as its OSError (the stage
+    knows how much it still needs), anything else as one RuntimeError saying that `what` failed and why (never
+    Ray's wrapper with the worker's traceback)."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (DataError, ConfigError)) or disk_full(e.cause):
+            raise e.cause from None
+        raise RuntimeError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None

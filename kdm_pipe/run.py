@@ -32,11 +32,11 @@ from typing import Any, ContextManager, Iterator
 import torch
 from pydantic import ValidationError
 
-from kdm_pipe import mirror, storage
+from kdm_pipe import mirror, storage, tensorfile
 from kdm_pipe.config import TrainConfig, format_validation
-from kdm_pipe.errors import ConfigError, DiskFull, disk_full, one_line
+from kdm_pipe.errors import ConfigError, DiskFull, disk_full
 from kdm_pipe.locks import Lock, directory_lock
-from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, load_manifest, sha256_file
+from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, checked_manifest, sha256_file
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
 ANALYSIS = "analysis"                   # analyze's figures and analysis.json
@@ -140,10 +140,7 @@ class Run:
     def manifest(self, data: Path | None = None) -> Manifest:
         """The manifest of the run's pairs (or of --data, which must be pairs of the same kind)."""
         directory = self.data_dir(data)
-        try:
-            manifest = load_manifest(directory)
-        except ValueError as e:
-            raise ConfigError(f"{directory / MANIFEST} is not a valid kdm-pipe manifest ({e})") from None
+        manifest = checked_manifest(directory, "--data" if data is not None else "")
         if data is not None:
             trained = self.manifest()
             if (manifest.shape, manifest.label_dim) != (trained.shape, trained.label_dim):
@@ -215,27 +212,29 @@ class Run:
                 if old.name not in (checkpoint.name, checkpoint.name + ".sha256"):
                     old.unlink()
 
-    def damage(self, path: Path) -> str | None:
-        """What is wrong with checkpoint `path`, or None: its checksum file decides (a checkpoint written before
-        checksums existed is loaded to find out)."""
+    def damage(self, path: Path, map_location: Any = "cpu") -> str | None:
+        """What is wrong with checkpoint `path`, or None: its checksum file must match (when there is one) and it
+        must load as tensors — a checksum written beside a hostile or unreadable file proves nothing. The state
+        loaded is kept for `load_checkpoint`."""
         sidecar = path.with_name(path.name + ".sha256")
         if self.mirror is not None:
             self.mirror.pull(self.mirror.rel(sidecar))
             self.mirror.pull(self.mirror.rel(path))
-        if sidecar.is_file():
-            return None if sidecar.read_text().strip() == sha256_file(path) else "sha256 mismatch"
+        if sidecar.is_file() and sidecar.read_bytes().strip() != sha256_file(path).encode():
+            return "sha256 mismatch"
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
-            return None
-        except Exception as e:  # noqa: BLE001  (torch raises many kinds on a damaged file)
-            return f"unreadable: {type(e).__name__}: {one_line(str(e))[:120]}"
+            self._loaded = (path, tensorfile.load(path, map_location))
+        except tensorfile.UnloadableError as e:
+            return f"unreadable: {e.why}"
+        return None
 
-    def intact_checkpoint(self, set_aside: bool = False) -> Path | None:
+    def intact_checkpoint(self, set_aside: bool = False, map_location: Any = "cpu") -> Path | None:
         """The newest intact checkpoint; None when there are none. Damaged newer ones are passed over with a warning
         (and, for a resumed run, renamed *.damaged so that they stay out of the way, not lost)."""
         found = self.checkpoints()
+        self._loaded = None
         for path in reversed(found):
-            problem = self.damage(path)
+            problem = self.damage(path, map_location)
             if problem is None:
                 return path
             if path not in _warned:
@@ -257,11 +256,13 @@ class Run:
 
     def load_checkpoint(self, map_location: Any = "cpu", set_aside: bool = False) -> tuple[dict, Path] | None:
         """The newest intact checkpoint's state and path (see `intact_checkpoint`); None when there are none."""
-        path = self.intact_checkpoint(set_aside)
-        return (torch.load(path, map_location=map_location, weights_only=True), path) if path else None
+        path = self.intact_checkpoint(set_aside, map_location)
+        state, self._loaded = (self._loaded[1] if path else None), None
+        return (state, path) if path else None
 
     def latest_checkpoint(self) -> Path | None:
-        return self.intact_checkpoint()
+        path, self._loaded = self.intact_checkpoint(), None
+        return path
 
     def trim_log(self, step: int) -> None:
         """Drop train.jsonl rows past `step` (a resume from an earlier checkpoint repeats those steps)."""

@@ -25,6 +25,11 @@ def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rh
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
+def schedule(sampler) -> torch.Tensor:
+    """The σ schedule of a resolved SamplerConfig: what the solver runs and the manifest records."""
+    return edm_sigmas(sampler.steps, sampler.sigma_min, sampler.sigma_max, sampler.rho)
+
+
 def nfe(steps: int, solver: str) -> int:
     """Denoiser evaluations: Heun corrects every step but the last (to σ = 0), so 2N − 1; Euler N."""
     return 2 * steps - 1 if solver == "heun" else steps

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError, DataError, one_line
+from kdm_pipe.npyfiles import read_header
 
 MANIFEST = "manifest.json"
 VERIFIED = ".kdm-verified.json"        # check_shards' cache: shards whose sha256 matched, keyed by their stat
@@ -81,6 +82,8 @@ class Manifest(BaseModel):
     dtypes: dict[str, str]
     trajectory_steps: list[int] | None = None
     trajectory_sigmas: list[float] | None = None
+    sigmas: list[float] | None = Field(default=None, description="the sampler's σ (or t) schedule, N + 1 values "
+                                       "ending in 0, as the teacher ran it (generate; imports do not know it)")
     shards: list[ShardInfo] = Field(default_factory=list)
     filter: FilterRecord | None = None
 
@@ -130,20 +133,43 @@ def load_manifest(directory: Path) -> Manifest:
     return Manifest.model_validate_json(text)
 
 
-def checked_manifest(directory: Path) -> Manifest:
-    """The directory's manifest for a stage that reads its pairs, refused (ConfigError, before anything is written)
-    unless it is readable and lists shards to read."""
+def read_manifest(directory: Path, label: str = "") -> Manifest:
+    """The directory's manifest, refused (ConfigError, before anything is written) unless it is there and readable.
+    `label` names where the directory came from (`--data`)."""
+    where = f"{label} {directory}".strip()
     try:
         manifest = load_manifest(directory)
     except ConfigError:
         raise
     except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{label} {e}".strip()) from None
+    except ValidationError as e:
+        from kdm_pipe.config import format_validation
+        raise ConfigError(f"{where}: {MANIFEST} is not a kdm-pipe manifest ({format_validation(e)}); pass a pair "
+                          f"directory written by generate or import, or rerun the command that wrote it") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{directory}: unreadable manifest ({type(e).__name__}): rerun the `kdm-pipe generate` "
+        raise ConfigError(f"{where}: unreadable manifest ({type(e).__name__}): rerun the `kdm-pipe generate` "
                           f"(or import) command that wrote it") from None
+    return manifest
+
+
+def checked_manifest(directory: Path, label: str = "") -> Manifest:
+    """`read_manifest` for a stage that reads pairs: refused unless it lists shards to read."""
+    manifest = read_manifest(directory, label)
+    where = f"{label} {directory}".strip()
     if not manifest.shards:
-        raise ConfigError(f"{directory} holds no complete shards yet; run `kdm-pipe generate` first")
+        raise ConfigError(f"{where} holds no complete shards yet; run `kdm-pipe generate` first")
+    return manifest
+
+
+def open_pairs(directory: Path, names: Iterable[str] | None = None, label: str = "") -> Manifest:
+    """The one way to open a pair set for reading (train, stats, filter, evaluate, analyze, sample): its manifest
+    (`checked_manifest`: ConfigError, exit 2) and the shards about to be read (`names`; default every shard)
+    checked against it by size and sha256 (`check_shards`, cached), DataError naming each bad one (exit 1)."""
+    manifest = checked_manifest(directory, label)
+    problems = check_shards(directory, manifest, names)
+    if problems:
+        raise bad_shards_error(directory, problems)
     return manifest
 
 
@@ -216,23 +242,12 @@ def shard_error(path: Path, what: str) -> ShardError:
     return ShardError(path, what)
 
 
-def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy version {version}")
-
-
 def read_npy(f: Any, size: int) -> np.ndarray:
     """A `.npy` of `size` bytes from stream `f`, allocating only once the header has been shown to describe exactly
     the bytes that are there (np.load would allocate whatever a crafted header declares). ValueError if not."""
     start = f.tell()
-    shape, fortran, dtype = _npy_header(f)
-    if dtype.hasobject:
-        raise ValueError("object arrays are refused (they would need pickle)")
-    nbytes = math.prod(shape) * dtype.itemsize              # Python ints: no overflow for crafted shapes
+    h = read_header(f, "", error=ValueError)                # the one .npy header parser (kdm_pipe/npyfiles.py)
+    shape, fortran, dtype, nbytes = h.shape, h.fortran, h.dtype, h.nbytes
     have = size - (f.tell() - start)
     if nbytes != have:
         raise ValueError(f"header declares shape {tuple(shape)} {dtype} ({nbytes} bytes) but {have} bytes follow")
@@ -317,10 +332,18 @@ def read_pairs(directory: Path, names: list[str], num: int,
                read: Callable[[Path], Iterator[dict[str, np.ndarray]]] = read_shard,
                traj: bool = False) -> dict[str, np.ndarray] | None:
     """The first `num` pairs of shards `names` (in that order), trajectories left out unless `traj`; None if there
-    are none. `read` reads one shard (a filtered pair set's `Exclusions.read`)."""
+    are none. `read` reads one shard (a filtered pair set's `Exclusions.read`). Values that are not finite stop the
+    read naming the shard (ShardError): metrics over them would be garbage, or a failure deep inside a metric."""
     recs, n = [], 0
     for name in names:
-        for rec in read(storage.location(directory) / name):
+        path = storage.location(directory) / name
+        for rec in read(path):
+            for k in ("x_T", "x_0", "traj") if traj else ("x_T", "x_0"):
+                ok = np.isfinite(rec[k]).reshape(len(rec[k]), -1).all(axis=1) if k in rec else True
+                if not np.all(ok):
+                    raise shard_error(path, f"{k} of seed {int(rec['seed'][~ok][0])} holds non-finite values (NaN "
+                                      f"or inf; {int((~ok).sum())} pair(s) in its record): `kdm-pipe verify "
+                                      f"{directory}` tells whether the file changed since it was written")
             recs.append(rec)
             n += len(rec["x_0"])
             if n >= num:
@@ -430,14 +453,14 @@ def missing_ranges(manifest: Manifest) -> Iterator[tuple[int, int]]:
         yield nxt, manifest.num_shards
 
 
-def verify(directory: Path) -> dict[str, str]:
+def verify(directory: Path, manifest: Manifest | None = None) -> dict[str, str]:
     """Every problem in a pair directory: {shard name: what is wrong}. Empty when all shards match.
 
     Shards not generated yet are reported as runs ("shard-000004.tar … shard-000009.tar": "6 shards …"), so a plan
     of 10^12 shards costs no memory.
     """
     directory = storage.location(directory)
-    manifest = load_manifest(directory)
+    manifest = manifest or load_manifest(directory)
     problems = {}
     for info in manifest.shards:
         err = check_shard(directory / info.name, info)

@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import zarr
 from tqdm import tqdm
 
 from kdm_pipe import feature_stats, storage
-from kdm_pipe.errors import ConfigError, DataError
+from kdm_pipe.errors import ConfigError
 from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import FeatureSpace, ShardFeatures
-from kdm_pipe.raypool import in_process, ray_session, remote, run_bounded
+from kdm_pipe.raypool import in_process, ray_session, remote, run_bounded, task_failures
 from kdm_pipe.shards import Manifest, ShardInfo, shard_error
 from kdm_pipe.stats import (
     STORE,
@@ -169,12 +168,9 @@ def compute(calls, pairs: int, workers: int, address: str | None, progress: bool
         bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="stats", dynamic_ncols=True)
         t0 = time.perf_counter()                  # throughput of the work, not of starting a cluster
         try:
-            for result in run_bounded(task, calls, 2 * workers):
-                take(result)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, (DataError, ConfigError)):   # a shard unreadable or changed since it was checked
-                raise e.cause from None
-            raise RuntimeError(f"a statistics task failed: {type(e.cause).__name__}: {e.cause}") from None
+            with task_failures("a statistics task"):
+                for result in run_bounded(task, calls, 2 * workers):
+                    take(result)
         finally:
             bar.close()
         return time.perf_counter() - t0

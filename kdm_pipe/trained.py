@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdm_pipe import normalization
+from kdm_pipe import normalization, tensorfile
 from kdm_pipe.config import TrainConfig
-from kdm_pipe.errors import ConfigError
+from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.run import Run
 from kdm_pipe.shards import Manifest
 from kdm_pipe.student import build_student
@@ -32,7 +32,10 @@ def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None, device
     r = Run(run)
     cfg, manifest = r.config, r.manifest(data)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            state = tensorfile.load(ckpt)
+        except tensorfile.UnloadableError as e:
+            raise DataError(f"{ckpt}: unreadable checkpoint ({e.why}); retrain, or restore it from a copy") from None
     elif (loaded := r.load_checkpoint()) is not None:
         state = loaded[0]
     else:

@@ -30,12 +30,11 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
 from kdm_pipe import normalization, storage
-from kdm_pipe.config import TrainConfig, format_validation
+from kdm_pipe.config import TrainConfig
 from kdm_pipe.datasets import available_memory
 from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
@@ -45,7 +44,7 @@ from kdm_pipe.optim import ema_update, sanitize_grads
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import CKPT_DIR, Run
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.shards import Manifest, atomic_write_text, bad_shards_error, check_shards, load_manifest, read_pairs
+from kdm_pipe.shards import Manifest, atomic_write_text, open_pairs, read_pairs
 from kdm_pipe.stats_update import update
 from kdm_pipe.student import is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
@@ -107,6 +106,19 @@ def discriminator_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module | None:
     if not (is_image(manifest.shape) and cfg.student.w_adv):
         return None
     return Discriminator(manifest.shape[0], manifest.shape[1])
+
+
+def with_pairs(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """`cfg` with its pairs: --data, or when a resumed run is given none, the run's own (`Run.data_dir`: the
+    recorded path, else the same place relative to the run — a run moved together with its pairs)."""
+    if cfg.data is not None:
+        return cfg
+    if not resume:
+        raise ConfigError("train needs --data DIR: a pair directory written by `kdm-pipe generate` or import")
+    run = Run(cfg.out)
+    if not run.exists():
+        raise ConfigError(f"--resume: {cfg.out} holds no run (no config.json); drop --resume and pass --data DIR")
+    return cfg.model_copy(update={"data": run.data_dir()})
 
 
 def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: str) -> None:
@@ -233,22 +245,6 @@ def trained_fields(cfg: TrainConfig) -> frozenset[str]:
     return frozenset({"x_0", "x_T", "label"} | ({"traj"} if cfg.student.trajectory is not None else set()))
 
 
-def checked_pairs(cfg: TrainConfig) -> Manifest:
-    """The manifest of --data, after checking every shard's size and sha256 against it (cached per file, so an
-    unchanged set is not re-hashed): nothing corrupt is learned silently."""
-    try:
-        manifest = load_manifest(cfg.data)
-    except ValidationError as e:
-        raise ConfigError(f"--data {cfg.data}: manifest.json is not a kdm-pipe manifest ({format_validation(e)}); "
-                          f"pass a pair directory written by generate or import") from None
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"--data {cfg.data}: {e}") from None
-    problems = check_shards(cfg.data, manifest)
-    if problems:
-        raise bad_shards_error(cfg.data, problems)
-    return manifest
-
-
 def check_sizes(cfg: TrainConfig, manifest: Manifest, pairs: int) -> None:
     """Refuse, before anything is written, a batch the training pairs (`pairs`, after the memorisation filter)
     cannot fill or loader buffers memory cannot hold: a batch of 10^12 pairs once hung at step 0."""
@@ -273,7 +269,8 @@ def step_pair_bytes(cfg: TrainConfig, manifest: Manifest) -> int:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run `cfg.out`; returns {"run", "step", "status": "done" | "preempted"}."""
-    manifest = checked_pairs(cfg)
+    cfg = with_pairs(cfg, resume)
+    manifest = open_pairs(cfg.data, label="--data")    # every shard checked: nothing corrupt is learned silently
     drop = exclusions(manifest, cfg.data)              # pairs the memorisation filter excluded: never read
     cfg = resolved(cfg, manifest)
     train_names, holdout_names = split_shards(manifest, cfg.holdout_shards)

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, FilterConfig
 from kdm_pipe.datasets import BUILTIN, load_images
-from kdm_pipe.errors import DataError
 from kdm_pipe.exclusions import uncovered
 from kdm_pipe.filter_report import write_filter_report
 from kdm_pipe.interrupts import stop_on_signals
@@ -36,15 +35,14 @@ from kdm_pipe.locks import directory_lock
 from kdm_pipe.memorisation import ALPHA, TAU, Scores, ShardScorer, embedding, flags
 from kdm_pipe.metrics.detectors import load_detector
 from kdm_pipe.pairset import atomic_write_bytes
-from kdm_pipe.raypool import in_process, ray_session
+from kdm_pipe.raypool import in_process, ray_session, task_failures
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.shards import (
     FilteredShard,
     FilterRecord,
     Manifest,
-    bad_shards_error,
-    check_shards,
     checked_manifest,
+    open_pairs,
     save_manifest,
     sha256_file,
 )
@@ -135,9 +133,7 @@ def run(cfg: FilterConfig, progress: bool = True) -> FilterRecord:
             return old
         scores = previous_scores(directory, search_fingerprint(settings), manifest)
         todo = [s for s in manifest.shards if s.name not in scores]
-        problems = check_shards(directory, manifest, [s.name for s in todo])
-        if problems:
-            raise bad_shards_error(directory, problems)
+        open_pairs(directory, [s.name for s in todo])
         if todo:                                                  # none: only the rule changed, distances kept
             scores.update(score(directory, todo, ref, settings, cfg, progress))
         record = decide(manifest, scores, settings, fp)
@@ -189,13 +185,10 @@ def score(directory: Path, todo: list, ref: np.ndarray, settings: dict, cfg: Fil
         bar = tqdm(total=pairs, unit="pair", disable=not progress, desc="filter", dynamic_ncols=True)
         t0 = time.perf_counter()
         try:
-            for name, sc in results:
-                out[name] = sc
-                bar.update(len(sc.seed))
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, DataError):            # a shard changed since it was checked
-                raise e.cause from None
-            raise RuntimeError(f"a filter task failed: {type(e.cause).__name__}: {e.cause}") from None
+            with task_failures("a filter task"):
+                for name, sc in results:
+                    out[name] = sc
+                    bar.update(len(sc.seed))
         finally:
             bar.close()
         seconds = time.perf_counter() - t0

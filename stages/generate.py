@@ -24,12 +24,11 @@ from tqdm import tqdm
 from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.errors import DiskFull, disk_full
-from kdm_pipe.generation import make_shard
+from kdm_pipe.generation import cached_teacher, make_shard, with_teacher_defaults
 from kdm_pipe.pairset import PairSetWriter, free_bytes
-from kdm_pipe.raypool import ray_session, remote, run_bounded
-from kdm_pipe.sampling import edm_sigmas, nfe, trajectory_steps
+from kdm_pipe.raypool import ray_session, remote, run_bounded, task_failures
+from kdm_pipe.sampling import nfe, schedule, trajectory_steps
 from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, check_shard, estimated_shard_bytes, pair_bytes
-from kdm_pipe.teachers import build_teacher
 
 CONFIG = "generate.config.json"
 LOG = "generate.jsonl"
@@ -38,16 +37,16 @@ MAX_RECORD_BYTES = 2 << 30      # one sampler batch is held in memory (in float6
 
 
 def new_manifest(cfg: GenerateConfig) -> Manifest:
-    teacher = build_teacher(cfg.teacher)
+    teacher = cached_teacher(cfg)
     s = cfg.sampler
     keep = trajectory_steps(cfg.trajectory, s.steps)
-    sigmas = edm_sigmas(s.steps, s.sigma_min, s.sigma_max, s.rho).tolist()
+    sigmas = schedule(s).tolist()
     return Manifest(
         teacher=teacher.fingerprint, source={"stage": "generate", "identity": cfg.identity()},
         shape=list(teacher.shape), label_dim=teacher.label_dim, sigma_max=s.sigma_max, nfe=nfe(s.steps, s.solver),
         num_shards=cfg.shards, pairs_per_shard=cfg.pairs_per_shard,
         dtypes={"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype, "traj": cfg.x0_dtype},
-        trajectory_steps=keep, trajectory_sigmas=[sigmas[i] for i in keep] if keep else None)
+        trajectory_steps=keep, trajectory_sigmas=[sigmas[i] for i in keep] if keep else None, sigmas=sigmas)
 
 
 def identity_hash(cfg: GenerateConfig) -> str:
@@ -158,6 +157,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
     w = PairSetWriter(out, "generate", f"generate --out {out}", all_or_nothing=False)
     with w.stopping():
         w.refuse_file()
+        cfg = with_teacher_defaults(cfg)          # the sampler the workers run, the manifest and the rerun check see
         manifest = open_manifest(w, cfg)
         check_limits(cfg, manifest)
         try:
@@ -195,9 +195,10 @@ def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:
         bar = tqdm(total=len(todo) * cfg.pairs_per_shard, unit="pair", disable=not progress, desc="generate",
                    dynamic_ncols=True)
         calls = ((cfg, k) for k in todo)
-        for info, stats in run_bounded(task, calls, cfg.max_in_flight or 2 * cfg.workers):
-            w.commit(info, log={**stats, "identity": mine, "info": info.model_dump()})
-            bar.update(info.pairs)
+        with task_failures("a generate task"):
+            for info, stats in run_bounded(task, calls, cfg.max_in_flight or 2 * cfg.workers):
+                w.commit(info, log={**stats, "identity": mine, "info": info.model_dump()})
+                bar.update(info.pairs)
     bar.close()
     seconds = time.perf_counter() - t0
     pairs = len(todo) * cfg.pairs_per_shard

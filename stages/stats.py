@@ -23,7 +23,7 @@ from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.shards import bad_shards_error, check_shards, checked_manifest, load_manifest
+from kdm_pipe.shards import checked_manifest, load_manifest, open_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.stats_update import update
 
@@ -47,10 +47,7 @@ def run(cfg: StatsConfig, progress: bool = True) -> Path:
             except OSError as e:     # a directory we cannot write in: invalid input (exit 2), nothing written
                 raise ConfigError(f"cannot write the statistics store in {directory}: {e.strerror or e}") from None
             where = None
-        manifest = checked_manifest(directory)
-        problems = check_shards(directory, manifest)
-        if problems:
-            raise bad_shards_error(directory, problems)
+        manifest = open_pairs(directory)
         path = update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, cfg.detector, cfg.batch,
                       progress, where)
         if where is not None:
@@ -88,10 +85,7 @@ def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
             raise ConfigError(f"{r} is a KD student: it has no latent space to describe (train --student kdm)")
         stack.enter_context(stop_on_signals())
         stack.enter_context(directory_lock(run, f"stats {directory} --run {r}"))
-        manifest = checked_manifest(directory)
-        problems = check_shards(directory, manifest)
-        if problems:
-            raise bad_shards_error(directory, problems)
+        manifest = open_pairs(directory)
         weights = chosen_weights(run)
         s = latents.update(run, str(directory), manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
     print(f"{r}/{latents.STORE} ({weights} weights): {latent_line(s)}")

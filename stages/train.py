@@ -11,7 +11,7 @@ import os
 from kdm_pipe import storage
 from kdm_pipe.config import TrainConfig
 from kdm_pipe.run import LOGS, Run
-from kdm_pipe.training import train
+from kdm_pipe.training import train, with_pairs
 
 PREEMPTED_EXIT = 143        # 128 + SIGTERM: schedulers read it as "terminated", restart policies rerun the job
 
@@ -20,6 +20,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         again: str = "rerun with --resume to continue") -> dict:
     """Train; `again` is what the SIGTERM message tells the user to do next (a command composing this stage, such
     as `demo`, has no --resume flag of its own)."""
+    cfg = with_pairs(cfg, resume)
     storage.check_bucket(cfg.data, "--data")
     storage.check_bucket(cfg.out, "--out")
     lead = os.environ.get("RANK", "0") == "0"

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,13 +14,8 @@ from kdm_pipe.datasets import sklearn_digits
 from kdm_pipe.generation import make_shard, sample_pairs
 from kdm_pipe.networks import build_network
 from kdm_pipe.teachers import build_teacher
-from kdm_pipe.teachers.edm import (
-    DIGITS_CHECKPOINT,
-    DigitsTeacherConfig,
-    EDMTeacher,
-    EDMTeacherConfig,
-    edm_sampler_defaults,
-)
+from kdm_pipe.teachers.base import edm_sampler_defaults
+from kdm_pipe.teachers.edm import DIGITS_CHECKPOINT, DigitsTeacherConfig, EDMTeacher, EDMTeacherConfig
 from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
@@ -51,7 +45,8 @@ def test_teacher_from_project_checkpoint(tmp_path):
     assert teacher.shape == (1, 8, 8) and teacher.label_dim == 0
     assert teacher.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert teacher.fingerprint["params"]["allow_tf32"] is False
-    assert teacher.sampler_defaults == {"steps": 18, "rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
+    assert teacher.sampler_defaults == {"solver": "heun", "steps": 18, "rho": 7.0, "sigma_min": 0.002,
+                                        "sigma_max": 80.0}
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     out = teacher.denoise(x, torch.tensor(1.0, dtype=torch.float64), None)
     assert out.dtype == torch.float64
@@ -122,9 +117,8 @@ def test_sigma_range_clipped_to_the_net(tmp_path, class_name, kwargs, want):
 
 
 def test_steps_follow_resolution():
-    net = SimpleNamespace(img_resolution=64, sigma_min=0, sigma_max=math.inf)
-    assert edm_sampler_defaults(net)["steps"] == 40
-    assert edm_sampler_defaults(SimpleNamespace(img_resolution=32, sigma_min=0, sigma_max=math.inf))["steps"] == 18
+    assert edm_sampler_defaults(64, 0, math.inf)["steps"] == 40
+    assert edm_sampler_defaults(32, 0, math.inf)["steps"] == 18
 
 
 def test_bad_checkpoints_are_config_errors(tmp_path):
@@ -160,9 +154,9 @@ def test_shipped_digits_teacher_makes_digits(digits_teacher):
     assert teacher.weights_sha256 == json.loads(DIGITS_CHECKPOINT.with_suffix(".json").read_text())["sha256"]
     real = sklearn_digits().images
     seeds = list(range(1000, 1064))
-    samples = sample_pairs(teacher, SamplerConfig(**teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
+    samples = sample_pairs(teacher, SamplerConfig().over(teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
     random_net = random_init_like(teacher)
-    baseline = sample_pairs(random_net, SamplerConfig(**teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
+    baseline = sample_pairs(random_net, SamplerConfig().over(teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
     noise = np.random.default_rng(0).uniform(-1, 1, samples.shape)
     d_teacher, d_random, d_noise = (nn_distance(x, real) for x in (samples, baseline, noise))
     d_real = nn_distance(real[:64], real[64:])          # real digits to the other real digits

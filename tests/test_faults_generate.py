@@ -3,6 +3,7 @@ code, the one `error:` line and that nothing was left behind or lost; reading a 
 what its headers declare."""
 
 import io
+import json
 import os
 import shlex
 import shutil
@@ -209,6 +210,17 @@ def test_generate_out_is_a_file_and_empty_preset(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_generate_into_a_directory_of_unrelated_files_is_refused(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"not pairs")
+    (out / "notes").mkdir()
+    before = tree(out)
+    error_line(cli("generate", "--out", out, "--shards", "1", "--pairs-per-shard", "8", "-q"), 2,
+               "not empty and not a pair set", "holiday.jpg", "choose an empty")
+    assert tree(out) == before and sorted(p.name for p in out.iterdir()) == ["holiday.jpg", "notes"]
+
+
 def test_second_generate_is_refused_and_leaves_the_first_runs_files(pairs):
     tmp = pairs / ".shard-000003.tar.tmp-0123456789abcdef"       # the first run's shard in flight
     tmp.write_bytes(b"half a shard")
@@ -327,3 +339,36 @@ def test_a_full_disk_inside_a_ray_task_is_one_line(tmp_path):
     assert "ray::" not in r.stderr and "Unhandled error" not in r.stderr, r.stderr
     assert not [f for f in left(r) if ".tmp" in f], left(r)             # no temp file left behind
     assert {"./p/manifest.json", "./p/shard-000000.tar"} <= set(left(r)), line   # the shards made so far are kept
+
+
+def test_diffusers_folders_refused_with_one_line(tmp_path):
+    from diffusers_fixture import save_model
+
+    ok = save_model(tmp_path / "ok", "vp")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("config.json", "scheduler_config.json"):
+        (bad / f).write_bytes((ok / f).read_bytes())
+    (bad / "diffusion_pytorch_model.bin").write_bytes(b"a pickle that must never be opened")
+    out = tmp_path / "pairs"
+    cases = [(tmp_path / "missing", "not a directory"), (bad, "never unpickled")]
+    for folder, fragment in cases:
+        error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", folder, "--out", out, "-q"), 2,
+                   "diffusers model", fragment)
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", bad, "--out", out, "-q"), 2,
+               "cannot load diffusers model")
+    cfg = json.loads((ok / "scheduler_config.json").read_text())
+    (ok / "scheduler_config.json").write_text(json.dumps({**cfg, "_class_name": "ScoreSdeVeScheduler"}))
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "ScoreSdeVeScheduler", "not supported")
+    (ok / "scheduler_config.json").write_text(json.dumps({**cfg, "beta_schedule": "bogus"}))
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "scheduler config is not valid")
+    (ok / "scheduler_config.json").unlink()
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "scheduler_config.json is missing")
+    (ok / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
+               "UNet2DConditionModel")
+    assert tree(out) == {}

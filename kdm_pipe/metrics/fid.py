@@ -21,7 +21,7 @@ from kdm_pipe.image_files import SAMPLES_JSON, SAMPLES_NPZ
 from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed, feature_batches
 from kdm_pipe.metrics.distribution import feature_stats, frechet_distance, precision_recall
 from kdm_pipe.npyfiles import Header, npz_arrays
-from kdm_pipe.shards import MANIFEST, load_manifest
+from kdm_pipe.shards import MANIFEST, checked_manifest, open_pairs
 
 FID_NUM = 50_000  # EDM's sample count for reported FIDs
 _CHUNK = 1000
@@ -79,8 +79,11 @@ def save_ref_stats(path: str | Path, stats: FeatureStats) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), detector=np.str_(stats.detector))
-    tmp.replace(path)
+    try:
+        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), detector=np.str_(stats.detector))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -132,10 +135,18 @@ def _chunks(x: np.ndarray, num: int | None) -> Iterator[np.ndarray]:
 
 
 def _shard_images(directory: Path, num: int | None) -> Iterator[np.ndarray]:
-    left, manifest = num, load_manifest(directory)
+    manifest = checked_manifest(directory)
     drop = exclusions(manifest, directory)              # memorised samples the filter excluded are no reference
-    for info in manifest.shards:
-        for rec in drop.read(directory / info.name):
+    used, have = [], 0
+    for info in manifest.shards:                        # the shards the first `num` kept pairs come from
+        if num is not None and have >= num:
+            break
+        used.append(info.name)
+        have += drop.kept(info)
+    open_pairs(directory, used)                         # checked against the manifest, as every reader does
+    left = num
+    for name in used:
+        for rec in drop.read(directory / name):
             x_0 = rec["x_0"][:left]
             yield x_0
             if left is not None:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kdm_pipe import tensorfile
 from kdm_pipe.errors import ConfigError
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -70,7 +71,10 @@ def load_into(targets: dict[str, Tensor], path: Path | None, what: str) -> None:
         raise ConfigError(f"distance 'lpips' needs the {what} weights but no path was given. {HOW_TO_GET}")
     if not Path(path).is_file():
         raise ConfigError(f"LPIPS {what} weights {path} do not exist. {HOW_TO_GET}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = tensorfile.load(path)
+    except tensorfile.UnloadableError as e:
+        raise ConfigError(f"LPIPS {what} weights {path}: {e.why}. {HOW_TO_GET}") from None
     missing = [k for k in targets if k not in state]
     if missing:
         raise ConfigError(f"{path} is not the {what} file: it lacks {', '.join(missing[:3])}"

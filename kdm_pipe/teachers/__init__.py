@@ -14,9 +14,9 @@ if TYPE_CHECKING:
 
 
 def build_teacher(cfg) -> Teacher:
-    from kdm_pipe.teachers import analytic, edm
+    from kdm_pipe.teachers import analytic, diffusers, edm
     builders = {"checkerboard": analytic.build_checkerboard, "gmm": analytic.build_gmm, "edm": edm.build_edm,
-                "digits": edm.build_digits}
+                "digits": edm.build_digits, "diffusers": diffusers.build_diffusers}
     return builders[cfg.name](cfg)
 
 

@@ -17,8 +17,8 @@ from kdm_pipe.teachers.base import Teacher
 
 class GMMTeacher(Teacher):
     def __init__(self, name: str, params: dict, means: np.ndarray, stds: np.ndarray, weights: np.ndarray):
-        super().__init__(name=name, shape=(means.shape[1],), label_dim=0, params=params,
-                         sampler_defaults={"steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0})
+        # No sampler defaults of its own: an exact denoiser holds at every σ, so EDM's (the model defaults) apply.
+        super().__init__(name=name, shape=(means.shape[1],), label_dim=0, params=params)
         self.means = torch.as_tensor(means, dtype=torch.float64)
         self.var = torch.as_tensor(stds, dtype=torch.float64) ** 2
         self.log_pi = torch.log(torch.as_tensor(weights / weights.sum(), dtype=torch.float64))

@@ -26,7 +26,8 @@ class Teacher:
     label_dim: int
     params: dict[str, Any]
     weights_sha256: str | None = None
-    # Suggested sampler defaults for this teacher (a preset may override them).
+    # The sampler settings this teacher's network calls for (its σ range, its step count): a layer of the sampler's
+    # configuration above the model defaults and below the preset and flags (SamplerConfig.over).
     sampler_defaults: dict[str, Any] = field(default_factory=dict)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -35,3 +36,10 @@ class Teacher:
     @property
     def fingerprint(self) -> dict[str, Any]:
         return fingerprint(self.name, self.params, self.weights_sha256)
+
+
+def edm_sampler_defaults(resolution: int, net_sigma_min: float, net_sigma_max: float) -> dict[str, Any]:
+    """EDM's choices for an image network (its generate.py and README): the σ range [0.002, 80] clipped to what the
+    network was trained on, ρ = 7, and 18 Heun steps up to 32 px, 40 above (EDM's 64 px setting)."""
+    return {"solver": "heun", "steps": 18 if resolution <= 32 else 40, "rho": 7.0,
+            "sigma_min": max(0.002, float(net_sigma_min)), "sigma_max": min(80.0, float(net_sigma_max))}

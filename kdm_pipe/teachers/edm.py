@@ -7,7 +7,8 @@ is fetched again) and loads the local copy with the same exec-free loaders.
 
 The denoiser is called as EDM's `edm_sampler` calls it: `net(x, σ, class_labels).to(float64)` on the float64 solver
 state (the preconditioning wrapper casts to float32 itself). Sampler defaults follow `edm_sampler`: σ range
-[0.002, 80] clipped to the network's own [σ_min, σ_max]; 18 steps up to 32 px, 40 steps above (EDM's 64 px setting).
+[0.002, 80] clipped to the network's own [σ_min, σ_max]; 18 steps up to 32 px, 40 steps above (EDM's 64 px setting);
+`generate` applies them under the preset and flags (SamplerConfig.over).
 """
 
 from __future__ import annotations
@@ -25,23 +26,18 @@ from kdm_pipe import storage
 from kdm_pipe.config import DigitsTeacherConfig, EDMTeacherConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.teachers.base import Teacher
+from kdm_pipe.teachers.base import Teacher, edm_sampler_defaults
 from kdm_pipe.teachers.edm_checkpoint import CheckpointError, EDMCheckpoint, load_edm_pickle, load_state_dict_checkpoint
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_CHECKPOINT = ASSETS / "digits-teacher.pt"
 
 
-def edm_sampler_defaults(net: torch.nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0) -> dict[str, Any]:
-    return {"steps": 18 if net.img_resolution <= 32 else 40, "rho": 7.0,
-            "sigma_min": max(sigma_min, float(net.sigma_min)), "sigma_max": min(sigma_max, float(net.sigma_max))}
-
-
 class EDMTeacher(Teacher):
     def __init__(self, name: str, params: dict[str, Any], net: torch.nn.Module, weights_sha256: str | None) -> None:
         super().__init__(name=name, shape=(net.img_channels, net.img_resolution, net.img_resolution),
                          label_dim=net.label_dim, params=params, weights_sha256=weights_sha256,
-                         sampler_defaults=edm_sampler_defaults(net))
+                         sampler_defaults=edm_sampler_defaults(net.img_resolution, net.sigma_min, net.sigma_max))
         self.net = net.eval().requires_grad_(False)
         self.device = next(net.parameters()).device
 

@@ -101,7 +101,8 @@ def sample_grid(net: torch.nn.Module, count: int, device: torch.device) -> torch
     """Heun samples for seeds 0 … count − 1 with the network's EDM sampler defaults."""
     teacher = EDMTeacher("trained", {}, net, None)
     with torch.no_grad():
-        return sample_pairs(teacher, SamplerConfig(**teacher.sampler_defaults), list(range(count)), None, device)["x_0"]
+        sampler = SamplerConfig().over(teacher.sampler_defaults)
+        return sample_pairs(teacher, sampler, list(range(count)), None, device)["x_0"]
 
 
 def train_teacher(cfg: TeacherTrainConfig, progress: bool = False) -> Path:

@@ -1,0 +1,120 @@
+"""Local diffusers models as teachers: a `UNet2DModel` with its scheduler config, or a `DiffusionPipeline` folder.
+
+This module checks a folder (its config is kdm_pipe.config.DiffusersTeacherConfig) without torch or diffusers;
+`build_diffusers` imports the denoisers (kdm_pipe/teachers/diffusers_model.py), and so diffusers, only when the
+teacher is built. Weights are read from safetensors only (a pickled `.bin` is refused, never unpickled), from the
+folder only (no download), and no code from the folder is run: the model class must be diffusers' own
+`UNet2DModel`, the scheduler one of the classes below.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kdm_pipe.config import DiffusersTeacherConfig
+from kdm_pipe.errors import ConfigError
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLED = "diffusion_pytorch_model.bin"
+INSTALL = "pip install 'kdm-pipe[diffusers]'"
+
+# Schedulers over a discrete variance-preserving (DDPM) noise schedule: they share its betas → ᾱ_t.
+VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                 "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                 "DEISMultistepScheduler", "KDPM2DiscreteScheduler"}
+# Rectified-flow schedulers: x_t = (1 − t)·x_0 + t·ε, the model predicts v = ε − x_0 at timestep t·T.
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What a checked folder holds: the UNet's folder and config, and the scheduler's config."""
+
+    unet_dir: Path
+    unet: dict[str, Any]
+    scheduler: dict[str, Any]
+
+    @property
+    def kind(self) -> Literal["vp", "flow"]:
+        return "flow" if self.scheduler["_class_name"] in FLOW_SCHEDULERS else "vp"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        s = self.unet["sample_size"]
+        return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+    @property
+    def prediction(self) -> str:
+        return "flow_velocity" if self.kind == "flow" else self.scheduler.get("prediction_type", "epsilon")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"diffusers model: {path} is missing; {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"diffusers model: {path} is not a readable JSON object; replace it with the file "
+                          f"save_pretrained wrote")
+    return data
+
+
+def model_folder(root: Path) -> ModelFolder:
+    """Check a model folder without loading it: every refusal names the file and what to do."""
+    if not root.is_dir():
+        raise ConfigError(f"diffusers model {root} is not a directory; pass --checkpoint with a folder written by "
+                          f"save_pretrained (UNet2DModel + scheduler_config.json, or a pipeline folder)")
+    pipeline = (root / "model_index.json").is_file()
+    unet_dir = root / "unet" if pipeline else root
+    sched = root / "scheduler" / "scheduler_config.json" if pipeline else root / "scheduler_config.json"
+    unet = read_json(unet_dir / "config.json", "a UNet2DModel folder holds the config.json save_pretrained writes")
+    if unet.get("_class_name") != "UNet2DModel":
+        raise ConfigError(f"diffusers model: {unet_dir / 'config.json'} describes a {unet.get('_class_name')!r}; "
+                          f"the diffusers teacher takes a UNet2DModel (pixel-space, unconditional or class-labelled)")
+    size = unet.get("sample_size")
+    if not (isinstance(size, int) and size > 0 or isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ConfigError(f"diffusers model: {unet_dir / 'config.json'} gives no image size (sample_size: {size!r}); "
+                          f"set it to the resolution the model was trained at")
+    if not (unet_dir / WEIGHTS).is_file():
+        hint = (f"it holds only pickled weights ({PICKLED}), which are never unpickled: convert them to safetensors "
+                f"(load once where you trust the file, then save_pretrained(..., safe_serialization=True))"
+                if (unet_dir / PICKLED).is_file() else "save the model with save_pretrained (safetensors)")
+        raise ConfigError(f"diffusers model: {unet_dir} has no {WEIGHTS}; {hint}")
+    scheduler = read_json(sched, "save the scheduler with save_pretrained beside the model")
+    name = scheduler.get("_class_name")
+    if name not in VP_SCHEDULERS | FLOW_SCHEDULERS:
+        raise ConfigError(f"diffusers model: scheduler {name!r} in {sched} is not supported; use a DDPM-schedule "
+                          f"scheduler ({', '.join(sorted(VP_SCHEDULERS))}) or a flow-matching one "
+                          f"({', '.join(sorted(FLOW_SCHEDULERS))})")
+    folder = ModelFolder(unet_dir, unet, scheduler)
+    if folder.prediction not in PREDICTIONS + ("flow_velocity",):
+        raise ConfigError(f"diffusers model: prediction_type {folder.prediction!r} in {sched} is not one of "
+                          f"{', '.join(PREDICTIONS)}")
+    if unet.get("out_channels", 3) != unet.get("in_channels", 3):
+        raise ConfigError(f"diffusers model: {unet_dir / 'config.json'} has {unet.get('out_channels')} output "
+                          f"channels for {unet.get('in_channels')} input channels; a learned-variance model is not "
+                          f"supported (the teacher needs the mean prediction only)")
+    if unet.get("time_embedding_type", "positional") not in ("positional", "learned"):
+        raise ConfigError(f"diffusers model: time_embedding_type {unet['time_embedding_type']!r} in "
+                          f"{unet_dir / 'config.json'} is not supported (positional or learned)")
+    if unet.get("class_embed_type") is not None:
+        raise ConfigError(f"diffusers model: class_embed_type {unet['class_embed_type']!r} in "
+                          f"{unet_dir / 'config.json'} is not supported; class labels go through num_class_embeds")
+    return folder
+
+
+def build_diffusers(cfg: DiffusersTeacherConfig):
+    folder = model_folder(cfg.checkpoint)
+    try:
+        from kdm_pipe.teachers.diffusers_model import load_teacher
+    except ImportError as e:
+        raise ConfigError(f"the diffusers teacher needs diffusers and safetensors ({e}); {INSTALL}") from None
+    return load_teacher(folder)

@@ -1,0 +1,121 @@
+"""Fault injection on the readers of a trained run's pairs (evaluate, analyze, sample) and of its checkpoints: a
+held-out shard changed in place, values that decode to NaN, an unreadable checkpoint whose checksum matches, a run
+moved with its pairs. Every case checks the exit code, the one `error:` line and that nothing was written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from faults import bless, cli, error_line, flip_byte, tree
+
+from kdm_pipe import run as kdm_run
+from kdm_pipe.shards import read_shard, sha256_file, write_shard
+from kdm_pipe.trained import latest_checkpoint
+
+QUICK = ["--steps", "4", "--batch", "100", "--ckpt-every", "2", "--probe-every", "2", "--no-tensorboard", "-q",
+         "--student", "kdm"]
+HELDOUT = "shard-000004.tar"                         # holdout_shards = 1: the last of the 5
+
+
+@pytest.fixture(scope="module")
+def trained(vector_pairs, tmp_path_factory):
+    """A run trained 4 steps (checkpoints 2 and 4) beside a copy of the 5 × 1000 board pairs (no weights.json)."""
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(vector_pairs, root / "pairs")
+    r = cli("train", "--data", root / "pairs", "--out", root / "run", *QUICK)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.fixture
+def setup(trained, tmp_path):
+    """A private copy of the pairs and the run, free to damage (the run's config.json pointed at the copy)."""
+    root = Path(shutil.copytree(trained, tmp_path / "t"))
+    config = root / "run" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "data": str(root / "pairs")}))
+    return root
+
+
+def written(root: Path) -> dict[str, str]:
+    """`tree` without the pair set's checksum cache, which forgets a shard found changed."""
+    return {k: v for k, v in tree(root).items() if not k.endswith(".kdm-verified.json")}
+
+
+def fresh(*args):
+    kdm_run._warned.clear()          # a process warns about a damaged checkpoint once; these share one
+    return cli(*args)
+
+
+def readers(root: Path):
+    run = root / "run"
+    return {"evaluate": ["evaluate", run, "--num", "200", "--data", root / "pairs"],
+            "analyze": ["analyze", run, "--num", "200"],
+            "sample": ["sample", run, "--out", root / "s", "--num", "8"]}
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "analyze", "sample"])
+def test_heldout_shard_changed_in_place_is_refused(setup, stage):
+    flip_byte(setup / "pairs" / HELDOUT, 3000)       # same size, mtime put back: only the sha256 tells
+    before = written(setup)
+    error_line(cli(*readers(setup)[stage]), 1, HELDOUT, "sha256", "rerun")
+    assert written(setup) == before                     # no eval.json, weights.json, analysis/ nor samples
+
+
+def nan_in_x_0(directory: Path, name: str) -> None:
+    """Write the shard again with one x_0 value NaN and make the manifest agree (only its values tell)."""
+    recs = list(read_shard(directory / name))
+    recs[0]["x_0"] = recs[0]["x_0"].copy()
+    recs[0]["x_0"][3, 0] = np.nan
+    write_shard(directory / name, recs)
+    bless(directory)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "analyze", "sample"])
+def test_heldout_values_that_are_not_finite_are_named(setup, stage):
+    nan_in_x_0(setup / "pairs", HELDOUT)
+    before = written(setup)
+    error_line(cli(*readers(setup)[stage]), 1, HELDOUT, "non-finite", "verify")
+    assert written(setup) == before
+
+
+class Payload:
+    """Stands for any object a hostile pickle would carry (loading it would run code)."""
+
+
+@pytest.mark.parametrize("kind", ["hostile", "truncated"])
+def test_unloadable_checkpoint_with_matching_checksum_falls_back(setup, kind):
+    run = setup / "run"
+    latest = run / "checkpoints" / "ckpt-00000004.pt"
+    if kind == "hostile":
+        torch.save({"step": 4, "ema": Payload()}, latest)
+    else:
+        latest.write_bytes(latest.read_bytes()[:5000])
+    (run / "checkpoints" / "ckpt-00000004.pt.sha256").write_text(sha256_file(latest) + "\n")    # it "matches"
+    for args in readers(setup).values():
+        r = fresh(*args)
+        assert r.returncode == 0, r.stderr
+        assert "ckpt-00000004.pt is damaged" in r.stderr and "weights_only" not in r.stderr + r.stdout
+    r = fresh("train", "--data", setup / "pairs", "--out", run, *QUICK[:1], "6", *QUICK[2:], "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "falling back" in r.stderr and "weights_only" not in r.stderr
+    assert (run / "checkpoints" / "ckpt-00000004.pt.damaged").is_file()
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 6
+
+
+def test_run_moved_with_its_pairs_resumes_without_data(setup, tmp_path):
+    moved = Path(shutil.move(setup, tmp_path / "elsewhere"))      # config.json's --data no longer exists
+    run = moved / "run"
+    r = fresh("train", "--out", run, *QUICK[:1], "6", *QUICK[2:], "--resume")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 6
+    assert json.loads((run / "split.json").read_text())["data_from_run"] == "../pairs"
+    assert fresh("evaluate", run, "--num", "200").returncode == 0
+
+
+def test_train_without_data_is_bad_input(tmp_path):
+    error_line(cli("train", "--out", tmp_path / "run", *QUICK), 2, "--data")
+    error_line(cli("train", "--out", tmp_path / "run", *QUICK, "--resume"), 2, "holds no run", "--data")
+    assert not (tmp_path / "run").exists()
