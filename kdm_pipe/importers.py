@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdm_pipe import tensorfile
+from kdm_pipe import storage, tensorfile
 from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.npyfiles import Header, human, load_npy, npz_arrays
-from kdm_pipe.shards import npy_from_bytes, sha256_file
+from kdm_pipe.shards import npy_from_bytes
 
 # (a, b, labels, states): the two ends, one-hot labels or None, and every stored state (B, T, ...) in source order
 # (a = states[:, 0], b = states[:, −1]) when the source keeps a trajectory, else None.
@@ -99,7 +99,7 @@ def files_digest(files: list[Path], root: Path | None, contents: bool) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.relative_to(root) if root else p.name}\t".encode())
-        h.update((sha256_file(p) if contents else str(p.stat().st_size)).encode() + b"\n")
+        h.update((storage.sha256(p) if contents else str(p.stat().st_size)).encode() + b"\n")
     return h.hexdigest()
 
 

@@ -35,8 +35,9 @@ from pydantic import ValidationError
 from kdm_pipe import mirror, storage, tensorfile
 from kdm_pipe.config import TrainConfig, format_validation
 from kdm_pipe.errors import ConfigError, DiskFull, disk_full
+from kdm_pipe.integrity import checked_manifest
 from kdm_pipe.locks import Lock, directory_lock
-from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, checked_manifest, sha256_file
+from kdm_pipe.manifest import MANIFEST, Manifest
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
 ANALYSIS = "analysis"                   # analyze's figures and analysis.json
@@ -97,7 +98,7 @@ class Run:
                     excluded: str) -> None:
         sha = {s.name: s.sha256 for s in manifest.shards}
         relative = self._relative(storage.location(data))
-        atomic_write_text(self.path / SPLIT, json.dumps({
+        storage.write_text(self.path / SPLIT, json.dumps({
             "train": train, "holdout": holdout,
             **({} if relative is None else {"data_from_run": relative}),
             "sha256": {n: sha[n] for n in train + holdout},
@@ -183,8 +184,8 @@ class Run:
                 torch.save({"step": step, **state}, f)
                 f.flush()
                 os.fsync(f.fileno())
-            digest = sha256_file(tmp)
-            atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
+            digest = storage.sha256(tmp)
+            storage.write_text(path.with_name(path.name + ".sha256"), digest + "\n")
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:       # torch may report a full disk as its own RuntimeError
             if not disk_full(e):
@@ -220,7 +221,7 @@ class Run:
         if self.mirror is not None:
             self.mirror.pull(self.mirror.rel(sidecar))
             self.mirror.pull(self.mirror.rel(path))
-        if sidecar.is_file() and sidecar.read_bytes().strip() != sha256_file(path).encode():
+        if sidecar.is_file() and sidecar.read_bytes().strip() != storage.sha256(path).encode():
             return "sha256 mismatch"
         try:
             self._loaded = (path, tensorfile.load(path, map_location))
@@ -269,7 +270,7 @@ class Run:
         log = self.path / LOG
         if log.is_file():
             rows = [ln for ln in log.read_text().splitlines() if _step(ln) is not None and _step(ln) <= step]
-            atomic_write_text(log, "".join(r + "\n" for r in rows))
+            storage.write_text(log, "".join(r + "\n" for r in rows))
 
 
 def _bytes(state: Any) -> int:

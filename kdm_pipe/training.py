@@ -38,13 +38,15 @@ from kdm_pipe.config import TrainConfig
 from kdm_pipe.datasets import available_memory
 from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
+from kdm_pipe.integrity import open_pairs
 from kdm_pipe.loader import batches, loader_bytes
 from kdm_pipe.locks import Lock, directory_lock
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.optim import ema_update, sanitize_grads
 from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import CKPT_DIR, Run
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.shards import Manifest, atomic_write_text, open_pairs, read_pairs
+from kdm_pipe.shards import read_pairs
 from kdm_pipe.stats_update import update
 from kdm_pipe.student import is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
@@ -383,7 +385,7 @@ def _train(s: Session) -> dict:
 
     # The run's files, probes and logs.
     if lead:                                           # the run's files re-anchored where it is now (it may have moved)
-        atomic_write_text(run.path / "config.json", cfg.model_dump_json(indent=1))
+        storage.write_text(run.path / "config.json", cfg.model_dump_json(indent=1))
         run.write_split(cfg.data, s.manifest, s.train_names, s.holdout_names,
                         s.drop.digest(s.train_names + s.holdout_names))
         run.trim_log(step)

@@ -25,10 +25,11 @@ from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.errors import DiskFull, disk_full
 from kdm_pipe.generation import cached_teacher, make_shard, with_teacher_defaults
+from kdm_pipe.integrity import check_shard
+from kdm_pipe.manifest import MANIFEST, Manifest, ShardInfo, estimated_shard_bytes, pair_bytes
 from kdm_pipe.pairset import PairSetWriter, free_bytes
 from kdm_pipe.raypool import ray_session, remote, run_bounded, task_failures
 from kdm_pipe.sampling import nfe, schedule, trajectory_steps
-from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, check_shard, estimated_shard_bytes, pair_bytes
 
 CONFIG = "generate.config.json"
 LOG = "generate.jsonl"

@@ -69,10 +69,11 @@ def flip_byte(path: Path, offset: int) -> None:
 
 def bless(directory: Path) -> None:
     """Make the manifest agree with whatever is on disk: only reading a shard can then find its damage."""
-    from kdm_pipe.shards import load_manifest, save_manifest, sha256_file
+    from kdm_pipe import storage
+    from kdm_pipe.manifest import load_manifest, save_manifest
     m = load_manifest(directory)
     for s in m.shards:
-        s.bytes, s.sha256 = (directory / s.name).stat().st_size, sha256_file(directory / s.name)
+        s.bytes, s.sha256 = (directory / s.name).stat().st_size, storage.sha256(directory / s.name)
     save_manifest(directory, m)
 
 

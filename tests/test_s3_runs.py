@@ -168,7 +168,8 @@ def test_a_killed_run_resumes_from_the_bucket(s3_pairs, bucket, tmp_path):
 
 def test_refusals_write_nothing(s3_pairs, bucket, tmp_path):
     from kdm_pipe import storage
-    from kdm_pipe.shards import check_shards, load_manifest
+    from kdm_pipe.integrity import check_shards
+    from kdm_pipe.manifest import load_manifest
     pairs = storage.location(s3_pairs)
     check_shards(pairs, load_manifest(pairs))          # the pair set's checksum cache, which any reader may write
     before = objects(bucket)
@@ -191,7 +192,7 @@ def test_a_corrupt_shard_object_stops_training_naming_it(s3_pairs, bucket, vecto
     """A shard whose bytes changed in the bucket and whose manifest entry was made to agree: only reading it can
     find the damage. The loader worker's error ends the run within seconds (exit 1, the shard named), and a run
     that failed before its first checkpoint leaves nothing in the bucket."""
-    from kdm_pipe.shards import Manifest
+    from kdm_pipe.manifest import Manifest
     bad = tmp_path / "shard-000001.tar"
     data = bytearray((vector_pairs / "shard-000001.tar").read_bytes())
     data[600] ^= 0xFF                                  # inside the first member's .npy header
@@ -215,7 +216,8 @@ def test_a_corrupt_shard_object_stops_training_naming_it(s3_pairs, bucket, vecto
 def test_stats_on_an_s3_pair_set_and_its_readers(s3_pairs, bucket, vector_pairs, tmp_path):
     """`stats s3://…` writes stats.zarr into the bucket (root metadata last: no temp objects, no mirror marker), its
     moments are the pairs' own, and `train --normalize standard` reads them there; before it exists, train refuses."""
-    from kdm_pipe.shards import load_manifest, read_pairs
+    from kdm_pipe.manifest import load_manifest
+    from kdm_pipe.shards import read_pairs
     from kdm_pipe.stats import load_stats
     error_line(cli(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=2), "--normalize", "standard"), 2,
                "stats.zarr is missing or stale", "kdm-pipe stats")
@@ -336,7 +338,7 @@ def test_image_feature_statistics_in_the_bucket_are_the_local_ones(digit_pairs, 
     import shutil
 
     from kdm_pipe.feature_stats import set_reference
-    from kdm_pipe.shards import load_manifest
+    from kdm_pipe.manifest import load_manifest
     from kdm_pipe.stats import load_stats
     local = tmp_path / "digits"
     shutil.copytree(digit_pairs, local)
