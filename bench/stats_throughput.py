@@ -20,7 +20,8 @@ import ray
 import torch
 
 from kdm_pipe.feature_stats import ShardFeatures, feature_space
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard, save_manifest, shard_name, write_shard
+from kdm_pipe.manifest import Manifest, ShardInfo, save_manifest, shard_name
+from kdm_pipe.shards import read_shard, write_shard
 from kdm_pipe.stats import STORE, ShardMoments, checked_digest, field_specs
 from kdm_pipe.stats_update import update
 

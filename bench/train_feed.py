@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from kdm_pipe.config import GenerateConfig, TrainConfig, build, load_preset  # noqa: E402
 from kdm_pipe.loader import batches  # noqa: E402
-from kdm_pipe.shards import load_manifest  # noqa: E402
+from kdm_pipe.manifest import load_manifest  # noqa: E402
 from kdm_pipe.student.noise import LatentNoise  # noqa: E402
 from kdm_pipe.trained import student_for  # noqa: E402
 from kdm_pipe.training import resolved  # noqa: E402

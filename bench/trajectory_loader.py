@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kdm_pipe.config import TrainConfig
 from kdm_pipe.loader import batches
-from kdm_pipe.shards import ShardInfo, load_manifest, read_shard, save_manifest, write_shard
+from kdm_pipe.manifest import ShardInfo, load_manifest, save_manifest
+from kdm_pipe.shards import read_shard, write_shard
 from kdm_pipe.training import trained_fields
 
 

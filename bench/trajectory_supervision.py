@@ -31,7 +31,7 @@ import ray
 from kdm_pipe.config import EvaluateConfig, GenerateConfig, StatsConfig, TrainConfig, build, load_preset
 from kdm_pipe.evaluation import apply, choice_distance, distribution_metrics, heldout_split, sampler
 from kdm_pipe.evaluation import evaluate as evaluate_run
-from kdm_pipe.shards import load_manifest
+from kdm_pipe.manifest import load_manifest
 from kdm_pipe.trained import load_weights
 from kdm_pipe.training import train
 from stages import generate, stats

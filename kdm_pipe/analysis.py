@@ -38,6 +38,7 @@ from kdm_pipe.latents import load_latent_stats
 from kdm_pipe.probes import probe_spectra
 from kdm_pipe.run import ANALYSIS, Run
 from kdm_pipe.runtime import pick_device
+from kdm_pipe.student.koopman import eigvals
 from kdm_pipe.trained import load_weights
 
 DBSCAN_EPS, DBSCAN_MIN_SAMPLES, Z_THRESHOLD, MODES = 0.15, 5, 3.0, 8
@@ -114,7 +115,7 @@ def spectrum_section(model: torch.nn.Module, run: Path, out: Path, title: str) -
     koopman = model.koopman
     lam = koopman.eigenvalues().detach().cpu().numpy()
     K = koopman.matrix().detach().double()
-    extra = ({"eigvals of the applied K": torch.linalg.eigvals(K).cpu().numpy()} if koopman.kind == "decomposed"
+    extra = ({"eigvals of the applied K": eigvals(K).cpu().numpy()} if koopman.kind == "decomposed"
              else None)
     history = probe_spectra(run)
     plots.spectrum(out / "spectrum.png", lam, title, history, extra)

@@ -356,12 +356,7 @@ app.add_typer(stats_app, name="stats")
 def stats_pairs(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
                 storage_option: Optional[list[str]] = StorageOpt):
     """`stats DIR`: per-shard sufficient statistics and x_0 feature statistics (Ray) merged into DIR/stats.zarr."""
-    storage.set_options(storage_option)
-    cfg = build(StatsConfig, flags, where="stats config")
-    if dry(cfg, dry_run):
-        return
-    from stages import stats as stage
-    stage.run(cfg, progress=not quiet)
+    statistics(flags, dry_run, quiet, storage_option)
 
 
 @stats_app.command("latents")
@@ -370,9 +365,14 @@ def stats_pairs(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
 def stats_latents(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
                   storage_option: Optional[list[str]] = StorageOpt):
     """Statistics of RUN's latents (z_T, z_0, C z_T) over DIR's pairs → RUN/latents.zarr."""
-    storage.set_options(storage_option)
     if flags.get("run") is None:
         raise ConfigError("usage: kdm-pipe stats latents DIR --run RUN (a trained run)")
+    statistics(flags, dry_run, quiet, storage_option)
+
+
+def statistics(flags: dict, dry_run: bool, quiet: bool, storage_option: Optional[list[str]]) -> None:
+    """`stats pairs` and `stats latents`: one stage, which tells them apart by `run`."""
+    storage.set_options(storage_option)
     cfg = build(StatsConfig, flags, where="stats config")
     if dry(cfg, dry_run):
         return

@@ -36,7 +36,8 @@ Location = storage.Location
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every number reaches arithmetic: inf or NaN is never a setting (`--lr inf` once segfaulted in a probe).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def cli(*flags: str) -> dict[str, Any]:
@@ -251,13 +252,14 @@ class StudentConfig(Strict):
         "λ, plus the inverse loss on P⁻¹ as the official code adds them together)")
     prior_seed: int = Field(default=0, description="seed of the spectrum prior's draws")
     koopman_control: bool = Field(default=True, description="add B y to the pushed latent when labels exist")
-    sigma_z: float = Field(description="std of the noise added to latents in training", default=0.4, ge=0)
+    sigma_z: float = Field(description="std of the noise added to latents in training", default=0.4, ge=0, le=100)
     trajectory: TrajectoryConfig | None = Field(default=None, description="trajectory supervision (off when unset)")
-    # The loss
-    w_latent: float = Field(default=1.0, description="weight of ‖z_0 − C z_T‖²")
-    w_rec: float = Field(default=1.0, description="weight of the reconstruction d(x_0, D(E(x_0)))")
-    w_push: float | None = Field(default=None, description="weight of d(x_0, D(C z_T)) (default: 1 images, 0 vectors)")
-    w_reg: float = Field(default=1.0, description="weight of the latent regulariser")
+    # The loss (a negative weight maximises its term: the run diverges)
+    w_latent: float = Field(default=1.0, ge=0, description="weight of ‖z_0 − C z_T‖²")
+    w_rec: float = Field(default=1.0, ge=0, description="weight of the reconstruction d(x_0, D(E(x_0)))")
+    w_push: float | None = Field(default=None, ge=0,
+                                 description="weight of d(x_0, D(C z_T)) (default: 1 images, 0 vectors)")
+    w_reg: float = Field(default=1.0, ge=0, description="weight of the latent regulariser")
     w_adv: float | None = Field(default=None, ge=0, description="adversarial weight (images; 0 turns the discriminator "
                                 "off)")
     distance: Literal["l2", "pseudo_huber", "lpips", "l2+lpips"] | None = Field(
@@ -281,15 +283,21 @@ def unset_or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class TrainConfig(Strict):
     data: Location | None = Field(default=None, description="pair directory; with --resume it may be left out: the "
                                   "run's own pairs (where config.json says, or beside the run as split.json records)")
     out: Location = Field(default=Path("runs/train"), description="run directory (checkpoints, logs)")
     student: StudentConfig = Field(default_factory=StudentConfig)
     steps: int = Field(description="optimiser steps", default=4000, ge=1)
-    batch: int = Field(description="pairs per step", default=256, ge=1)
-    lr: float = Field(description="Adam learning rate", default=3e-4, gt=0)
-    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam betas")
+    batch: int = Field(description="pairs per step (at most the training pairs)", default=256, ge=1)
+    lr: float = Field(description="Adam learning rate (Adam moves each weight by about lr per step whatever the "
+                      "gradient's scale: above 1 every run diverges)", default=3e-4, gt=0, le=1)
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), description="Adam betas, each in [0, 1)")
+    nonfinite_steps: int = Field(default=20, ge=1, description="stop the run (exit 1, the last finite checkpoint "
+                                 "kept) after this many consecutive steps with a NaN or inf loss")
     ema: float = Field(description="EMA decay of the student's weights", default=0.9999, ge=0, lt=1)
     ema_rampup: float = Field(
         default=0.05, ge=0, description="EMA warm-up as in EDM: the EMA half-life is at most this fraction of the "

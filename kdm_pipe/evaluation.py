@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from kdm_pipe import storage
 from kdm_pipe.config import CheckerboardTeacherConfig, ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.datasets import BUILTIN
 from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import set_halves, set_reference
+from kdm_pipe.integrity import open_pairs
 from kdm_pipe.metrics import checkerboard_mask, frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
 from kdm_pipe.metrics.fid import (
@@ -45,7 +47,7 @@ from kdm_pipe.plots import image_rows, pairs_scatter
 from kdm_pipe.run import EVAL, Run, per_steps
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import schedule, seed_noise, solve
-from kdm_pipe.shards import atomic_write_text, open_pairs, read_pairs
+from kdm_pipe.shards import read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
@@ -132,7 +134,7 @@ def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 51
               "note": "EMA or raw: the lower distribution distance of one-step samples to the teacher's outputs on the "
                       "held-out selection split (never the reported split)"}
     try:
-        atomic_write_text(path, json.dumps(record, indent=1))
+        storage.write_text(path, json.dumps(record, indent=1))
     except OSError:                                    # a read-only run directory: choose, do not record
         pass
     return record

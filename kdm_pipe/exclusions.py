@@ -21,7 +21,8 @@ import numpy as np
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.shards import Manifest, ShardInfo, read_shard
+from kdm_pipe.manifest import Manifest, ShardInfo
+from kdm_pipe.shards import read_shard
 
 Record = dict[str, np.ndarray]
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.normalization import Standardized
-from kdm_pipe.shards import Manifest
 from kdm_pipe.student.image import ImageStudent
 from kdm_pipe.student.kdm import KDM
 

@@ -24,9 +24,9 @@ import zarr
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.metrics.detectors import FeatureNet, feature_batches, load_detector, to_uint8
 from kdm_pipe.metrics.fid import FeatureStats, FeatureSums
-from kdm_pipe.shards import Manifest
 from kdm_pipe.stats import STORE, create_array, filtered_alike, store_at
 
 GROUP = "features"

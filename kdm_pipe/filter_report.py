@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from kdm_pipe import plots, storage
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.memorisation import Scores, flags
 from kdm_pipe.pages import figure, html_table, page, relative, section
-from kdm_pipe.shards import Manifest, read_shard
+from kdm_pipe.shards import read_shard
 
 SHOWN = 16                           # flagged samples drawn (then the closest unflagged ones, to compare)
 

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from kdm_pipe.config import GenerateConfig, SamplerConfig
+from kdm_pipe.manifest import ShardInfo, shard_name
 from kdm_pipe.runtime import pick_device, set_threads
 from kdm_pipe.sampling import schedule, seed_noise, solve, trajectory_steps
-from kdm_pipe.shards import ShardInfo, shard_name, write_shard
+from kdm_pipe.shards import write_shard
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.base import Teacher
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from kdm_pipe import storage
 from kdm_pipe.datasets import to_uint8_nhwc
-from kdm_pipe.shards import atomic_write_text
 
 SAMPLES_JSON = "samples.json"
 SAMPLES_NPZ = "samples.npz"
@@ -91,5 +91,5 @@ def write_samples(out: str | Path, images: np.ndarray, seeds: np.ndarray, labels
     save_grid(out / GRID_PNG, images[:GRID_MAX], scale=scale, gap=max(2, scale))
     record = {"num": len(images), "shape": list(images.shape[1:]), "seeds": seeds.tolist(),
               "labels": None if classes is None else classes.tolist(), "settings": settings or {}}
-    atomic_write_text(out / SAMPLES_JSON, json.dumps(record))
+    storage.write_text(out / SAMPLES_JSON, json.dumps(record))
     return {"dir": out, "npz": out / SAMPLES_NPZ, "grid": out / GRID_PNG, "json": out / SAMPLES_JSON}

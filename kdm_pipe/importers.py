@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdm_pipe import tensorfile
+from kdm_pipe import storage, tensorfile
 from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.npyfiles import Header, human, load_npy, npz_arrays
-from kdm_pipe.shards import npy_from_bytes, sha256_file
+from kdm_pipe.shards import npy_from_bytes
 
 # (a, b, labels, states): the two ends, one-hot labels or None, and every stored state (B, T, ...) in source order
 # (a = states[:, 0], b = states[:, −1]) when the source keeps a trajectory, else None.
@@ -99,7 +99,7 @@ def files_digest(files: list[Path], root: Path | None, contents: bool) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.relative_to(root) if root else p.name}\t".encode())
-        h.update((sha256_file(p) if contents else str(p.stat().st_size)).encode() + b"\n")
+        h.update((storage.sha256(p) if contents else str(p.stat().st_size)).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -202,116 +202,39 @@ def torch_file(path: Path) -> object:
                           ) from None
 
 
-class GetFiles(Source):
-    """GET's folders: `latent/` files hold unit z (or [z, one-hot labels]), `image/` files the matching x_0."""
+class ChunkedSource(Source):
+    """Files of many pairs each (GET's chunks, FastGen's shards), read one file at a time (the last one cached).
+    Subclasses list `files`, call `_index` with each file's pair count, and `_load` a file as
+    (x_T, x_0, one-hot labels or None) arrays."""
 
     two_ended = False
 
-    def __init__(self, root: Path, sigma_max: float):
-        self.latent, self.image = listing(root / "latent"), listing(root / "image")
-        if [p.name for p in self.latent] != [p.name for p in self.image]:
-            raise ConfigError(f"{root}: latent/ and image/ hold different file names")
-        self.x_T_scale = sigma_max
-        self.digest = files_digest(self.latent + self.image, root, contents=False)
-        self.x_T_convention = "x_T = sigma_max * z, z from GET's latent/ files; no generator seed"
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def _index(self, counts: list[int]) -> None:
         self._cached: tuple[int, tuple] | None = None
-        counts = [len(self._file(i)[0]) for i in range(len(self.latent))]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self.n = self.starts[-1]
-        z, y, _ = self._file(0)
-        self.shape, self.label_dim = tuple(z.shape[1:]), 0 if y is None else y.shape[1]
-
-    def _file(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        if self._cached is None or self._cached[0] != i:
-            lat, x = torch_file(self.latent[i]), torch_file(self.image[i])
-            z, y = lat if isinstance(lat, (list, tuple)) and len(lat) == 2 else (lat, None)
-            if not (isinstance(z, torch.Tensor) and isinstance(x, torch.Tensor)) or z.ndim < 2 or len(z) != len(x) \
-                    or (y is not None and (not isinstance(y, torch.Tensor) or y.ndim != 2 or len(y) != len(z))):
-                raise ConfigError(f"{self.latent[i]} / {self.image[i].name}: expected (N, ...) tensors z (or [z, "
-                                  f"labels]) and x_0 with the same number of pairs N")
-            self._cached = (i, (z, y, x))
-        return self._cached[1]
-
-    def where(self, i: int) -> str:
-        f = bisect.bisect_right(self.starts, i) - 1
-        return f"{self.latent[f]} / {self.image[f].name} (pair {i - self.starts[f]} of that file)"
-
-    def ends(self, start: int, stop: int) -> Ends:
-        parts = []
-        i = bisect.bisect_right(self.starts, start) - 1
-        while start < stop:
-            z, y, x = self._file(i)
-            lo, hi = start - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
-            if tuple(z.shape[1:]) != self.shape or tuple(x.shape[1:]) != self.shape:
-                raise ConfigError(f"{self.latent[i]}: pairs of shape {tuple(z.shape[1:])}, unlike {self.shape}")
-            parts.append((self.x_T_scale * z[lo:hi].double().numpy(), x[lo:hi].numpy(),
-                          None if y is None else one_hot(y[lo:hi].numpy(), self.label_dim, str(self.latent[i]))))
-            start, i = self.starts[i] + hi, i + 1
-        a, b, y = zip(*parts)
-        return np.concatenate(a), np.concatenate(b), np.concatenate(y) if self.label_dim else None, None
-
-
-class FastGenShards(Source):
-    """FastGen's KD WebDataset shards, one pair per sample: `<key>.real.npy` (x_0), `<key>.noise.npy` (x_T)
-    [, `<key>.condition.npy` one-hot or int class]; other members (a `path`, text) are not imported."""
-
-    two_ended = False
-
-    def __init__(self, folder: Path, label_dim: int | None):
-        self.files, self.label_dim_arg = listing(folder, "*.tar"), label_dim
-        self.digest = files_digest(self.files, folder, contents=False)
-        self.x_T_convention = "x_T as FastGen's noise.npy holds it (std checked against sigma_max); no generator seed"
-        self._cached: tuple[int, Ends] | None = None
-        counts = []
-        for path in self.files:
-            try:
-                with tarfile.open(path) as tar:
-                    counts.append(sum(m.name.endswith(".real.npy") for m in tar))
-            except (tarfile.TarError, OSError) as e:
-                raise ConfigError(f"{path}: not a readable tar ({e})") from None
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        self.n = self.starts[-1]
-        a, _, y, _ = self._file(0)
+        a, _, y = self._file(0)
         self.shape, self.label_dim = tuple(a.shape[1:]), 0 if y is None else y.shape[1]
 
-    def _file(self, i: int) -> Ends:
+    def _file(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if self._cached is None or self._cached[0] != i:
-            path, samples = self.files[i], {}
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    key, _, name = m.name.partition(".")
-                    if m.isfile() and name in ("real.npy", "noise.npy", "condition.npy"):
-                        samples.setdefault(key, {})[name] = npy_from_bytes(tar.extractfile(m).read())
-            rows = [v for v in samples.values() if "real.npy" in v]
-            if any("noise.npy" not in v or v["noise.npy"].shape != v["real.npy"].shape for v in rows):
-                raise ConfigError(f"{path}: a sample without noise.npy, or of a shape unlike its real.npy; FastGen "
-                                  f"KD pairs hold both")
-            shapes = {v["real.npy"].shape for v in rows}
-            if len(shapes) != 1:
-                raise ConfigError(f"{path}: samples of shapes {sorted(shapes)}; one pair set holds one shape")
-            conds = [v.get("condition.npy") for v in rows]
-            if any((c is None) != (conds[0] is None) for c in conds):
-                raise ConfigError(f"{path}: some samples have condition.npy and some do not")
-            y = None
-            if conds[0] is not None:
-                c = np.stack(conds)
-                y = one_hot(c.reshape(len(c), -1) if c[0].size > 1 else c.reshape(-1).astype(np.int64),
-                            self.label_dim_arg or self.label_dim or None, str(path))
-            self._cached = (i, (np.stack([v["noise.npy"] for v in rows]), np.stack([v["real.npy"] for v in rows]),
-                                y, None))
+            self._cached = (i, self._load(i))
         return self._cached[1]
 
     def where(self, i: int) -> str:
         f = bisect.bisect_right(self.starts, i) - 1
-        return f"{self.files[f]} (sample {i - self.starts[f]} of that shard)"
+        return f"{self.files[f]} (pair {i - self.starts[f]} of that file)"
 
     def ends(self, start: int, stop: int) -> Ends:
         parts = []
         i = bisect.bisect_right(self.starts, start) - 1
         while start < stop:
-            a, b, y, _ = self._file(i)
+            a, b, y = self._file(i)
             lo, hi = start - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
-            if a.shape[1:] != self.shape:
+            if a.shape[1:] != self.shape or b.shape[1:] != self.shape:
                 raise ConfigError(f"{self.files[i]}: pairs of shape {a.shape[1:]}, unlike {self.shape}")
             if (y is None) != (self.label_dim == 0):
                 raise ConfigError(f"{self.files[i]}: labels {'missing' if y is None else 'present'}, unlike in "
@@ -320,6 +243,71 @@ class FastGenShards(Source):
             start, i = self.starts[i] + hi, i + 1
         a, b, y = zip(*parts)
         return np.concatenate(a), np.concatenate(b), np.concatenate(y) if self.label_dim else None, None
+
+
+class GetFiles(ChunkedSource):
+    """GET's folders: `latent/` files hold unit z (or [z, one-hot labels]), `image/` files the matching x_0."""
+
+    def __init__(self, root: Path, sigma_max: float):
+        self.files, self.image = listing(root / "latent"), listing(root / "image")
+        if [p.name for p in self.files] != [p.name for p in self.image]:
+            raise ConfigError(f"{root}: latent/ and image/ hold different file names")
+        self.x_T_scale = sigma_max
+        self.digest = files_digest(self.files + self.image, root, contents=False)
+        self.x_T_convention = "x_T = sigma_max * z, z from GET's latent/ files; no generator seed"
+        self._index([len(torch_file(p)) for p in self.image])
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        lat, x = torch_file(self.files[i]), torch_file(self.image[i])
+        z, y = lat if isinstance(lat, (list, tuple)) and len(lat) == 2 else (lat, None)
+        if not (isinstance(z, torch.Tensor) and isinstance(x, torch.Tensor)) or z.ndim < 2 or len(z) != len(x) \
+                or (y is not None and (not isinstance(y, torch.Tensor) or y.ndim != 2 or len(y) != len(z))):
+            raise ConfigError(f"{self.files[i]} / {self.image[i].name}: expected (N, ...) tensors z (or [z, "
+                              f"labels]) and x_0 with the same number of pairs N")
+        return (self.x_T_scale * z.double().numpy(), x.numpy(),
+                None if y is None else one_hot(y.numpy(), self.label_dim or None, str(self.files[i])))
+
+
+class FastGenShards(ChunkedSource):
+    """FastGen's KD WebDataset shards, one pair per sample: `<key>.real.npy` (x_0), `<key>.noise.npy` (x_T)
+    [, `<key>.condition.npy` one-hot or int class]; other members (a `path`, text) are not imported."""
+
+    def __init__(self, folder: Path, label_dim: int | None):
+        self.files, self.label_dim_arg = listing(folder, "*.tar"), label_dim
+        self.digest = files_digest(self.files, folder, contents=False)
+        self.x_T_convention = "x_T as FastGen's noise.npy holds it (std checked against sigma_max); no generator seed"
+        counts = []
+        for path in self.files:
+            try:
+                with tarfile.open(path) as tar:
+                    counts.append(sum(m.name.endswith(".real.npy") for m in tar))
+            except (tarfile.TarError, OSError) as e:
+                raise ConfigError(f"{path}: not a readable tar ({e})") from None
+        self._index(counts)
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        path, samples = self.files[i], {}
+        with tarfile.open(path) as tar:
+            for m in tar:
+                key, _, name = m.name.partition(".")
+                if m.isfile() and name in ("real.npy", "noise.npy", "condition.npy"):
+                    samples.setdefault(key, {})[name] = npy_from_bytes(tar.extractfile(m).read())
+        rows = [v for v in samples.values() if "real.npy" in v]
+        if any("noise.npy" not in v or v["noise.npy"].shape != v["real.npy"].shape for v in rows):
+            raise ConfigError(f"{path}: a sample without noise.npy, or of a shape unlike its real.npy; FastGen "
+                              f"KD pairs hold both")
+        shapes = {v["real.npy"].shape for v in rows}
+        if len(shapes) != 1:
+            raise ConfigError(f"{path}: samples of shapes {sorted(shapes)}; one pair set holds one shape")
+        conds = [v.get("condition.npy") for v in rows]
+        if any((c is None) != (conds[0] is None) for c in conds):
+            raise ConfigError(f"{path}: some samples have condition.npy and some do not")
+        y = None
+        if conds[0] is not None:
+            c = np.stack(conds)
+            y = one_hot(c.reshape(len(c), -1) if c[0].size > 1 else c.reshape(-1).astype(np.int64),
+                        self.label_dim_arg or self.label_dim or None, str(path))
+        return np.stack([v["noise.npy"] for v in rows]), np.stack([v["real.npy"] for v in rows]), y
 
 
 def npy_file(path: Path, what: str) -> np.ndarray:

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from kdm_pipe.exclusions import exclusions
-from kdm_pipe.shards import Manifest, add_npy, bad_shards_error, check_shards
+from kdm_pipe.integrity import bad_shards_error, check_shards
+from kdm_pipe.manifest import Manifest
+from kdm_pipe.shards import add_npy
 
 Records = Iterator[tuple[int, dict[str, np.ndarray]]]      # (shard index, record)
 

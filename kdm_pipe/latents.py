@@ -29,10 +29,11 @@ import zarr
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.manifest import Manifest, ShardInfo
 from kdm_pipe.metrics.fid import FeatureSums
 from kdm_pipe.probes import STATISTICS
 from kdm_pipe.run import Run
-from kdm_pipe.shards import Manifest, ShardInfo, read_pairs, read_shard, sha256_file
+from kdm_pipe.shards import read_pairs, read_shard
 from kdm_pipe.stats import checked_digest, create_array
 from kdm_pipe.stats_update import compute
 from kdm_pipe.trained import load_weights
@@ -78,7 +79,7 @@ def shard_latents(run: str, ckpt: str, weights: str, directory: str, info: Shard
 
 def identity(run: Path, ckpt: Path, weights: str) -> dict[str, Any]:
     """What the rows depend on besides the shards."""
-    return {"checkpoint": ckpt.name, "checkpoint_sha256": sha256_file(ckpt), "weights": weights, "run": str(run)}
+    return {"checkpoint": ckpt.name, "checkpoint_sha256": storage.sha256(ckpt), "weights": weights, "run": str(run)}
 
 
 def open_group(run: Path, who: dict[str, Any], num_shards: int, dim: int) -> zarr.Group:

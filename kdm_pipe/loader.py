@@ -21,9 +21,12 @@ epoch, not the whole run.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import functools
 import itertools
 import os
 import signal
+import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,15 +269,33 @@ def batches(directory: Path, shards: list[tuple[str, int]], batch: int, buffer: 
     # Its own generator: the DataLoader draws its worker seeds from it, not from the global RNG that dropout uses
     # (those draws came after a resume's RNG restore and shifted every later dropout mask).
     dl = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                    prefetch_factor=PREFETCH if workers else None, worker_init_fn=_ignore_sigterm if workers else None,
+                    prefetch_factor=PREFETCH if workers else None,
+                    worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
                     generator=torch.Generator().manual_seed(seed))
     return Loader(iter(dl), max(workers, 1), micro, slots)
 
 
-def _ignore_sigterm(_: int) -> None:
+def loader_bytes(batch: int, buffer: int, workers: int, world: int, pair_bytes: int) -> int:
+    """About the memory one rank's stream holds: each reader's shuffle buffer, the shared-memory slots of its
+    workers (items of at least ITEM_PAIRS pairs), and the step batch as it is assembled (three copies)."""
+    readers, micro = max(workers, 1), max(1, batch // (world * max(workers, 1)))
+    slots = workers * (PREFETCH + 2) * max(micro, ITEM_PAIRS)
+    return pair_bytes * (readers * buffer + slots + 3 * (batch // world))
+
+
+PR_SET_PDEATHSIG = 1                   # linux/prctl.h
+
+
+def _worker_init(parent: int, _: int) -> None:
     # Schedulers send SIGTERM to every process of a job; the trainer finishes its step and checkpoints, so its
     # loader workers must keep serving until it shuts them down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # And the kernel kills a worker when its trainer dies, however it died (SIGKILL, the OOM killer): a worker busy
+    # reading checks no parent and would be left behind, holding its memory.
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:         # it died before the prctl
+        os._exit(0)
 
 
 class Loader:

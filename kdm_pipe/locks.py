@@ -1,4 +1,5 @@
-"""One writer per directory: generate, import and stats hold an exclusive lock on their output directory.
+"""One writer per directory: generate, import and stats hold an exclusive lock on their output directory, train
+on its run directory.
 
 Local: an advisory `flock` on DIR/.kdm-pipe.lock, released by the kernel when its holder exits (even on SIGKILL),
 so a crashed run never blocks the next one. The file names its holder (pid, host, command) for the refusal message

@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdm_pipe import storage
 from kdm_pipe.errors import DataError
+from kdm_pipe.manifest import ShardInfo
 from kdm_pipe.metrics.detectors import FeatureNet, features, load_detector
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.shards import ShardInfo, read_shard, repair_hint, sha256_file
+from kdm_pipe.shards import read_shard, repair_hint
 
 ALPHA, K = 0.5, 50                  # Carlini et al.'s α and neighbourhood size
 RERANK = 8                          # nearest candidates whose distance is recomputed exactly (see exact_distances)
@@ -120,7 +122,7 @@ class ShardScorer:
 
     def score(self, directory: str, info: ShardInfo) -> tuple[str, Scores]:
         path = Path(directory) / info.name
-        digest = sha256_file(path)                  # what is recorded as scored must be these very bytes
+        digest = storage.sha256(path)                  # what is recorded as scored must be these very bytes
         if digest != info.sha256:
             raise DataError(f"{path} has sha256 {digest[:12]}…, its manifest entry says {info.sha256[:12]}…; "
                             f"{repair_hint(Path(directory))}")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.shards import Manifest
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.stats import STORE, field_specs, filtered_alike, merge, stale_shards, store_at
 
 DEFAULT = "none"      # for vector data: standardising did not measurably help on the official-scale board (BENCHMARKS)

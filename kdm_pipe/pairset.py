@@ -2,7 +2,7 @@
 
 `PairSetWriter` owns what both do to DIR — refuse a file for DIR, create DIR, hold its lock (locks.directory_lock),
 open or create `manifest.json` and compare it with this run's identity, reconcile it with the shard files there
-(shards.reconcile), commit each finished shard (append its ShardInfo, rewrite the manifest atomically, append a log
+(reconcile, below), commit each finished shard (append its ShardInfo, rewrite the manifest atomically, append a log
 line to `STAGE.jsonl`), record the resolved config (`STAGE.config.json`), clean up on the way out, and turn
 SIGTERM / SIGINT into exit 143 / 130 with one `error:` line (kdm_pipe.interrupts). The stages bring what differs:
 how shards are made (Ray workers running the teacher; records read from a source) and how an existing directory is
@@ -43,22 +43,10 @@ from typing import Any, Callable, Iterator
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
+from kdm_pipe.integrity import VERIFIED, check_shard
 from kdm_pipe.interrupts import Terminated, stop_on_signals
 from kdm_pipe.locks import LOCK, Lock, directory_lock
-from kdm_pipe.shards import (
-    MANIFEST,
-    SHARD_FILE,
-    VERIFIED,
-    Manifest,
-    Pending,
-    ShardInfo,
-    atomic_write_text,
-    load_manifest,
-    reconcile,
-    remove_temp_files,
-    save_manifest,
-    shard_name,
-)
+from kdm_pipe.manifest import MANIFEST, Manifest, ShardInfo, load_manifest, save_manifest, shard_name
 
 STAGE_FILE = re.compile(r"(generate|import)\.(config\.json|jsonl)|manifest\.json\..+|stats\.zarr"
                         r"|filter(\.npz|\.html|-.+\.png)")
@@ -273,11 +261,11 @@ class PairSetWriter:
     def flush_log(self) -> None:
         """Remote: write the log object whole (an object cannot be appended to)."""
         if self.log_text is not None:
-            atomic_write_text(self.out / self.log_name, self.log_text)
+            storage.write_text(self.out / self.log_name, self.log_text)
             self.log_flushed = time.monotonic()
 
     def record_config(self, text: str) -> None:
-        atomic_write_text(self.out / self.config, text)
+        storage.write_text(self.out / self.config, text)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -285,3 +273,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     if path.exists() and path.read_bytes() == data:
         return
     storage.write_bytes(path, data)
+
+
+def remove_temp_files(out: Path) -> None:
+    """Half-written shards of attempts that died with their worker, driver or node (call when none is running)."""
+    if storage.is_remote(out):                      # this host's half-written files, and parts of dead uploads
+        with storage.remote_errors(out, "cleaning up"):
+            storage.abort_uploads(out, "shard-")
+    for tmp in (storage.upload_dir(out) if storage.is_remote(out) else Path(out)).glob(".shard-*.tar.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+class Pending:
+    """Shard indices still to write: range(num_shards) minus the complete ones, lazily (a plan may be huge)."""
+
+    def __init__(self, num_shards: int, done: set[int]):
+        self.num_shards, self.done = num_shards, done
+
+    def __iter__(self) -> Iterator[int]:
+        return (k for k in range(self.num_shards) if k not in self.done)
+
+    def __len__(self) -> int:
+        return self.num_shards - sum(1 for k in self.done if k < self.num_shards)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __repr__(self) -> str:
+        return f"Pending({len(self)} of {self.num_shards} shards)"
+
+
+SHARD_FILE = re.compile(r"shard-(\d{6,})\.tar")
+
+
+def reconcile(out: Path, manifest: Manifest) -> Pending:
+    """Shards still to write: drop manifest entries whose file is missing or corrupt, remove orphans (files of a run
+    killed after its rename but before its manifest update) and temp files. Mutates `manifest.shards`."""
+    out = storage.location(out)
+    remove_temp_files(out)
+    good = []
+    for info in manifest.shards:
+        problem = check_shard(out / info.name, info)
+        if problem:
+            print(f"rebuilding {info.name}: {problem}", file=sys.stderr)
+        else:
+            good.append(info)
+    manifest.shards = good
+    done = {s.index for s in good}
+    for path in out.glob("shard-*.tar"):            # the files there, not every planned index
+        m = SHARD_FILE.fullmatch(path.name)
+        if m and path.name == shard_name(int(m[1])) and int(m[1]) < manifest.num_shards and int(m[1]) not in done:
+            storage.remove(path)
+    return Pending(manifest.num_shards, done)

@@ -10,6 +10,7 @@ of z_0, z_T and C·z_T plus the Koopman eigenvalues, appended to RUN/latents.zar
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,19 @@ class ProbeStore:
             self.root[name].append(value[None], axis=0)
 
 
-def load_probes(path: Path) -> dict[str, np.ndarray]:
-    """All probe arrays of a run's latents.zarr, by path ("z_0/mean", "eigenvalues", ...)."""
-    return {name: arr[:] for name, arr in walk(zarr.open_group(str(path), mode="r"))}
+def load_probes(path: Path, attempts: int = 5) -> dict[str, np.ndarray]:
+    """All probe arrays of a run's latents.zarr, by path ("z_0/mean", "eigenvalues", ...), cut to the rows every
+    array has. A run training meanwhile appends to them array by array: a read that meets an append under way
+    (an array's shape and chunks out of step) is retried."""
+    for attempt in range(attempts):
+        try:
+            rows = {name: arr[:] for name, arr in walk(zarr.open_group(str(path), mode="r"))}
+            n = min((len(a) for a in rows.values()), default=0)
+            return {name: a[:n] for name, a in rows.items()}
+        except ValueError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
 
 
 def probe_spectra(run: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
-from kdm_pipe.errors import ConfigError, DataError
+from kdm_pipe.errors import ConfigError, DataError, disk_full
 from kdm_pipe.interrupts import SIGNALS, Terminated, as_terminated, raise_terminated, restore
 
 
@@ -51,6 +51,9 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
 
 
 def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:
+    # The stages report a failed task once, as one line; Ray would print it again as a traceback when the reference
+    # to the failed result goes.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = address or os.environ.get("RAY_ADDRESS")     # set inside a RayJob / a Ray cluster's containers
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
@@ -101,11 +104,12 @@ def remote(fn: Callable, num_cpus: float, num_gpus: float = 0, max_retries: int 
 @contextmanager
 def task_failures(what: str) -> Iterator[None]:
     """A failed Ray task as the driver reports it: the task's own DataError or ConfigError as raised there (a shard
-    unreadable or changed since it was checked: its one line names it), anything else as one RuntimeError saying
-    that `what` failed and why (never Ray's wrapper with the worker's traceback)."""
+    unreadable or changed since it was checked: its one line names it) and a full disk as its OSError (the stage
+    knows how much it still needs), anything else as one RuntimeError saying that `what` failed and why (never
+    Ray's wrapper with the worker's traceback)."""
     try:
         yield
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, (DataError, ConfigError)):
+        if isinstance(e.cause, (DataError, ConfigError)) or disk_full(e.cause):
             raise e.cause from None
         raise RuntimeError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None

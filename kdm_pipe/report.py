@@ -14,10 +14,10 @@ import numpy as np
 from kdm_pipe import plots
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.filter_report import filter_section
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.pages import figure, fmt, html_table, link, page, para, relative, section
 from kdm_pipe.probes import load_probes, probe_spectra
 from kdm_pipe.run import ANALYSIS, EVAL, Run, per_steps
-from kdm_pipe.shards import Manifest
 from kdm_pipe.student import is_image
 
 FILES = "report_files"

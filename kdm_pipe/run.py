@@ -7,7 +7,9 @@
                                the memorisation filter excluded from them (a resume refuses a changed filter)
     RUN/checkpoints/ckpt-STEP.pt (+ .sha256)   state dicts; the checksum file is written before the checkpoint
                                appears, so every visible checkpoint can be checked; a damaged one is passed over
-                               for the newest intact one, with a warning
+                               for the newest intact one, with a warning; weights with a non-finite value are never
+                               saved (a diverged run keeps its last finite checkpoint as the newest)
+    RUN/.kdm-pipe.lock         held by the one `train` writing the run (kdm_pipe.locks; a lease on s3://)
     RUN/train.jsonl, eval.json, latents.zarr, tensorboard/, report.html
 
 RUN may be an s3:// URL: the run is then worked on in a local mirror (kdm_pipe.mirror; `path` is the mirror,
@@ -25,15 +27,17 @@ import sys
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from pydantic import ValidationError
 
 from kdm_pipe import mirror, storage, tensorfile
 from kdm_pipe.config import TrainConfig, format_validation
-from kdm_pipe.errors import ConfigError
-from kdm_pipe.shards import MANIFEST, Manifest, atomic_write_text, checked_manifest, sha256_file
+from kdm_pipe.errors import ConfigError, DiskFull, disk_full
+from kdm_pipe.integrity import checked_manifest
+from kdm_pipe.locks import Lock, directory_lock
+from kdm_pipe.manifest import MANIFEST, Manifest
 
 CONFIG, SPLIT, EVAL, LOG, CKPT_DIR = "config.json", "split.json", "eval.json", "train.jsonl", "checkpoints"
 ANALYSIS = "analysis"                   # analyze's figures and analysis.json
@@ -94,7 +98,7 @@ class Run:
                     excluded: str) -> None:
         sha = {s.name: s.sha256 for s in manifest.shards}
         relative = self._relative(storage.location(data))
-        atomic_write_text(self.path / SPLIT, json.dumps({
+        storage.write_text(self.path / SPLIT, json.dumps({
             "train": train, "holdout": holdout,
             **({} if relative is None else {"data_from_run": relative}),
             "sha256": {n: sha[n] for n in train + holdout},
@@ -158,9 +162,21 @@ class Run:
             return [self.ckpt_dir / n for n in self.mirror.listing(CKPT_DIR, "ckpt-*.pt")]
         return sorted(self.ckpt_dir.glob("ckpt-*.pt"))
 
-    def save_checkpoint(self, step: int, state: dict) -> Path:
+    def lock(self, command: str) -> ContextManager[Lock]:
+        """One writer per run: RUN's lock (created first when local), held by `train` while it writes; a second
+        writer gets a ConfigError naming the holder. Readers (evaluate, sample) take no lock: they only read
+        committed checkpoints (renamed into place complete, with their checksum)."""
+        if self.mirror is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+        return directory_lock(self.location, command)
+
+    def save_checkpoint(self, step: int, state: dict) -> Path | None:
         """Write RUN/checkpoints/ckpt-STEP.pt all or nothing: temp file, fsync, checksum file, then rename (then,
-        on an object store, `push`)."""
+        on an object store, `push`). Weights (the state's "model" and "ema") with a NaN or inf are not written
+        (None): a diverged run's newest checkpoint stays its last finite one, what a resume or evaluate reads."""
+        if not all(bool(torch.isfinite(t).all()) for part in ("model", "ema") for t in state.get(part, {}).values()
+                   if t.is_floating_point()):
+            return None
         path = self.ckpt_dir / f"ckpt-{step:08d}.pt"
         tmp = path.with_name(f".{path.name}.tmp")
         try:
@@ -168,9 +184,14 @@ class Run:
                 torch.save({"step": step, **state}, f)
                 f.flush()
                 os.fsync(f.fileno())
-            digest = sha256_file(tmp)
-            atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
+            digest = storage.sha256(tmp)
+            storage.write_text(path.with_name(path.name + ".sha256"), digest + "\n")
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:       # torch may report a full disk as its own RuntimeError
+            if not disk_full(e):
+                raise
+            tmp.unlink(missing_ok=True)            # (its space counts as free in the message)
+            raise DiskFull(self.ckpt_dir, _bytes(state)) from None
         finally:
             tmp.unlink(missing_ok=True)
         if self.mirror is not None:
@@ -200,7 +221,7 @@ class Run:
         if self.mirror is not None:
             self.mirror.pull(self.mirror.rel(sidecar))
             self.mirror.pull(self.mirror.rel(path))
-        if sidecar.is_file() and sidecar.read_bytes().strip() != sha256_file(path).encode():
+        if sidecar.is_file() and sidecar.read_bytes().strip() != storage.sha256(path).encode():
             return "sha256 mismatch"
         try:
             self._loaded = (path, tensorfile.load(path, map_location))
@@ -249,7 +270,18 @@ class Run:
         log = self.path / LOG
         if log.is_file():
             rows = [ln for ln in log.read_text().splitlines() if _step(ln) is not None and _step(ln) <= step]
-            atomic_write_text(log, "".join(r + "\n" for r in rows))
+            storage.write_text(log, "".join(r + "\n" for r in rows))
+
+
+def _bytes(state: Any) -> int:
+    """The tensor bytes of a (nested) state dict: about what its checkpoint takes on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_bytes(v) for v in state)
+    return 0
 
 
 def per_steps(name: str, steps: int) -> str:

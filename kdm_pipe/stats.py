@@ -43,7 +43,8 @@ from kdm_pipe import storage
 from kdm_pipe.config import ConfigError
 from kdm_pipe.errors import DataError
 from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
-from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, repair_hint, sha256_file, shard_error
+from kdm_pipe.manifest import Manifest, ShardInfo, load_manifest
+from kdm_pipe.shards import repair_hint, shard_error
 
 STORE = "stats.zarr"
 FORMAT = "kdm-pipe/stats-v1"
@@ -166,7 +167,7 @@ class ShardMoments:
 def checked_digest(directory: Path, info: ShardInfo) -> str:
     """The shard's sha256, refused (ShardMismatch) unless it is the one its manifest entry names."""
     path = storage.location(directory) / info.name
-    digest = sha256_file(path)
+    digest = storage.sha256(path)
     if digest != info.sha256:
         raise ShardMismatch(f"{path} has sha256 {digest[:12]}…, its manifest entry says {info.sha256[:12]}…; "
                             f"{repair_hint(directory)}")

@@ -19,8 +19,9 @@ from kdm_pipe import feature_stats, storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.exclusions import Exclusions, exclusions
 from kdm_pipe.feature_stats import FeatureSpace, ShardFeatures
+from kdm_pipe.manifest import Manifest, ShardInfo
 from kdm_pipe.raypool import in_process, ray_session, remote, run_bounded, task_failures
-from kdm_pipe.shards import Manifest, ShardInfo, shard_error
+from kdm_pipe.shards import shard_error
 from kdm_pipe.stats import (
     STORE,
     FieldSpec,

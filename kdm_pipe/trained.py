@@ -10,8 +10,8 @@ from torch import nn
 from kdm_pipe import normalization, tensorfile
 from kdm_pipe.config import TrainConfig
 from kdm_pipe.errors import ConfigError, DataError
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.run import Run
-from kdm_pipe.shards import Manifest
 from kdm_pipe.student import build_student
 
 

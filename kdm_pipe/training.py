@@ -7,6 +7,10 @@ RNG states, step) loadable with `weights_only=True`; the run's resolved config s
 restores all of it and replays the data stream from the current epoch's start, so an interrupted run ends bit for
 bit where an uninterrupted one does (on CPU). SIGTERM (cluster preemption) ends the step, writes a checkpoint and
 stops with status "preempted".
+
+Trust: sizes are bounded by the data and the memory before step 1; rank 0 holds the run's lock (one writer per
+run); `nonfinite_steps` consecutive NaN/inf losses stop the run (DataError, exit 1), and checkpoints only ever hold
+finite weights, so a diverged run's newest checkpoint is its last finite one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shutil
 import signal
 import time
 from contextlib import ExitStack, closing, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -30,15 +35,18 @@ from tqdm import tqdm
 
 from kdm_pipe import normalization, storage
 from kdm_pipe.config import TrainConfig
-from kdm_pipe.errors import ConfigError
+from kdm_pipe.datasets import available_memory
+from kdm_pipe.errors import ConfigError, DataError
 from kdm_pipe.exclusions import NO_EXCLUSIONS, Exclusions, exclusions
-from kdm_pipe.loader import batches
-from kdm_pipe.locks import directory_lock
+from kdm_pipe.integrity import open_pairs
+from kdm_pipe.loader import batches, loader_bytes
+from kdm_pipe.locks import Lock, directory_lock
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.optim import ema_update, sanitize_grads
 from kdm_pipe.probes import ProbeStore, probe
-from kdm_pipe.run import Run
+from kdm_pipe.run import CKPT_DIR, Run
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.shards import Manifest, atomic_write_text, open_pairs, read_pairs
+from kdm_pipe.shards import read_pairs
 from kdm_pipe.stats_update import update
 from kdm_pipe.student import is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
@@ -116,18 +124,16 @@ def with_pairs(cfg: TrainConfig, resume: bool) -> TrainConfig:
 
 
 def prepare_run(cfg: TrainConfig, manifest: Manifest, resume: bool, excluded: str) -> None:
-    """Refuse to mix runs: a new run needs an empty --out; a resumed one must keep every setting but `steps`, and
-    the same pairs (by checksum: the run and its pairs may have moved) with the same pairs excluded by the
-    memorisation filter (`excluded`: `Exclusions.digest` of the run's shards)."""
+    """Refuse to mix runs: a new run needs an empty --out; a resumed one must keep every setting but `steps`
+    (and `nonfinite_steps`), and the same pairs (by checksum: the run and its pairs may have moved) with the same
+    pairs excluded by the memorisation filter (`excluded`: `Exclusions.digest` of the run's shards)."""
     run = Run(cfg.out)
-    if run.location.exists() and not run.location.is_dir():
-        raise ConfigError(f"--out {cfg.out} is a file; pass a directory")
     if resume:
         if not run.exists():
             raise ConfigError(f"--resume: {cfg.out} holds no run (no config.json); drop --resume to start one")
         old, new = run.read_json("config.json"), cfg.model_dump(mode="json")
         old = {"normalize": "none", "normalize_x_T": False, **old}   # a run from before normalisation existed
-        diff = sorted(k for k in new if k not in ("steps", "out", "data") and old.get(k) != new[k])
+        diff = sorted(k for k in new if k not in ("steps", "out", "data", "nonfinite_steps") and old.get(k) != new[k])
         if diff:
             raise ConfigError(f"--resume: settings differ from the saved run in {', '.join(diff)}; "
                               f"resume with the original settings (only --steps may change)")
@@ -241,6 +247,28 @@ def trained_fields(cfg: TrainConfig) -> frozenset[str]:
     return frozenset({"x_0", "x_T", "label"} | ({"traj"} if cfg.student.trajectory is not None else set()))
 
 
+def check_sizes(cfg: TrainConfig, manifest: Manifest, pairs: int) -> None:
+    """Refuse, before anything is written, a batch the training pairs (`pairs`, after the memorisation filter)
+    cannot fill or loader buffers memory cannot hold: a batch of 10^12 pairs once hung at step 0."""
+    if cfg.batch > pairs:
+        raise ConfigError(f"--batch {cfg.batch:,} is larger than the {pairs:,} training pairs of {cfg.data}; use "
+                          f"--batch {pairs:,} or less (or more pairs)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    need = loader_bytes(cfg.batch, cfg.shuffle_buffer, cfg.loader_workers, world, step_pair_bytes(cfg, manifest))
+    have = available_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"--batch {cfg.batch:,} with --shuffle-buffer {cfg.shuffle_buffer:,} and "
+                          f"{cfg.loader_workers} loader worker(s) needs ~{need / 2**30:,.1f} GiB for the loader's "
+                          f"buffers alone, but {have / 2**30:,.1f} GiB of memory is available; lower them")
+
+
+def step_pair_bytes(cfg: TrainConfig, manifest: Manifest) -> int:
+    """Bytes of one pair as a step reads it (the trained fields, float32)."""
+    d = math.prod(manifest.shape)
+    states = len(manifest.trajectory_steps or []) if cfg.student.trajectory is not None else 0
+    return 4 * (d * (2 + states) + manifest.label_dim)
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run `cfg.out`; returns {"run", "step", "status": "done" | "preempted"}."""
     cfg = with_pairs(cfg, resume)
@@ -249,45 +277,86 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     cfg = resolved(cfg, manifest)
     train_names, holdout_names = split_shards(manifest, cfg.holdout_shards)
     counts = {s.name: drop.kept(s) for s in manifest.shards}
-    prepare_run(cfg, manifest, resume, drop.digest(train_names + holdout_names))
-    moments = data_moments(cfg, manifest, train_names)
-    set_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    created = not Run(cfg.out).path.exists()          # (a run on s3:// gets a mirror; nothing is uploaded before
-                                                       # its first checkpoint)
+    check_sizes(cfg, manifest, sum(counts[n] for n in train_names))
+    run, lead = Run(cfg.out), os.environ.get("RANK", "0") == "0"
+    if run.location.exists() and not run.location.is_dir():
+        raise ConfigError(f"--out {cfg.out} is a file; pass a directory")
+    created, locked = not run.path.exists(), False  # (a run on s3:// gets a mirror; nothing is uploaded before
+                                                     # its first checkpoint)
     try:
-        # Everything opened in the run (loader workers, logs) is closed by `cleanup`, whatever ends it: a live
-        # persistent loader worker would keep the process from exiting after an error.
-        with process_group(device.type) as (rank, world, local), ExitStack() as cleanup:
+        # Everything opened in the run (the lock, loader workers, logs) is closed by `cleanup`, whatever ends it: a
+        # live persistent loader worker would keep the process from exiting after an error.
+        with ExitStack() as cleanup:
+            lock = cleanup.enter_context(run.lock(f"train --out {cfg.out}")) if lead else None   # one writer
+            locked = True
+            prepare_run(cfg, manifest, resume, drop.digest(train_names + holdout_names))
+            moments = data_moments(cfg, manifest, train_names)
+            set_threads(cfg.threads)
+            device = pick_device(cfg.device)
+            rank, world, local = cleanup.enter_context(process_group(device.type))
             if device.type == "cuda":
                 device = torch.device("cuda", local)
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-            return _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, progress, device, rank,
-                          world, cleanup, moments)
+            return _train(Session(cfg, manifest, train_names, holdout_names, counts, drop, moments, resume, progress,
+                                  device, rank, world, cleanup, lock))
     except BaseException:
-        if created and Path(cfg.out).is_dir() and not Run(cfg.out).checkpoints():   # nothing worth keeping
-            shutil.rmtree(cfg.out, ignore_errors=True)
+        if created and locked and Path(run.path).is_dir() and not run.checkpoints():     # nothing worth keeping
+            shutil.rmtree(run.path, ignore_errors=True)
         raise
 
 
-def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, progress, device, rank, world,
-           cleanup: ExitStack, moments: dict[str, np.ndarray] | None = None) -> dict:
-    run, lead = Run(cfg.out), rank == 0
+@dataclass
+class Session:
+    """What one process's training loop works with (`train` sets it up)."""
+    cfg: TrainConfig
+    manifest: Manifest
+    train_names: list[str]
+    holdout_names: list[str]
+    counts: dict[str, int]                 # pairs each shard keeps after the memorisation filter
+    drop: Exclusions
+    moments: dict[str, np.ndarray] | None  # μ, s of normalize: standard
+    resume: bool
+    progress: bool
+    device: torch.device
+    rank: int
+    world: int
+    cleanup: ExitStack                     # closes what the loop opens, however it ends
+    lock: Lock | None                      # the run's lock (rank 0)
+
+
+def diverged(cfg: TrainConfig, run: Run, step: int, streak: int) -> DataError:
+    """The one line of a run stopped for non-finite losses or weights: when, what was kept, what to try."""
+    found = run.checkpoints()
+    kept = (f"the last finite checkpoint {run.location}/{CKPT_DIR}/{found[-1].name} is kept" if found else
+            "no finite checkpoint was written")
+    what = (f"the loss was NaN or inf for {streak} consecutive steps (since step {step - streak + 1}; limit "
+            f"nonfinite_steps = {cfg.nonfinite_steps})" if streak else "the weights became NaN or inf")
+    return DataError(f"training diverged at step {step}: {what}; {kept}; try a lower --lr than {cfg.lr:g} (or a "
+                     f"larger --batch; pairs far from unit scale diverge too) in a new --out")
+
+
+def _train(s: Session) -> dict:
+    cfg, device, world = s.cfg, s.device, s.world
+    run, lead = Run(cfg.out), s.rank == 0
+
+    # The student, its EMA, the discriminator and their optimisers.
     torch.manual_seed(cfg.seed)                        # the same initial weights on every rank
-    model = student_for(cfg, manifest).to(device)      # (a bad student config fails here, before anything is written)
-    if moments is not None:                            # buffers: the EMA copy and every checkpoint carry them
-        model.set_moments(moments)
-    disc = discriminator_for(cfg, manifest)
+    model = student_for(cfg, s.manifest).to(device)    # (a bad student config fails here, before anything is written)
+    if s.moments is not None:                          # buffers: the EMA copy and every checkpoint carry them
+        model.set_moments(s.moments)
+    disc = discriminator_for(cfg, s.manifest)
     disc = disc.to(device) if disc is not None else None
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))   # dropout differs by rank
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, s.rank]).generate_state(1)[0]))  # dropout differs by rank
+
+    # Resume from the newest intact checkpoint.
     step = 0
     if lead:                                           # fails early (exit 2) when --out cannot be written
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if resume and (loaded := run.load_checkpoint(map_location=device, set_aside=lead)) is not None:
+    if s.resume and (loaded := run.load_checkpoint(map_location=device, set_aside=lead)) is not None:
         state = loaded[0]
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -295,52 +364,61 @@ def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, prog
         if disc is not None:
             disc.load_state_dict(state["disc"])
             opt_d.load_state_dict(state["opt_d"])
-        set_rng_state(state["rng"]["torch"][rank % len(state["rng"]["torch"])], device)
+        set_rng_state(state["rng"]["torch"][s.rank % len(state["rng"]["torch"])], device)
         gen.set_state(state["rng"]["noise"])
         step = state["step"]
 
+    # The step function (DDP, compiled), the latent noise and the data stream from `step` on.
     stepper: nn.Module = LossStep(model)
     if world > 1:
         stepper = nn.parallel.DistributedDataParallel(
             stepper, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         stepper = torch.compile(stepper)
-    noise = LatentNoise(gen, rank, world)
+    noise = LatentNoise(gen, s.rank, world)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext())
     # The loader's epochs are built on the kept counts (a shard the filter emptied is left out), so exact resume
     # and once-per-epoch hold over the kept pairs.
-    stream = cleanup.enter_context(closing(batches(
-        cfg.data, [(n, counts[n]) for n in train_names if counts[n]], cfg.batch, cfg.shuffle_buffer, cfg.seed,
-        cfg.loader_workers, rank, world, start=step, read=drop.read, fields=trained_fields(cfg))))
+    stream = s.cleanup.enter_context(closing(batches(
+        cfg.data, [(n, s.counts[n]) for n in s.train_names if s.counts[n]], cfg.batch, cfg.shuffle_buffer, cfg.seed,
+        cfg.loader_workers, s.rank, world, start=step, read=s.drop.read, fields=trained_fields(cfg))))
+
+    # The run's files, probes and logs.
     if lead:                                           # the run's files re-anchored where it is now (it may have moved)
-        atomic_write_text(run.path / "config.json", cfg.model_dump_json(indent=1))
-        run.write_split(cfg.data, manifest, train_names, holdout_names, drop.digest(train_names + holdout_names))
+        storage.write_text(run.path / "config.json", cfg.model_dump_json(indent=1))
+        run.write_split(cfg.data, s.manifest, s.train_names, s.holdout_names,
+                        s.drop.digest(s.train_names + s.holdout_names))
         run.trim_log(step)
-    probes = probe_pairs(cfg, holdout_names, device, drop) if lead else None
+    probes = probe_pairs(cfg, s.holdout_names, device, s.drop) if lead else None
     store = ProbeStore(run.path / "latents.zarr", step) if probes is not None else None
     tb = tensorboard(run.path, step) if lead and cfg.tensorboard else None
     if tb is not None:
-        cleanup.callback(tb.close)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and lead), desc="train", unit="step",
+        s.cleanup.callback(tb.close)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (s.progress and lead), desc="train", unit="step",
                dynamic_ncols=True)
-    cleanup.callback(bar.close)
-    log = cleanup.enter_context(open(run.path / "train.jsonl", "a")) if lead else None
+    s.cleanup.callback(bar.close)
+    log = s.cleanup.enter_context(open(run.path / "train.jsonl", "a")) if lead else None
     t_last, step_last, status = time.perf_counter(), step, "done"
+    streak = 0                                         # consecutive steps whose loss was NaN or inf
 
-    def checkpoint() -> None:
+    def checkpoint() -> bool:
+        """Save the step's state (rank 0); False when the weights went non-finite and nothing was written."""
         rngs = [rng_state(device)]
         if world > 1:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state(device))
         if lead:
+            s.lock.check(run.location)                 # a lease taken over by another run: stop before writing
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                      "rng": {"torch": rngs, "noise": gen.get_state()}}
             if disc is not None:
                 state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
-            run.save_checkpoint(step, state)
+            return run.save_checkpoint(step, state) is not None
+        return True
 
     with preemption() as flag:
         while step < cfg.steps:
+            # One student step (and one discriminator step).
             batch = {k: v.to(device, torch.float32) for k, v in next(stream).items()}
             with autocast:                             # the forward pass; the adversarial term comes below
                 losses = stepper(batch["x_0"], batch["x_T"], batch.get("label"), noise, disc is not None,
@@ -361,6 +439,8 @@ def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, prog
             ema_update(ema, model, ema_decay(cfg, step + 1))
             step += 1
             bar.update(1)
+
+            # Log.
             if lead and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.perf_counter()
                 rate = (step - step_last) / (now - t_last)
@@ -374,6 +454,8 @@ def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, prog
                             tb.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{row['total']:.4g}", pairs_s=f"{row['pairs_per_s']:,.0f}")
                 t_last, step_last = now, step
+
+            # Probe the EMA on the held-out pairs.
             if store is not None and (step % cfg.probe_every == 0 or step == cfg.steps):
                 row = probe(ema, probes["x_0"], probes["x_T"], probes.get("label"))
                 store.append(step, row)
@@ -381,13 +463,19 @@ def _train(cfg, manifest, train_names, holdout_names, counts, drop, resume, prog
                     tb.add_scalar("probe/paired_mse_ema", float(row["paired_mse"]), step)
                     if "latent_mse" in row:
                         tb.add_scalar("probe/latent_mse_ema", float(row["latent_mse"]), step)
-            stop = flag["term"]
-            if world > 1:                              # every rank stops at the same step
-                t = torch.tensor(float(stop), device=device)
+
+            # Stop on SIGTERM or divergence (every rank at the same step), checkpoint.
+            stop, bad = flag["term"], not bool(torch.isfinite(losses["total"].detach()))
+            if world > 1:
+                t = torch.tensor([float(stop), float(bad)], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                stop = bool(t.item())
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-                checkpoint()
+                stop, bad = bool(t[0].item()), bool(t[1].item())
+            streak = streak + 1 if bad else 0
+            if streak >= cfg.nonfinite_steps or (streak and step == cfg.steps):
+                raise diverged(cfg, run, step, streak)
+            if (step % cfg.ckpt_every == 0 or step == cfg.steps or stop) and not checkpoint() and (
+                    stop or step == cfg.steps):       # the run would end on weights nothing can use
+                raise diverged(cfg, run, step, streak)
             if stop:
                 status = "preempted"
                 break

@@ -19,9 +19,10 @@ from pathlib import Path
 from kdm_pipe import export, interop, storage
 from kdm_pipe.config import STUDENT_FORMATS, ConfigError, ExportConfig
 from kdm_pipe.evaluation import chosen_weights
+from kdm_pipe.integrity import checked_manifest
+from kdm_pipe.manifest import MANIFEST
 from kdm_pipe.run import EVAL, working
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.shards import MANIFEST, checked_manifest
 from kdm_pipe.trained import load_weights
 
 

@@ -30,22 +30,15 @@ from kdm_pipe.config import ConfigError, FilterConfig
 from kdm_pipe.datasets import BUILTIN, load_images
 from kdm_pipe.exclusions import uncovered
 from kdm_pipe.filter_report import write_filter_report
+from kdm_pipe.integrity import checked_manifest, open_pairs
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
+from kdm_pipe.manifest import FilteredShard, FilterRecord, Manifest, save_manifest
 from kdm_pipe.memorisation import ALPHA, TAU, Scores, ShardScorer, embedding, flags
 from kdm_pipe.metrics.detectors import load_detector
 from kdm_pipe.pairset import atomic_write_bytes
 from kdm_pipe.raypool import in_process, ray_session, task_failures
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.shards import (
-    FilteredShard,
-    FilterRecord,
-    Manifest,
-    checked_manifest,
-    open_pairs,
-    save_manifest,
-    sha256_file,
-)
 
 SCORES = "filter.npz"
 
@@ -83,7 +76,7 @@ def reference(cfg: FilterConfig, manifest: Manifest) -> tuple[np.ndarray, np.nda
         if ref.ndim != 2 or len(ref) != len(images) or not np.isfinite(ref).all():
             raise ConfigError(f"--detector {cfg.detector} returned {ref.shape} for {len(images)} images; a "
                               f"detector must map images to finite (N, D) features")
-        detector = {"path": str(cfg.detector), "sha256": sha256_file(cfg.detector)}
+        detector = {"path": str(cfg.detector), "sha256": storage.sha256(cfg.detector)}
     else:
         ref = images.reshape(len(images), -1)
     settings = {"ref": {"source": str(cfg.ref), "sha256": hashlib.sha256(images.tobytes()).hexdigest(),

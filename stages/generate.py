@@ -4,7 +4,8 @@ Resumable: every shard committed stays. The directory, its lock, manifest, commi
 kdm_pipe.pairset's (shared with import); sizes are checked against the free disk before anything is written (for
 an s3:// --out, the local temp directory must hold the shards in progress here: each is finished there, then
 uploaded by the Ray worker that made it); SIGTERM / SIGINT stop the run with 143 / 130 after Ray is shut down and
-the temp files of unfinished shards are removed.
+the temp files of unfinished shards are removed. A disk that fills up all the same (another writer) ends the run
+with one line: where, and about how much the unfinished shards need.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from tqdm import tqdm
 
 from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, GenerateConfig
+from kdm_pipe.errors import DiskFull, disk_full
 from kdm_pipe.generation import cached_teacher, make_shard, with_teacher_defaults
+from kdm_pipe.integrity import check_shard
+from kdm_pipe.manifest import MANIFEST, Manifest, ShardInfo, estimated_shard_bytes, pair_bytes
 from kdm_pipe.pairset import PairSetWriter, free_bytes
 from kdm_pipe.raypool import ray_session, remote, run_bounded, task_failures
 from kdm_pipe.sampling import nfe, schedule, trajectory_steps
-from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, check_shard, estimated_shard_bytes, pair_bytes
 
 CONFIG = "generate.config.json"
 LOG = "generate.jsonl"
@@ -158,10 +161,18 @@ def run(cfg: GenerateConfig, progress: bool = True) -> Manifest:
         cfg = with_teacher_defaults(cfg)          # the sampler the workers run, the manifest and the rerun check see
         manifest = open_manifest(w, cfg)
         check_limits(cfg, manifest)
-        with w.writing():
-            if (out / MANIFEST).exists():         # again, under the lock: a run that held it may have added shards
-                manifest = open_manifest(w, cfg)  # (a new plan is not rebuilt: building a teacher can take a while)
-            return generate(cfg, w, progress)
+        try:
+            with w.writing():
+                if (out / MANIFEST).exists():     # again, under the lock: a run that held it may have added shards
+                    manifest = open_manifest(w, cfg)   # (a new plan is not rebuilt: building a teacher takes a while)
+                return generate(cfg, w, progress)
+        except OSError as e:                      # the disk filled up after check_limits (another writer, quotas)
+            if not disk_full(e):
+                raise
+            manifest = w.manifest or manifest
+            todo = manifest.num_shards - len(manifest.shards)
+            raise DiskFull(Path(e.filename).parent if e.filename else out,
+                           todo * estimated_shard_bytes(manifest, cfg.pairs_per_shard, cfg.batch)) from None
 
 
 def generate(cfg: GenerateConfig, w: PairSetWriter, progress: bool) -> Manifest:

@@ -25,9 +25,11 @@ from tqdm import tqdm
 from kdm_pipe import storage
 from kdm_pipe.config import ConfigError, ImportConfig
 from kdm_pipe.importers import Source, open_source, orient, pairs, state_times
+from kdm_pipe.integrity import verify
+from kdm_pipe.manifest import MANIFEST, Manifest, ShardInfo
 from kdm_pipe.npyfiles import human
 from kdm_pipe.pairset import PairSetWriter, free_bytes
-from kdm_pipe.shards import MANIFEST, Manifest, ShardInfo, verify, write_shard
+from kdm_pipe.shards import write_shard
 from kdm_pipe.teachers.base import fingerprint
 
 

@@ -22,7 +22,6 @@ from kdm_pipe.image_files import SAMPLES_JSON, write_samples
 from kdm_pipe.run import Run, working
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import seed_noise
-from kdm_pipe.shards import atomic_write_text
 from kdm_pipe.student import is_image
 from kdm_pipe.trained import load_weights
 
@@ -73,7 +72,7 @@ def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
     else:
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / "samples.npz", x_0=x, seeds=seeds, **({} if labels is None else {"labels": labels}))
-        atomic_write_text(out / SAMPLES_JSON, json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
+        storage.write_text(out / SAMPLES_JSON, json.dumps({"num": num, "seeds": seeds.tolist(), "settings": settings}))
         paths = {"dir": out, "npz": out / "samples.npz"}
     print(f"{cfg.out}: {num} {cfg.steps}-step samples ({settings['network_passes']} network passes each; seeds "
           f"{seed}…{seed + num - 1}) from {r} step {step}, {which} weights")

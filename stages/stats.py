@@ -21,9 +21,10 @@ from pathlib import Path
 from kdm_pipe import mirror, storage
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.feature_stats import set_reference
+from kdm_pipe.integrity import checked_manifest, open_pairs
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.shards import checked_manifest, load_manifest, open_pairs
+from kdm_pipe.manifest import load_manifest
 from kdm_pipe.stats import STORE
 from kdm_pipe.stats_update import update
 

@@ -12,7 +12,9 @@ import sys
 
 from kdm_pipe.config import VerifyConfig
 from kdm_pipe.errors import DataError
-from kdm_pipe.shards import read_manifest, repair_hint, verify
+from kdm_pipe.integrity import verify
+from kdm_pipe.manifest import read_manifest
+from kdm_pipe.shards import repair_hint
 
 
 def run(cfg: VerifyConfig) -> None:

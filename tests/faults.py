@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
@@ -66,10 +69,11 @@ def flip_byte(path: Path, offset: int) -> None:
 
 def bless(directory: Path) -> None:
     """Make the manifest agree with whatever is on disk: only reading a shard can then find its damage."""
-    from kdm_pipe.shards import load_manifest, save_manifest, sha256_file
+    from kdm_pipe import storage
+    from kdm_pipe.manifest import load_manifest, save_manifest
     m = load_manifest(directory)
     for s in m.shards:
-        s.bytes, s.sha256 = (directory / s.name).stat().st_size, sha256_file(directory / s.name)
+        s.bytes, s.sha256 = (directory / s.name).stat().st_size, storage.sha256(directory / s.name)
     save_manifest(directory, m)
 
 
@@ -89,3 +93,21 @@ def flip_object_byte(url: str, offset: int) -> None:
     data = bytearray(loc.fs.cat_file(loc.path))
     data[offset] ^= 0xFF
     loc.fs.pipe_file(loc.path, bytes(data))
+
+
+def small_disk(mount: Path, options: str, *command) -> subprocess.CompletedProcess:
+    """`command` with a fresh tmpfs (mount options `options`, e.g. size=1m) at `mount`, in a private mount namespace;
+    afterwards, in the same namespace, prints what is left under `mount` (the tmpfs goes with the namespace)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs user and mount namespaces (unshare -rm) for a small disk")
+    mount.mkdir(parents=True, exist_ok=True)
+    script = ('mount -t tmpfs -o "$2" tmpfs "$1" || exit 99; m="$1"; shift 2; "$@"; rc=$?; '
+              'echo "LEFT:$(cd "$m" && find . -mindepth 1 | sort | tr "\\n" " ")"; exit $rc')
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), options, *map(str, command)],
+                       capture_output=True, text=True, timeout=300, env=ENV, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode != 99, r.stderr
+    return r
+
+
+def left(r: subprocess.CompletedProcess) -> list[str]:
+    return r.stdout.rsplit("LEFT:", 1)[1].split()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdm_pipe.shards import Manifest, ShardInfo, load_manifest, save_manifest, shard_name, write_shard
+from kdm_pipe.manifest import Manifest, ShardInfo, load_manifest, save_manifest, shard_name
+from kdm_pipe.shards import write_shard
 
 
 def pair_set(directory: Path, shards: list[list[dict[str, np.ndarray]]], *, teacher: dict | None = None,

@@ -9,8 +9,9 @@ import ray
 
 from kdm_pipe.config import EvaluateConfig, StatsConfig, TrainConfig
 from kdm_pipe.evaluation import fresh_samples
+from kdm_pipe.manifest import load_manifest
 from kdm_pipe.metrics import FeatureStats, PixelFeatures, features, fid_from_stats
-from kdm_pipe.shards import load_manifest, read_shard
+from kdm_pipe.shards import read_shard
 from kdm_pipe.trained import load_weights
 from kdm_pipe.training import train
 from stages import evaluate, stats

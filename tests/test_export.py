@@ -4,6 +4,7 @@ convert` turns an EDM pickle into safetensors that `generate --teacher edm` load
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -94,8 +95,9 @@ def image_run(digit_pairs, tmp_path_factory):
 @pytest.fixture(scope="module", params=sorted(VECTOR_STUDENTS))
 def vector_run(request, vector_pairs, tmp_path_factory):
     student, normalize = VECTOR_STUDENTS[request.param]
-    out = tmp_path_factory.mktemp(f"export-{request.param}") / "run"
-    train(TrainConfig.model_validate({"data": vector_pairs, "out": out, "student": student, "steps": 20,
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    out, data = root / "run", shutil.copytree(vector_pairs, root / "pairs")   # normalize: standard writes stats.zarr
+    train(TrainConfig.model_validate({"data": data, "out": out, "student": student, "steps": 20,
                                       "batch": 64, "loader_workers": 0, "tensorboard": False,
                                       "normalize": normalize}), progress=False)
     return out

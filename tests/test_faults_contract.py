@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from kdm_pipe.integrity import VERIFIED
 from kdm_pipe.locks import LOCK
-from kdm_pipe.shards import VERIFIED
 from tests.faults import cli, error_line, flip_byte, tree
 from tests.test_faults_stats import pair_set
 

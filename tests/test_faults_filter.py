@@ -12,7 +12,8 @@ from faults import cli, error_line, flip_byte, tree
 
 from kdm_pipe.config import ImportConfig
 from kdm_pipe.datasets import sklearn_digits
-from kdm_pipe.shards import check_shards, load_manifest
+from kdm_pipe.integrity import check_shards
+from kdm_pipe.manifest import load_manifest
 from stages import import_pairs
 
 

@@ -16,20 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, tree
+from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, left, small_disk, tree
 from handmade import pair_set
 
 import kdm_pipe.shards as shards
+from kdm_pipe import integrity, storage
 from kdm_pipe.errors import DataError
+from kdm_pipe.integrity import VERIFIED, check_shards
 from kdm_pipe.locks import directory_lock
-from kdm_pipe.shards import (
-    MANIFEST,
-    VERIFIED,
-    check_shards,
-    load_manifest,
-    read_shard,
-    save_manifest,
-)
+from kdm_pipe.manifest import MANIFEST, load_manifest, save_manifest
+from kdm_pipe.shards import read_shard
 from kdm_pipe.stats import STORE, load_stats
 
 REPAIR = "rerun the `kdm-pipe generate` (or import) command"
@@ -82,8 +78,8 @@ def test_check_shards_catches_same_size_change_with_restored_mtime_and_caches(tm
     d = small_set(tmp_path / "d")
     m = load_manifest(d)
     hashed = []
-    real = shards.sha256_file
-    monkeypatch.setattr(shards, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = storage.sha256
+    monkeypatch.setattr(storage, "sha256", lambda p: hashed.append(Path(p).name) or real(p))
     assert check_shards(d, m) == {} and len(hashed) == 3 and (d / VERIFIED).is_file()
     assert check_shards(d, m) == {} and len(hashed) == 3                 # unchanged: nothing re-hashed
     flip_byte(d / "shard-000001.tar", 700)
@@ -94,7 +90,7 @@ def test_check_shards_catches_same_size_change_with_restored_mtime_and_caches(tm
     assert "not a complete shard" in check_shards(d, m, names=["shard-000009.tar"])["shard-000009.tar"]
     (d / "shard-000002.tar").unlink()
     assert check_shards(d, m, names=["shard-000002.tar"]) == {"shard-000002.tar": "missing"}
-    err = shards.bad_shards_error(d, problems)
+    err = integrity.bad_shards_error(d, problems)
     assert isinstance(err, DataError) and "shard-000001.tar" in str(err) and REPAIR in str(err)
     assert "\n" not in str(err)
 
@@ -245,7 +241,7 @@ def test_garbage_manifest_has_a_way_out_that_keeps_the_shards(pairs):
     assert r.returncode == 0, r.stderr
     assert "rebuilt the manifest with 5 complete shards" in r.stderr and "all 5 shards complete" in r.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in pairs.glob("shard-*.tar")} == shard_files
-    assert shards.verify(pairs) == {}
+    assert integrity.verify(pairs) == {}
 
 
 # ---- stats: checked first, all or nothing ---------------------------------------------------------------------
@@ -323,10 +319,22 @@ def test_sigterm_during_generate_exits_143_clean_and_resumable(tmp_path):
     assert "SIGTERM received" not in stderr and "*** " not in stderr        # no C++ failure-handler dump
     assert not list(out.glob(".*tmp*")) and not (out / ".kdm-pipe.lock").exists()
     m = load_manifest(out)                                             # consistent: what it lists is whole
-    assert 1 <= len(m.shards) < 4 and all(shards.check_shard(out / s.name, s) is None for s in m.shards)
+    assert 1 <= len(m.shards) < 4 and all(integrity.check_shard(out / s.name, s) is None for s in m.shards)
     r = kdm(*args)
     assert r.returncode == 0, r.stderr
-    assert shards.verify(out) == {} and len(load_manifest(out).shards) == 4
+    assert integrity.verify(out) == {} and len(load_manifest(out).shards) == 4
+
+
+def test_a_full_disk_inside_a_ray_task_is_one_line(tmp_path):
+    """The disk fills up after the free-space check (here: a tmpfs out of inodes, so the check on bytes passes): the
+    ENOSPC inside a Ray task comes out as one line with where and how much, not Ray's traceback."""
+    disk = tmp_path / "disk"
+    r = small_disk(disk, "size=4m,nr_inodes=6", *CLI, "generate", "--out", disk / "p", "--shards", "3",
+                   "--pairs-per-shard", "500", "--workers", "1", "-q")
+    line = error_line(r, 1, f"disk full at {disk / 'p'}:", "need ~", "MB free")
+    assert "ray::" not in r.stderr and "Unhandled error" not in r.stderr, r.stderr
+    assert not [f for f in left(r) if ".tmp" in f], left(r)             # no temp file left behind
+    assert {"./p/manifest.json", "./p/shard-000000.tar"} <= set(left(r)), line   # the shards made so far are kept
 
 
 def test_diffusers_folders_refused_with_one_line(tmp_path):

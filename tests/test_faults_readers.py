@@ -12,7 +12,8 @@ import torch
 from faults import bless, cli, error_line, flip_byte, tree
 
 from kdm_pipe import run as kdm_run
-from kdm_pipe.shards import read_shard, sha256_file, write_shard
+from kdm_pipe import storage
+from kdm_pipe.shards import read_shard, write_shard
 from kdm_pipe.trained import latest_checkpoint
 
 QUICK = ["--steps", "4", "--batch", "100", "--ckpt-every", "2", "--probe-every", "2", "--no-tensorboard", "-q",
@@ -93,7 +94,7 @@ def test_unloadable_checkpoint_with_matching_checksum_falls_back(setup, kind):
         torch.save({"step": 4, "ema": Payload()}, latest)
     else:
         latest.write_bytes(latest.read_bytes()[:5000])
-    (run / "checkpoints" / "ckpt-00000004.pt.sha256").write_text(sha256_file(latest) + "\n")    # it "matches"
+    (run / "checkpoints" / "ckpt-00000004.pt.sha256").write_text(storage.sha256(latest) + "\n")    # it "matches"
     for args in readers(setup).values():
         r = fresh(*args)
         assert r.returncode == 0, r.stderr

@@ -7,8 +7,8 @@ import handmade
 import numpy as np
 import pytest
 
+from kdm_pipe.integrity import VERIFIED
 from kdm_pipe.locks import LOCK
-from kdm_pipe.shards import VERIFIED
 from tests.faults import cli, error_line, tree
 
 

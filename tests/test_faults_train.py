@@ -4,12 +4,16 @@
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_resume_is_exact
-from faults import bless, cli, error_line, flip_byte, kdm, tree
+from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, left, small_disk, tree
 
 from kdm_pipe import run as kdm_run
 from kdm_pipe.config import TrainConfig
@@ -148,3 +152,167 @@ def test_resume_with_dropout_is_exact(digit_pairs, tmp_path):
             "data": digit_pairs, "out": out, "steps": steps, "batch": 16, "loader_workers": 1, "shuffle_buffer": 32,
             "ckpt_every": 2, "probe_every": 100, "tensorboard": False, "student": {**TINY_UNET, "dropout": 0.3}})
     assert_resume_is_exact(cfg, tmp_path, steps=5, stop=2, parts=("model", "ema", "disc"))
+
+
+# ---- trust round 3: divergence, sizes, one writer per run, full disk ---------------------------------------------
+
+def preset(tmp_path: Path, **train) -> Path:
+    """A preset file with these train settings (for settings without a flag of their own)."""
+    import yaml
+    path = tmp_path / f"preset-{len(list(tmp_path.glob('preset-*')))}.yaml"
+    path.write_text(yaml.safe_dump({"train": train}))
+    return path
+
+
+@pytest.mark.parametrize("flag, value, says", [("--lr", "inf", "lr"), ("--lr", "nan", "lr"), ("--lr", "1e6", "lr"),
+                                               ("--ema", "nan", "ema"), ("--w-adv", "inf", "w_adv")])
+def test_non_finite_and_absurd_settings_are_refused(pairs, tmp_path, flag, value, says):
+    before = tree(tmp_path)
+    r = cli("train", "--data", pairs, "--out", tmp_path / "run", *QUICK, flag, value)
+    error_line(r, 2, says)
+    assert tree(tmp_path) == before
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path):
+    """Pairs far from unit scale: every loss overflows float32. The run stops after nonfinite_steps steps."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x_T.npy", (80 * rng.standard_normal((1000, 2))).astype(np.float32))
+    np.save(tmp_path / "x_0.npy", (1e20 * rng.standard_normal((1000, 2))).astype(np.float32))
+    data, run = tmp_path / "pairs", tmp_path / "run"
+    ok = cli("import", "--format", "npy", "--x-T", tmp_path / "x_T.npy", "--x-0", tmp_path / "x_0.npy", "--out", data,
+             "--pairs-per-shard", "200")
+    assert ok.returncode == 0, ok.stderr
+    r = cli("train", "-p", preset(tmp_path, nonfinite_steps=3), "--data", data, "--out", run, "--steps", "50",
+            "--batch", "50", "--ckpt-every", "2", "--probe-every", "2", "--no-tensorboard", "-q")
+    error_line(r, 1, "diverged at step 3", "3 consecutive steps", "ckpt-00000002.pt is kept", "--lr")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000002.pt.sha256"]
+    assert latest_checkpoint(run).name == "ckpt-00000002.pt"
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    run = kdm_run.Run(tmp_path / "run")
+    run.ckpt_dir.mkdir(parents=True)
+    good = {"model": {"w": torch.ones(3)}, "ema": {"w": torch.ones(3)}}
+    assert run.save_checkpoint(1, good) is not None
+    for bad in (float("nan"), float("inf")):
+        assert run.save_checkpoint(2, {"model": {"w": torch.tensor([1.0, bad])}, "ema": good["ema"]}) is None
+    assert [p.name for p in run.checkpoints()] == ["ckpt-00000001.pt"]
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-00000001.pt"
+
+
+def test_probing_a_non_finite_operator_does_not_reach_lapack():
+    """LAPACK on a NaN matrix printed oneMKL errors (and segfaulted a diverged run's probe, exit 139)."""
+    code = ("import torch; from kdm_pipe.student.koopman import eigvals; "
+            "m = torch.full((16, 16), float('nan')); lam = eigvals(m); "
+            "assert lam.shape == (16,) and bool(lam.isnan().all()); "
+            "m = torch.eye(16); m[3, 4] = float('inf'); assert bool(eigvals(m).isnan().all()); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok" and not r.stderr.strip(), r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--batch", str(10**12)], ("--batch 1,000,000,000,000", "4,000 training pairs")),
+    (["--batch", "100", "SHUFFLE"], ("shuffle-buffer", "memory")),
+])
+def test_sizes_beyond_the_data_or_memory_are_refused_before_step_1(pairs, tmp_path, args, says):
+    if "SHUFFLE" in args:
+        args = [*args[:-1], "-p", preset(tmp_path, shuffle_buffer=10**13)]
+    r = kdm("train", "--data", pairs, "--out", tmp_path / "run", *QUICK[:2], *QUICK[4:], *args, timeout=60)
+    error_line(r, 2, *says)
+    assert not (tmp_path / "run").exists()
+
+
+LOADER = """
+import os, sys, time
+from kdm_pipe.loader import batches
+from kdm_pipe.shards import read_shard
+
+def slow(url):              # the second shard read hangs: a worker busy reading checks no parent
+    if url.endswith("shard-000001.tar"):
+        open(sys.argv[2], "w").close()
+        time.sleep(600)
+    yield from read_shard(url)
+
+stream = batches(sys.argv[1], [(f"shard-00000{i}.tar", 1000) for i in range(2)], 200, 64, 0, workers=1, read=slow)
+next(stream)
+print(os.getpid(), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_loader_workers_die_with_a_killed_trainer(pairs, tmp_path):
+    import signal
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
+    busy = tmp_path / "busy"
+    parent = subprocess.Popen([sys.executable, script, pairs, busy], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        pid = int(parent.stdout.readline())
+        deadline = time.time() + 60
+        while not busy.exists() and time.time() < deadline:     # the worker is inside its slow read
+            time.sleep(0.1)
+        workers = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert workers, "no loader worker started"
+        os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.1)
+        left = [w for w in workers if alive(w)]
+        for w in left:
+            os.kill(w, signal.SIGKILL)
+        assert not left, f"loader worker(s) {left} outlived their killed trainer"
+    finally:
+        parent.kill()
+
+
+def alive(pid: int) -> bool:
+    """Running (not a zombie waiting for a reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_and_readers_see_only_committed_checkpoints(pairs, tmp_path):
+    import signal
+    run = tmp_path / "run"
+    every_step = ["--data", pairs, "--out", run, "--batch", "100", "--ckpt-every", "1", "--probe-every", "50",
+                  "--no-tensorboard", "-q"]
+    assert cli("train", *every_step, "--steps", "3").returncode == 0
+    first = subprocess.Popen([*CLI, "train", *every_step, "--steps", "100000", "--resume"], env=ENV,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(list((run / "checkpoints").glob("ckpt-*.pt"))) < 6 and time.time() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.2)
+        second = cli("train", *every_step, "--steps", "10", "--resume")
+        error_line(second, 2, str(run), "in use by", f"train --out {run}", f"pid {first.pid}")
+        for _ in range(3):                   # checkpoints are written every step meanwhile
+            r = fresh("evaluate", run, "--num", "200")
+            assert r.returncode == 0 and "damaged" not in r.stderr, r.stderr
+        assert first.poll() is None, first.stderr.read()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 143, first.stderr.read()
+    finally:
+        first.kill()
+    assert not (run / ".kdm-pipe.lock").exists()
+    assert not list((run / "checkpoints").glob(".*"))
+    step = torch.load(latest_checkpoint(run), weights_only=True)["step"]
+    r = fresh("train", *every_step, "--steps", str(step + 2), "--resume")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(pairs, tmp_path):
+    disk = tmp_path / "disk"
+    r = small_disk(disk, "size=256k", *CLI, "train", "--data", pairs, "--out", disk / "run", *QUICK,
+                   "--loader-workers", "0")
+    line = error_line(r, 1, f"disk full at {disk / 'run' / 'checkpoints'}", "need ~", "MB free")
+    assert "inline_container" not in r.stderr
+    need = int(line.split("need ~")[1].split(" MB")[0].replace(",", ""))
+    assert need >= 1
+    assert left(r) == []                 # a new run without a checkpoint is removed whole

@@ -12,8 +12,9 @@ from handmade import pair_set
 
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
 from kdm_pipe.feature_stats import set_halves, set_reference
+from kdm_pipe.manifest import Manifest, load_manifest
 from kdm_pipe.metrics import FeatureStats, PixelFeatures, features, fid_from_stats, load_detector, load_ref_stats
-from kdm_pipe.shards import Manifest, load_manifest, read_shard
+from kdm_pipe.shards import read_shard
 from kdm_pipe.stats import STORE, load_stats
 from stages import stats
 

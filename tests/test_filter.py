@@ -16,9 +16,10 @@ from kdm_pipe.datasets import sklearn_digits
 from kdm_pipe.exclusions import NO_EXCLUSIONS, exclusions
 from kdm_pipe.feature_stats import set_reference
 from kdm_pipe.loader import PairStream, batches
+from kdm_pipe.manifest import load_manifest
 from kdm_pipe.memorisation import nearest
 from kdm_pipe.report import write_report
-from kdm_pipe.shards import load_manifest, read_pairs, write_shard
+from kdm_pipe.shards import read_pairs, write_shard
 from kdm_pipe.stats import load_stats
 from kdm_pipe.training import train
 from stages import import_pairs

@@ -15,7 +15,9 @@ import torch
 
 from kdm_pipe.config import ConfigError, GenerateConfig
 from kdm_pipe.generation import sample_pairs, shard_seeds
-from kdm_pipe.shards import load_manifest, read_shard, verify
+from kdm_pipe.integrity import verify
+from kdm_pipe.manifest import load_manifest
+from kdm_pipe.shards import read_shard
 from kdm_pipe.teachers import build_teacher
 from stages import generate
 

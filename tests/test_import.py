@@ -9,8 +9,10 @@ import torch
 from pydantic import ValidationError
 
 from kdm_pipe.config import ConfigError, ImportConfig
+from kdm_pipe.integrity import verify
 from kdm_pipe.loader import batches
-from kdm_pipe.shards import load_manifest, read_shard, verify
+from kdm_pipe.manifest import load_manifest
+from kdm_pipe.shards import read_shard
 from stages import import_pairs
 
 N, SHAPE, CLASSES = 40, (3, 8, 8), 10

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from faults import cli
 
-from kdm_pipe.shards import load_manifest, read_pairs
+from kdm_pipe.manifest import load_manifest
+from kdm_pipe.shards import read_pairs
 
 FIELDS = ("x_T", "x_0", "seed", "label")
 

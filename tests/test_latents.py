@@ -11,10 +11,11 @@ from handmade import pair_set
 from kdm_pipe.analysis import analyze
 from kdm_pipe.config import StatsConfig, TrainConfig
 from kdm_pipe.latents import load_latent_stats, participation_ratio
+from kdm_pipe.manifest import shard_name
 from kdm_pipe.probes import load_probes
 from kdm_pipe.report import write_report
 from kdm_pipe.run import Run
-from kdm_pipe.shards import read_shard, shard_name
+from kdm_pipe.shards import read_shard
 from kdm_pipe.training import train
 from stages import stats
 from tests.faults import cli, error_line, tree

@@ -10,9 +10,10 @@ import torch
 from handmade import pair_set
 
 from kdm_pipe.config import ConfigError, SampleConfig, StatsConfig, TrainConfig
+from kdm_pipe.manifest import Manifest, shard_name
 from kdm_pipe.normalization import Standardized
 from kdm_pipe.run import Run
-from kdm_pipe.shards import Manifest, read_shard, shard_name
+from kdm_pipe.shards import read_shard
 from kdm_pipe.stats import STORE
 from kdm_pipe.trained import load_weights
 from kdm_pipe.training import resolved, train

@@ -15,7 +15,8 @@ from infra import FAST_FAILURE_DETECTION, LocalCluster  # noqa: E402
 
 from kdm_pipe.config import GenerateConfig
 from kdm_pipe.generation import make_shard
-from kdm_pipe.shards import load_manifest, verify
+from kdm_pipe.integrity import verify
+from kdm_pipe.manifest import load_manifest
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 SHARDS, PER_SHARD, BATCH, STEPS = 8, 3000, 1000, 30     # ~1.5 s a shard: time to kill a node mid-shard

@@ -24,9 +24,10 @@ from infra import moto_server  # noqa: E402
 from kdm_pipe import locks, storage
 from kdm_pipe.config import GenerateConfig
 from kdm_pipe.errors import DataError
+from kdm_pipe.integrity import verify
 from kdm_pipe.locks import directory_lock
+from kdm_pipe.manifest import load_manifest
 from kdm_pipe.pairset import PairSetWriter
-from kdm_pipe.shards import load_manifest, verify
 from kdm_pipe.teachers.edm import DIGITS_CHECKPOINT
 from stages import generate
 

@@ -12,7 +12,7 @@ import pytest
 import s3fs
 from infra import LocalCluster  # noqa: E402
 
-from kdm_pipe.shards import load_manifest
+from kdm_pipe.manifest import load_manifest
 
 CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 GENERATE = ["generate", "--preset", "checkerboard-quick", "--shards", "4", "--pairs-per-shard", "1000", "--batch",

@@ -168,7 +168,8 @@ def test_a_killed_run_resumes_from_the_bucket(s3_pairs, bucket, tmp_path):
 
 def test_refusals_write_nothing(s3_pairs, bucket, tmp_path):
     from kdm_pipe import storage
-    from kdm_pipe.shards import check_shards, load_manifest
+    from kdm_pipe.integrity import check_shards
+    from kdm_pipe.manifest import load_manifest
     pairs = storage.location(s3_pairs)
     check_shards(pairs, load_manifest(pairs))          # the pair set's checksum cache, which any reader may write
     before = objects(bucket)
@@ -191,7 +192,7 @@ def test_a_corrupt_shard_object_stops_training_naming_it(s3_pairs, bucket, vecto
     """A shard whose bytes changed in the bucket and whose manifest entry was made to agree: only reading it can
     find the damage. The loader worker's error ends the run within seconds (exit 1, the shard named), and a run
     that failed before its first checkpoint leaves nothing in the bucket."""
-    from kdm_pipe.shards import Manifest
+    from kdm_pipe.manifest import Manifest
     bad = tmp_path / "shard-000001.tar"
     data = bytearray((vector_pairs / "shard-000001.tar").read_bytes())
     data[600] ^= 0xFF                                  # inside the first member's .npy header
@@ -215,7 +216,8 @@ def test_a_corrupt_shard_object_stops_training_naming_it(s3_pairs, bucket, vecto
 def test_stats_on_an_s3_pair_set_and_its_readers(s3_pairs, bucket, vector_pairs, tmp_path):
     """`stats s3://…` writes stats.zarr into the bucket (root metadata last: no temp objects, no mirror marker), its
     moments are the pairs' own, and `train --normalize standard` reads them there; before it exists, train refuses."""
-    from kdm_pipe.shards import load_manifest, read_pairs
+    from kdm_pipe.manifest import load_manifest
+    from kdm_pipe.shards import read_pairs
     from kdm_pipe.stats import load_stats
     error_line(cli(*train_args(tmp_path, s3_pairs, f"{bucket}/run", steps=2), "--normalize", "standard"), 2,
                "stats.zarr is missing or stale", "kdm-pipe stats")
@@ -336,7 +338,7 @@ def test_image_feature_statistics_in_the_bucket_are_the_local_ones(digit_pairs, 
     import shutil
 
     from kdm_pipe.feature_stats import set_reference
-    from kdm_pipe.shards import load_manifest
+    from kdm_pipe.manifest import load_manifest
     from kdm_pipe.stats import load_stats
     local = tmp_path / "digits"
     shutil.copytree(digit_pairs, local)
@@ -350,3 +352,18 @@ def test_image_feature_statistics_in_the_bucket_are_the_local_ones(digit_pairs, 
     assert np.array_equal(ours.mu, theirs.mu) and np.array_equal(ours.sigma, theirs.sigma)
     a, b = load_stats(url), load_stats(local)
     assert all(np.array_equal(a[f][k], b[f][k]) for f in b for k in b[f])
+
+
+def test_a_second_writer_of_an_s3_run_is_refused_naming_the_holder(s3_pairs, bucket, tmp_path):
+    """The run's lease (kdm_pipe.locks, as pair sets use it) is held by a `train` writing the run."""
+    from kdm_pipe import storage
+    from kdm_pipe.locks import directory_lock
+    run = f"{bucket}/run"
+    with directory_lock(storage.location(run), f"train --out {run}"):
+        r = cli(*train_args(tmp_path, s3_pairs, run, steps=5))
+        error_line(r, 2, run, "in use by", f"train --out {run}", f"pid {os.getpid()}")
+        assert list(objects(run)) == [".kdm-pipe.lock"]              # nothing written beside the lock
+    assert objects(run) == {}
+    r = cli(*train_args(tmp_path, s3_pairs, run, steps=5))       # released: the run can be written
+    assert r.returncode == 0, r.stderr
+    assert ".kdm-pipe.lock" not in objects(run)

@@ -11,9 +11,10 @@ from faults import cli, error_line
 
 from kdm_pipe.config import ConfigError, SamplerConfig, generate_config
 from kdm_pipe.generation import _TEACHERS, with_teacher_defaults
+from kdm_pipe.manifest import Manifest
 from kdm_pipe.networks import build_network
 from kdm_pipe.sampling import edm_sigmas
-from kdm_pipe.shards import Manifest, read_shard
+from kdm_pipe.shards import read_shard
 from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint
 
 SMALL = dict(img_channels=1, model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1,

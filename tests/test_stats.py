@@ -11,7 +11,8 @@ from zarr.codecs import BloscCodec
 
 from kdm_pipe.config import ConfigError, GenerateConfig, StatsConfig
 from kdm_pipe.errors import DataError
-from kdm_pipe.shards import MANIFEST, load_manifest, read_shard, save_manifest, write_shard
+from kdm_pipe.manifest import MANIFEST, load_manifest, save_manifest
+from kdm_pipe.shards import read_shard, write_shard
 from kdm_pipe.stats import STORE, load_stats
 from stages import generate, stats
 

@@ -14,8 +14,8 @@ import torch
 from conftest import assert_resume_is_exact
 
 from kdm_pipe.config import TrainConfig
+from kdm_pipe.manifest import load_manifest
 from kdm_pipe.probes import load_probes
-from kdm_pipe.shards import load_manifest
 from kdm_pipe.trained import latest_checkpoint, student_for
 from kdm_pipe.training import discriminator_for, ema_decay, train
 

@@ -15,7 +15,8 @@ import torch
 from kdm_pipe.config import EvaluateConfig, StudentConfig, TrainConfig, TrajectoryConfig
 from kdm_pipe.evaluation import apply, evaluate, sampler
 from kdm_pipe.loader import batches
-from kdm_pipe.shards import load_manifest, read_pairs, read_shard
+from kdm_pipe.manifest import load_manifest
+from kdm_pipe.shards import read_pairs, read_shard
 from kdm_pipe.student.koopman import KoopmanOperator
 from kdm_pipe.student.vector import VectorKDM
 from kdm_pipe.trained import latest_checkpoint, load_weights

@@ -16,8 +16,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.shards import sha256_file
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_NAME = "inception-2015-12-05.pt"
@@ -89,7 +89,7 @@ def load_detector(path: str | Path | None, device: torch.device | str = "cpu") -
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"--detector {path} is not a TorchScript file torch can load ({e})") from e
     # The file's hash names the feature space, so stats from different nets are never compared.
-    return TorchScriptDetector(net, f"{path.name}:{sha256_file(path)[:12]}")
+    return TorchScriptDetector(net, f"{path.name}:{storage.sha256(path)[:12]}")
 
 
 def _rebatch(images: Iterable[np.ndarray | torch.Tensor], batch: int) -> Iterable[torch.Tensor]:

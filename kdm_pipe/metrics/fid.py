@@ -18,10 +18,11 @@ from kdm_pipe.datasets import BUILTIN, from_uint8_nhwc, load_images
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.exclusions import exclusions
 from kdm_pipe.image_files import SAMPLES_JSON, SAMPLES_NPZ
+from kdm_pipe.integrity import checked_manifest, open_pairs
+from kdm_pipe.manifest import MANIFEST
 from kdm_pipe.metrics.detectors import FeatureNet, PixelFeatures, embed, feature_batches
 from kdm_pipe.metrics.distribution import feature_stats, frechet_distance, precision_recall
 from kdm_pipe.npyfiles import Header, npz_arrays
-from kdm_pipe.shards import MANIFEST, checked_manifest, open_pairs
 
 FID_NUM = 50_000  # EDM's sample count for reported FIDs
 _CHUNK = 1000

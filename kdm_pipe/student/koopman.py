@@ -39,11 +39,20 @@ def spectrum_target(prior: SpectrumPrior, dim: int, seed: int) -> Tensor:
     raise ValueError(f"unknown spectrum prior {prior!r}; expected one of {get_args(SpectrumPrior)}")
 
 
+def eigvals(matrix: Tensor) -> Tensor:
+    """torch.linalg.eigvals, or NaN eigenvalues for a matrix with a non-finite entry: LAPACK is not safe on one (a
+    diverged run's probe died with a segfault in it)."""
+    if not bool(torch.isfinite(matrix).all()):
+        nan = torch.full(matrix.shape[:-1], math.nan, dtype=matrix.dtype, device=matrix.device)
+        return torch.complex(nan, nan)
+    return torch.linalg.eigvals(matrix)
+
+
 def matched_targets(lam: Tensor, targets: Tensor) -> Tensor:
     """`targets` (d, 2) reordered so that row j is the target of λ_j under the one-to-one matching of least total
     distance Σ_j |λ_j − u_π(j)| (the Hungarian algorithm, on detached values: the matching is piecewise constant)."""
-    if bool((targets == targets[:1]).all()):                           # one target for all ("circle")
-        return targets
+    if bool((targets == targets[:1]).all()) or not bool(torch.isfinite(torch.view_as_real(lam)).all()):
+        return targets                      # one target for all ("circle"), or nothing to match (a diverged run)
     # Imported here: `kdm-pipe export` copies this module into pipelines that need torch alone to sample.
     from scipy.optimize import linear_sum_assignment
     u = targets.detach().cpu().double()
@@ -173,7 +182,7 @@ class KoopmanOperator(nn.Module):
             lam_re, lam_im = self.op.eigen_parts()
             return {"inverse": self.op.inverse_loss(),
                     "spectrum": torch.hypot(lam_re - u[:, 0], lam_im - u[:, 1]).mean()}
-        lam = torch.linalg.eigvals(self.op.weight)
+        lam = eigvals(self.op.weight)
         u = matched_targets(lam.detach(), u)
         return {"spectrum": torch.hypot(lam.real - u[:, 0], lam.imag - u[:, 1]).mean()}
 
@@ -186,7 +195,7 @@ class KoopmanOperator(nn.Module):
         """
         if isinstance(self.op, DecomposedOperator):
             return torch.complex(*self.op.eigen_parts())
-        return torch.linalg.eigvals(self.op.weight) ** self.intervals
+        return eigvals(self.op.weight) ** self.intervals
 
     def matrix(self) -> Tensor:
         """The real (dim, dim) K(1) with carry(z, 1) = z K(1)ᵀ (+ the bias carried along, + control): the dense

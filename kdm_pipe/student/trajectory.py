@@ -11,7 +11,7 @@ import math
 
 from kdm_pipe.config import StudentConfig
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.shards import Manifest
+from kdm_pipe.manifest import Manifest
 
 
 def with_trajectory_times(cfg: StudentConfig, manifest: Manifest, data: str) -> StudentConfig:
