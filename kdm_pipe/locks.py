@@ -136,8 +136,8 @@ def _lease(directory: Any, command: str) -> Iterator[Lock]:
         while not stop.wait(RENEW_SECONDS):
             try:
                 etag = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfMatch=etag)["ETag"]
-            except OSError as e:
-                if _taken(e):           # taken over (or removed by hand): no longer ours
+            except Exception as e:  # noqa: BLE001  (botocore's connection errors are no OSError)
+                if isinstance(e, OSError) and _taken(e):   # taken over (or removed by hand): no longer ours
                     lock.lost.set()
                     return
                 # a transient failure of the store: try again at the next renewal, the lease has room for it
@@ -152,8 +152,8 @@ def _lease(directory: Any, command: str) -> Iterator[Lock]:
         if not lock.lost.is_set():
             try:
                 fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
-            except OSError:
-                pass                    # unreachable store or taken over: the lease runs out by itself
+            except Exception:  # noqa: BLE001  (unreachable store or taken over: the lease runs out by itself;
+                pass           # the failure that ended the run, if any, is the one to report)
 
 
 def _taken(e: OSError) -> bool:

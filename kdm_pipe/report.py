@@ -372,8 +372,8 @@ def write_report(run: Path, steps: int = 1) -> Path:
         body += [section("Koopman spectrum", spectrum_line(analysis),
                          outside_line(spectrum[2]) if spectrum and spectrum[2] is not None else "",
                          figure(relative(spectrum[0], run), spectrum[1]) if spectrum else
-                         para("no probes recorded yet", "note")),
-                 analysis_section(run, analysis)]
+                         para("no probes recorded yet", "note"))]
+    body.append(analysis_section(run, analysis))       # a KD student's analyses are those of its samples
     if isinstance(manifest, Manifest):
         body.insert(1, filter_section(Run(run).data_dir(), manifest, run))
     links = [(n, n) for n in (per_steps(EVAL, steps), "config.json", "split.json", "train.jsonl")

@@ -1,10 +1,12 @@
-"""Pair directories written by hand (no Ray, no teacher) for tests that need exact contents or odd layouts."""
+"""Made by hand for tests: pair directories (no Ray, no teacher) with exact contents or odd layouts, and a toy
+feature detector."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kdm_pipe.manifest import Manifest, ShardInfo, load_manifest, save_manifest, shard_name
 from kdm_pipe.shards import write_shard
@@ -30,3 +32,11 @@ def pair_set(directory: Path, shards: list[list[dict[str, np.ndarray]]], *, teac
     m.num_shards, m.pairs_per_shard = len(m.shards), max(s.pairs for s in m.shards)
     save_manifest(directory, m)
     return directory
+
+
+class Flatten(torch.nn.Module):
+    """A TorchScript 'detector' whose features are the uint8 pixels: the relative rule is scale-free, so a filter in
+    its feature space flags what it flags in pixel space."""
+
+    def forward(self, x):
+        return x.float().flatten(1)

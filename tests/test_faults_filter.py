@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from faults import cli, error_line, flip_byte, tree
+from handmade import Flatten
 
 from kdm_pipe.config import ImportConfig
 from kdm_pipe.datasets import sklearn_digits
@@ -101,16 +102,19 @@ def test_corrupt_shard_is_named_and_nothing_recorded(pairs):
 
 
 @pytest.mark.slow
-def test_sigterm_while_filtering_exits_143_and_leaves_the_pairs_as_they_were(pairs):
+def test_sigterm_while_filtering_exits_143_and_leaves_the_pairs_as_they_were(pairs, tmp_path):
     """SIGTERM once filter holds the lock (starting Ray or scoring): exit 143, one `error:` line, no traceback,
-    no filter recorded, no scores, lock or temp file left."""
+    no filter recorded, no scores, lock or temp file left. A feature-space search always runs in Ray (a pixel search
+    this small runs in-process in a fraction of a second: too short to be interrupted reliably)."""
     import signal
     import subprocess
     import time
 
     from faults import CLI, ENV
+    torch.jit.script(Flatten()).save(str(tmp_path / "flat.pt"))
     before = tree(pairs)
-    proc = subprocess.Popen(CLI + ["filter", str(pairs), "--ref", "sklearn-digits", "-q"], env=ENV,
+    proc = subprocess.Popen(CLI + ["filter", str(pairs), "--ref", "sklearn-digits", "--metric", "features",
+                                   "--detector", str(tmp_path / "flat.pt"), "-q"], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None and not (pairs / ".kdm-pipe.lock").exists():

@@ -10,6 +10,7 @@ import pytest
 import ray
 import torch
 from faults import bless, cli, error_line, tree
+from handmade import Flatten
 
 from kdm_pipe.config import ConfigError, ImportConfig, TrainConfig
 from kdm_pipe.datasets import sklearn_digits
@@ -178,14 +179,6 @@ def test_a_run_records_the_filter_and_resume_refuses_a_changed_one(planted, sess
     filtered(planted, session, "--replace")                      # another rule: other pairs excluded
     with pytest.raises(ConfigError, match="memorisation filter"):
         train(cfg.model_copy(update={"steps": 4}), resume=True, progress=False)
-
-
-class Flatten(torch.nn.Module):
-    """A TorchScript 'detector' whose features are the uint8 pixels: the relative rule is scale-free, so it must
-    flag what it flags in pixel space."""
-
-    def forward(self, x):
-        return x.float().flatten(1)
 
 
 @pytest.mark.slow                                               # a second search (another feature space): ~20 s
