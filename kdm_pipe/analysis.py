@@ -1,4 +1,4 @@
-"""Analyses of a trained run, as the KDM paper and its code make them (REFERENCE §1), written to RUN/analysis/:
+"""Analyses of a trained run, as the KDM paper and its code make them (docs/METHOD.md), written to RUN/analysis/:
 
     spectrum.png         the Koopman operator's eigenvalues against the unit circle, and over training (latents.zarr);
                          those of the one-step map K(1) (a trajectory-supervised dense C is one of M intervals: C^M)

@@ -49,7 +49,7 @@ def check_round_trip(out, x_T, x_0, labels=None, sigma_max=80.0):
         assert (got["label"].sum(1) == 1).all()
 
 
-# The official layouts (REFERENCE §3): CIFAR uncond `arr_0` = x_T … x_0 (a trajectory); FFHQ/AFHQ `arr_0` =
+# The official layouts (docs/METHOD.md): CIFAR uncond `arr_0` = x_T … x_0 (a trajectory); FFHQ/AFHQ `arr_0` =
 # [x_0, x_T]; CIFAR cond `endpoints` = [x_0, x_T] + one-hot `label`. float64, one file per pair.
 LAYOUTS = {
     "cifar-uncond": lambda x_T, x_0, y: {"arr_0": np.stack([x_T, (x_T + x_0) / 2, x_0])},

@@ -1,4 +1,4 @@
-"""Presets reproduce the official KDM configurations (REFERENCE §1) and build the students they describe."""
+"""Presets reproduce the official KDM configurations (docs/METHOD.md) and build the students they describe."""
 
 import subprocess
 import sys

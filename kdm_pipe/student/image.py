@@ -1,4 +1,4 @@
-"""Students for image data, as the official KDM code builds them (REFERENCE §1).
+"""Students for image data, as the official KDM code builds them (docs/METHOD.md).
 
 KDM: E_0, E_T and D are EDM DDPM++ U-Nets (`SongUNet`); C is the Koopman operator on the flattened latent; the
 loss (with the adversarial term 0.01·w_adv·BCE(Disc(x̂_push), 1)) and the one-step sampler are `kdm.KDM`'s.

@@ -2,7 +2,7 @@
 
 A KDM student has four parts: the encoders E_0 (of x_0) and E_T (of x_T), the Koopman operator C (plus the control
 B y when conditional) and the decoder D. A network family provides them as `encode_0`, `encode_T` and `decode`
-(and `self.koopman`), with its distance d; `KDM` turns them into REFERENCE §1's training step, with σ_z the latent
+(and `self.koopman`), with its distance d; `KDM` turns them into the training step of docs/METHOD.md, with σ_z the latent
 noise and ε, ε' ~ N(0, I):
 
     z_0 = E_0(x_0)                 z_T = E_T(x_T)
