@@ -2,8 +2,8 @@
 
 A KDM student has four parts: the encoders E_0 (of x_0) and E_T (of x_T), the Koopman operator C (plus the control
 B y when conditional) and the decoder D. A network family provides them as `encode_0`, `encode_T` and `decode`
-(and `self.koopman`), with its distance d; `KDM` turns them into the training step of docs/METHOD.md, with σ_z the latent
-noise and ε, ε' ~ N(0, I):
+(and `self.koopman`), with its distance d; `KDM` turns them into the training step of docs/METHOD.md, with σ_z
+the latent noise and ε, ε' ~ N(0, I):
 
     z_0 = E_0(x_0)                 z_T = E_T(x_T)
     ẑ_0 = C(z_T + σ_z ε) [+ B y]
