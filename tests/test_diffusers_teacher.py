@@ -33,16 +33,22 @@ def fresh_teachers():
     _TEACHERS.clear()
 
 
+def diffusers_loop(teacher, sched, z: torch.Tensor) -> torch.Tensor:
+    """diffusers' own sampling loop: the scheduler's step on the teacher's UNet, from z over its timesteps."""
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(teacher.unet(x, t).sample, t, x).prev_sample
+    return x
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 def test_vp_denoiser_steps_as_ddim(tmp_path, prediction):
     teacher = teacher_for(save_model(tmp_path, "vp", prediction))
     ddim = scheduler("vp", prediction)
     ddim.set_timesteps(10)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    x = z.clone()
-    with torch.no_grad():
-        for t in ddim.timesteps:
-            x = ddim.step(teacher.unet(x, t).sample, t, x).prev_sample
+    x = diffusers_loop(teacher, ddim, z)
     # The schedule made of the scheduler's own σ's, then 0 (set_alpha_to_one: ᾱ = 1 after the last step).
     sigmas = torch.cat([teacher.sigmas[ddim.timesteps], torch.zeros(1, dtype=torch.float64)])
     assert torch.equal(teacher.timestep(sigmas[3]), ddim.timesteps[3].double())   # exactly t on the training σ's
@@ -58,10 +64,7 @@ def test_flow_denoiser_steps_as_flow_match_euler(tmp_path):
     flow = scheduler("flow")
     flow.set_timesteps(8)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    x = z.clone()
-    with torch.no_grad():
-        for t in flow.timesteps:
-            x = flow.step(teacher.unet(x, t).sample, t, x).prev_sample
+    x = diffusers_loop(teacher, flow, z)
     ours, _ = solve(teacher.denoise, z.double(), flow.sigmas.double(), None, "euler")
     torch.testing.assert_close(ours, x.double(), rtol=2e-6, atol=2e-6 * x.abs().max().item())
 
