@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
@@ -30,11 +31,16 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
     main = threading.current_thread() is threading.main_thread()
     before = {s: signal.getsignal(s) for s in SIGNALS} if main else {}
     try:
-        _init(address, num_cpus, num_gpus)
-    except SystemExit as e:                      # Ray's own handler fired during init
+        with _signals_seen(main) as seen:
+            _init(address, num_cpus, num_gpus)
+        if seen:                                 # it landed where Python ignores exceptions (a fork hook, a __del__)
+            raise Terminated(seen[0])
+    except (SystemExit, KeyboardInterrupt) as e:  # Ray's own handler (sys.exit(15)) or Ctrl-C fired during init
         ray.shutdown()
         restore(before)
-        if e.code == signal.SIGTERM:
+        if isinstance(e, KeyboardInterrupt):
+            raise (as_terminated() or Terminated(signal.SIGINT)) from None
+        if e.code == signal.SIGTERM and not isinstance(e, Terminated):
             raise Terminated(signal.SIGTERM) from None
         raise
     try:
@@ -48,6 +54,39 @@ def ray_session(address: str | None, num_cpus: float, num_gpus: float = 0) -> It
             ray.shutdown()
         finally:
             restore(before)
+
+
+@contextmanager
+def _signals_seen(main: bool) -> Iterator[list[int]]:
+    """The SIGTERM / SIGINT that arrived in the body, whatever Python did with its handler's exception: ray.init
+    forks while Ray's handler is installed, and a sys.exit raised inside an at-fork hook is printed and dropped, so
+    the process would go on as if never asked to stop. CPython writes every signal's number to the wakeup fd; the
+    dropped exception's "Exception ignored" traceback is not printed (the stop is reported once, as one line)."""
+    seen: list[int] = []
+    if not main:                                 # only the main thread receives signals and may set the fd
+        yield seen
+        return
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    old, old_hook = signal.set_wakeup_fd(w, warn_on_full_buffer=False), sys.unraisablehook
+
+    def hook(u: Any) -> None:
+        if not issubclass(u.exc_type, (SystemExit, KeyboardInterrupt)):
+            old_hook(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield seen
+    finally:
+        signal.set_wakeup_fd(old)
+        sys.unraisablehook = old_hook
+        try:
+            seen.extend(b for b in os.read(r, 1024) if b in SIGNALS)
+        except BlockingIOError:
+            pass
+        os.close(r)
+        os.close(w)
 
 
 def _init(address: str | None, num_cpus: float, num_gpus: float) -> None:

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 import tracemalloc
@@ -309,8 +310,8 @@ def test_sigterm_during_generate_exits_143_clean_and_resumable(tmp_path):
     args = ["generate", "--out", str(out), "--shards", "4", "--pairs-per-shard", "2000", "--batch", "500",
             "--workers", "1", "-q"]
     proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shard-*.tar")):
+    deadline = time.time() + 120                       # a shard is recorded once the driver has its result: wait
+    while time.time() < deadline and not (out.joinpath("manifest.json").exists() and load_manifest(out).shards):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -323,6 +324,37 @@ def test_sigterm_during_generate_exits_143_clean_and_resumable(tmp_path):
     r = kdm(*args)
     assert r.returncode == 0, r.stderr
     assert integrity.verify(out) == {} and len(load_manifest(out).shards) == 4
+
+
+def test_a_signal_python_drops_during_ray_init_still_stops_the_session(monkeypatch):
+    """ray.init forks while Ray's handler (sys.exit(15)) is installed; a SIGTERM landing in an at-fork hook raises
+    there, Python prints "Exception ignored" and goes on. Made deterministic: a handler's exception raised inside a
+    __del__ is dropped the same way; the session must still end in Terminated, with Ray shut down and nothing
+    printed about the dropped exception."""
+    import ray
+
+    from kdm_pipe import raypool
+    from kdm_pipe.interrupts import Terminated
+
+    class Dropped:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):              # the handler runs (and its SystemExit is dropped) in here
+                pass
+
+    def init(*_):
+        signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(signum))     # what ray.init installs
+        Dropped()                                                              # the signal lands in a __del__
+
+    printed: list = []                                                         # what Python would print
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    monkeypatch.setattr(raypool, "_init", init)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as stopped:
+        with raypool.ray_session(None, 1):
+            pytest.fail("the body ran although SIGTERM arrived during init")
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is before and not ray.is_initialized()
+    assert printed == []
 
 
 def test_a_full_disk_inside_a_ray_task_is_one_line(tmp_path):
