@@ -28,6 +28,8 @@ Dtype = Literal["float16", "float32", "float64"]
 Device = Literal["auto", "cpu", "cuda"]
 Weights = Literal["auto", "ema", "raw"]
 DEVICE = "where torch runs (auto: cuda if available)"
+VAE_OVERRIDE = ("latent pair sets: the VAE folder to decode with, when the one their manifest records (latent.vae) "
+                "has moved (its weights must be the recorded ones)")
 RAY_ADDRESS = "address of an existing Ray cluster, or auto (default: start a local one)"
 
 
@@ -112,6 +114,9 @@ class DiffusersTeacherConfig(Strict):
     name: Literal["diffusers"] = teacher_name("diffusers")
     checkpoint: Path = Field(description="diffusers: the model's local folder (UNet2DModel + scheduler_config.json, "
                              "or a pipeline folder with unet/ and scheduler/), safetensors only")
+    vae: Path | None = Field(default=None, description="diffusers: a local AutoencoderKL folder; the teacher then "
+                             "runs in its latent space and the pairs are latents (default: the pipeline's vae/ when "
+                             "model_index.json names one, else pixel space)")
 
 
 TeacherConfig = Annotated[
@@ -346,6 +351,7 @@ class EvaluateConfig(Strict):
     set_num: int | None = Field(default=None, ge=2, description="fresh one-step samples compared with the whole "
                                 "teacher set's statistics (stats.zarr; default: min(set size, 50,000))")
     steps: int = Field(default=1, ge=1, description="student sampling steps (> 1: trajectory-supervised students)")
+    vae: Path | None = Field(default=None, description=VAE_OVERRIDE)
 
 
 class VerifyConfig(Strict):
@@ -439,6 +445,7 @@ class SampleConfig(Strict):
     batch: int = Field(description="samples per batch", default=250, ge=1)
     steps: int = Field(default=1, ge=1, description="sampling steps (> 1: trajectory-supervised students)")
     device: Device = Field(default="auto", description=DEVICE)
+    vae: Path | None = Field(default=None, description=VAE_OVERRIDE)
 
 
 ExportFormat = Literal["diffusers", "safetensors", "rectified-flow", "kdm-npz", "get", "fastgen"]

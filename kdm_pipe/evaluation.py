@@ -11,6 +11,9 @@ floor of "learned nothing") and, for distribution metrics, teacher-vs-teacher on
 (the metric's own noise floor).
 Images are also compared in a feature space (`--detector`, default pixels) and, with `--ref`, by FID of fresh
 one-step samples from seeds 0… against reference statistics.
+Latent pairs (a VAE's latents, manifest `latent`) are decoded through the recorded VAE (kdm_pipe/vae.py) for every
+image metric and figure; their paired errors are reported twice: in latent space (`latent_mse`, …) and on the
+decoded images (`mse`, `psnr`, …). The weights are chosen on the latents.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.trained import latest_checkpoint, load_weights, student_for
+from kdm_pipe.vae import decoder as vae_decoder
 
 WEIGHTS_JSON = "weights.json"
 SELECTION_MAX = 4096          # held-out pairs that choose the weights (the rest is the report split)
@@ -223,9 +227,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     data = Run(run).data_dir(cfg.data)
     loaded = {w: load_weights(run, w, ckpt, device=device, data=cfg.data) for w in ("ema", "raw")}
     _, tcfg, manifest, step = loaded["ema"]
+    decode = vae_decoder(manifest, cfg.vae, device, data)     # latent pairs: a VAE not found is refused here
     # The whole teacher set's feature statistics (stats.zarr); a stale store is refused here, before any work.
     set_ref = (set_reference(data, manifest, net.name, "" if cfg.detector is None else f" --detector {cfg.detector}")
-               if is_image(manifest.shape) else None)
+               if is_image(manifest.shape) and decode is None else None)
     sampler(loaded["ema"][0], cfg.steps)               # a --steps the student cannot take: refused before any write
     # EMA or raw: the run's recorded choice (computed now on the selection split if no consumer has yet).
     choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()}, ckpt)
@@ -249,8 +254,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"run": str(run), "data": str(data), "step": step, "weights": chosen,
                                "weights_choice": choice, "num_pairs": len(x_0), "steps": cfg.steps}
     figure = run / per_steps("samples.png", cfg.steps)
+    if decode is not None:                             # latent errors, then images from here on
+        for name, x in outputs.items():
+            results[name] = {f"latent_{k}": v for k, v in paired_errors(flat(x), flat(x_0)).items() if k != "psnr"}
+        outputs = {name: decode(x, cfg.batch) for name, x in outputs.items()}
+        x_0 = decode(x_0, cfg.batch)
+        results["latent"] = manifest.latent.model_dump()
     for name, x in outputs.items():
-        results[name] = paired_errors(flat(x), flat(x_0))
+        results.setdefault(name, {}).update(paired_errors(flat(x), flat(x_0)))
     # Distribution metrics compare samples of the first half's x_T with the teacher's samples of the second half:
     # the same sizes as the teacher-vs-teacher floor, and no pairing between the two sides.
     h = len(x_0) // 2
@@ -258,12 +269,12 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if is_image(manifest.shape):
         image_results(results, cfg, net, samples, x_0[h:], device)
         results["fd_teacher_samples"] = [h, len(x_0) - h]     # (samples, held-out teacher samples) it compares
-        results["fid"] = fid_report(cfg, net, model, manifest, device) if cfg.ref else None
-        results["fd_set"] = set_fd_report(cfg, net, model, manifest, data, set_ref, device)
+        results["fid"] = fid_report(cfg, net, model, manifest, device, decode) if cfg.ref else None
+        results["fd_set"] = set_fd_report(cfg, net, model, manifest, data, set_ref, device, decode)
         shown = (f"{tcfg.student.kind.upper()} student x̂_0 ({chosen} weights, step {step}), {cfg.steps} step(s) "
                  f"from the same x_T")
         image_rows(figure, {"teacher x_0 (held-out pairs)": x_0[:16],
-                                         shown: outputs["student"][:16]}, scale=max(1, 64 // manifest.shape[-1]))
+                                         shown: outputs["student"][:16]}, scale=max(1, 64 // x_0.shape[-1]))
         results["figures"] = [str(figure)]
     else:
         for name, x in samples.items():
@@ -300,37 +311,42 @@ def image_results(results: dict, cfg: EvaluateConfig, net, samples: dict[str, np
                                if cfg.detector is None else f"features of {cfg.detector}")
 
 
-def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, device) -> dict[str, Any]:
+def fid_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, device, decode=None) -> dict[str, Any]:
     """FID of `fid_num` fresh samples of `model`, the `--steps` sampler (seeds fid_seed…, x_T = σ_max·z as the
     teacher drew them), against --ref."""
     ref_path = Path(cfg.ref)
     ref = (load_ref_stats(ref_path) if ref_path.suffix == ".npz" and not _has_images(ref_path)
            else reference_stats(cfg.ref, net, batch=cfg.batch, device=device))
-    out = image_metrics(fresh_samples(model, manifest, cfg.fid_seed, cfg.fid_num, cfg.batch, device), net, ref,
-                        batch=cfg.batch, device=device)
+    out = image_metrics(fresh_samples(model, manifest, cfg.fid_seed, cfg.fid_num, cfg.batch, device, decode), net,
+                        ref, batch=cfg.batch, device=device)
     return out | {"reference": str(cfg.ref), "seeds": [cfg.fid_seed, cfg.fid_seed + cfg.fid_num]}
 
 
-def fresh_samples(model: torch.nn.Module, manifest, start: int, num: int, batch: int, device) -> Iterator[np.ndarray]:
-    """Samples of `model` from seeds start … start + num − 1 (x_T = σ_max·z as the teacher drew them), by batch."""
+def fresh_samples(model: torch.nn.Module, manifest, start: int, num: int, batch: int, device,
+                  decode=None) -> Iterator[np.ndarray]:
+    """Samples of `model` from seeds start … start + num − 1 (x_T = σ_max·z as the teacher drew them), by batch;
+    decoded into images by `decode` (latent pairs)."""
     for b in range(start, start + num, batch):
         seeds = list(range(b, min(b + batch, start + num)))
         z, y = seed_noise(seeds, tuple(manifest.shape), manifest.label_dim, device)
-        yield apply(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(), device,
-                    batch)
+        x = apply(model, (manifest.sigma_max * z).cpu().numpy(), None if y is None else y.cpu().numpy(), device, batch)
+        yield x if decode is None else decode(x, batch)
 
 
 def set_fd_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, data: Path, ref: FeatureStats | None,
-                  device) -> dict[str, Any]:
+                  device, decode=None) -> dict[str, Any]:
     """Fréchet distance of `set_num` fresh samples of `model`, the `--steps` sampler, to the whole teacher set, from
     its stats.zarr (far less biased than the held-out comparison, whose two sides are a few hundred samples each).
     The seeds start after the set's last seed, so no sample shares its noise with a teacher pair."""
     flag = "" if cfg.detector is None else f" --detector {cfg.detector}"
+    if decode is not None:
+        return {"note": "latent pairs: the teacher set's statistics are of latents, not of decoded images (the "
+                        "held-out FD and --ref's FID compare decoded images)"}
     if ref is None:
         return {"note": f"no {net.name} feature statistics in {data}/{STORE}: run `kdm-pipe stats {data}{flag}`"}
     num = cfg.set_num or min(ref.num, FID_NUM)
     start = max(s.seed_end for s in manifest.shards)
-    sums = stream_sums(net, fresh_samples(model, manifest, start, num, cfg.batch, device), cfg.batch, device)
+    sums = stream_sums(net, fresh_samples(model, manifest, start, num, cfg.batch, device, decode), cfg.batch, device)
     out = {"fd": fid_from_stats(sums.stats(net.name), ref), "num_samples": num, "num_reference": ref.num,
            "detector": net.name, "seeds": [start, start + num]}
     halves = set_halves(data, manifest, net.name)

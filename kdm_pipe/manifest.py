@@ -51,6 +51,19 @@ class FilterRecord(BaseModel):
     shards: dict[str, FilteredShard] = Field(default_factory=dict)
 
 
+class LatentSpace(BaseModel):
+    """Pairs stored in a VAE's latent space (docs/TEACHERS.md, "Latent teachers"): the VAE that decodes them and its
+    convention, image = vae.decode(z / scaling_factor + shift_factor)."""
+
+    model_config = ConfigDict(extra="forbid")
+    vae: str = Field(description="the VAE's local folder (AutoencoderKL, as save_pretrained wrote it)")
+    vae_sha256: str = Field(description="sha256 of its diffusion_pytorch_model.safetensors")
+    scaling_factor: float
+    shift_factor: float = 0.0
+    image_shape: list[int] = Field(description="(C, H, W) of a decoded image")
+    decode: str = "image = vae.decode(z / scaling_factor + shift_factor), in [-1, 1]"
+
+
 class Manifest(BaseModel):
     """What a pair directory holds: the settings that made it and every complete shard."""
 
@@ -72,6 +85,7 @@ class Manifest(BaseModel):
                                        "ending in 0, as the teacher ran it (generate; imports do not know it)")
     shards: list[ShardInfo] = Field(default_factory=list)
     filter: FilterRecord | None = None
+    latent: LatentSpace | None = Field(default=None, description="set when x_T and x_0 are VAE latents")
 
     @field_validator("shape")
     @classmethod

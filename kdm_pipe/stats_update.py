@@ -87,6 +87,13 @@ def feature_space_for(manifest: Manifest, detector: Path | None, cov_max_dim: in
     """(the feature space x_0 is embedded in, or None; why not): image sets get pixel features (when their
     covariance fits cov_max_dim) or the detector's; vector sets need none (their x_0 moments are the features)."""
     shape = tuple(manifest.shape)
+    if manifest.latent is not None:
+        # Features are of images; these are latents, and decoding the whole set is evaluate's job (held-out pairs).
+        if detector is not None:
+            raise ConfigError(f"--detector {detector}: the pairs are VAE latents {list(shape)}, not images; "
+                              f"teacher-set features of decoded latents are not computed by stats (drop --detector; "
+                              f"evaluate compares decoded held-out pairs)")
+        return None, "latent pairs: no image feature statistics (evaluate decodes held-out pairs through the VAE)"
     if not is_image(shape):
         if detector is not None:
             raise ConfigError(f"--detector {detector}: the pairs are {list(shape)} vectors, not images; drop "

@@ -30,6 +30,7 @@ from kdm_pipe.manifest import MANIFEST, Manifest, ShardInfo, estimated_shard_byt
 from kdm_pipe.pairset import PairSetWriter, free_bytes
 from kdm_pipe.raypool import ray_session, remote, run_bounded, task_failures
 from kdm_pipe.sampling import nfe, schedule, trajectory_steps
+from kdm_pipe.vae import Decoder
 
 CONFIG = "generate.config.json"
 LOG = "generate.jsonl"
@@ -39,6 +40,8 @@ MAX_RECORD_BYTES = 2 << 30      # one sampler batch is held in memory (in float6
 
 def new_manifest(cfg: GenerateConfig) -> Manifest:
     teacher = cached_teacher(cfg)
+    if teacher.latent is not None:          # its VAE must load: evaluate and sample decode through it
+        Decoder(teacher.latent)
     s = cfg.sampler
     keep = trajectory_steps(cfg.trajectory, s.steps)
     sigmas = schedule(s).tolist()
@@ -47,7 +50,8 @@ def new_manifest(cfg: GenerateConfig) -> Manifest:
         shape=list(teacher.shape), label_dim=teacher.label_dim, sigma_max=s.sigma_max, nfe=nfe(s.steps, s.solver),
         num_shards=cfg.shards, pairs_per_shard=cfg.pairs_per_shard,
         dtypes={"x_T": cfg.xT_dtype, "x_0": cfg.x0_dtype, "traj": cfg.x0_dtype},
-        trajectory_steps=keep, trajectory_sigmas=[sigmas[i] for i in keep] if keep else None, sigmas=sigmas)
+        trajectory_steps=keep, trajectory_sigmas=[sigmas[i] for i in keep] if keep else None, sigmas=sigmas,
+        latent=teacher.latent)
 
 
 def identity_hash(cfg: GenerateConfig) -> str:

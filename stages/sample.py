@@ -3,8 +3,9 @@
 Images → OUT/{seed//1000*1000:06d}/{seed:06d}.png, OUT/samples.npz (arr_0 uint8 NHWC, seeds, labels), grid.png and
 samples.json. Vector data → OUT/samples.npz (x_0, seeds, labels) and samples.json. x_T = σ_max·z with z from one
 generator per seed (and the class label drawn from it next), exactly as the teacher's pairs were drawn, so
-`sample` from seed s is comparable with the teacher's pair of seed s. RUN and OUT may be s3:// URLs (OUT is written
-in a local mirror and uploaded file by file, samples.json last).
+`sample` from seed s is comparable with the teacher's pair of seed s. Latent pairs (a VAE's latents): the student's
+latents are kept in OUT/latents.npy and the images are their decoding through the VAE the manifest records (or
+--vae). RUN and OUT may be s3:// URLs (OUT is written in a local mirror and uploaded file by file, samples.json last).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import seed_noise
 from kdm_pipe.student import is_image
 from kdm_pipe.trained import load_weights
+from kdm_pipe.vae import decoder
 
 
 def run(cfg: SampleConfig) -> dict:
@@ -49,6 +51,7 @@ def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
         sampler(load_weights(run_dir, "ema", device=dev)[0], cfg.steps)
     which = chosen_weights(run_dir, cfg.weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
     model, _, manifest, step = load_weights(run_dir, which, device=dev)
+    decode = decoder(manifest, cfg.vae, dev, r.data_dir())      # latent pairs: a VAE not found is refused here
     fn = sampler(model, cfg.steps)
     if class_label is not None and not 0 <= class_label < manifest.label_dim:
         raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"
@@ -67,7 +70,12 @@ def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
     settings = {"run": str(r), "step": step, "weights": which, "seed": seed, "class": class_label,
                 "steps": cfg.steps, "network_passes": network_passes(r.config.student.kind, cfg.steps),
                 "x_T": "sigma_max * z, one generator per seed (EDM)"}
-    if is_image(manifest.shape):
+    if decode is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "latents.npy", x)
+        settings["latent"] = manifest.latent.model_dump()
+        paths = {**write_samples(out, decode(x, batch), seeds, labels, settings), "latents": out / "latents.npy"}
+    elif is_image(manifest.shape):
         paths = write_samples(out, x, seeds, labels, settings)
     else:
         out.mkdir(parents=True, exist_ok=True)

@@ -43,3 +43,28 @@ def save_model(root: Path, kind: str = "vp", prediction: str = "epsilon", pipeli
         unet.save_pretrained(root, safe_serialization=True)
         sched.save_pretrained(root)
     return root
+
+
+def tiny_vae(latent_channels: int = 4, seed: int = 1, **extra):
+    """An AutoencoderKL with two blocks: 16×16 RGB images ↔ 8×8 latents."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                   layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4,
+                                   sample_size=16, **extra).eval()
+
+
+def save_latent_pipeline(root: Path, kind: str = "vp", prediction: str = "epsilon", vae_kw: dict | None = None,
+                         **unet_kw) -> Path:
+    """A latent pipeline folder as save_pretrained writes it: model_index.json naming unet/, vae/ (AutoencoderKL)
+    and scheduler/; the UNet works on the VAE's 4 × 8 × 8 latents."""
+    import diffusers
+
+    vae = tiny_vae(**(vae_kw or {}))
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(**{"channels": 4, **unet_kw}), scheduler=scheduler(kind, prediction))
+    pipe.register_modules(vae=vae)                     # named in model_index.json …
+    pipe.save_pretrained(root, safe_serialization=True)
+    vae.save_pretrained(root / "vae", safe_serialization=True)      # … and saved beside unet/ and scheduler/
+    return root

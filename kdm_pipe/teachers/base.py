@@ -29,6 +29,8 @@ class Teacher:
     # The sampler settings this teacher's network calls for (its σ range, its step count): a layer of the sampler's
     # configuration above the model defaults and below the preset and flags (SamplerConfig.over).
     sampler_defaults: dict[str, Any] = field(default_factory=dict)
+    # A latent teacher's VAE (kdm_pipe.manifest.LatentSpace): `shape` is then the latents', the images are decoded.
+    latent: Any = None
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError

@@ -4,12 +4,13 @@ This module checks a folder (its config is kdm_pipe.config.DiffusersTeacherConfi
 `build_diffusers` imports the denoisers (kdm_pipe/teachers/diffusers_model.py), and so diffusers, only when the
 teacher is built. Weights are read from safetensors only (a pickled `.bin` is refused, never unpickled), from the
 folder only (no download), and no code from the folder is run: the model class must be diffusers' own
-`UNet2DModel`, the scheduler one of the classes below.
+`UNet2DModel`, the scheduler one of the classes below, the VAE of a latent teacher diffusers' `AutoencoderKL`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,15 +30,38 @@ VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscre
 # Rectified-flow schedulers: x_t = (1 − t)·x_0 + t·ε, the model predicts v = ε − x_0 at timestep t·T.
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
+VAE_CLASS = "AutoencoderKL"
+
+
+@dataclass(frozen=True)
+class VAEFolder:
+    """A checked AutoencoderKL folder: its path and config."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel a side: each encoder block but the last halves the resolution."""
+        return 2 ** (len(self.config.get("block_out_channels", [64])) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.get("latent_channels", 4)
+
+    def image_shape(self, latent_size: tuple[int, int]) -> list[int]:
+        return [self.config.get("out_channels", 3), *(s * self.factor for s in latent_size)]
 
 
 @dataclass(frozen=True)
 class ModelFolder:
-    """What a checked folder holds: the UNet's folder and config, and the scheduler's config."""
+    """What a checked folder holds: the UNet's folder and config, the scheduler's config and, for a latent teacher,
+    its VAE."""
 
     unet_dir: Path
     unet: dict[str, Any]
     scheduler: dict[str, Any]
+    vae: VAEFolder | None = None
 
     @property
     def kind(self) -> Literal["vp", "flow"]:
@@ -66,8 +90,60 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def model_folder(root: Path) -> ModelFolder:
-    """Check a model folder without loading it: every refusal names the file and what to do."""
+def weights_file(folder: Path, what: str) -> Path:
+    """The folder's safetensors weights; pickled ones are refused, never opened."""
+    if not (folder / WEIGHTS).is_file():
+        hint = (f"it holds only pickled weights ({PICKLED}), which are never unpickled: convert them to safetensors "
+                f"(load once where you trust the file, then save_pretrained(..., safe_serialization=True))"
+                if (folder / PICKLED).is_file() else "save the model with save_pretrained (safetensors)")
+        raise ConfigError(f"{what}: {folder} has no {WEIGHTS}; {hint}")
+    return folder / WEIGHTS
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def vae_folder(path: Path, named_by: str) -> VAEFolder:
+    """Check a VAE folder without loading it (`named_by`: where the folder was named, for the refusals)."""
+    what = f"diffusers VAE ({named_by})"
+    if not path.is_dir():
+        raise ConfigError(f"{what}: {path} is not a directory; pass an AutoencoderKL folder written by save_pretrained")
+    config = read_json(path / "config.json", "an AutoencoderKL folder holds the config.json save_pretrained writes")
+    if config.get("_class_name") != VAE_CLASS:
+        raise ConfigError(f"{what}: {path / 'config.json'} describes a {config.get('_class_name')!r}; latent "
+                          f"teachers take a {VAE_CLASS} (a VQModel or another autoencoder is not supported)")
+    for key in ("latents_mean", "latents_std"):
+        if config.get(key) is not None:
+            raise ConfigError(f"{what}: {path / 'config.json'} sets {key}: per-channel latent normalisation is not "
+                              f"supported (only scaling_factor and shift_factor)")
+    if not (finite(config.get("scaling_factor", 0.18215)) and config.get("scaling_factor", 0.18215) > 0):
+        raise ConfigError(f"{what}: scaling_factor {config.get('scaling_factor')!r} in {path / 'config.json'} is not "
+                          f"a positive number")
+    if config.get("shift_factor") is not None and not finite(config["shift_factor"]):
+        raise ConfigError(f"{what}: shift_factor {config['shift_factor']!r} in {path / 'config.json'} is not a number")
+    weights_file(path, what)
+    return VAEFolder(path, config)
+
+
+def pipeline_vae(root: Path) -> Path | None:
+    """The VAE folder a pipeline's model_index.json names (None: a pixel-space pipeline)."""
+    index = read_json(root / "model_index.json", "a pipeline folder holds the model_index.json save_pretrained writes")
+    if index.get("vqvae") is not None:
+        raise ConfigError(f"diffusers model: {root / 'model_index.json'} names a vqvae ({index['vqvae']}); latent "
+                          f"teachers take an {VAE_CLASS} (VQ latents are not supported)")
+    entry = index.get("vae")
+    if entry is None:
+        return None
+    if entry != ["diffusers", VAE_CLASS]:
+        raise ConfigError(f"diffusers model: {root / 'model_index.json'} names the vae {entry}; latent teachers take "
+                          f"diffusers' {VAE_CLASS}")
+    return root / "vae"
+
+
+def model_folder(root: Path, vae: Path | None = None) -> ModelFolder:
+    """Check a model folder (and its VAE: `vae`, else a pipeline's vae/) without loading it: every refusal names the
+    file and what to do."""
     if not root.is_dir():
         raise ConfigError(f"diffusers model {root} is not a directory; pass --checkpoint with a folder written by "
                           f"save_pretrained (UNet2DModel + scheduler_config.json, or a pipeline folder)")
@@ -83,18 +159,21 @@ def model_folder(root: Path) -> ModelFolder:
             and all(isinstance(v, int) and v > 0 for v in size)):
         raise ConfigError(f"diffusers model: {unet_dir / 'config.json'} gives no image size (sample_size: {size!r}); "
                           f"set it to the resolution the model was trained at")
-    if not (unet_dir / WEIGHTS).is_file():
-        hint = (f"it holds only pickled weights ({PICKLED}), which are never unpickled: convert them to safetensors "
-                f"(load once where you trust the file, then save_pretrained(..., safe_serialization=True))"
-                if (unet_dir / PICKLED).is_file() else "save the model with save_pretrained (safetensors)")
-        raise ConfigError(f"diffusers model: {unet_dir} has no {WEIGHTS}; {hint}")
+    weights_file(unet_dir, "diffusers model")
     scheduler = read_json(sched, "save the scheduler with save_pretrained beside the model")
     name = scheduler.get("_class_name")
     if name not in VP_SCHEDULERS | FLOW_SCHEDULERS:
         raise ConfigError(f"diffusers model: scheduler {name!r} in {sched} is not supported; use a DDPM-schedule "
                           f"scheduler ({', '.join(sorted(VP_SCHEDULERS))}) or a flow-matching one "
                           f"({', '.join(sorted(FLOW_SCHEDULERS))})")
-    folder = ModelFolder(unet_dir, unet, scheduler)
+    named = vae is not None
+    vae = vae if named else pipeline_vae(root) if pipeline else None
+    latent = None if vae is None else vae_folder(vae, "--vae" if named else f"vae/ of {root}")
+    if latent is not None and latent.latent_channels != unet.get("in_channels", 3):
+        raise ConfigError(f"diffusers VAE {vae} makes {latent.latent_channels}-channel latents but the UNet in "
+                          f"{unet_dir} takes {unet.get('in_channels', 3)} channels; pass the VAE the model was "
+                          f"trained with")
+    folder = ModelFolder(unet_dir, unet, scheduler, latent)
     if folder.prediction not in PREDICTIONS + ("flow_velocity",):
         raise ConfigError(f"diffusers model: prediction_type {folder.prediction!r} in {sched} is not one of "
                           f"{', '.join(PREDICTIONS)}")
@@ -112,7 +191,7 @@ def model_folder(root: Path) -> ModelFolder:
 
 
 def build_diffusers(cfg: DiffusersTeacherConfig):
-    folder = model_folder(cfg.checkpoint)
+    folder = model_folder(cfg.checkpoint, cfg.vae)
     try:
         from kdm_pipe.teachers.diffusers_model import load_teacher
     except ImportError as e:

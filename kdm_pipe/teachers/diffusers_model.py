@@ -22,6 +22,7 @@ from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.teachers.base import Teacher, edm_sampler_defaults
 from kdm_pipe.teachers.diffusers import WEIGHTS, ModelFolder
+from kdm_pipe.vae import latent_space
 
 
 class DiffusersTeacher(Teacher):
@@ -29,10 +30,13 @@ class DiffusersTeacher(Teacher):
 
     def __init__(self, folder: ModelFolder, unet: torch.nn.Module, sampler_defaults: dict[str, Any],
                  params: dict[str, Any]) -> None:
+        latent = None if folder.vae is None else latent_space(folder.vae, folder.size)
+        if latent is not None:             # the VAE is part of the teacher: pairs of another VAE are another set
+            params = {**params, "vae": folder.vae.config, "vae_sha256": latent.vae_sha256}
         super().__init__(name="diffusers", shape=(folder.unet.get("in_channels", 3), *folder.size),
                          label_dim=folder.unet.get("num_class_embeds") or 0, params=params,
                          weights_sha256=storage.sha256(folder.unet_dir / WEIGHTS),
-                         sampler_defaults=sampler_defaults)
+                         sampler_defaults=sampler_defaults, latent=latent)
         self.unet = unet.eval().requires_grad_(False)
         self.device = next(unet.parameters()).device
         self.train_steps = int(folder.scheduler.get("num_train_timesteps", 1000))

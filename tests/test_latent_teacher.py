@@ -1,0 +1,166 @@
+"""Latent teachers: a diffusers UNet on an AutoencoderKL's latents (a pipeline folder's vae/, or --vae). Pairs are
+latents (f(seed), bit for bit), the manifest records the VAE, and evaluate / sample decode through it as diffusers'
+pipelines do: image = vae.decode(z / scaling_factor + shift_factor)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers_fixture import save_latent_pipeline, save_model, tiny_vae
+from faults import cli, error_line, tree
+
+from kdm_pipe.config import GenerateConfig
+from kdm_pipe.errors import ConfigError
+from kdm_pipe.generation import _TEACHERS, make_shard, sample_pairs, with_teacher_defaults
+from kdm_pipe.manifest import Manifest
+from kdm_pipe.shards import read_shard
+from kdm_pipe.teachers import build_teacher
+from kdm_pipe.teachers.diffusers import DiffusersTeacherConfig
+from kdm_pipe.vae import Decoder
+
+CPU = torch.device("cpu")
+VAE_KW = {"scaling_factor": 0.5, "shift_factor": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def fresh_teachers():
+    _TEACHERS.clear()          # model folders are new per test: no teacher cached from another one
+    yield
+    _TEACHERS.clear()
+
+
+def diffusers_decode(vae_dir, z: np.ndarray) -> np.ndarray:
+    """diffusers' own decoding of latents, as its pipelines write it."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, low_cpu_mem_usage=False).eval()
+    sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    with torch.no_grad():
+        return vae.decode(torch.from_numpy(z) / sf + shift).sample.numpy()
+
+
+def test_pipeline_with_a_vae_is_a_latent_teacher(tmp_path):
+    root = save_latent_pipeline(tmp_path / "pipe", vae_kw=VAE_KW)
+    teacher = build_teacher(DiffusersTeacherConfig(checkpoint=root))
+    assert teacher.shape == (4, 8, 8)                                    # the VAE's latents, not 3 × 16 × 16
+    lat = teacher.latent
+    assert (lat.scaling_factor, lat.shift_factor, lat.image_shape) == (0.5, 0.1, [3, 16, 16])
+    assert lat.vae == str((root / "vae").resolve()) and teacher.params["vae_sha256"] == lat.vae_sha256
+    # The same UNet + VAE named explicitly (a UNet folder and --vae) is the same latent teacher.
+    unet_only = tmp_path / "unet"
+    shutil.copytree(root / "unet", unet_only)
+    shutil.copy(root / "scheduler" / "scheduler_config.json", unet_only)
+    explicit = build_teacher(DiffusersTeacherConfig(checkpoint=unet_only, vae=root / "vae"))
+    assert explicit.latent == lat and explicit.shape == teacher.shape
+    # Without a VAE the folder is a pixel-space teacher.
+    assert build_teacher(DiffusersTeacherConfig(checkpoint=save_model(tmp_path / "px", "vp"))).latent is None
+
+
+def test_latent_pairs_are_the_teachers_samples_bit_for_bit(tmp_path):
+    root = save_latent_pipeline(tmp_path / "pipe", vae_kw=VAE_KW)
+    cfg = with_teacher_defaults(GenerateConfig(teacher={"name": "diffusers", "checkpoint": root},
+                                               sampler={"steps": 3}, out=tmp_path / "a", shards=1,
+                                               pairs_per_shard=4, batch=2))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = make_shard(cfg, 0)[0]
+    _TEACHERS.clear()                                # a new worker: the teacher built again from the folder
+    again = make_shard(cfg.model_copy(update={"out": tmp_path / "b"}), 0)[0]
+    assert first.sha256 == again.sha256
+    stored = np.concatenate([r["x_0"] for r in read_shard(tmp_path / "a" / first.name)])
+    teacher = build_teacher(cfg.teacher)              # the teacher's own sampler, batch by batch as generate ran it
+    direct = [sample_pairs(teacher, cfg.sampler, seeds, None, CPU)["x_0"] for seeds in ([0, 1], [2, 3])]
+    assert stored.shape == (4, 4, 8, 8)
+    assert np.array_equal(stored, torch.cat(direct).numpy().astype(np.float32))
+
+
+def test_decoder_is_diffusers_decoding(tmp_path):
+    root = save_latent_pipeline(tmp_path / "pipe", vae_kw=VAE_KW)
+    lat = build_teacher(DiffusersTeacherConfig(checkpoint=root)).latent
+    z = np.random.default_rng(0).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    images = Decoder(lat)(z, batch=5)
+    assert images.shape == (5, 3, 16, 16)
+    assert np.array_equal(images, diffusers_decode(root / "vae", z))    # one batch: bit for bit
+    batched = Decoder(lat)(z, batch=2)                                   # other batch sizes: float32 rounding only
+    np.testing.assert_allclose(batched, images, rtol=0, atol=1e-5)
+    assert np.array_equal(batched, Decoder(lat)(z, batch=2))            # deterministic on CPU
+    other = tmp_path / "other"
+    tiny_vae(seed=7, **VAE_KW).save_pretrained(other, safe_serialization=True)
+    with pytest.raises(ConfigError, match="not the ones the pairs were made with"):
+        Decoder(lat, path=other)
+
+
+def test_latent_folders_refused_with_one_line(tmp_path):
+    out = tmp_path / "pairs"
+    gen = lambda folder, *more: cli("generate", "--teacher", "diffusers", "--checkpoint", folder,  # noqa: E731
+                                    "--out", out, "-q", *more)
+    root = save_latent_pipeline(tmp_path / "pipe", vae_kw=VAE_KW)
+    vae = root / "vae"
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    weights.rename(vae / "diffusion_pytorch_model.bin")
+    error_line(gen(root), 2, "diffusers VAE", "never unpickled")
+    (vae / "diffusion_pytorch_model.bin").rename(weights)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
+    error_line(gen(root), 2, "VQModel", "AutoencoderKL")
+    (vae / "config.json").write_text(json.dumps({**config, "latents_mean": [0, 0, 0, 0]}))
+    error_line(gen(root), 2, "latents_mean", "not supported")
+    (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": -1}))
+    error_line(gen(root), 2, "scaling_factor", "positive")
+    (vae / "config.json").write_text(json.dumps({**config, "latent_channels": 3}))
+    error_line(gen(root), 2, "3-channel latents", "takes 4 channels")
+    (vae / "config.json").write_text(json.dumps(config))
+    error_line(gen(root, "--vae", tmp_path / "nowhere"), 2, "--vae", "not a directory")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderTiny"]}))
+    error_line(gen(root), 2, "AutoencoderTiny")
+    (root / "model_index.json").write_text(json.dumps(index))
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")     # safetensors that do not load
+    error_line(gen(root), 2, "cannot load VAE")
+    shutil.rmtree(vae)
+    error_line(gen(root), 2, "diffusers VAE", "not a directory")
+    assert tree(out) == {}
+
+
+@pytest.mark.slow
+def test_generate_train_evaluate_sample_decode(tmp_path):
+    from kdm_pipe.evaluation import apply
+    from kdm_pipe.trained import load_weights
+
+    root = save_latent_pipeline(tmp_path / "pipe", vae_kw=VAE_KW)
+    pairs, run, samples = tmp_path / "pairs", tmp_path / "run", tmp_path / "samples"
+    assert cli("generate", "--teacher", "diffusers", "--checkpoint", root, "--out", pairs, "--shards", "3",
+               "--pairs-per-shard", "16", "--batch", "8", "--steps", "3", "--workers", "2", "-q").returncode == 0
+    m = Manifest.model_validate_json((pairs / "manifest.json").read_text())
+    assert m.shape == [4, 8, 8] and m.latent.image_shape == [3, 16, 16] and m.latent.scaling_factor == 0.5
+    assert m.latent.vae_sha256 == Decoder(m.latent).latent.vae_sha256
+    assert cli("verify", pairs).returncode == 0 and cli("stats", pairs, "-q").returncode == 0
+    student = ["--model-channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--attn-resolutions", "",
+               "--dropout", "0", "--latent-channels", "2"]
+    assert cli("train", "--data", pairs, "--out", run, "--steps", "4", "--batch", "8", "--loader-workers", "0",
+               "--holdout-shards", "1", "--no-tensorboard", "-q", *student).returncode == 0
+    assert cli("evaluate", run, "--num", "16", "--batch", "8", "--set-num", "16").returncode == 0
+    res = json.loads((run / "eval.json").read_text())
+    assert res["latent"]["vae_sha256"] == m.latent.vae_sha256
+    assert {"latent_mse", "mse", "psnr", "fd_teacher"} <= set(res["student"])
+    assert "latent" in res["fd_set"]["note"]
+    assert cli("sample", run, "--out", samples, "--num", "6", "--batch", "4").returncode == 0
+    latents = np.load(samples / "latents.npy")
+    model, *_ = load_weights(run, json.loads((run / "weights.json").read_text())["weights"])
+    z = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in range(6)])
+    assert np.array_equal(latents, apply(model, (m.sigma_max * z).numpy(), None, CPU, 4))
+    want = diffusers_decode(root / "vae", latents)
+    pixels = np.load(samples / "samples.npz")["arr_0"]
+    assert pixels.shape == (6, 16, 16, 3)
+    assert np.abs(pixels.astype(int) - np.clip(np.rint((want.transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255)).max() <= 1
+    # The VAE moved: one line naming the manifest's field and --vae; with --vae it decodes as before.
+    moved = tmp_path / "moved-vae"
+    (root / "vae").rename(moved)
+    before = tree(run)
+    error_line(cli("sample", run, "--out", tmp_path / "s2", "--num", "2"), 2, "latent.vae", "--vae")
+    error_line(cli("evaluate", run, "--num", "16", "--batch", "8"), 2, "latent.vae", "--vae")
+    assert tree(run) == before and not (tmp_path / "s2").exists()
+    assert cli("sample", run, "--out", tmp_path / "s3", "--num", "6", "--batch", "4", "--vae", moved).returncode == 0
+    assert np.array_equal(np.load(tmp_path / "s3" / "samples.npz")["arr_0"], pixels)
