@@ -47,11 +47,11 @@ def run(cfg: SampleConfig) -> dict:
 def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
     run_dir, num, seed, class_label, batch = r.path, cfg.num, cfg.seed, cfg.class_label, cfg.batch
     dev = pick_device(cfg.device)
+    decode = decoder(r.manifest(), cfg.vae, dev, r.data_dir())   # latent pairs: a VAE not found is refused first
     if cfg.steps > 1:       # a --steps the student cannot take: refused before the weights choice is recorded
         sampler(load_weights(run_dir, "ema", device=dev)[0], cfg.steps)
     which = chosen_weights(run_dir, cfg.weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
     model, _, manifest, step = load_weights(run_dir, which, device=dev)
-    decode = decoder(manifest, cfg.vae, dev, r.data_dir())      # latent pairs: a VAE not found is refused here
     fn = sampler(model, cfg.steps)
     if class_label is not None and not 0 <= class_label < manifest.label_dim:
         raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"

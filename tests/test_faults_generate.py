@@ -400,3 +400,37 @@ def test_diffusers_folders_refused_with_one_line(tmp_path):
     error_line(cli("generate", "--teacher", "diffusers", "--checkpoint", ok, "--out", out, "-q"), 2,
                "UNet2DConditionModel")
     assert tree(out) == {}
+
+
+def test_latent_folders_refused_with_one_line(tmp_path):
+    from diffusers_fixture import save_latent_pipeline
+
+    out = tmp_path / "pairs"
+    gen = lambda folder, *more: cli("generate", "--teacher", "diffusers", "--checkpoint", folder,  # noqa: E731
+                                    "--out", out, "-q", *more)
+    root = save_latent_pipeline(tmp_path / "pipe")
+    vae = root / "vae"
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    weights.rename(vae / "diffusion_pytorch_model.bin")
+    error_line(gen(root), 2, "diffusers VAE", "never unpickled")
+    (vae / "diffusion_pytorch_model.bin").rename(weights)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
+    error_line(gen(root), 2, "VQModel", "AutoencoderKL")
+    (vae / "config.json").write_text(json.dumps({**config, "latents_mean": [0, 0, 0, 0]}))
+    error_line(gen(root), 2, "latents_mean", "not supported")
+    (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": -1}))
+    error_line(gen(root), 2, "scaling_factor", "positive")
+    (vae / "config.json").write_text(json.dumps({**config, "latent_channels": 3}))
+    error_line(gen(root), 2, "3-channel latents", "takes 4 channels")
+    (vae / "config.json").write_text(json.dumps(config))
+    error_line(gen(root, "--vae", tmp_path / "nowhere"), 2, "--vae", "not a directory")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderTiny"]}))
+    error_line(gen(root), 2, "AutoencoderTiny")
+    (root / "model_index.json").write_text(json.dumps(index))
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")     # safetensors that do not load
+    error_line(gen(root), 2, "cannot load VAE")
+    shutil.rmtree(vae)
+    error_line(gen(root), 2, "diffusers VAE", "not a directory")
+    assert tree(out) == {}

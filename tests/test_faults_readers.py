@@ -120,3 +120,46 @@ def test_train_without_data_is_bad_input(tmp_path):
     error_line(cli("train", "--out", tmp_path / "run", *QUICK), 2, "--data")
     error_line(cli("train", "--out", tmp_path / "run", *QUICK, "--resume"), 2, "holds no run", "--data")
     assert not (tmp_path / "run").exists()
+
+
+def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
+    """A run on VAE latents: the VAE gone from where the manifest records it, another VAE passed as --vae, and --vae
+    for pixel pairs are each one line (exit 2) and nothing written; --vae with the moved VAE decodes."""
+    from diffusers_fixture import tiny_vae
+    from handmade import pair_set
+
+    from kdm_pipe.manifest import load_manifest, save_manifest
+    from kdm_pipe.teachers.diffusers import vae_folder
+    from kdm_pipe.vae import latent_space
+
+    tiny_vae().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    rng = np.random.default_rng(0)
+    shards = [[{"seed": np.arange(16 * k, 16 * k + 16), "x_T": 80 * rng.standard_normal((16, 4, 8, 8), np.float32),
+                "x_0": rng.standard_normal((16, 4, 8, 8), np.float32)}] for k in range(3)]
+    pairs = pair_set(tmp_path / "pairs", shards)
+    m = load_manifest(pairs)
+    m.latent = latent_space(vae_folder(tmp_path / "vae", "test"), (8, 8))
+    save_manifest(pairs, m)
+    run = tmp_path / "run"
+    assert cli("train", "--data", pairs, "--out", run, "--steps", "2", "--batch", "8", "--loader-workers", "0",
+               "--no-tensorboard", "-q", "--model-channels", "4", "--channel-mult", "1", "--num-blocks", "1",
+               "--attn-resolutions", "", "--w-adv", "0").returncode == 0
+    moved = tmp_path / "moved"
+    (tmp_path / "vae").rename(moved)
+    tiny_vae(seed=5).save_pretrained(tmp_path / "other", safe_serialization=True)
+    sample = lambda *more: cli("sample", run, "--out", tmp_path / "s", "--num", "2", *more)  # noqa: E731
+    evaluate = lambda *more: cli("evaluate", run, "--num", "8", "--batch", "8", *more)  # noqa: E731
+    before = tree(tmp_path)
+    for stage in (sample, evaluate):
+        error_line(stage(), 2, str(tmp_path / "vae"), "latent.vae", "--vae")
+        error_line(stage("--vae", tmp_path / "other"), 2, "not the ones the pairs were made with")
+    assert tree(tmp_path) == before
+    assert sample("--vae", moved).returncode == 0
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_vae_for_pixel_pairs_is_refused(setup):
+    before = written(setup)
+    error_line(cli("sample", setup / "run", "--out", setup / "s", "--num", "2", "--vae", setup), 2, "not latents",
+               "drop --vae")
+    assert written(setup) == before
