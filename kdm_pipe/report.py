@@ -23,17 +23,19 @@ from kdm_pipe.student import is_image
 FILES = "report_files"
 # Rows in the order `kdm-pipe evaluate` prints them; any other numbers of eval.json follow.
 METRICS = ("sliced_wasserstein", "mmd", "off_support", "fd_teacher", "precision", "recall", "inception_score", "mse",
-           "psnr")
+           "psnr", "latent_mse")
 NOT_LOSSES = ("step", "steps_per_s", "pairs_per_s")
 # Which way each number improves (every table says it).
 BETTER = {"sliced_wasserstein": "lower", "mmd": "lower", "off_support": "lower", "fd_teacher": "lower",
           "precision": "higher", "recall": "higher", "inception_score": "higher", "mse": "lower", "rmse": "lower",
-          "mae": "lower", "psnr": "higher", "fd_set": "lower", "samples/s": "higher"}
+          "mae": "lower", "psnr": "higher", "fd_set": "lower", "samples/s": "higher", "latent_mse": "lower",
+          "latent_rmse": "lower", "latent_mae": "lower"}
 # The rows a comparison leads with: a distance of the sample distribution with little bias, and the paired error.
 HEADLINE = {True: ("fd_set", "mse", "psnr"), False: ("sliced_wasserstein", "mmd", "off_support", "mse")}
 LABELS = {"fd_teacher": "FD, held out (secondary: {} vs {} samples, dominated by its bias)",
           "mse": "paired MSE (x̂_0 vs the teacher's x_0 from the same held-out x_T)",
-          "psnr": "paired PSNR (dB)"}
+          "psnr": "paired PSNR (dB)",
+          "latent_mse": "paired MSE in the VAE's latent space (latent pairs: the rows above compare decoded images)"}
 def metric_keys(results: Sequence[dict]) -> list[str]:
     """The student metrics of these eval.json results: the printed ones first, then every other number."""
     present = [k for r in results for k, v in r.get("student", {}).items() if isinstance(v, (int, float))]

@@ -45,6 +45,11 @@ def run(cfg: ExportConfig) -> Path:
 
 def student(cfg: ExportConfig, out: Path) -> Path:
     with working(cfg.src) as r:
+        latent = r.require().manifest().latent
+        if latent is not None and cfg.format == "diffusers":       # before the weights choice is recorded
+            raise ConfigError(f"{r} was trained on VAE latents and the exported pipeline does not decode them "
+                              f"(its samples would be latents shown as images); export --format safetensors "
+                              f"(config.json records the VAE) and decode as docs/TEACHERS.md says")
         which = chosen_weights(r.path, cfg.weights, pick_device(cfg.device))
         model, _, manifest, step = load_weights(r.path, which)        # on CPU: the exported weights
         args, state = export.describe(model, manifest)
@@ -52,6 +57,8 @@ def student(cfg: ExportConfig, out: Path) -> Path:
                       "teacher": manifest.teacher, "pairs": manifest.num_pairs,
                       "x_T": "sigma_max * z, z ~ N(0, I) from torch.Generator().manual_seed(seed % 2**32), "
                              "then the class label from the same generator"}
+        if latent is not None:
+            provenance["latent"] = latent.model_dump()
         evaluation = json.loads((r.path / EVAL).read_text()) if (r.path / EVAL).is_file() else None
         card = export.model_card(args, manifest, provenance, evaluation)
     with storage.staged_dir(out) as tmp:

@@ -45,6 +45,9 @@ SCORES = "filter.npz"
 
 def pair_manifest(directory: Path) -> Manifest:
     manifest = checked_manifest(directory)
+    if manifest.latent is not None:
+        raise ConfigError(f"{directory} holds VAE latents {manifest.shape}; the memorisation filter compares images "
+                          f"with the teacher's training images, and decoding the set for it is not supported")
     if len(manifest.shape) != 3:
         raise ConfigError(f"{directory} holds pairs of shape {manifest.shape}; the memorisation filter compares "
                           f"images (C, H, W) with the teacher's training images")

@@ -153,7 +153,13 @@ def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
     for stage in (sample, evaluate):
         error_line(stage(), 2, str(tmp_path / "vae"), "latent.vae", "--vae")
         error_line(stage("--vae", tmp_path / "other"), 2, "not the ones the pairs were made with")
+    # What does not decode latents refuses them: a diffusers export, the memorisation filter, image features.
+    error_line(cli("export", run, "--out", tmp_path / "x"), 2, "VAE latents", "--format safetensors")
+    error_line(cli("filter", pairs, "--ref", "sklearn-digits"), 2, "VAE latents")
+    error_line(cli("stats", pairs, "--detector", moved / "config.json"), 2, "VAE latents", "drop --detector")
     assert tree(tmp_path) == before
+    assert cli("export", run, "--out", tmp_path / "x", "--format", "safetensors").returncode == 0
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["_kdm_pipe"]["latent"] == m.latent.model_dump()
     assert sample("--vae", moved).returncode == 0
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
 
