@@ -40,6 +40,7 @@ from kdm_pipe.run import ANALYSIS, Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.student.koopman import eigvals
 from kdm_pipe.trained import load_weights
+from kdm_pipe.vae import decoder
 
 DBSCAN_EPS, DBSCAN_MIN_SAMPLES, Z_THRESHOLD, MODES = 0.15, 5, 3.0, 8
 IMAGE_ALPHAS, PATH_ALPHAS, PATHS = 9, 41, 6
@@ -177,8 +178,10 @@ def noise_structure_section(model: torch.nn.Module, x_0: np.ndarray, x_T: np.nda
 
 
 def interpolation_section(model: torch.nn.Module, x_0: np.ndarray, x_T: np.ndarray, labels: np.ndarray | None,
-                          shape: list[int], extent: float | None, out: Path, seed: int, device) -> dict[str, Any]:
-    """interpolation.png: a path plot of several pairs for 2-D data, an image strip of one pair otherwise."""
+                          shape: list[int], extent: float | None, out: Path, seed: int, device,
+                          decode=None) -> dict[str, Any]:
+    """interpolation.png: a path plot of several pairs for 2-D data, an image strip of one pair otherwise (latents
+    decoded into images by `decode`)."""
     two_d = shape == [2]
     n = PATHS if two_d else 1
     if len(x_T) < 2 * n:
@@ -190,15 +193,16 @@ def interpolation_section(model: torch.nn.Module, x_0: np.ndarray, x_T: np.ndarr
     if two_d:
         plots.interpolation_paths(out / "interpolation.png", x_0, paths, extent)
     else:
-        plots.image_rows(out / "interpolation.png", {f"{k}, α = 0 … 1": v[0] for k, v in paths.items()},
-                         scale=max(1, 32 // shape[-1]))
+        rows = {f"{k}, α = 0 … 1": v[0] if decode is None else decode(v[0]) for k, v in paths.items()}
+        plots.image_rows(out / "interpolation.png", rows, scale=max(1, 32 // next(iter(rows.values())).shape[-1]))
     return {"alphas": alphas.tolist(), "rows": list(paths), "held_out_indices": [ends[:n].tolist(), ends[n:].tolist()]}
 
 
-def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    """Write RUN/analysis/ (figures + analysis.json) and return what analysis.json holds."""
+def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto", vae: Path | None = None) -> dict[str, Any]:
+    """Write RUN/analysis/ (figures + analysis.json) and return what analysis.json holds; latent pairs' images are
+    decoded through their VAE (`vae`: where it is now, when it moved)."""
     run = Path(run)
-    Run(run).require()
+    decode = decoder(Run(run).require().manifest(), vae, pick_device(device), Run(run).data_dir())
     which = chosen_weights(run)
     dev = pick_device(device)
     model, cfg, manifest, step = load_weights(run, which, device=dev)
@@ -221,7 +225,7 @@ def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto") -> 
         result["noise_structure"] = noise_structure_section(model, x_0, x_T, labels, manifest.sigma_max, extent, out,
                                                             seed, dev)
     result["interpolation"] = interpolation_section(model, x_0, x_T, labels, list(manifest.shape), extent, out, seed,
-                                                    dev)
+                                                    dev, decode)
     # each section drew the figure of its own name
     result["figures"] = [f"{ANALYSIS}/{name}.png" for name in ("spectrum", "latent_spectra", "noise_structure",
                                                              "interpolation")

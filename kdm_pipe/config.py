@@ -483,6 +483,7 @@ class AnalyzeConfig(Strict):
     seed: int = Field(default=0, description="seed of the clusterings, the noise baseline and the interpolation "
                       "endpoints")
     device: Device = Field(default="auto", description=DEVICE)
+    vae: Path | None = Field(default=None, description=VAE_OVERRIDE)
 
 
 class DemoConfig(Strict):

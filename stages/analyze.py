@@ -15,7 +15,7 @@ from kdm_pipe.run import ANALYSIS, working
 
 def run(cfg: AnalyzeConfig) -> dict[str, Any]:
     with working(cfg.run) as r:                        # RUN on s3://: worked on in its mirror, outputs pushed after
-        result = analyze(r.path, num=cfg.num, seed=cfg.seed, device=cfg.device)
+        result = analyze(r.path, num=cfg.num, seed=cfg.seed, device=cfg.device, vae=cfg.vae)
         if (r.path / "report.html").is_file():
             write_report(r.path)
     run_dir = cfg.run

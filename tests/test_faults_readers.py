@@ -150,7 +150,8 @@ def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
     sample = lambda *more: cli("sample", run, "--out", tmp_path / "s", "--num", "2", *more)  # noqa: E731
     evaluate = lambda *more: cli("evaluate", run, "--num", "8", "--batch", "8", *more)  # noqa: E731
     before = tree(tmp_path)
-    for stage in (sample, evaluate):
+    analyze = lambda *more: cli("analyze", run, "--num", "16", *more)  # noqa: E731
+    for stage in (sample, evaluate, analyze):
         error_line(stage(), 2, str(tmp_path / "vae"), "latent.vae", "--vae")
         error_line(stage("--vae", tmp_path / "other"), 2, "not the ones the pairs were made with")
     # What does not decode latents refuses them: a diffusers export, the memorisation filter, image features.
@@ -160,7 +161,7 @@ def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
     assert tree(tmp_path) == before
     assert cli("export", run, "--out", tmp_path / "x", "--format", "safetensors").returncode == 0
     assert json.loads((tmp_path / "x" / "config.json").read_text())["_kdm_pipe"]["latent"] == m.latent.model_dump()
-    assert sample("--vae", moved).returncode == 0
+    assert sample("--vae", moved).returncode == 0 and analyze("--vae", moved).returncode == 0
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
 
 
