@@ -117,6 +117,8 @@ class DiffusersTeacherConfig(Strict):
     vae: Path | None = Field(default=None, description="diffusers: a local AutoencoderKL folder; the teacher then "
                              "runs in its latent space and the pairs are latents (default: the pipeline's vae/ when "
                              "model_index.json names one, else pixel space)")
+    guidance: float = Field(default=1.0, ge=0, description="diffusers: classifier-free guidance scale s of a DiT "
+                            "teacher, prediction = uncond + s·(cond − uncond) with DiT's null class (1: none)")
 
 
 TeacherConfig = Annotated[

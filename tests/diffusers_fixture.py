@@ -68,3 +68,21 @@ def save_latent_pipeline(root: Path, kind: str = "vp", prediction: str = "epsilo
     pipe.save_pretrained(root, safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)      # … and saved beside unet/ and scheduler/
     return root
+
+
+def save_dit_pipeline(root: Path, classes: int = 3, learn_sigma: bool = True, prediction: str = "epsilon",
+                      seed: int = 0) -> Path:
+    """A DiTPipeline folder (transformer/, vae/, scheduler/): a class-conditional DiT on the VAE's 4 × 8 × 8 latents,
+    with a learned variance (8 output channels) as DiT-XL/2 has."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                          out_channels=8 if learn_sigma else 4, num_layers=2, sample_size=8,
+                                          patch_size=2, num_embeds_ada_norm=classes)
+    with torch.no_grad():      # DiT zero-initialises its modulation and output: random weights make it do something
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = diffusers.DiTPipeline(transformer=dit.eval(), vae=tiny_vae(), scheduler=scheduler("vp", prediction))
+    pipe.save_pretrained(root, safe_serialization=True)
+    return root

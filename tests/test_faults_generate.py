@@ -403,7 +403,7 @@ def test_diffusers_folders_refused_with_one_line(tmp_path):
 
 
 def test_latent_folders_refused_with_one_line(tmp_path):
-    from diffusers_fixture import save_latent_pipeline
+    from diffusers_fixture import save_dit_pipeline, save_latent_pipeline, save_model
 
     out = tmp_path / "pairs"
     gen = lambda folder, *more: cli("generate", "--teacher", "diffusers", "--checkpoint", folder,  # noqa: E731
@@ -433,4 +433,13 @@ def test_latent_folders_refused_with_one_line(tmp_path):
     error_line(gen(root), 2, "cannot load VAE")
     shutil.rmtree(vae)
     error_line(gen(root), 2, "diffusers VAE", "not a directory")
+    error_line(gen(save_model(tmp_path / "unet", "vp", classes=3), "--guidance", "2"), 2, "null class", "DiT")
+    dit = save_dit_pipeline(tmp_path / "dit") / "transformer"
+    config = json.loads((dit / "config.json").read_text())
+    (dit / "config.json").write_text(json.dumps({**config, "out_channels": 5}))
+    error_line(gen(dit.parent), 2, "5 output channels", "learned variance")
+    (dit / "config.json").write_text(json.dumps({**config, "norm_type": "ada_norm_single"}))
+    error_line(gen(dit.parent), 2, "not a class-conditional DiT")
+    (dit / "config.json").write_text(json.dumps({**config, "sample_size": 9}))
+    error_line(gen(dit.parent), 2, "not a multiple of patch_size")
     assert tree(out) == {}

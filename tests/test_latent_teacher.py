@@ -8,13 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers_fixture import save_latent_pipeline, save_model, tiny_vae
+from diffusers_fixture import save_dit_pipeline, save_latent_pipeline, save_model, scheduler, tiny_vae
 from faults import cli, error_line, tree
 
 from kdm_pipe.config import GenerateConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.generation import _TEACHERS, make_shard, sample_pairs, with_teacher_defaults
 from kdm_pipe.manifest import Manifest
+from kdm_pipe.sampling import solve
 from kdm_pipe.shards import read_shard
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.diffusers import DiffusersTeacherConfig
@@ -92,6 +93,28 @@ def test_decoder_is_diffusers_decoding(tmp_path):
         Decoder(lat, path=other)
 
 
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_dit_denoiser_steps_as_ddim_with_labels_and_guidance(tmp_path, guidance):
+    root = save_dit_pipeline(tmp_path / "dit")
+    teacher = build_teacher(DiffusersTeacherConfig(checkpoint=root, guidance=guidance))
+    assert (teacher.shape, teacher.label_dim, teacher.latent.image_shape) == ((4, 8, 8), 3, [3, 16, 16])
+    ddim = scheduler("vp")
+    ddim.set_timesteps(6)
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    classes = torch.tensor([0, 2, 1])
+    null = torch.full_like(classes, 3)                  # DiT's null class: its number of classes
+    x = z.clone()
+    with torch.no_grad():                               # DiTPipeline's loop: ε is the first C of 2C channels
+        for t in ddim.timesteps:
+            out = teacher.unet(torch.cat([x, x]), t.repeat(6), class_labels=torch.cat([classes, null])).sample[:, :4]
+            cond, uncond = out.chunk(2)
+            x = ddim.step(uncond + guidance * (cond - uncond) if guidance != 1 else cond, t, x).prev_sample
+    sigmas = torch.cat([teacher.sigmas[ddim.timesteps], torch.zeros(1, dtype=torch.float64)])
+    ours, _ = solve(teacher.denoise, z.double() * (1 + sigmas[0] ** 2).sqrt(), sigmas,
+                    torch.nn.functional.one_hot(classes, 3).double(), "euler")
+    torch.testing.assert_close(ours, x.double(), rtol=2e-5, atol=2e-5 * x.abs().max().item())
+
+
 @pytest.mark.slow
 def test_generate_train_evaluate_sample_decode(tmp_path):
     from kdm_pipe.evaluation import apply
@@ -132,3 +155,23 @@ def test_generate_train_evaluate_sample_decode(tmp_path):
     assert tree(run) == before and not (tmp_path / "s2").exists()
     assert cli("sample", run, "--out", tmp_path / "s3", "--num", "6", "--batch", "4", "--vae", moved).returncode == 0
     assert np.array_equal(np.load(tmp_path / "s3" / "samples.npz")["arr_0"], pixels)
+
+
+@pytest.mark.slow
+def test_class_conditional_dit_through_the_label_path(tmp_path):
+    root = save_dit_pipeline(tmp_path / "dit")
+    pairs, run, samples = tmp_path / "pairs", tmp_path / "run", tmp_path / "samples"
+    assert cli("generate", "--teacher", "diffusers", "--checkpoint", root, "--guidance", "2", "--out", pairs,
+               "--shards", "3", "--pairs-per-shard", "16", "--batch", "8", "--steps", "3", "-q").returncode == 0
+    m = Manifest.model_validate_json((pairs / "manifest.json").read_text())
+    assert (m.shape, m.label_dim, m.teacher["params"]["guidance"]) == ([4, 8, 8], 3, 2.0)
+    first = next(iter(read_shard(pairs / m.shards[0].name)))
+    assert first["label"].shape == (8, 3) and len(set(first["label"].argmax(1))) > 1
+    student = ["--model-channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--attn-resolutions", "",
+               "--dropout", "0"]
+    assert cli("train", "--data", pairs, "--out", run, "--steps", "4", "--batch", "8", "--loader-workers", "0",
+               "--no-tensorboard", "-q", *student).returncode == 0
+    assert cli("evaluate", run, "--num", "16", "--batch", "8", "--set-num", "16").returncode == 0
+    assert cli("sample", run, "--out", samples, "--num", "4", "--class", "2").returncode == 0
+    written = np.load(samples / "samples.npz")
+    assert written["arr_0"].shape == (4, 16, 16, 3) and (written["labels"] == 2).all()

@@ -31,6 +31,9 @@ VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscre
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 VAE_CLASS = "AutoencoderKL"
+# The denoising networks: a UNet, or a class-conditional DiT (older folders name it Transformer2DModel; diffusers
+# loads those as DiTTransformer2DModel when norm_type is ada_norm_zero, which check_dit requires).
+NETS = {"UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel"}
 
 
 @dataclass(frozen=True)
@@ -55,13 +58,27 @@ class VAEFolder:
 
 @dataclass(frozen=True)
 class ModelFolder:
-    """What a checked folder holds: the UNet's folder and config, the scheduler's config and, for a latent teacher,
-    its VAE."""
+    """What a checked folder holds: the denoising network's folder and config (`unet`: a UNet2DModel or a DiT), the
+    scheduler's config and, for a latent teacher, its VAE."""
 
     unet_dir: Path
     unet: dict[str, Any]
     scheduler: dict[str, Any]
     vae: VAEFolder | None = None
+
+    @property
+    def dit(self) -> bool:
+        return self.unet["_class_name"] != "UNet2DModel"
+
+    @property
+    def channels(self) -> int:
+        return self.unet.get("in_channels", 4 if self.dit else 3)
+
+    @property
+    def classes(self) -> int:
+        """Class labels the network takes (0: unconditional); a DiT's label table has one more row, the null class
+        of classifier-free guidance."""
+        return (self.unet.get("num_embeds_ada_norm") if self.dit else self.unet.get("num_class_embeds")) or 0
 
     @property
     def kind(self) -> Literal["vp", "flow"]:
@@ -148,17 +165,20 @@ def model_folder(root: Path, vae: Path | None = None) -> ModelFolder:
         raise ConfigError(f"diffusers model {root} is not a directory; pass --checkpoint with a folder written by "
                           f"save_pretrained (UNet2DModel + scheduler_config.json, or a pipeline folder)")
     pipeline = (root / "model_index.json").is_file()
-    unet_dir = root / "unet" if pipeline else root
+    transformer = pipeline and (root / "transformer").is_dir() and not (root / "unet").is_dir()
+    unet_dir = (root / "transformer" if transformer else root / "unet") if pipeline else root
     sched = root / "scheduler" / "scheduler_config.json" if pipeline else root / "scheduler_config.json"
-    unet = read_json(unet_dir / "config.json", "a UNet2DModel folder holds the config.json save_pretrained writes")
-    if unet.get("_class_name") != "UNet2DModel":
-        raise ConfigError(f"diffusers model: {unet_dir / 'config.json'} describes a {unet.get('_class_name')!r}; "
-                          f"the diffusers teacher takes a UNet2DModel (pixel-space, unconditional or class-labelled)")
+    unet = read_json(unet_dir / "config.json", "a UNet2DModel or DiT folder holds the config.json save_pretrained "
+                     "writes")
+    where = unet_dir / "config.json"
+    if unet.get("_class_name") not in NETS:
+        raise ConfigError(f"diffusers model: {where} describes a {unet.get('_class_name')!r}; the diffusers teacher "
+                          f"takes a UNet2DModel (unconditional or class-labelled) or a DiTTransformer2DModel")
     size = unet.get("sample_size")
     if not (isinstance(size, int) and size > 0 or isinstance(size, list) and len(size) == 2
             and all(isinstance(v, int) and v > 0 for v in size)):
-        raise ConfigError(f"diffusers model: {unet_dir / 'config.json'} gives no image size (sample_size: {size!r}); "
-                          f"set it to the resolution the model was trained at")
+        raise ConfigError(f"diffusers model: {where} gives no image size (sample_size: {size!r}); set it to the "
+                          f"resolution the model was trained at")
     weights_file(unet_dir, "diffusers model")
     scheduler = read_json(sched, "save the scheduler with save_pretrained beside the model")
     name = scheduler.get("_class_name")
@@ -169,25 +189,41 @@ def model_folder(root: Path, vae: Path | None = None) -> ModelFolder:
     named = vae is not None
     vae = vae if named else pipeline_vae(root) if pipeline else None
     latent = None if vae is None else vae_folder(vae, "--vae" if named else f"vae/ of {root}")
-    if latent is not None and latent.latent_channels != unet.get("in_channels", 3):
-        raise ConfigError(f"diffusers VAE {vae} makes {latent.latent_channels}-channel latents but the UNet in "
-                          f"{unet_dir} takes {unet.get('in_channels', 3)} channels; pass the VAE the model was "
-                          f"trained with")
     folder = ModelFolder(unet_dir, unet, scheduler, latent)
+    if latent is not None and latent.latent_channels != folder.channels:
+        raise ConfigError(f"diffusers VAE {vae} makes {latent.latent_channels}-channel latents but the model in "
+                          f"{unet_dir} takes {folder.channels} channels; pass the VAE the model was trained with")
     if folder.prediction not in PREDICTIONS + ("flow_velocity",):
         raise ConfigError(f"diffusers model: prediction_type {folder.prediction!r} in {sched} is not one of "
                           f"{', '.join(PREDICTIONS)}")
-    if unet.get("out_channels", 3) != unet.get("in_channels", 3):
-        raise ConfigError(f"diffusers model: {unet_dir / 'config.json'} has {unet.get('out_channels')} output "
-                          f"channels for {unet.get('in_channels')} input channels; a learned-variance model is not "
-                          f"supported (the teacher needs the mean prediction only)")
-    if unet.get("time_embedding_type", "positional") not in ("positional", "learned"):
-        raise ConfigError(f"diffusers model: time_embedding_type {unet['time_embedding_type']!r} in "
-                          f"{unet_dir / 'config.json'} is not supported (positional or learned)")
-    if unet.get("class_embed_type") is not None:
-        raise ConfigError(f"diffusers model: class_embed_type {unet['class_embed_type']!r} in "
-                          f"{unet_dir / 'config.json'} is not supported; class labels go through num_class_embeds")
+    (check_dit if folder.dit else check_unet)(unet, where)
     return folder
+
+
+def check_unet(unet: dict[str, Any], where: Path) -> None:
+    if unet.get("out_channels", 3) != unet.get("in_channels", 3):
+        raise ConfigError(f"diffusers model: {where} has {unet.get('out_channels')} output channels for "
+                          f"{unet.get('in_channels')} input channels; a learned-variance UNet is not supported (the "
+                          f"teacher needs the mean prediction only)")
+    if unet.get("time_embedding_type", "positional") not in ("positional", "learned"):
+        raise ConfigError(f"diffusers model: time_embedding_type {unet['time_embedding_type']!r} in {where} is not "
+                          f"supported (positional or learned)")
+    if unet.get("class_embed_type") is not None:
+        raise ConfigError(f"diffusers model: class_embed_type {unet['class_embed_type']!r} in {where} is not "
+                          f"supported; class labels go through num_class_embeds")
+
+
+def check_dit(dit: dict[str, Any], where: Path) -> None:
+    c, out, patch = dit.get("in_channels", 4), dit.get("out_channels"), dit.get("patch_size", 2)
+    if out not in (None, c, 2 * c):
+        raise ConfigError(f"diffusers model: {where} has {out} output channels for {c} input channels; a DiT predicts "
+                          f"C channels, or 2C with a learned variance (whose first C are the prediction)")
+    if dit.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not dit.get("num_embeds_ada_norm"):
+        raise ConfigError(f"diffusers model: {where} is not a class-conditional DiT (norm_type ada_norm_zero with "
+                          f"num_embeds_ada_norm classes)")
+    size = dit["sample_size"]
+    if not isinstance(patch, int) or patch < 1 or any(s % patch for s in ([size] if isinstance(size, int) else size)):
+        raise ConfigError(f"diffusers model: {where}: sample_size {size} is not a multiple of patch_size {patch}")
 
 
 def build_diffusers(cfg: DiffusersTeacherConfig):
@@ -196,4 +232,7 @@ def build_diffusers(cfg: DiffusersTeacherConfig):
         from kdm_pipe.teachers.diffusers_model import load_teacher
     except ImportError as e:
         raise ConfigError(f"the diffusers teacher needs diffusers and safetensors ({e}); {INSTALL}") from None
-    return load_teacher(folder)
+    if cfg.guidance != 1 and not folder.dit:
+        raise ConfigError(f"--guidance {cfg.guidance}: classifier-free guidance needs a null class, which only DiT "
+                          f"teachers have ({folder.unet_dir} holds a {folder.unet['_class_name']}); drop --guidance")
+    return load_teacher(folder, cfg.guidance)

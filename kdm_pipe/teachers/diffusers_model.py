@@ -1,4 +1,4 @@
-"""A diffusers UNet2DModel wrapped as an EDM denoiser D(x, σ, labels) (see docs/TEACHERS.md, "diffusers models").
+"""A diffusers UNet2DModel or DiT wrapped as an EDM denoiser D(x, σ, labels) (see docs/TEACHERS.md, "diffusers models").
 
 VP (DDPM-schedule) models: σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) over the T training timesteps; the solver's state x is EDM's
 variance-exploding one, the network sees x_vp = x/sqrt(1 + σ²) (= sqrt(ᾱ)·x) and
@@ -26,27 +26,37 @@ from kdm_pipe.vae import latent_space
 
 
 class DiffusersTeacher(Teacher):
-    """The network call shared by both parametrisations: float32 input, class labels as indices, float64 out."""
+    """The network call shared by both parametrisations: float32 input, class labels as indices, float64 out; a
+    learned-variance DiT's mean prediction (its first C channels); classifier-free guidance on a DiT,
+    out = out(∅) + s·(out(y) − out(∅)), the null class ∅ = its number of classes (D is affine in the network's
+    output at a given x and σ, so this is guidance on the denoiser for every prediction type)."""
 
     def __init__(self, folder: ModelFolder, unet: torch.nn.Module, sampler_defaults: dict[str, Any],
                  params: dict[str, Any]) -> None:
         latent = None if folder.vae is None else latent_space(folder.vae, folder.size)
         if latent is not None:             # the VAE is part of the teacher: pairs of another VAE are another set
             params = {**params, "vae": folder.vae.config, "vae_sha256": latent.vae_sha256}
-        super().__init__(name="diffusers", shape=(folder.unet.get("in_channels", 3), *folder.size),
-                         label_dim=folder.unet.get("num_class_embeds") or 0, params=params,
+        super().__init__(name="diffusers", shape=(folder.channels, *folder.size), label_dim=folder.classes,
+                         params=params,
                          weights_sha256=storage.sha256(folder.unet_dir / WEIGHTS),
                          sampler_defaults=sampler_defaults, latent=latent)
         self.unet = unet.eval().requires_grad_(False)
         self.device = next(unet.parameters()).device
         self.train_steps = int(folder.scheduler.get("num_train_timesteps", 1000))
         self.learned_time = folder.unet.get("time_embedding_type") == "learned"     # a table: integer t only
+        self.guidance = params.get("guidance", 1.0)
 
     def net(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         classes = None if labels is None else labels.argmax(dim=1).to(self.device)
+        inputs = x.to(self.device, torch.float32)
+        if self.guidance != 1:                    # the null class beside each label, in one batch
+            inputs, classes = inputs.repeat(2, 1, 1, 1), torch.cat([classes, torch.full_like(classes, self.label_dim)])
         t = timestep.round().long() if self.learned_time else timestep.float()
-        out = self.unet(x.to(self.device, torch.float32), t.to(self.device),
-                        class_labels=classes, return_dict=False)[0]
+        t = t.to(self.device).reshape(-1).expand(len(inputs))
+        out = self.unet(inputs, t, class_labels=classes, return_dict=False)[0][:, :self.shape[0]]
+        if self.guidance != 1:
+            cond, uncond = out.chunk(2)
+            out = uncond + self.guidance * (cond - uncond)
         return out.to(x.device, torch.float64)
 
 
@@ -95,15 +105,16 @@ class FlowTeacher(DiffusersTeacher):
         return x - t * self.net(x, t * self.train_steps, labels)
 
 
-def load_teacher(folder: ModelFolder) -> DiffusersTeacher:
+def load_teacher(folder: ModelFolder, guidance: float = 1.0) -> DiffusersTeacher:
     device = pick_device()
+    net = diffusers.DiTTransformer2DModel if folder.dit else diffusers.UNet2DModel
     try:
-        unet = diffusers.UNet2DModel.from_pretrained(str(folder.unet_dir), local_files_only=True,
-                                                     use_safetensors=True, low_cpu_mem_usage=False).to(device)
+        unet = net.from_pretrained(str(folder.unet_dir), local_files_only=True, use_safetensors=True,
+                                   low_cpu_mem_usage=False).to(device)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise ConfigError(f"cannot load diffusers model {folder.unet_dir}: {e}") from None
     params = {"kind": folder.kind, "prediction_type": folder.prediction, "unet": folder.unet,
-              "scheduler": folder.scheduler, "device": device.type}
+              "scheduler": folder.scheduler, "device": device.type} | ({"guidance": guidance} if folder.dit else {})
     if folder.kind == "flow":
         return FlowTeacher(folder, unet, params)
     config = {k: v for k, v in folder.scheduler.items() if not k.startswith("_")}
