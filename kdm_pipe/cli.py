@@ -317,6 +317,9 @@ def generate(flags: dict, preset: Optional[str] = PresetOpt, dry_run: bool = Dry
     storage.set_options(storage_option)
     cfg = generate_config(preset, flags)
     if dry(cfg, dry_run):
+        if cfg.teacher.name == "diffusers":        # the shape of the pairs, from the folder's configs
+            from kdm_pipe.teachers.diffusers import summary
+            typer.echo(summary(cfg.teacher), err=True)
         return
     from stages import generate as stage
     stage.run(cfg, progress=not quiet)

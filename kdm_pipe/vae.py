@@ -23,8 +23,7 @@ from kdm_pipe.teachers.diffusers import INSTALL, WEIGHTS, VAEFolder, vae_folder
 def latent_space(folder: VAEFolder, latent_size: tuple[int, int]) -> LatentSpace:
     """The record of `folder` for a manifest (its weights hashed)."""
     return LatentSpace(vae=str(folder.path.resolve()), vae_sha256=storage.sha256(folder.path / WEIGHTS),
-                       scaling_factor=folder.config.get("scaling_factor", 0.18215),
-                       shift_factor=folder.config.get("shift_factor") or 0.0,
+                       scaling_factor=folder.scaling_factor, shift_factor=folder.shift_factor,
                        image_shape=folder.image_shape(latent_size))
 
 

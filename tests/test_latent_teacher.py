@@ -55,6 +55,12 @@ def test_pipeline_with_a_vae_is_a_latent_teacher(tmp_path):
     shutil.copy(root / "scheduler" / "scheduler_config.json", unet_only)
     explicit = build_teacher(DiffusersTeacherConfig(checkpoint=unet_only, vae=root / "vae"))
     assert explicit.latent == lat and explicit.shape == teacher.shape
+    # --dry-run tells the latent shape from the configs, writing nothing.
+    dry = cli("generate", "--teacher", "diffusers", "--checkpoint", unet_only, "--vae", root / "vae", "--out",
+              tmp_path / "pairs", "--dry-run")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["teacher"]["vae"] == str(root / "vae")
+    assert all(f in dry.stderr for f in ("4×8×8 latents", "decoded images 3×16×16", "scaling_factor 0.5"))
+    assert not (tmp_path / "pairs").exists()
     # Without a VAE the folder is a pixel-space teacher.
     assert build_teacher(DiffusersTeacherConfig(checkpoint=save_model(tmp_path / "px", "vp"))).latent is None
 

@@ -52,6 +52,14 @@ class VAEFolder:
     def latent_channels(self) -> int:
         return self.config.get("latent_channels", 4)
 
+    @property
+    def scaling_factor(self) -> Any:
+        return self.config.get("scaling_factor", 0.18215)          # AutoencoderKL's default
+
+    @property
+    def shift_factor(self) -> Any:
+        return self.config.get("shift_factor") or 0.0
+
     def image_shape(self, latent_size: tuple[int, int]) -> list[int]:
         return [self.config.get("out_channels", 3), *(s * self.factor for s in latent_size)]
 
@@ -134,13 +142,14 @@ def vae_folder(path: Path, named_by: str) -> VAEFolder:
         if config.get(key) is not None:
             raise ConfigError(f"{what}: {path / 'config.json'} sets {key}: per-channel latent normalisation is not "
                               f"supported (only scaling_factor and shift_factor)")
-    if not (finite(config.get("scaling_factor", 0.18215)) and config.get("scaling_factor", 0.18215) > 0):
-        raise ConfigError(f"{what}: scaling_factor {config.get('scaling_factor')!r} in {path / 'config.json'} is not "
-                          f"a positive number")
-    if config.get("shift_factor") is not None and not finite(config["shift_factor"]):
-        raise ConfigError(f"{what}: shift_factor {config['shift_factor']!r} in {path / 'config.json'} is not a number")
+    folder = VAEFolder(path, config)
+    if not (finite(folder.scaling_factor) and folder.scaling_factor > 0):
+        raise ConfigError(f"{what}: scaling_factor {folder.scaling_factor!r} in {path / 'config.json'} is not a "
+                          f"positive number")
+    if not finite(folder.shift_factor):
+        raise ConfigError(f"{what}: shift_factor {folder.shift_factor!r} in {path / 'config.json'} is not a number")
     weights_file(path, what)
-    return VAEFolder(path, config)
+    return folder
 
 
 def pipeline_vae(root: Path) -> Path | None:
@@ -224,6 +233,21 @@ def check_dit(dit: dict[str, Any], where: Path) -> None:
     size = dit["sample_size"]
     if not isinstance(patch, int) or patch < 1 or any(s % patch for s in ([size] if isinstance(size, int) else size)):
         raise ConfigError(f"diffusers model: {where}: sample_size {size} is not a multiple of patch_size {patch}")
+
+
+def summary(cfg: DiffusersTeacherConfig) -> str:
+    """What the folder makes, from its configs alone (`generate --dry-run`): the network, the space it samples in and,
+    for a latent teacher, the VAE and the decoded images."""
+    folder = model_folder(cfg.checkpoint, cfg.vae)
+    dims = lambda shape: "×".join(map(str, shape))  # noqa: E731
+    shape = dims((folder.channels, *folder.size))
+    labels = f", {folder.classes} classes" if folder.classes else ""
+    net = f"diffusers teacher: {folder.unet['_class_name']} ({folder.kind}, {folder.prediction}{labels})"
+    if folder.vae is None:
+        return f"{net} on {shape} images"
+    vae = folder.vae
+    return (f"{net} on {shape} latents of the VAE {vae.path} (scaling_factor {vae.scaling_factor}, shift_factor "
+            f"{vae.shift_factor}); decoded images {dims(vae.image_shape(folder.size))}")
 
 
 def build_diffusers(cfg: DiffusersTeacherConfig):
