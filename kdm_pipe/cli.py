@@ -364,7 +364,7 @@ def stats_pairs(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
 
 @stats_app.command("latents")
 @user_errors
-@options(StatsConfig, skip="cov_max_dim detector", arguments="data:DIR")
+@options(StatsConfig, skip="cov_max_dim detector vae", arguments="data:DIR")
 def stats_latents(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet,
                   storage_option: Optional[list[str]] = StorageOpt):
     """Statistics of RUN's latents (z_T, z_0, C z_T) over DIR's pairs → RUN/latents.zarr."""

@@ -374,6 +374,7 @@ class StatsConfig(Strict):
     batch: int = Field(default=250, ge=1, description="images per detector batch")
     run: Location | None = Field(default=None, description="a trained run: statistics of its latents over the "
                                   "pairs, into RUN/latents.zarr (instead of the pairs' own statistics)")
+    vae: Path | None = Field(default=None, description=VAE_OVERRIDE)
 
 
 class RefStatsConfig(Strict):

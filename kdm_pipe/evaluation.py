@@ -12,8 +12,9 @@ floor of "learned nothing") and, for distribution metrics, teacher-vs-teacher on
 Images are also compared in a feature space (`--detector`, default pixels) and, with `--ref`, by FID of fresh
 one-step samples from seeds 0… against reference statistics.
 Latent pairs (a VAE's latents, manifest `latent`) are decoded through the recorded VAE (kdm_pipe/vae.py) for every
-image metric and figure; their paired errors are reported twice: in latent space (`latent_mse`, …) and on the
-decoded images (`mse`, `psnr`, …). The weights are chosen on the latents.
+image metric and figure (the whole-set FD against the decoded set's statistics that `stats` computed); their paired
+errors are reported twice: in latent space (`latent_mse`, …) and on the decoded images (`mse`, `psnr`, …). The
+weights are chosen on the latents.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kdm_pipe import storage
 from kdm_pipe.config import CheckerboardTeacherConfig, ConfigError, EvaluateConfig, GenerateConfig
 from kdm_pipe.datasets import BUILTIN
 from kdm_pipe.exclusions import Exclusions, exclusions
-from kdm_pipe.feature_stats import set_halves, set_reference
+from kdm_pipe.feature_stats import set_halves, set_reference, space_name
 from kdm_pipe.integrity import open_pairs
 from kdm_pipe.metrics import checkerboard_mask, frechet_distance_between, mmd_rbf, paired_errors, sliced_wasserstein
 from kdm_pipe.metrics.detectors import features, load_detector
@@ -229,8 +230,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _, tcfg, manifest, step = loaded["ema"]
     decode = vae_decoder(manifest, cfg.vae, device, data)     # latent pairs: a VAE not found is refused here
     # The whole teacher set's feature statistics (stats.zarr); a stale store is refused here, before any work.
-    set_ref = (set_reference(data, manifest, net.name, "" if cfg.detector is None else f" --detector {cfg.detector}")
-               if is_image(manifest.shape) and decode is None else None)
+    space = space_name(net.name, manifest.latent)
+    set_ref = (set_reference(data, manifest, space, "" if cfg.detector is None else f" --detector {cfg.detector}")
+               if is_image(manifest.shape) else None)
     sampler(loaded["ema"][0], cfg.steps)               # a --steps the student cannot take: refused before any write
     # EMA or raw: the run's recorded choice (computed now on the selection split if no consumer has yet).
     choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()}, ckpt)
@@ -339,17 +341,15 @@ def set_fd_report(cfg: EvaluateConfig, net, model: torch.nn.Module, manifest, da
     its stats.zarr (far less biased than the held-out comparison, whose two sides are a few hundred samples each).
     The seeds start after the set's last seed, so no sample shares its noise with a teacher pair."""
     flag = "" if cfg.detector is None else f" --detector {cfg.detector}"
-    if decode is not None:
-        return {"note": "latent pairs: the teacher set's statistics are of latents, not of decoded images (the "
-                        "held-out FD and --ref's FID compare decoded images)"}
     if ref is None:
         return {"note": f"no {net.name} feature statistics in {data}/{STORE}: run `kdm-pipe stats {data}{flag}`"}
     num = cfg.set_num or min(ref.num, FID_NUM)
     start = max(s.seed_end for s in manifest.shards)
     sums = stream_sums(net, fresh_samples(model, manifest, start, num, cfg.batch, device, decode), cfg.batch, device)
-    out = {"fd": fid_from_stats(sums.stats(net.name), ref), "num_samples": num, "num_reference": ref.num,
-           "detector": net.name, "seeds": [start, start + num]}
-    halves = set_halves(data, manifest, net.name)
+    space = space_name(net.name, manifest.latent)      # latents: the decoded images' features
+    out = {"fd": fid_from_stats(sums.stats(space), ref), "num_samples": num, "num_reference": ref.num,
+           "detector": space, "seeds": [start, start + num]}
+    halves = set_halves(data, manifest, space)
     if halves is not None:            # teacher vs teacher at about half the sizes: about twice the bias of FD
         out["floor"] = {"fd": fid_from_stats(*halves), "num": [halves[0].num, halves[1].num],
                         "note": "the first half of the set's shards vs the second half"}

@@ -10,12 +10,15 @@ hash — so that statistics of several detectors live side by side and each is u
 The group's attributes name the detector and the shards (index, sha256) its merged view was computed from, and are
 written last with `complete: true` (as the root's are): a reader compares them with the manifest, so statistics of
 other shards or another detector are never used for a set they do not describe.
+
+A set of VAE latents (manifest `latent`) is embedded after decoding x_0 through its VAE (kdm_pipe/vae.py, on the
+task's CPU): its space is named after the detector and the VAE's hash (`pixels+vae-…`), which evaluate looks up.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +27,11 @@ import zarr
 
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.manifest import Manifest
+from kdm_pipe.manifest import LatentSpace, Manifest
 from kdm_pipe.metrics.detectors import FeatureNet, feature_batches, load_detector, to_uint8
 from kdm_pipe.metrics.fid import FeatureStats, FeatureSums
 from kdm_pipe.stats import STORE, create_array, filtered_alike, store_at
+from kdm_pipe.vae import Decoder
 
 GROUP = "features"
 
@@ -37,30 +41,46 @@ def key(detector: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", detector)
 
 
+def space_name(detector: str, latent: LatentSpace | None) -> str:
+    """A feature space's name: the detector's, and for VAE latents also the VAE that decodes x_0 before it."""
+    return detector if latent is None else f"{detector}+vae-{latent.vae_sha256[:16]}"
+
+
 @dataclass(frozen=True)
 class FeatureSpace:
-    """What a statistics task needs to embed x_0: the detector file (None: pixels), its name, D and the batch."""
+    """What a statistics task needs to embed x_0: the detector file (None: pixels), the space's name, D, the batch
+    and, for latents, the VAE that decodes them first."""
 
     path: str | None
     name: str
     dim: int
     batch: int = 250
+    latent: LatentSpace | None = None
+    vae: str | None = None               # the VAE's folder when not the recorded one (--vae)
 
     @property
     def group(self) -> str:
         return f"{GROUP}/{key(self.name)}"
 
 
-def feature_space(detector: Path | None, shape: tuple[int, ...], batch: int = 250) -> FeatureSpace:
+def feature_space(detector: Path | None, shape: tuple[int, ...], batch: int = 250,
+                  latent: LatentSpace | None = None, vae: Path | None = None) -> FeatureSpace:
     """The space of `detector` (loaded here, in the driver, so that a bad file is refused before any work) and its
-    feature dimension, from one blank image."""
+    feature dimension, from one blank image (of the decoded shape for `latent` pairs, whose VAE — `vae`, else the
+    recorded one — is loaded here too)."""
     net = load_detector(detector)
+    space = FeatureSpace(None if detector is None else str(detector), space_name(net.name, latent), 0, batch, latent,
+                         None if vae is None else str(vae))
+    if latent is not None:              # a VAE that is gone or changed is refused here, before any task runs
+        _VAES[(latent.vae_sha256, space.vae)] = Decoder(latent, path=vae)
+        shape = tuple(latent.image_shape)
     with torch.no_grad():
         dim = net.features(to_uint8(torch.zeros((1, *shape)), rgb=net.rgb)).shape[1]
-    return FeatureSpace(None if detector is None else str(detector), net.name, int(dim), batch)
+    return replace(space, dim=int(dim))
 
 
 _NETS: dict[str | None, FeatureNet] = {}
+_VAES: dict[tuple[str, str | None], Decoder] = {}
 
 
 def worker_detector(space: FeatureSpace) -> FeatureNet:
@@ -70,14 +90,24 @@ def worker_detector(space: FeatureSpace) -> FeatureNet:
     return _NETS[space.path]
 
 
+def worker_decoder(space: FeatureSpace) -> Decoder:
+    """The VAE of `space`'s latents, loaded once per worker process."""
+    k = (space.latent.vae_sha256, space.vae)
+    if k not in _VAES:
+        _VAES[k] = Decoder(space.latent, path=None if space.vae is None else Path(space.vae))
+    return _VAES[k]
+
+
 class ShardFeatures:
-    """Feature sums of one shard's x_0, fed record by record."""
+    """Feature sums of one shard's x_0 (decoded first when they are latents), fed record by record."""
 
     def __init__(self, space: FeatureSpace):
         self.space, self.net, self.sums = space, worker_detector(space), FeatureSums(space.dim)
+        self.decode = None if space.latent is None else worker_decoder(space)
 
     def add(self, x_0: np.ndarray) -> None:
-        for f in feature_batches(self.net, [torch.as_tensor(x_0)], self.space.batch):
+        x = x_0 if self.decode is None else self.decode(x_0, self.space.batch)
+        for f in feature_batches(self.net, [torch.as_tensor(x)], self.space.batch):
             self.sums.add(f)
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -82,24 +82,18 @@ def write_shard(store: str, directory: str, info: ShardInfo, specs: list[FieldSp
     return info.pairs
 
 
-def feature_space_for(manifest: Manifest, detector: Path | None, cov_max_dim: int,
-                      batch: int) -> tuple[FeatureSpace | None, str | None]:
+def feature_space_for(manifest: Manifest, detector: Path | None, cov_max_dim: int, batch: int,
+                      vae: Path | None = None) -> tuple[FeatureSpace | None, str | None]:
     """(the feature space x_0 is embedded in, or None; why not): image sets get pixel features (when their
-    covariance fits cov_max_dim) or the detector's; vector sets need none (their x_0 moments are the features)."""
+    covariance fits cov_max_dim) or the detector's, VAE latents those of their decoded images (`vae`: the VAE's
+    folder when not the recorded one); vector sets need none (their x_0 moments are the features)."""
     shape = tuple(manifest.shape)
-    if manifest.latent is not None:
-        # Features are of images; these are latents, and decoding the whole set is evaluate's job (held-out pairs).
-        if detector is not None:
-            raise ConfigError(f"--detector {detector}: the pairs are VAE latents {list(shape)}, not images; "
-                              f"teacher-set features of decoded latents are not computed by stats (drop --detector; "
-                              f"evaluate compares decoded held-out pairs)")
-        return None, "latent pairs: no image feature statistics (evaluate decodes held-out pairs through the VAE)"
     if not is_image(shape):
         if detector is not None:
             raise ConfigError(f"--detector {detector}: the pairs are {list(shape)} vectors, not images; drop "
                               f"--detector (vector sets are compared in their own coordinates)")
         return None, None
-    space = feature_stats.feature_space(detector, shape, batch)
+    space = feature_stats.feature_space(detector, shape, batch, manifest.latent, vae)   # latents: decoded images
     if detector is None and space.dim > cov_max_dim:
         return None, (f"pixel features are {space.dim}-d > cov_max_dim = {cov_max_dim}: pass --detector (or raise "
                       f"--cov-max-dim) for teacher-set feature statistics")
@@ -108,13 +102,13 @@ def feature_space_for(manifest: Manifest, detector: Path | None, cov_max_dim: in
 
 def update(directory: Path, manifest: Manifest, workers: int = 2, address: str | None = None,
            cov_max_dim: int = 1024, detector: Path | None = None, batch: int = 250, progress: bool = False,
-           where: Path | None = None) -> Path:
+           where: Path | None = None, vae: Path | None = None) -> Path:
     """Bring `directory/stats.zarr` up to date with the manifest: moments and the feature statistics of `detector`
     (pixels when None), of the pairs the memorisation filter keeps (a store whose rows left out other pairs is
     rebuilt). `where`: the local directory the store is kept in instead (a pair set on s3:// has it in a mirror,
-    its shards are read from the bucket)."""
+    its shards are read from the bucket). `vae`: a latent set's VAE folder when not the recorded one."""
     specs = field_specs(manifest, cov_max_dim)
-    space, skipped = feature_space_for(manifest, detector, cov_max_dim, batch)
+    space, skipped = feature_space_for(manifest, detector, cov_max_dim, batch, vae)
     drop = exclusions(manifest, directory)
     path = Path(where or directory) / STORE
     remove_temp_stores(path)

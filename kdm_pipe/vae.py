@@ -32,6 +32,10 @@ class Decoder:
 
     def __init__(self, latent: LatentSpace, device: torch.device | str = "cpu", path: Path | None = None) -> None:
         self.latent, self.device = latent, torch.device(device)
+        if path is None and not Path(latent.vae).is_dir():
+            raise ConfigError(f"the VAE of these latent pairs is gone from {latent.vae} (latent.vae in their "
+                              f"manifest.json); pass --vae FOLDER with the same VAE (sha256 {latent.vae_sha256[:12]}…) "
+                              f"or put it back")
         folder = vae_folder(Path(path or latent.vae), "--vae" if path else "latent.vae of the pairs' manifest")
         digest = storage.sha256(folder.path / WEIGHTS)
         if digest != latent.vae_sha256:
@@ -60,19 +64,17 @@ class Decoder:
         return np.concatenate(out) if out else np.zeros((0, *self.latent.image_shape), np.float32)
 
 
+def check_override(manifest: Manifest, override: Path | None, where: str) -> None:
+    """`--vae` is for latent pairs only (`where`: the pair directory)."""
+    if manifest.latent is None and override is not None:
+        raise ConfigError(f"--vae {override}: the pairs in {where} are not latents (their manifest records no VAE); "
+                          f"drop --vae")
+
+
 def decoder(manifest: Manifest, override: Path | None, device: torch.device | str, where: str) -> Decoder | None:
-    """The decoder of a latent pair set (None for pixel or vector pairs); a VAE that is not where the manifest says
-    is refused naming the field and the override (`where`: the pair directory)."""
-    latent = manifest.latent
-    if latent is None:
-        if override is not None:
-            raise ConfigError(f"--vae {override}: the pairs in {where} are not latents (their manifest records no "
-                              f"VAE); drop --vae")
-        return None
-    if override is None and not Path(latent.vae).is_dir():
-        raise ConfigError(f"the VAE of the latent pairs in {where} is gone from {latent.vae} (latent.vae in their "
-                          f"manifest.json); pass --vae FOLDER with the same VAE (sha256 {latent.vae_sha256[:12]}…)")
-    return Decoder(latent, device, override)
+    """The decoder of a latent pair set (None for pixel or vector pairs): the recorded VAE, or `override` (--vae)."""
+    check_override(manifest, override, where)
+    return None if manifest.latent is None else Decoder(manifest.latent, device, override)
 
 
 def image_shape(manifest: Manifest) -> list[int]:

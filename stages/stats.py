@@ -20,13 +20,14 @@ from pathlib import Path
 
 from kdm_pipe import mirror, storage
 from kdm_pipe.config import ConfigError, RefStatsConfig, StatsConfig
-from kdm_pipe.feature_stats import set_reference
+from kdm_pipe.feature_stats import set_reference, space_name
 from kdm_pipe.integrity import checked_manifest, open_pairs
 from kdm_pipe.interrupts import stop_on_signals
 from kdm_pipe.locks import directory_lock
 from kdm_pipe.manifest import load_manifest
 from kdm_pipe.stats import STORE
 from kdm_pipe.stats_update import update
+from kdm_pipe.vae import check_override
 
 
 def run(cfg: StatsConfig, progress: bool = True) -> Path:
@@ -49,8 +50,9 @@ def run(cfg: StatsConfig, progress: bool = True) -> Path:
                 raise ConfigError(f"cannot write the statistics store in {directory}: {e.strerror or e}") from None
             where = None
         manifest = open_pairs(directory)
+        check_override(manifest, cfg.vae, directory)
         path = update(directory, manifest, cfg.workers, cfg.address, cfg.cov_max_dim, cfg.detector, cfg.batch,
-                      progress, where)
+                      progress, where, cfg.vae)
         if where is not None:
             upload_store(staged)
             return directory / STORE
@@ -103,7 +105,8 @@ def reference(cfg: RefStatsConfig, stats: StatsConfig | None = None, progress: b
     t = time.perf_counter()
     if stats is not None:
         run(stats, progress)
-        ref = set_reference(stats.data, load_manifest(stats.data), load_detector(stats.detector).name)
+        manifest = load_manifest(stats.data)
+        ref = set_reference(stats.data, manifest, space_name(load_detector(stats.detector).name, manifest.latent))
         if ref is None:      # update() has just said why (pixel features above cov_max_dim)
             raise ConfigError(f"{stats.data} has no feature statistics to export; pass --detector (or raise "
                               f"--cov-max-dim)")

@@ -144,6 +144,13 @@ def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
     assert cli("train", "--data", pairs, "--out", run, "--steps", "2", "--batch", "8", "--loader-workers", "0",
                "--no-tensorboard", "-q", "--model-channels", "4", "--channel-mult", "1", "--num-blocks", "1",
                "--attn-resolutions", "", "--w-adv", "0").returncode == 0
+    # stats embeds decoded x_0: its feature group is named after the VAE and counts every pair.
+    assert cli("stats", pairs, "-q").returncode == 0
+    import zarr
+
+    from kdm_pipe.feature_stats import key, space_name
+    group = zarr.open_group(pairs / "stats.zarr", mode="r")[f"features/{key(space_name('pixels', m.latent))}"]
+    assert group.attrs["dim"] == 3 * 16 * 16 and int(group["merged/count"][...]) == 48
     moved = tmp_path / "moved"
     (tmp_path / "vae").rename(moved)
     tiny_vae(seed=5).save_pretrained(tmp_path / "other", safe_serialization=True)
@@ -154,14 +161,15 @@ def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
     for stage in (sample, evaluate, analyze):
         error_line(stage(), 2, str(tmp_path / "vae"), "latent.vae", "--vae")
         error_line(stage("--vae", tmp_path / "other"), 2, "not the ones the pairs were made with")
-    # What does not decode latents refuses them: a diffusers export, the memorisation filter, image features.
+    # What does not decode latents refuses them (a diffusers export, the memorisation filter); stats needs the VAE.
     error_line(cli("export", run, "--out", tmp_path / "x"), 2, "VAE latents", "--format safetensors")
     error_line(cli("filter", pairs, "--ref", "sklearn-digits"), 2, "VAE latents")
-    error_line(cli("stats", pairs, "--detector", moved / "config.json"), 2, "VAE latents", "drop --detector")
+    error_line(cli("stats", pairs), 2, str(tmp_path / "vae"), "latent.vae", "--vae")
     assert tree(tmp_path) == before
     assert cli("export", run, "--out", tmp_path / "x", "--format", "safetensors").returncode == 0
     assert json.loads((tmp_path / "x" / "config.json").read_text())["_kdm_pipe"]["latent"] == m.latent.model_dump()
     assert sample("--vae", moved).returncode == 0 and analyze("--vae", moved).returncode == 0
+    assert cli("stats", pairs, "--vae", moved, "-q").returncode == 0
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
 
 

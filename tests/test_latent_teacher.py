@@ -142,7 +142,7 @@ def test_generate_train_evaluate_sample_decode(tmp_path):
     res = json.loads((run / "eval.json").read_text())
     assert res["latent"]["vae_sha256"] == m.latent.vae_sha256
     assert {"latent_mse", "mse", "psnr", "fd_teacher"} <= set(res["student"])
-    assert "latent" in res["fd_set"]["note"]
+    assert res["fd_set"]["fd"] >= 0 and res["fd_set"]["detector"] == f"pixels+vae-{m.latent.vae_sha256[:16]}"
     assert cli("sample", run, "--out", samples, "--num", "6", "--batch", "4").returncode == 0
     latents = np.load(samples / "latents.npy")
     model, *_ = load_weights(run, json.loads((run / "weights.json").read_text())["weights"])
