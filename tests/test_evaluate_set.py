@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import ray
+from faults import cli, error_line, tree
 
 from kdm_pipe.config import EvaluateConfig, StatsConfig, TrainConfig
 from kdm_pipe.evaluation import fresh_samples
@@ -16,7 +17,6 @@ from kdm_pipe.shards import read_shard
 from kdm_pipe.trained import load_weights
 from kdm_pipe.training import train
 from stages import evaluate, stats
-from tests.faults import cli, error_line, tree
 
 
 @pytest.fixture(scope="module")
