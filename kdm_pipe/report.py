@@ -143,7 +143,7 @@ def set_fd_line(results: dict) -> str:
     floor = (f"; its teacher floor compares half the set's shards with the other half ({fd['floor']['num'][0]} vs "
              f"{fd['floor']['num'][1]})" if fd.get("floor") else "")
     return (f"FD to the whole teacher set: {fd['num_samples']} fresh student samples vs the set's "
-            f"{fd['num_reference']} pairs in {fd['detector']}'s features{floor}; the held-out FD compares "
+            f"{fd['num_reference']} pairs (features: {fd['detector']}){floor}; the held-out FD compares "
             f"{held[0]} with {held[1]} samples")
 
 
