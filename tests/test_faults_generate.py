@@ -405,6 +405,8 @@ def test_diffusers_folders_refused_with_one_line(tmp_path):
 def test_latent_folders_refused_with_one_line(tmp_path):
     from diffusers_fixture import save_dit_pipeline, save_latent_pipeline, save_model
 
+    from kdm_pipe.generation import _TEACHERS
+
     out = tmp_path / "pairs"
     gen = lambda folder, *more: cli("generate", "--teacher", "diffusers", "--checkpoint", folder,  # noqa: E731
                                     "--out", out, "-q", *more)
@@ -432,6 +434,7 @@ def test_latent_folders_refused_with_one_line(tmp_path):
     weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")     # safetensors that do not load
     error_line(gen(root), 2, "cannot load VAE")
     shutil.rmtree(vae)
+    _TEACHERS.clear()              # as a new process: the teacher checks its folder again (cached in this one)
     error_line(gen(root), 2, "diffusers VAE", "not a directory")
     error_line(gen(save_model(tmp_path / "unet", "vp", classes=3), "--guidance", "2"), 2, "null class", "DiT")
     dit = save_dit_pipeline(tmp_path / "dit") / "transformer"
