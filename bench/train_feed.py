@@ -3,6 +3,9 @@ already in memory (same model, batch, shards), for the official 2-D configuratio
 1 loader worker) and the digits U-Nets (batch 64, 1 loader worker). Goal ≥ 0.95 for both.
 
     .venv/bin/python bench/train_feed.py [--steps 60]
+
+Prints, per setup, steps/s fed by the loader and from memory and their ratio. Feeds docs/BENCHMARKS.md, section
+"trainer fed by the loader ÷ fed from memory".
 """
 
 import argparse
@@ -70,7 +73,7 @@ def measure(name: str, preset_name: str, gen_over: dict, train_over: dict, steps
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
     torch.set_num_threads(2)
