@@ -316,6 +316,9 @@ def generate(flags: dict, preset: Optional[str] = PresetOpt, dry_run: bool = Dry
     """Run the teacher's ODE sampler in Ray workers and write (x_T, x_0) pairs into tar shards."""
     storage.set_options(storage_option)
     cfg = generate_config(preset, flags)
+    if dry_run:                     # what would run: the sampler resolved over the teacher's own defaults
+        from kdm_pipe.generation import with_teacher_defaults
+        cfg = with_teacher_defaults(cfg)
     if dry(cfg, dry_run):
         return
     from stages import generate as stage

@@ -26,13 +26,13 @@ GRID_TILE = 32  # grid.png draws small images enlarged to at least this many pix
 
 
 def image_grid(images: np.ndarray, ncol: int | None = None, gap: int = 0) -> np.ndarray:
-    """(N, C, H, W) in [−1, 1] → one uint8 (rows·H, ncol·W, C) image, row-major, near-square by default,
-    with `gap` grey pixels between tiles."""
+    """(N, C, H, W) in [−1, 1] → one uint8 (rows·H, ncol·W, C) image, row-major, near-square by default, with
+    `gap` white pixels between tiles (the page's colour: dark tiles with grey edges, like the digits, stay apart)."""
     pixels = to_uint8_nhwc(images)
     n, h, w, c = pixels.shape
     ncol = ncol or int(np.ceil(np.sqrt(n)))
     rows = -(-n // ncol)
-    grid = np.full((rows * (h + gap) - gap, ncol * (w + gap) - gap, c), 128, dtype=np.uint8)
+    grid = np.full((rows * (h + gap) - gap, ncol * (w + gap) - gap, c), 255, dtype=np.uint8)
     for i, im in enumerate(pixels):
         r, k = divmod(i, ncol)
         grid[r * (h + gap):r * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = im

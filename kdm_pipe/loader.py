@@ -21,12 +21,10 @@ epoch, not the whole run.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import functools
 import itertools
 import os
 import signal
-import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdm_pipe import storage
+from kdm_pipe.background import die_with_parent
 from kdm_pipe.errors import ConfigError, DataError, one_line
 from kdm_pipe.shards import read_shard
 
@@ -283,19 +282,12 @@ def loader_bytes(batch: int, buffer: int, workers: int, world: int, pair_bytes: 
     return pair_bytes * (readers * buffer + slots + 3 * (batch // world))
 
 
-PR_SET_PDEATHSIG = 1                   # linux/prctl.h
-
-
 def _worker_init(parent: int, _: int) -> None:
     # Schedulers send SIGTERM to every process of a job; the trainer finishes its step and checkpoints, so its
     # loader workers must keep serving until it shuts them down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # And the kernel kills a worker when its trainer dies, however it died (SIGKILL, the OOM killer): a worker busy
-    # reading checks no parent and would be left behind, holding its memory.
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:         # it died before the prctl
-        os._exit(0)
+    # And a worker busy reading checks no parent: it would outlive a trainer killed any other way, holding its memory.
+    die_with_parent(parent, signal.SIGKILL)
 
 
 class Loader:

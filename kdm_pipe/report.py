@@ -41,10 +41,14 @@ def metric_keys(results: Sequence[dict]) -> list[str]:
 
 
 def metric_rows(results: dict) -> list[list[Any]]:
-    """[metric, better, student, untrained, teacher floor] per metric of one eval.json."""
-    return [[label(k, [results]), BETTER.get(k, "")] + [results.get(part, {}).get(k)
-                                                        for part in ("student", "untrained", "teacher_floor")]
-            for k in metric_keys([results])]
+    """[metric, better, student, untrained, teacher floor] per metric of one eval.json; for images the FD of fresh
+    samples to the whole teacher set leads (the untrained student's is not computed)."""
+    fd = results.get("fd_set") or {}
+    lead = [[label("fd_set", [results]), BETTER["fd_set"], fd["fd"], None, (fd.get("floor") or {}).get("fd")]
+            ] if fd.get("fd") is not None else []
+    return lead + [[label(k, [results]), BETTER.get(k, "")] + [results.get(part, {}).get(k)
+                                                               for part in ("student", "untrained", "teacher_floor")]
+                   for k in metric_keys([results])]
 
 
 def label(key: str, results: Sequence[dict]) -> str:
@@ -136,11 +140,11 @@ def set_fd_line(results: dict) -> str:
         return ""
     if "fd" not in fd:
         return f"FD to the teacher set: not computed ({fd['note']})"
-    floor = (f"; teacher floor {fmt(fd['floor']['fd'])} (half the set's shards vs the other half, "
-             f"{fd['floor']['num'][0]} vs {fd['floor']['num'][1]})" if fd.get("floor") else "")
-    return (f"FD to the teacher set: {fmt(fd['fd'])} ({fd['num_samples']} fresh student samples vs the set's "
-            f"{fd['num_reference']} pairs, {fd['detector']}; lower is better){floor}; the held-out fd_teacher "
-            f"compares {held[0]} with {held[1]}")
+    floor = (f"; its teacher floor compares half the set's shards with the other half ({fd['floor']['num'][0]} vs "
+             f"{fd['floor']['num'][1]})" if fd.get("floor") else "")
+    return (f"FD to the whole teacher set: {fd['num_samples']} fresh student samples vs the set's "
+            f"{fd['num_reference']} pairs (features: {fd['detector']}){floor}; the held-out FD compares "
+            f"{held[0]} with {held[1]} samples")
 
 
 def latent_line(s: dict) -> str:

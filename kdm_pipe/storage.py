@@ -239,14 +239,18 @@ def commit_file(tmp: Path, dest: Any, size: int | None = None, digest: str | Non
 
 
 def write_bytes(dest: Any, data: bytes) -> None:
-    """Replace `dest` with `data` all or nothing (a temp file + rename; one PUT remotely)."""
+    """Replace `dest` with `data` all or nothing (a temp file, fsync'd so that a crash after the rename never leaves
+    an empty file, then renamed; one PUT remotely)."""
     if is_remote(dest):
         with remote_errors(dest, "writing"):
             dest.write_bytes(data)
         return
     tmp = temp_beside(dest)
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
     finally:                                        # interrupted (SIGTERM, a full disk): leave no temp file
         tmp.unlink(missing_ok=True)

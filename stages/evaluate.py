@@ -8,7 +8,7 @@ from kdm_pipe import storage
 from kdm_pipe.config import EvaluateConfig
 from kdm_pipe.evaluation import evaluate
 from kdm_pipe.pages import fmt
-from kdm_pipe.report import BETTER, METRICS, comparison_rows, fid_line, oddities, set_fd_line, speed_line, write_report
+from kdm_pipe.report import comparison_rows, fid_line, metric_rows, oddities, set_fd_line, speed_line, write_report
 from kdm_pipe.run import EVAL, per_steps, working
 
 
@@ -18,13 +18,8 @@ def aligned(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("", "better", "student", "untrained", "teacher floor")]
-    for key in METRICS:
-        if key in results["student"]:
-            floor = results["teacher_floor"].get(key)
-            rows.append((key, BETTER.get(key, ""), f"{results['student'][key]:.4g}",
-                         f"{results['untrained'][key]:.4g}", "" if floor is None else f"{floor:.4g}"))
-    lines = aligned(rows)
+    lines = aligned([("", "better", "student", "untrained", "teacher floor"),
+                     *((name, better, *map(fmt, values)) for name, better, *values in metric_rows(results))])
     fid = results.get("fid")
     if fid:
         lines.append(fid_line(fid))

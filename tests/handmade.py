@@ -34,6 +34,14 @@ def pair_set(directory: Path, shards: list[list[dict[str, np.ndarray]]], *, teac
     return directory
 
 
+def random_pair_set(directory: Path, shape: tuple[int, ...]) -> Path:
+    """A new directory of one shard of 20 seeded random pairs of `shape` (x_0 in [-1, 1], x_T at σ = 80)."""
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    x_0, x_T = rng.uniform(-1, 1, (20, *shape)), 80 * rng.standard_normal((20, *shape))
+    return pair_set(directory, [[{"seed": np.arange(20), "x_T": x_T, "x_0": x_0}]])
+
+
 class Flatten(torch.nn.Module):
     """A TorchScript 'detector' whose features are the uint8 pixels: the relative rule is scale-free, so a filter in
     its feature space flags what it flags in pixel space."""

@@ -2,8 +2,11 @@
 reports, through the real CLI."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ def test_digits_demo_end_to_end(tmp_path):
     assert "pairs as copies of sklearn-digits" in r.stdout
     assert "KD/KDM" in r.stdout and "FD to the whole teacher set" in r.stdout and "secondary:" in r.stdout
     assert "starting a local Ray session" in r.stdout and r.stdout.count("== starting") == 1   # one session
+    assert "kd in a second process, beside kdm" in r.stdout and (out / "kd.log").read_text() in r.stdout
     assert "INFO" not in r.stderr
     html = (out / "report.html").read_text()
     assert 'src="kdm/samples.png"' in html and 'src="kd/samples.png"' in html
@@ -42,3 +46,43 @@ def test_checkerboard_demo_keeps_the_2d_pipeline(tmp_path):
     for kind in ("kdm", "kd"):
         res = json.loads((out / kind / "eval.json").read_text())
         assert res["student"]["sliced_wasserstein"] < res["untrained"]["sliced_wasserstein"]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the KD student's process and the trainers' loader workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow              # ~4 min on 2 cores: CI runs it with the other slow tests
+def test_sigterm_while_the_students_train_side_by_side_stops_both_and_a_rerun_finishes(tmp_path):
+    """SIGTERM to the demo while KDM trains in it and KD beside it: both checkpoint, exit 143 with one error line
+    saying how to continue, no process left; the same command resumes both and finishes."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "kdm_pipe.cli", "demo", "--out", str(out), "--scale", "0.05", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 480
+    while time.time() < deadline and proc.poll() is None and not all(
+            list((out / kind / "checkpoints").glob("*")) for kind in ("kdm", "kd")):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    helpers = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 143 and len(errors) == 1 and "rerun the same demo command" in errors[0], stderr
+    assert "Traceback" not in stderr and "beside kdm" in stdout
+    time.sleep(1)
+    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
+                .rsplit(") ", 1)[1][:1]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("resuming its run") == 2, r.stdout      # both students went on from their checkpoints
+    assert all(json.loads((out / kind / "eval.json").read_text())["step"] == 80 for kind in ("kdm", "kd"))

@@ -6,16 +6,17 @@ import shutil
 import numpy as np
 import pytest
 import ray
+from faults import cli, error_line, tree
 
 from kdm_pipe.config import EvaluateConfig, StatsConfig, TrainConfig
 from kdm_pipe.evaluation import fresh_samples
 from kdm_pipe.manifest import load_manifest
 from kdm_pipe.metrics import FeatureStats, PixelFeatures, features, fid_from_stats
+from kdm_pipe.pages import fmt
 from kdm_pipe.shards import read_shard
 from kdm_pipe.trained import load_weights
 from kdm_pipe.training import train
 from stages import evaluate, stats
-from tests.faults import cli, error_line, tree
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,10 @@ def test_fd_to_the_teacher_set_equals_raw_features(setup, capsys):
     assert fd["num_samples"] == 40 and fd["num_reference"] == manifest.num_pairs == 192
     assert fd["seeds"] == [192, 232]                       # after the set's seeds: no shared noise
     out = capsys.readouterr().out
-    assert "FD to the teacher set" in out and "40 fresh student samples vs the set's 192 pairs" in out
-    assert f"compares {res['fd_teacher_samples'][0]} with {res['fd_teacher_samples'][1]}" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("FD to the whole teacher set (40 fresh samples"))
+    assert row.split()[-2:] == [fmt(fd["fd"]), fmt(fd["floor"]["fd"])]       # the table's first row: value, floor
+    assert "40 fresh student samples vs the set's 192 pairs" in out
+    assert f"compares {res['fd_teacher_samples'][0]} with {res['fd_teacher_samples'][1]} samples" in out
 
     net = PixelFeatures()
     x_0 = np.concatenate([r["x_0"] for s in manifest.shards for r in read_shard(data / s.name)])

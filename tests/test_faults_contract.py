@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
+from faults import cli, error_line, flip_byte, tree
+from handmade import random_pair_set
 
 from kdm_pipe.integrity import VERIFIED
 from kdm_pipe.locks import LOCK
-from tests.faults import cli, error_line, flip_byte, tree
-from tests.test_faults_stats import pair_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def test_contract_paragraph_states_two_and_one():
 
 
 def test_stats_on_a_changed_shard(tmp_path):
-    d = pair_set(tmp_path / "p", (2,))
+    d = random_pair_set(tmp_path / "p", (2,))
     flip_byte(d / "shard-000000.tar", 900)
     before = files(d)
     code = documented("stages/README.md", "a shard missing or changed since stops the command")
@@ -46,7 +46,7 @@ def test_stats_on_a_changed_shard(tmp_path):
 
 
 def test_stats_on_a_missing_shard(tmp_path):
-    d = pair_set(tmp_path / "p", (2,))
+    d = random_pair_set(tmp_path / "p", (2,))
     (d / "shard-000000.tar").unlink()
     code = documented("stages/README.md", "a shard missing or changed since stops the command")
     error_line(cli("stats", d, "-q"), code, "shard-000000.tar", "missing")
@@ -104,7 +104,7 @@ def test_a_failed_ray_task_is_reported_once_in_one_line():
 
 
 def test_stats_ref_of_a_pair_set_checks_its_shards(tmp_path):
-    d = pair_set(tmp_path / "p", (1, 4, 4))
+    d = random_pair_set(tmp_path / "p", (1, 4, 4))
     flip_byte(d / "shard-000000.tar", 900)
     code = documented("stages/README.md", "a shard missing or changed since stops the command")
     error_line(cli("stats", "ref", d, "--out", tmp_path / "r.npz"), code, "shard-000000.tar", "sha256")

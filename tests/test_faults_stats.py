@@ -3,20 +3,12 @@ with one `error:` line, no traceback, nothing written (the directory lock and th
 
 from pathlib import Path
 
-import handmade
-import numpy as np
 import pytest
+from faults import cli, error_line, tree
+from handmade import random_pair_set
 
 from kdm_pipe.integrity import VERIFIED
 from kdm_pipe.locks import LOCK
-from tests.faults import cli, error_line, tree
-
-
-def pair_set(directory: Path, shape: tuple[int, ...]) -> Path:
-    rng = np.random.default_rng(0)
-    directory.mkdir()
-    x_0, x_T = rng.uniform(-1, 1, (20, *shape)), 80 * rng.standard_normal((20, *shape))
-    return handmade.pair_set(directory, [[{"seed": np.arange(20), "x_T": x_T, "x_0": x_0}]])
 
 
 def files(directory: Path) -> dict[str, str]:
@@ -28,14 +20,14 @@ def files(directory: Path) -> dict[str, str]:
     (["--detector", "{d}/manifest.json"], ["manifest.json", "not a TorchScript file"]),
 ])
 def test_bad_detector_writes_no_store(tmp_path, args, fragments):
-    d = pair_set(tmp_path / "images", (1, 4, 4))
+    d = random_pair_set(tmp_path / "images", (1, 4, 4))
     before = files(d)
     error_line(cli("stats", d, "-q", *[a.format(d=d) for a in args]), 2, *fragments)
     assert files(d) == before
 
 
 def test_detector_on_vector_pairs_is_refused(tmp_path):
-    d = pair_set(tmp_path / "vectors", (2,))
+    d = random_pair_set(tmp_path / "vectors", (2,))
     (tmp_path / "net.pt").write_bytes(b"not looked at")
     before = files(d)
     error_line(cli("stats", d, "--detector", tmp_path / "net.pt", "-q"), 2, "vectors, not images", "drop --detector")
@@ -53,7 +45,7 @@ def test_stats_ref_usage(tmp_path, args, fragments):
 
 
 def test_train_refuses_standard_normalisation_of_images(tmp_path):
-    d = pair_set(tmp_path / "images", (1, 4, 4))
+    d = random_pair_set(tmp_path / "images", (1, 4, 4))
     error_line(cli("train", "--data", d, "--out", tmp_path / "run", "--normalize", "standard"), 2,
                "images keep EDM's [-1, 1]")
     assert not (tmp_path / "run").exists() and not (d / "stats.zarr").exists()

@@ -41,7 +41,7 @@ def test_rgb_samples_load_back_with_edm_names_shapes_and_seeds(tmp_path):
         assert g.size == (3 * 4 * 6 + 2 * 6, 2 * 5 * 6 + 6)
         grid = np.asarray(g)
         np.testing.assert_array_equal(grid[:30:6, :24:6], want[0])               # tile 0, pixel for pixel
-        assert (grid[:, 24:30] == 128).all() and (grid[30:36] == 128).all()     # the gaps between tiles
+        assert (grid[:, 24:30] == 255).all() and (grid[30:36] == 255).all()     # the gaps between tiles: white
 
 
 def test_grey_samples_are_mode_l_and_one_hot_labels_become_indices(tmp_path):
@@ -67,11 +67,11 @@ def test_quantisation_matches_edm_at_the_ends_and_middle(tmp_path):
 
 
 def test_image_grid_layout_and_gap():
-    x = np.stack([np.full((3, 2, 2), v, np.float32) for v in (-1.0, 0.0, 1.0)])
+    x = np.stack([np.full((3, 2, 2), v, np.float32) for v in (-1.0, 0.0, 0.5)])
     grid = image_grid(x, ncol=2, gap=1)
     assert grid.shape == (2 * 2 + 1, 2 * 2 + 1, 3) and grid.dtype == np.uint8
-    assert (grid[:2, :2] == 0).all() and (grid[:2, 3:] == 128).all() and (grid[3:, :2] == 255).all()
-    assert (grid[2] == 128).all() and (grid[3:, 3:] == 128).all()  # gap row and the empty cell stay grey
+    assert (grid[:2, :2] == 0).all() and (grid[:2, 3:] == 128).all() and (grid[3:, :2] == 191).all()
+    assert (grid[2] == 255).all() and (grid[3:, 3:] == 255).all()  # gap row and the empty cell: the page's white
     assert image_grid(x).shape == (4, 4, 3)       # near-square default: 2 columns for 3 images
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import cli, error_line, tree
 from handmade import pair_set
 
 from kdm_pipe.analysis import analyze
@@ -18,7 +19,6 @@ from kdm_pipe.run import Run
 from kdm_pipe.shards import read_shard
 from kdm_pipe.training import train
 from stages import stats
-from tests.faults import cli, error_line, tree
 
 C = np.array([[2.0, 0.3], [0.0, 0.5]])
 

@@ -1,15 +1,12 @@
 """Presets reproduce the official KDM configurations (docs/METHOD.md) and build the students they describe."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from faults import cli
 
 from kdm_pipe.config import PRESET_DIR, GenerateConfig, TrainConfig, build, load_preset
 from kdm_pipe.student import build_student
 
-CLI = [sys.executable, "-m", "kdm_pipe.cli"]
 OFFICIAL = {  # preset: (teacher pickle, sampler steps, pairs, U-Net channels, latent d, operator, label_dim, shape)
     "cifar10-uncond": ("edm-cifar10-32x32-uncond-vp.pkl", 18, 1_000_000, 64, 1024, "affine", 0, (3, 32, 32)),
     "cifar10-cond": ("edm-cifar10-32x32-cond-vp.pkl", 18, 1_000_000, 64, 1024, "affine", 10, (3, 32, 32)),
@@ -89,16 +86,14 @@ def test_checkerboard_quick_is_the_same_design_smaller():
 
 def test_preset_without_its_checkpoint_is_refused_before_writing(tmp_path):
     out = tmp_path / "pairs"
-    r = subprocess.run(CLI + ["generate", "--preset", "cifar10-uncond", "--out", str(out), "--quiet"],
-                       capture_output=True, text=True, timeout=120)
+    r = cli("generate", "--preset", "cifar10-uncond", "--out", out, "--quiet")
     assert r.returncode == 2
     assert "edm-cifar10-32x32-uncond-vp.pkl does not exist" in r.stderr and "--checkpoint" in r.stderr
     assert not out.exists()
 
 
 def test_lpips_without_weights_says_how_to_get_them(tmp_path):
-    r = subprocess.run(CLI + ["train", "--preset", "digits", "--data", str(tmp_path), "--distance", "lpips",
-                              "--dry-run"], capture_output=True, text=True, timeout=120)
+    r = cli("train", "--preset", "digits", "--data", tmp_path, "--distance", "lpips", "--dry-run")
     assert r.returncode == 0 and '"distance": "lpips"' in r.stdout
     from kdm_pipe.config import ConfigError
     with pytest.raises(ConfigError, match="vgg16-397923af.pth"):
@@ -112,11 +107,10 @@ def test_lpips_without_weights_says_how_to_get_them(tmp_path):
     (["import", "x.npy", "--format", "npy", "--out", "s3://"], "not an s3:// URL of a bucket"),
     (["train", "--data", "s3://b/p", "--storage-option", "novalue"], "expected KEY=VALUE")])
 def test_unsupported_urls_are_refused_naming_what_is_supported(cmd, says):
-    r = subprocess.run(CLI + cmd + ["--dry-run"], capture_output=True, text=True, timeout=120)
+    r = cli(*cmd, "--dry-run")
     assert r.returncode == 2 and says in r.stderr and r.stderr.count("error:") == 1, r.stderr
 
 
 def test_s3_urls_resolve_into_the_config_as_urls():
-    r = subprocess.run(CLI + ["generate", "--out", "s3://bucket/pairs/run1", "--dry-run"], capture_output=True,
-                       text=True, timeout=120)
+    r = cli("generate", "--out", "s3://bucket/pairs/run1", "--dry-run")
     assert r.returncode == 0 and '"out": "s3://bucket/pairs/run1"' in r.stdout, r.stderr

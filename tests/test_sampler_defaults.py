@@ -49,6 +49,14 @@ def test_generate_runs_edms_choices(tmp_path, precond, resolution, want):
     assert (s.steps, s.sigma_min, s.sigma_max) == pytest.approx(want)
 
 
+def test_dry_run_shows_the_sampler_that_would_run(tmp_path):
+    r = cli("generate", "--teacher", "edm", "--checkpoint", checkpoint(tmp_path, "VEPrecond", 64),
+            "--out", tmp_path / "pairs", "--rho", "5", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["sampler"]
+    assert (s["steps"], s["sigma_min"], s["rho"]) == (40, 0.02, 5.0) and not (tmp_path / "pairs").exists()
+
+
 def test_layers_model_teacher_preset_flags(tmp_path):
     teacher = {"steps": 40, "sigma_min": 0.02, "sigma_max": 80.0, "rho": 7.0, "solver": "heun"}
     assert SamplerConfig().over(teacher) == SamplerConfig(**teacher)                   # teacher > model defaults

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import make_pairs
+from faults import cli, error_line, tree
 
 from kdm_pipe.config import EvaluateConfig, StudentConfig, TrainConfig, TrajectoryConfig
 from kdm_pipe.evaluation import apply, evaluate, sampler
@@ -22,8 +24,6 @@ from kdm_pipe.student.vector import VectorKDM
 from kdm_pipe.trained import latest_checkpoint, load_weights
 from kdm_pipe.training import train, trained_fields
 from stages.generate import bytes_per_pair
-from tests.conftest import make_pairs
-from tests.faults import cli, error_line, tree
 
 SMALL = {"hidden": 64, "depth": 3, "latent_dim": 32}
 

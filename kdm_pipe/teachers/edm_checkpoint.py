@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import io
 import json
-import os
 import pickle
 import warnings
 from collections import OrderedDict
@@ -25,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdm_pipe import networks
+from kdm_pipe import networks, storage
 
 
 class CheckpointError(ValueError):
@@ -238,7 +237,7 @@ def save_state_dict_checkpoint(
 
     The JSON holds {"class_name", "init_kwargs", "sha256"} (sha256 of the weights file), so both files load with
     `weights_only=True` (or safetensors) and `json` alone. Each file is written to a temporary name and renamed into
-    place. Returns the JSON path.
+    place (fsync'd). Returns the JSON path.
     """
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
@@ -250,10 +249,8 @@ def save_state_dict_checkpoint(
         payload = buf.getvalue()
     spec = dict(class_name=class_name, init_kwargs=_plain(init_kwargs, "init_kwargs"), sha256=_sha256(payload))
     spec_path = _spec_path(path)
-    for target, data in ((path, payload), (spec_path, json.dumps(spec, indent=2).encode())):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+    storage.write_bytes(path, payload)
+    storage.write_bytes(spec_path, json.dumps(spec, indent=2).encode())
     return spec_path
 
 
