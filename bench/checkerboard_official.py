@@ -1,11 +1,13 @@
 """The official 2-D configuration (`checkerboard` preset) for a stated fraction of its 20,001 iterations, once per MLP
 variant (`student.mlp`: official | linear-head), on the same pairs: generate → train → evaluate through the CLI.
 
-    nice -n 5 .venv/bin/python bench/checkerboard_official.py --out /work/bench_cb --steps 1000
+    nice -n 5 .venv/bin/python bench/checkerboard_official.py --out runs/bench-cb --steps 1000
 
 Prints, per variant, the CPU seconds of training (user + sys of the train process and its loader worker), and the
 metrics of evaluate on the report split (sliced Wasserstein, MMD, off-support fraction, paired MSE against the
 held-out teacher pairs) for both the EMA and the raw weights, with the weights the run chose.
+
+Feeds docs/BENCHMARKS.md, section "The official 2-D configuration, both MLP variants".
 """
 
 import argparse
@@ -30,7 +32,7 @@ def cpu_of(cmd: list[str]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=1000, help="of the official 20,001")
     ap.add_argument("--threads", type=int, default=1)

@@ -1,10 +1,18 @@
 """generate pairs/s on a two-node local Ray cluster (head 1 CPU + node 1 CPU) ÷ one node with 2 CPUs, both
 joined with `generate --address`; then the per-NFE cost of a CIFAR-size DDPM++ teacher (FLOPs counted, CPU
 time measured) and a projection of wall time for 1M CIFAR pairs at 35 NFE on N GPUs.
+
+    python bench/cluster_throughput.py [--shards 16] [--pairs-per-shard 10000] [--repeats 2]
+
+Prints each layout's pairs/s per run (order A B B A …) and their mean, the ratio 2 nodes ÷ 1 node, then the
+DDPM++ teacher's parameters, GFLOP per image per NFE, CPU ms per image per NFE, and the projection for 1M pairs.
+Feeds docs/BENCHMARKS.md, sections "generate on two nodes ÷ one node" and "The CIFAR-10 teacher's cost and the
+1M-pair projection". SIGTERM stops the private cluster before exiting.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -15,8 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from infra import LocalCluster  # noqa: E402
 
-SHARDS, PER_SHARD, BATCH, STEPS = 16, 10000, 1000, 18     # as bench/generate_throughput.py
-REPEATS = 2
+from kdm_pipe.interrupts import stop_on_signals  # noqa: E402
+
+BATCH, STEPS = 1000, 18                                    # as bench/generate_throughput.py
 CIFAR_PAIRS, CIFAR_NFE, NET_BATCH, FORWARDS = 1_000_000, 35, 64, 2     # ~30 s a forward here
 # NVIDIA A100 datasheet peaks (dense): FP32 19.5 TFLOP/s; TF32 tensor cores 156 TFLOP/s, which PyTorch uses for
 # cuDNN convolutions by default. Utilisation is our assumption for a 32×32 U-Net at large batch: its convolutions
@@ -28,7 +37,7 @@ GPU_ASSUMPTIONS = {"A100, TF32 convs, 25% of 156 TFLOP/s": 156e12 * 0.25,
 EDM_TRAINING = dict(images=200e6, forwards_per_image=3, gpus=8, seconds=2 * 86400)
 
 
-def generate_pairs_per_s(nodes: list[int]) -> float:
+def generate_pairs_per_s(nodes: list[int], shards: int, per_shard: int) -> float:
     """generate pairs/s with one Ray node per entry of `nodes` (its CPUs), 2 workers × 1 thread in all."""
     from kdm_pipe.config import GenerateConfig
     from stages import generate
@@ -38,12 +47,12 @@ def generate_pairs_per_s(nodes: list[int]) -> float:
             cluster.add_node(cpus)
         out = tempfile.mkdtemp()
         try:
-            cfg = GenerateConfig(out=out, shards=SHARDS, pairs_per_shard=PER_SHARD, batch=BATCH,
+            cfg = GenerateConfig(out=out, shards=shards, pairs_per_shard=per_shard, batch=BATCH,
                                  sampler={"steps": STEPS}, workers=2, threads_per_worker=1, cpus_per_worker=1,
                                  address=cluster.address)
             t = time.perf_counter()      # includes connecting the driver and starting workers, as a real run does
             generate.run(cfg, progress=False)
-            return SHARDS * PER_SHARD / (time.perf_counter() - t)
+            return shards * per_shard / (time.perf_counter() - t)
         finally:
             shutil.rmtree(out)
 
@@ -74,13 +83,13 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:,.1f} min"
 
 
-if __name__ == "__main__":
+def main(args: argparse.Namespace) -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores; other jobs on the machine skew every number)")
     layouts = {"1 node × 2 CPUs": [2], "2 nodes × 1 CPU": [1, 1]}
     runs: dict[str, list[float]] = {k: [] for k in layouts}
-    for i in range(REPEATS):                  # order A B B A …: drift and warm caches favour neither layout
+    for i in range(args.repeats):                  # order A B B A …: drift and warm caches favour neither layout
         for name in (list(layouts) if i % 2 == 0 else reversed(layouts)):
-            runs[name].append(generate_pairs_per_s(layouts[name]))
+            runs[name].append(generate_pairs_per_s(layouts[name], args.shards, args.pairs_per_shard))
     mean = {k: sum(v) / len(v) for k, v in runs.items()}
     for k, v in runs.items():
         print(f"generate, {k}: {mean[k]:10,.0f} pairs/s   (runs: {', '.join(f'{r:,.0f}' for r in v)})")
@@ -104,3 +113,13 @@ if __name__ == "__main__":
         print(f"  {name} = {rate / 1e12:.1f} TFLOP/s effective: " +
               ", ".join(f"N={n}: {hours(work / (n * rate))}" for n in (1, 8, 32, 128)))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--pairs-per-shard", type=int, default=10000)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each layout")
+    args = ap.parse_args()
+    with stop_on_signals():          # SIGTERM unwinds through the clusters' `with`: their nodes stop
+        main(args)

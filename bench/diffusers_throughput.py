@@ -10,6 +10,9 @@ solving and writing the tar; its start-up is left out, as in bench/generate_thro
 seconds: on a shared machine the CPU time of the one busy thread shows the work itself, the wall time also the wait
 for a core. The bare loop runs before and after the pipeline and the ratios are to their mean, so that a change of
 the machine's load during the run shows as their spread. Goal ≥ 0.95.
+
+Prints the bare loop's and the pipeline's pairs per wall second and per CPU second and their ratios. Feeds
+docs/BENCHMARKS.md, section "generate with a diffusers teacher ÷ the bare diffusers loop".
 """
 
 import argparse

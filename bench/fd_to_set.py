@@ -4,6 +4,9 @@ FD of 256 fresh samples to 256 teacher samples drawn from the set (the size of t
 teacher-vs-teacher 256/256 floor. Pixel features unless --detector. Needs `kdm-pipe stats DATA` first.
 
     python bench/fd_to_set.py RUN [RUN ...] [--seeds 0 1] [--detector PATH]
+
+Prints one line per run and seed: FD to the set, FD 256 vs 256, and the teacher's 256/256 floor. Feeds
+docs/BENCHMARKS.md, section "FD to the teacher set vs the 256-sample FD".
 """
 
 import argparse
@@ -23,7 +26,7 @@ SMALL = 256
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--detector", type=Path, default=None)

@@ -3,7 +3,12 @@ the other 1,796 (leave one out), under the relative rule (α = 0.5, k = 50) and 
 the false-positive rate to compare the teacher's flagged fraction with (`kdm-pipe filter … --ref sklearn-digits`).
 
     python bench/filter_fresh_digits.py
+
+Prints one line: how many of the 1,797 each rule flags, and the median and minimum nearest distance d₁. Feeds
+docs/BENCHMARKS.md, section "filter: quality on digits".
 """
+
+import argparse
 
 import numpy as np
 import torch
@@ -12,6 +17,7 @@ from kdm_pipe.datasets import sklearn_digits
 from kdm_pipe.memorisation import ALPHA, TAU, K, flags, nearest
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     x = torch.from_numpy(sklearn_digits().images.reshape(1797, -1))
     d, i = nearest(x, x, (x * x).sum(1), K + 1, 2048)
     d = d[:, 1:].numpy()                     # each digit's first neighbour is itself (no two digits are equal)

@@ -9,6 +9,8 @@ Pairs and reference are seeded random images in [−1, 1]: exact search costs th
 
     python bench/filter_throughput.py                       # the recorded sizes
     python bench/filter_throughput.py --tiny                # a seconds-long check that it runs
+
+Feeds docs/BENCHMARKS.md, section "filter: throughput".
 """
 
 import argparse
@@ -86,7 +88,7 @@ def case(name: str, shape: tuple, ref_images: np.ndarray | None, ref_source: str
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="small sizes: checks that the benchmark runs")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--gpu-tflops", type=float, default=19.5, help="FP32 throughput of the GPU (A100: 19.5)")

@@ -12,6 +12,9 @@ thread and 1 worker × 2 threads, plus the defaults (no flags). The pipeline's r
 (the per-shard seconds of generate.jsonl, shards in parallel over the workers); its start-up (worker start, imports,
 teacher load, scheduling) is reported separately, as is the bare layouts' teacher build. Ratios are to the best bare
 layout; the goal is ≥ 0.95.
+
+Prints, per layout, pairs/s and the ratio to the best bare layout, the start-up seconds, and the load average.
+Feeds docs/BENCHMARKS.md, section "generate ÷ a fair bare loop".
 """
 
 import argparse

@@ -6,6 +6,8 @@ the paired MSE on held-out pairs — as mean ± spread (half the range) over the
 whole-set FD exceeds the seeds' spread.
 
     python bench/kd_vs_kdm.py [--out runs/bench-kd-vs-kdm] [--seeds 3] [--scale 1]
+
+Feeds docs/BENCHMARKS.md, section "KDM ÷ KD on digits, three seeds (demo budget)".
 """
 
 import argparse

@@ -6,6 +6,9 @@ memory must not grow with the size of the pair set.
 Each command runs as the real CLI in a subprocess; its memory is the peak, over 20 ms samples, of the summed RSS of
 the command's whole process tree (loader workers, the local Ray cluster and its workers included). Shared pages
 are counted once per process that maps them, the same way for both sizes.
+
+Prints, per command, the peak MiB at each size and their ratio. Feeds docs/BENCHMARKS.md, section "memory: 1M
+pairs ÷ 10k pairs".
 """
 
 import argparse

@@ -9,6 +9,8 @@ Each shard goes local temp file → one upload → size and sha256 read back →
 made it (stages/README.md). Runs alternate local / s3 `--repeats` times (the machine may be shared: the best of
 each is compared). Reported: the whole run's wall rate, and the rate over the per-shard seconds of generate.jsonl
 (sampling + writing + upload, without Ray's start-up), both as s3 ÷ local.
+
+Feeds docs/BENCHMARKS.md, section "generate into object storage ÷ local files".
 """
 
 import argparse

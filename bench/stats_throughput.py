@@ -6,6 +6,9 @@ applies to both sides alike, so pixel features (d = C·H·W) are computed. Ray w
 the library before the clock starts (the stage's own timing excludes start-up the same way).
 
     OMP_NUM_THREADS=1 python bench/stats_throughput.py [--shards 16] [--pairs-per-shard 2000] [--workers 2]
+
+Prints, for pixel and detector features, pairs/s of the pipeline and of one process and their ratio. Feeds
+docs/BENCHMARKS.md, section "stats: pipeline ÷ one process".
 """
 
 import argparse
@@ -80,7 +83,7 @@ def pipeline(directory: Path, m: Manifest, detector: Path | None, workers: int, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--pairs-per-shard", type=int, default=2000)
     p.add_argument("--shape", default="3,32,32")

@@ -6,6 +6,9 @@ Each setting's ratio (loaded ÷ alone) is measured minutes apart in one session,
 machine where absolute times are not.
 
     python bench/train_under_load.py --data runs/demo/pairs [--steps 40] [--student kdm]
+
+Prints, per setting, steps/s alone and beside the job and the slowdown, and the load average before and after.
+Feeds docs/BENCHMARKS.md, section "Training beside other jobs".
 """
 
 import argparse

@@ -18,6 +18,8 @@ criterion), reports FD to the teacher set, FD to held-out teacher samples, paire
 
     python bench/trajectory_supervision.py --preset digits --out runs/bench-traj-digits --shards 12 --steps 300 \
         --num 512 --candidates traj-lat-rec traj-lat-rec-onward
+
+Feeds docs/BENCHMARKS.md, section "Trajectory-supervised ÷ endpoint-only KDM at equal budget".
 """
 
 import argparse

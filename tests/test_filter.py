@@ -88,7 +88,8 @@ def test_planted_copies_are_flagged_and_fresh_digits_kept(planted, session):
     out = excluded(m)
     assert set(COPIES) | set(NOISY) <= out
     # 8×8 digits are crowded: the relative rule also takes some real digits that were never in the reference
-    # (docs/BENCHMARKS.md measures 8.7% over all 797); far fewer than the copies.
+    # (docs/BENCHMARKS.md, "filter: quality on digits": 11.9% of the real digits against the other 1,796); far
+    # fewer than the copies.
     assert len(out & set(FRESH)) <= N // 5
     for name in ("filter.html", "filter-distances.png", "filter-flagged.png", "filter.npz"):
         assert (planted / "pairs" / name).stat().st_size > 0
