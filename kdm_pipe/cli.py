@@ -321,7 +321,7 @@ def generate(flags: dict, preset: Optional[str] = PresetOpt, dry_run: bool = Dry
         cfg = with_teacher_defaults(cfg)
     if dry(cfg, dry_run):
         if cfg.teacher.name == "diffusers":        # the shape of the pairs, from the folder's configs
-            from kdm_pipe.teachers.diffusers import summary
+            from kdm_pipe.teachers.diffusers_folder import summary
             typer.echo(summary(cfg.teacher), err=True)
         return
     from stages import generate as stage

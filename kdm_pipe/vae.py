@@ -17,7 +17,7 @@ import torch
 from kdm_pipe import storage
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.manifest import LatentSpace, Manifest
-from kdm_pipe.teachers.diffusers import INSTALL, WEIGHTS, VAEFolder, vae_folder
+from kdm_pipe.teachers.diffusers_folder import INSTALL, WEIGHTS, VAEFolder, vae_folder
 
 
 def latent_space(folder: VAEFolder, latent_size: tuple[int, int]) -> LatentSpace:

@@ -10,14 +10,13 @@ import torch
 from diffusers_fixture import save_model, scheduler
 from faults import cli
 
-from kdm_pipe.config import EvaluateConfig, GenerateConfig, TrainConfig
+from kdm_pipe.config import DiffusersTeacherConfig, EvaluateConfig, GenerateConfig, TrainConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.generation import _TEACHERS, make_shard, sample_pairs, with_teacher_defaults
 from kdm_pipe.manifest import Manifest
 from kdm_pipe.sampling import solve
 from kdm_pipe.shards import read_shard
 from kdm_pipe.teachers import build_teacher
-from kdm_pipe.teachers.diffusers import DiffusersTeacherConfig
 
 CPU = torch.device("cpu")
 

@@ -129,7 +129,7 @@ def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
     from handmade import pair_set
 
     from kdm_pipe.manifest import load_manifest, save_manifest
-    from kdm_pipe.teachers.diffusers import vae_folder
+    from kdm_pipe.teachers.diffusers_folder import vae_folder
     from kdm_pipe.vae import latent_space
 
     tiny_vae().save_pretrained(tmp_path / "vae", safe_serialization=True)

@@ -11,14 +11,13 @@ import torch
 from diffusers_fixture import save_dit_pipeline, save_latent_pipeline, save_model, scheduler, tiny_vae
 from faults import cli, error_line, tree
 
-from kdm_pipe.config import GenerateConfig
+from kdm_pipe.config import DiffusersTeacherConfig, GenerateConfig
 from kdm_pipe.errors import ConfigError
 from kdm_pipe.generation import _TEACHERS, make_shard, sample_pairs, with_teacher_defaults
 from kdm_pipe.manifest import Manifest
 from kdm_pipe.sampling import solve
 from kdm_pipe.shards import read_shard
 from kdm_pipe.teachers import build_teacher
-from kdm_pipe.teachers.diffusers import DiffusersTeacherConfig
 from kdm_pipe.vae import Decoder
 
 CPU = torch.device("cpu")
