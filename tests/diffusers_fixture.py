@@ -86,3 +86,19 @@ def save_dit_pipeline(root: Path, classes: int = 3, learn_sigma: bool = True, pr
     pipe = diffusers.DiTPipeline(transformer=dit.eval(), vae=tiny_vae(), scheduler=scheduler("vp", prediction))
     pipe.save_pretrained(root, safe_serialization=True)
     return root
+
+
+def shard_twice(cfg):
+    """Shard 0 of `cfg` written by two fresh teachers (as two Ray workers would build them from the folder), into
+    cfg.out and a sibling `b`: byte for byte the same (pairs are f(seed)); its ShardInfo."""
+    from kdm_pipe.generation import _TEACHERS, make_shard
+
+    out = Path(cfg.out)
+    out.mkdir()
+    (out.parent / "b").mkdir()
+    _TEACHERS.clear()
+    first = make_shard(cfg, 0)[0]
+    _TEACHERS.clear()
+    again = make_shard(cfg.model_copy(update={"out": out.parent / "b"}), 0)[0]
+    assert first.sha256 == again.sha256
+    return first

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from diffusers_fixture import save_model, scheduler
+from diffusers_fixture import save_model, scheduler, shard_twice
 from faults import cli
 
 from kdm_pipe.config import DiffusersTeacherConfig, EvaluateConfig, GenerateConfig, TrainConfig
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.generation import _TEACHERS, make_shard, sample_pairs, with_teacher_defaults
+from kdm_pipe.generation import _TEACHERS, sample_pairs, with_teacher_defaults
 from kdm_pipe.manifest import Manifest
 from kdm_pipe.sampling import solve
 from kdm_pipe.shards import read_shard
@@ -120,12 +120,7 @@ def test_pairs_are_a_function_of_the_seed(tmp_path):
     cfg = GenerateConfig(teacher={"name": "diffusers", "checkpoint": save_model(tmp_path / "m", "flow")},
                          sampler={"steps": 3}, out=tmp_path / "a", shards=1, pairs_per_shard=6, batch=3)
     cfg = with_teacher_defaults(cfg)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = make_shard(cfg, 0)[0]
-    _TEACHERS.clear()                                # a new worker: the teacher built again from the folder
-    again = make_shard(cfg.model_copy(update={"out": tmp_path / "b"}), 0)[0]
-    assert first.sha256 == again.sha256
+    first = shard_twice(cfg)
     recs = list(read_shard(tmp_path / "a" / first.name))
     assert recs[0]["x_T"].std() == pytest.approx(1.0, abs=0.3)              # flow: x_T = ε, σ_max = 1
     assert not (recs[0]["x_0"] == recs[1]["x_0"]).all()

@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers_fixture import save_dit_pipeline, save_latent_pipeline, save_model, scheduler, tiny_vae
+from diffusers_fixture import save_dit_pipeline, save_latent_pipeline, save_model, scheduler, shard_twice, tiny_vae
 from faults import cli, error_line, tree
 
 from kdm_pipe.config import DiffusersTeacherConfig, GenerateConfig
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.generation import _TEACHERS, make_shard, sample_pairs, with_teacher_defaults
+from kdm_pipe.generation import _TEACHERS, sample_pairs, with_teacher_defaults
 from kdm_pipe.manifest import Manifest
 from kdm_pipe.sampling import solve
 from kdm_pipe.shards import read_shard
@@ -69,12 +69,7 @@ def test_latent_pairs_are_the_teachers_samples_bit_for_bit(tmp_path):
     cfg = with_teacher_defaults(GenerateConfig(teacher={"name": "diffusers", "checkpoint": root},
                                                sampler={"steps": 3}, out=tmp_path / "a", shards=1,
                                                pairs_per_shard=4, batch=2))
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = make_shard(cfg, 0)[0]
-    _TEACHERS.clear()                                # a new worker: the teacher built again from the folder
-    again = make_shard(cfg.model_copy(update={"out": tmp_path / "b"}), 0)[0]
-    assert first.sha256 == again.sha256
+    first = shard_twice(cfg)
     stored = np.concatenate([r["x_0"] for r in read_shard(tmp_path / "a" / first.name)])
     teacher = build_teacher(cfg.teacher)              # the teacher's own sampler, batch by batch as generate ran it
     direct = [sample_pairs(teacher, cfg.sampler, seeds, None, CPU)["x_0"] for seeds in ([0, 1], [2, 3])]
