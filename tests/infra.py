@@ -145,3 +145,16 @@ def moto_server(**env: str) -> tuple[subprocess.Popen, dict[str, str]]:
             time.sleep(0.2)
     return proc, {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def alive(pid: int) -> bool:
+    """Running (not a zombie waiting for a reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

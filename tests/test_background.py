@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import pytest
+from infra import alive
 
 from kdm_pipe.background import Background
 from kdm_pipe.errors import ConfigError, DataError, DiskFull
@@ -100,12 +101,3 @@ def test_it_never_outlives_a_killed_caller(tmp_path):
     while time.monotonic() < deadline and alive(child):
         time.sleep(0.1)
     assert not alive(child)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:             # a zombie (not yet reaped by init) is dead
-        return f.read().split(") ")[1][0] != "Z"

@@ -6,9 +6,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from infra import alive, children
 
 
 @pytest.mark.slow              # ~3 min on 2 cores: CI runs it with the other slow tests (.ci/run)
@@ -48,19 +48,6 @@ def test_checkerboard_demo_keeps_the_2d_pipeline(tmp_path):
         assert res["student"]["sliced_wasserstein"] < res["untrained"]["sliced_wasserstein"]
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (the KD student's process and the trainers' loader workers)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.slow              # ~4 min on 2 cores: CI runs it with the other slow tests
 def test_sigterm_while_the_students_train_side_by_side_stops_both_and_a_rerun_finishes(tmp_path):
     """SIGTERM to the demo while KDM trains in it and KD beside it: both checkpoint, exit 143 with one error line
@@ -80,8 +67,7 @@ def test_sigterm_while_the_students_train_side_by_side_stops_both_and_a_rerun_fi
     assert proc.returncode == 143 and len(errors) == 1 and "rerun the same demo command" in errors[0], stderr
     assert "Traceback" not in stderr and "beside kdm" in stdout
     time.sleep(1)
-    assert not [p for p in helpers if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
-                .rsplit(") ", 1)[1][:1]]
+    assert not [p for p in helpers if alive(p)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("resuming its run") == 2, r.stdout      # both students went on from their checkpoints

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import assert_resume_is_exact
 from faults import CLI, ENV, bless, cli, error_line, flip_byte, kdm, left, small_disk, tree
+from infra import alive, children
 
 from kdm_pipe import run as kdm_run
 from kdm_pipe.config import TrainConfig
@@ -253,7 +254,7 @@ def test_loader_workers_die_with_a_killed_trainer(pairs, tmp_path):
         deadline = time.time() + 60
         while not busy.exists() and time.time() < deadline:     # the worker is inside its slow read
             time.sleep(0.1)
-        workers = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        workers = children(pid)
         assert workers, "no loader worker started"
         os.kill(pid, signal.SIGKILL)
         parent.wait(timeout=30)
@@ -266,14 +267,6 @@ def test_loader_workers_die_with_a_killed_trainer(pairs, tmp_path):
         assert not left, f"loader worker(s) {left} outlived their killed trainer"
     finally:
         parent.kill()
-
-
-def alive(pid: int) -> bool:
-    """Running (not a zombie waiting for a reaper)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @pytest.mark.slow
