@@ -516,8 +516,8 @@ def analyze(flags: dict, dry_run: bool = DryRun, storage_option: Optional[list[s
 @options(DemoConfig)
 def demo(flags: dict, dry_run: bool = DryRun, quiet: bool = Quiet):
     """The whole pipeline on a preset: generate → verify → filter (memorised samples) → stats → train KDM and the KD
-    baseline → evaluate → report. `--scale 0.1` is the quick look (≈ 2 min on 2 quiet cores; the full digits demo
-    ≈ 7 min, measured; KD trains beside KDM when each has a core)."""
+    baseline → evaluate → report. `--scale 0.1` is the quick look (≈ 1 min on 2 quiet cores; the full digits demo
+    ≈ 7 min, ≈ 10 min beside a 2-thread job; KD trains beside KDM when each has a core)."""
     cfg = build(DemoConfig, flags, where="demo config")
     if dry(cfg, dry_run):
         return
