@@ -68,14 +68,16 @@ if __name__ == "__main__":
     ap.add_argument("--student", default="kdm")
     ap.add_argument("--alone-only", action="store_true", help="no run beside the 2-thread job")
     ap.add_argument("--settings", default="2-active,2-passive,1-passive",
-                    help="comma list of THREADS-POLICY: torch threads (or 'default') and OMP_WAIT_POLICY "
-                         "(active: OpenMP's default spinning; passive: kdm-pipe's default)")
+                    help="comma list of THREADS-POLICY: torch threads (or 'default') and how OpenMP threads wait "
+                         "(active: spin; passive: sleep at once; spinN: spin N times, then sleep "
+                         "(GOMP_SPINCOUNT); kdm-pipe's default is passive)")
     args = ap.parse_args()
     print(f"load before: {open('/proc/loadavg').read().strip()}")
     for setting in args.settings.split(","):
         n, _, policy = setting.partition("-")
         threads = None if n == "default" else int(n)
-        env = {"OMP_WAIT_POLICY": policy.upper()}
+        env = ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": policy[4:]} if policy.startswith("spin")
+               else {"OMP_WAIT_POLICY": policy.upper()})
         alone = one(args.data, args.steps, args.student, threads, env, loaded=False)
         if args.alone_only:
             print(f"{setting:>10}: alone {alone:6.2f} steps/s", flush=True)
