@@ -7,9 +7,9 @@ Each command runs as the real CLI in a subprocess; its memory is the peak, over 
 the command's whole process tree (loader workers, the local Ray cluster and its workers included). Shared pages
 are counted once per process that maps them, the same way for both sizes.
 
-Below `IN_PROCESS_PAIRS` (50,000) `stats` works in its own process and starts no Ray cluster, so at 10k pairs it
+Below `IN_PROCESS_PAIRS` pairs `stats` works in its own process and starts no Ray cluster, so at 10k pairs it
 is measured without the cluster's processes that it carries at 1M; its ratio is therefore taken against a set just
-above the threshold (60,000 pairs, Ray as at 1M), and the 10k figure is printed beside it.
+above the threshold (10,000 pairs more, Ray as at 1M), and the 10k figure is printed beside it.
 
 Prints, per command, the peak MiB at each size and their ratio. Feeds docs/BENCHMARKS.md, section "memory: 1M
 pairs ÷ 10k pairs".
