@@ -109,16 +109,27 @@ class Slots:
     def __init__(self, workers: int, count: int) -> None:
         ctx = torch.multiprocessing.get_context()
         self.count, self.free_slots = count, [ctx.Semaphore(count) for _ in range(workers)]
+        self.closed = ctx.Event()
 
     def take(self, worker: int) -> None:
         parent = os.getppid()
         while not self.free_slots[worker].acquire(timeout=1.0):
             if os.getppid() != parent:          # the trainer died: do not wait for a slot forever
                 raise SystemExit(0)
+        # A worker may already be filling the next prefetch request when the trainer shuts it down; it would take
+        # every freed slot and wait again, deaf to the SIGTERM the DataLoader sends: leave instead.
+        if self.closed.is_set():
+            raise SystemExit(0)
 
     def free(self, worker: int, times: int = 1) -> None:
         for _ in range(times):
             self.free_slots[worker].release()
+
+    def close(self) -> None:
+        """Lets every worker waiting for a slot, now or later, leave."""
+        self.closed.set()
+        for worker in range(len(self.free_slots)):
+            self.free(worker)
 
 
 class Batcher:
@@ -323,9 +334,8 @@ class Loader:
         return batch
 
     def close(self) -> None:
-        if self.slots is not None:              # a worker waiting for a slot must reach its shutdown signal
-            for r in range(len(self.items)):
-                self.slots.free(r, self.slots.count)
+        if self.slots is not None:
+            self.slots.close()
             self.slots = None
         shutdown = getattr(self._it, "_shutdown_workers", None)     # multiprocess iterators only
         if shutdown is not None:

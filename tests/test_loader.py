@@ -114,7 +114,11 @@ def test_batches_held_by_the_trainer_never_change(shards, workers):
 
 def test_close_frees_a_worker_waiting_for_a_slot(shards, monkeypatch):
     """With one slot per worker, each worker waits for its slot as soon as it is asked for a second item; closing the
-    stream must let it go at once (DataLoader would otherwise wait 5 s, then kill it)."""
+    stream must let it go at once, even when the trainer is descheduled between freeing the slots and telling the
+    workers to stop (a worker then takes its next prefetch request and waits again, deaf to the DataLoader's SIGTERM:
+    the interpreter hung at exit)."""
+    import os
+    import signal
     import threading
     import time
 
@@ -128,11 +132,17 @@ def test_close_frees_a_worker_waiting_for_a_slot(shards, monkeypatch):
     root, names = shards
     stream = batches(root, names, 32, 40, seed=0, workers=2)
     first = [b["seed"].tolist() for b in itertools.islice(stream, 40)]       # slots freed and refilled: no deadlock
+    workers = list(stream._it._workers)
+    shutdown = stream._it._shutdown_workers
+    stream._it._shutdown_workers = lambda: (time.sleep(1.0), shutdown())   # the trainer descheduled mid-close
     time.sleep(0.5)                                                           # both workers now wait for a slot
-    closing = threading.Thread(target=stream.close, daemon=True)    # workers ignore SIGTERM: a miss would hang
+    closing = threading.Thread(target=stream.close, daemon=True)
     closing.start()
-    closing.join(timeout=3)
-    assert not closing.is_alive(), "close() left a worker waiting for a slot"
+    closing.join(timeout=4)
+    alive = [w.pid for w in workers if w.is_alive()]
+    for pid in alive:                                                         # they ignore SIGTERM
+        os.kill(pid, signal.SIGKILL)
+    assert not closing.is_alive() and not alive, f"close() left workers {alive} waiting for a slot"
     monkeypatch.undo()
     assert first == seeds_of(batches(root, names, 32, 40, seed=0, workers=2), 40)
 
