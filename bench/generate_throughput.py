@@ -6,7 +6,7 @@ the same total threads laid out the same ways (issue 12):
     python bench/generate_throughput.py --teacher checkerboard     # analytic 2-D teacher, 35 NFE
     ... --load                                                     # all of it next to a 2-thread torch job
 
-Bare layouts: `sample_pairs` in 1 process × 2 threads, and in 2 processes × 1 thread each taking half the seeds
+Bare layouts: `Teacher.sample` in 1 process × 2 threads, and in 2 processes × 1 thread each taking half the seeds
 (started together once their teachers are built). Pipeline layouts: `stages.generate.run` with 2 Ray workers × 1
 thread and 1 worker × 2 threads, plus the defaults (no flags). The pipeline's rate is taken over its sampling time
 (the per-shard seconds of generate.jsonl, shards in parallel over the workers); its start-up (worker start, imports,
@@ -35,7 +35,6 @@ import torch  # noqa: E402
 
 from kdm_pipe import storage  # noqa: E402
 from kdm_pipe.config import GenerateConfig  # noqa: E402
-from kdm_pipe.generation import sample_pairs  # noqa: E402
 from kdm_pipe.networks import ARCHITECTURES, build_network  # noqa: E402
 from kdm_pipe.teachers import build_teacher  # noqa: E402
 from kdm_pipe.teachers.edm_checkpoint import save_state_dict_checkpoint  # noqa: E402
@@ -74,8 +73,7 @@ def bare_loop(cfg: GenerateConfig, threads: int, seeds: range, ready=None, go=No
     t = time.perf_counter()
     for b in range(seeds.start, seeds.stop, cfg.batch):
         with torch.no_grad():
-            sample_pairs(teacher, cfg.sampler, list(range(b, min(b + cfg.batch, seeds.stop))), None,
-                         torch.device("cpu"))
+            teacher.sample(cfg.sampler, list(range(b, min(b + cfg.batch, seeds.stop))), None, torch.device("cpu"))
     return build, time.perf_counter() - t
 
 

@@ -39,8 +39,8 @@ from kdm_pipe.probes import probe_spectra
 from kdm_pipe.run import ANALYSIS, Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.student.koopman import eigvals
+from kdm_pipe.teachers.vae import decoder
 from kdm_pipe.trained import load_weights
-from kdm_pipe.vae import decoder
 
 DBSCAN_EPS, DBSCAN_MIN_SAMPLES, Z_THRESHOLD, MODES = 0.15, 5, 3.0, 8
 IMAGE_ALPHAS, PATH_ALPHAS, PATHS = 9, 41, 6

@@ -11,9 +11,9 @@ floor of "learned nothing") and, for distribution metrics, teacher-vs-teacher on
 (the metric's own noise floor).
 Images are also compared in a feature space (`--detector`, default pixels) and, with `--ref`, by FID of fresh
 one-step samples from seeds 0… against reference statistics.
-Latent pairs (a VAE's latents, manifest `latent`) are decoded through the recorded VAE (kdm_pipe/vae.py) for every
-image metric and figure (the whole-set FD against the decoded set's statistics that `stats` computed); their paired
-errors are reported twice: in latent space (`latent_mse`, …) and on the decoded images (`mse`, `psnr`, …). The
+Latent pairs (a VAE's latents, manifest `latent`) are decoded through the recorded VAE (kdm_pipe/teachers/vae.py) for
+every image metric and figure (the whole-set FD against the decoded set's statistics that `stats` computed); their
+paired errors are reported twice: in latent space (`latent_mse`, …) and on the decoded images (`mse`, `psnr`, …). The
 weights are chosen on the latents.
 """
 
@@ -55,8 +55,8 @@ from kdm_pipe.shards import read_pairs
 from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
+from kdm_pipe.teachers.vae import decoder as vae_decoder
 from kdm_pipe.trained import latest_checkpoint, load_weights, student_for
-from kdm_pipe.vae import decoder as vae_decoder
 
 WEIGHTS_JSON = "weights.json"
 SELECTION_MAX = 4096          # held-out pairs that choose the weights (the rest is the report split)

@@ -11,8 +11,8 @@ The group's attributes name the detector and the shards (index, sha256) its merg
 written last with `complete: true` (as the root's are): a reader compares them with the manifest, so statistics of
 other shards or another detector are never used for a set they do not describe.
 
-A set of VAE latents (manifest `latent`) is embedded after decoding x_0 through its VAE (kdm_pipe/vae.py, on the
-task's CPU): its space is named after the detector and the VAE's hash (`pixels+vae-…`), which evaluate looks up.
+A set of VAE latents (manifest `latent`) is embedded after decoding x_0 through its VAE (kdm_pipe/teachers/vae.py, on
+the task's CPU): its space is named after the detector and the VAE's hash (`pixels+vae-…`), which evaluate looks up.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from kdm_pipe.manifest import LatentSpace, Manifest
 from kdm_pipe.metrics.detectors import FeatureNet, feature_batches, load_detector, to_uint8
 from kdm_pipe.metrics.fid import FeatureStats, FeatureSums
 from kdm_pipe.stats import STORE, create_array, filtered_alike, store_at
-from kdm_pipe.vae import Decoder
+from kdm_pipe.teachers.vae import Decoder
 
 GROUP = "features"
 

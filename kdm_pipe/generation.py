@@ -8,19 +8,15 @@ from typing import Any
 
 import torch
 
-from kdm_pipe.config import GenerateConfig, SamplerConfig
+from kdm_pipe.config import GenerateConfig
 from kdm_pipe.manifest import ShardInfo, shard_name
 from kdm_pipe.runtime import pick_device, set_threads
-from kdm_pipe.sampling import schedule, seed_noise, solve, trajectory_steps
+from kdm_pipe.sampling import trajectory_steps
 from kdm_pipe.shards import write_shard
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.base import Teacher
 
 _TEACHERS: dict[str, Teacher] = {}  # built once per worker process, reused by every task it runs
-
-
-class NonFiniteTeacherOutput(RuntimeError):
-    pass
 
 
 def cached_teacher(cfg: GenerateConfig) -> Teacher:
@@ -33,25 +29,6 @@ def cached_teacher(cfg: GenerateConfig) -> Teacher:
 def with_teacher_defaults(cfg: GenerateConfig) -> GenerateConfig:
     """`cfg` with its sampler resolved over the teacher's own defaults (building the teacher once, here)."""
     return cfg.model_copy(update={"sampler": cfg.sampler.over(cached_teacher(cfg).sampler_defaults)})
-
-
-def sample_pairs(teacher: Teacher, sampler: SamplerConfig, seeds: list[int], keep: list[int] | None,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """x_T = σ_max·z and the teacher's x_0 (float64), plus labels and the kept trajectory states."""
-    z, labels = seed_noise(seeds, teacher.shape, teacher.label_dim, device)
-    x_T = sampler.sigma_max * z.to(torch.float64)
-    sigmas = schedule(sampler).to(device)
-    x_0, traj = solve(teacher.denoise, x_T, sigmas, labels, sampler.solver, keep)
-    bad = ~torch.isfinite(x_0.flatten(1)).all(dim=1)
-    if bad.any():
-        raise NonFiniteTeacherOutput(f"teacher {teacher.name} gave non-finite x_0 for seed(s) "
-                                     f"{[seeds[i] for i in bad.nonzero().flatten().tolist()][:10]}")
-    out = {"x_T": x_T, "x_0": x_0, "seed": torch.tensor(seeds, dtype=torch.int64)}
-    if labels is not None:
-        out["label"] = labels
-    if traj is not None:
-        out["traj"] = traj
-    return out
 
 
 def shard_seeds(cfg: GenerateConfig, index: int) -> range:
@@ -75,7 +52,7 @@ def make_shard(cfg: GenerateConfig, index: int) -> tuple[ShardInfo, dict[str, An
         for b in range(0, len(seeds), cfg.batch):
             t = time.perf_counter()
             with torch.no_grad():
-                pairs = sample_pairs(teacher, cfg.sampler, list(seeds[b:b + cfg.batch]), keep, device)
+                pairs = teacher.sample(cfg.sampler, list(seeds[b:b + cfg.batch]), keep, device)
             sample_s += time.perf_counter() - t
             yield {k: v.cpu().numpy().astype(dtypes[k]) for k, v in pairs.items()}
 

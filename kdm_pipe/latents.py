@@ -5,10 +5,9 @@
     merged/{z_T, z_0, Cz_T}/{mean, cov, eigenvalues}           moments and the covariance spectrum (descending)
 
 z_T = E_T(x_T), z_0 = E_0(x_0), Cz_T = ẑ_0 = C z_T (+ B y), residual = z_0 − ẑ_0, latents flattened. One Ray task per
-shard encodes it (the student loaded once per worker) and returns its sums; the driver writes the row, sha256
-last. The group's attributes name the checkpoint, its sha256 and the weights: rows of another checkpoint are never
-mixed in (the group is rebuilt), rows of unchanged shards are reused. The summary (attributes, `summary`) is what
-one chooses a latent size by:
+shard encodes it and returns its sums (kdm_pipe.latents_update); the driver writes the row, sha256 last. The group's
+attributes name the checkpoint, its sha256 and the weights: rows of another checkpoint are never mixed in (the group is
+rebuilt), rows of unchanged shards are reused. The summary (attributes, `summary`) is what one chooses a latent size by:
 
     effective rank   participation ratio (Σλ)² / Σλ² of the covariance eigenvalues λ: how many directions the
                      latent really uses (d when all are used equally, 1 when one direction carries everything)
@@ -24,19 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
 from kdm_pipe import storage
-from kdm_pipe.errors import ConfigError
 from kdm_pipe.manifest import Manifest, ShardInfo
 from kdm_pipe.metrics.fid import FeatureSums
 from kdm_pipe.probes import STATISTICS
-from kdm_pipe.run import Run
-from kdm_pipe.shards import read_pairs, read_shard
-from kdm_pipe.stats import checked_digest, create_array
-from kdm_pipe.stats_update import compute
-from kdm_pipe.trained import load_weights
+from kdm_pipe.stats import create_array
 
 STORE, GROUP = "latents.zarr", STATISTICS
 LATENTS = ("z_T", "z_0", "Cz_T")
@@ -45,36 +38,6 @@ LATENTS = ("z_T", "z_0", "Cz_T")
 def participation_ratio(eigenvalues: np.ndarray) -> float:
     lam = np.clip(eigenvalues, 0, None)
     return float(lam.sum() ** 2 / (lam**2).sum()) if lam.any() else 0.0
-
-
-_MODELS: dict[tuple, torch.nn.Module] = {}
-
-
-def worker_student(run: str, ckpt: str, weights: str, data: str) -> torch.nn.Module:
-    """The student of `ckpt`, loaded once per worker process."""
-    key = (run, ckpt, weights, data)
-    if key not in _MODELS:
-        _MODELS[key] = load_weights(Path(run), weights, Path(ckpt), data=data)[0]
-    return _MODELS[key]
-
-
-@torch.no_grad()
-def shard_latents(run: str, ckpt: str, weights: str, directory: str, info: ShardInfo,
-                  batch: int) -> tuple[int, str, dict[str, dict[str, np.ndarray]], int]:
-    """Ray task: (shard index, its sha256, the latent sums of its pairs, pairs read)."""
-    model = worker_student(run, ckpt, weights, directory)
-    digest = checked_digest(directory, info)
-    sums: dict[str, FeatureSums] = {}
-    for rec in read_shard(storage.location(directory) / info.name):
-        for b in range(0, len(rec["x_0"]), batch):
-            x_0, x_T = (torch.as_tensor(rec[k][b:b + batch], dtype=torch.float32) for k in ("x_0", "x_T"))
-            y = None if rec.get("label") is None else torch.as_tensor(rec["label"][b:b + batch], dtype=torch.float32)
-            z_T = model.encode_T(x_T, y)
-            z_hat, z_T, z_0 = model.push(z_T, y).flatten(1), z_T.flatten(1), model.encode_0(x_0, y).flatten(1)
-            for name, z in (("z_T", z_T), ("z_0", z_0), ("Cz_T", z_hat), ("residual", z_0 - z_hat)):
-                sums.setdefault(name, FeatureSums(z.shape[1])).add(z.double().numpy())
-    return info.index, digest, {k: {"count": np.int64(s.count), "sum": s.sum, "outer": s.outer}
-                                for k, s in sums.items()}, info.pairs
 
 
 def identity(run: Path, ckpt: Path, weights: str) -> dict[str, Any]:
@@ -171,25 +134,3 @@ def load_latent_stats(run: Path) -> dict[str, Any] | None:
         return None
     return {"summary": g.attrs["summary"], "checkpoint": g.attrs["checkpoint"], "weights": g.attrs["weights"],
             "eigenvalues": {k: g[f"merged/{k}/eigenvalues"][...] for k in LATENTS}}
-
-
-def update(run: Path, directory: Path, manifest: Manifest, weights: str, workers: int = 2,
-           address: str | None = None, batch: int = 250, progress: bool = False) -> dict[str, Any]:
-    """Bring RUN/latents.zarr/statistics up to date for the run's newest intact checkpoint over `directory`'s
-    pairs (the caller holds the run's lock and has checked the shards); returns the summary."""
-
-    ckpt = Run(run).latest_checkpoint()
-    if ckpt is None:
-        raise ConfigError(f"{run} has no checkpoints; train it first with `kdm-pipe train --out {run}`")
-    model = load_weights(run, weights, ckpt, data=directory)[0]  # refused here if the student does not fit the data
-    x = read_pairs(directory, [manifest.shards[0].name], 1)
-    with torch.no_grad():
-        dim = model.encode_T(torch.as_tensor(x["x_T"], dtype=torch.float32),
-                             None if x.get("label") is None else torch.as_tensor(x["label"])).flatten(1).shape[1]
-    g = open_group(run, identity(run, ckpt, weights), manifest.num_shards, dim)
-    todo = stale(g, manifest)
-    calls = ((str(run), str(ckpt), weights, str(directory), s, batch) for s in todo)
-    if todo:
-        compute(calls, sum(s.pairs for s in todo), workers, address, progress, fn=shard_latents,
-                done=lambda *r: write_row(g, *r))
-    return write_merged(g, manifest)

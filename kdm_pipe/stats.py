@@ -328,3 +328,38 @@ def load_stats(directory: Path) -> dict[str, dict[str, np.ndarray]]:
         raise ConfigError(f"{path} was computed before the memorisation filter of {directory} changed: rerun "
                           f"`kdm-pipe stats {directory}`")
     return {field: {name: a[...] for name, a in g.arrays()} for field, g in root["merged"].groups()}
+
+
+def training_moments(directory: Path, manifest: Manifest, names: list[str], update) -> dict[str, np.ndarray]:
+    """μ and s of x_0 and x_T over the shards `names`, from their rows in stats.zarr; `update()` is called first
+    when the store is missing, of another layout, or stale for any shard of the manifest."""
+    path = storage.location(directory) / STORE
+    specs = field_specs(manifest, cov_max_dim=0)       # mean and std only: any layout of the store has them
+    root = _trusted(directory, manifest, specs)
+    if root is None:
+        update()
+        root = _trusted(directory, manifest, specs)
+        if root is None:
+            raise ConfigError(f"{path} could not be brought up to date; rerun `kdm-pipe stats {directory}`")
+    index = [s.index for s in manifest.shards if s.name in set(names)]
+    rows = root["per_shard"]
+    out = {}
+    for spec, key in ((s, s.name[2:]) for s in specs if s.name in ("x_0", "x_T")):
+        arrays = {n: rows[f"{spec.name}/{n}"] for n in ("count", "sum", "sumsq", "min", "max")}
+        m = merge(spec, ({n: a[k] for n, a in arrays.items()} for k in index))
+        std = m["std"].reshape(-1)
+        out[f"mean_{key}"] = m["mean"].reshape(-1)
+        out[f"std_{key}"] = np.where(std > 0, std, 1.0)      # a constant coordinate is left as it is
+    return out
+
+
+def _trusted(directory: Path, manifest: Manifest, specs) -> zarr.Group | None:
+    """The store if every shard of the manifest has a trusted row, else None (read-only: nothing is changed)."""
+    try:
+        root = zarr.open_group(store_at(directory), mode="r")
+        if (root.attrs.get("complete") is not True or stale_shards(root, manifest)
+                or not filtered_alike(root, manifest, directory)):
+            return None
+        return root
+    except (OSError, ValueError, KeyError, IndexError):
+        return None

@@ -47,6 +47,7 @@ from kdm_pipe.probes import ProbeStore, probe
 from kdm_pipe.run import CKPT_DIR, Run
 from kdm_pipe.runtime import pick_device, set_threads
 from kdm_pipe.shards import read_pairs
+from kdm_pipe.stats import training_moments
 from kdm_pipe.stats_update import update
 from kdm_pipe.student import is_image
 from kdm_pipe.student.discriminator import Discriminator, disc_loss
@@ -100,7 +101,7 @@ def data_moments(cfg: TrainConfig, manifest: Manifest, names: list[str]) -> dict
             raise ConfigError(f"normalize: standard needs {cfg.data}/stats.zarr and it cannot be written "
                               f"({e.strerror or e}); run `kdm-pipe stats` where it can, or use --normalize none"
                               ) from None
-    return normalization.training_moments(cfg.data, manifest, names, refresh)
+    return training_moments(cfg.data, manifest, names, refresh)
 
 
 def discriminator_for(cfg: TrainConfig, manifest: Manifest) -> nn.Module | None:

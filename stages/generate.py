@@ -30,7 +30,7 @@ from kdm_pipe.manifest import MANIFEST, Manifest, ShardInfo, estimated_shard_byt
 from kdm_pipe.pairset import PairSetWriter, free_bytes
 from kdm_pipe.raypool import ray_session, remote, run_bounded, task_failures
 from kdm_pipe.sampling import nfe, schedule, trajectory_steps
-from kdm_pipe.vae import Decoder
+from kdm_pipe.teachers.vae import Decoder
 
 CONFIG = "generate.config.json"
 LOG = "generate.jsonl"

@@ -24,8 +24,8 @@ from kdm_pipe.run import Run, working
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import seed_noise
 from kdm_pipe.student import is_image
+from kdm_pipe.teachers.vae import decoder
 from kdm_pipe.trained import load_weights
-from kdm_pipe.vae import decoder
 
 
 def run(cfg: SampleConfig) -> dict:

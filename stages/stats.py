@@ -27,7 +27,7 @@ from kdm_pipe.locks import directory_lock
 from kdm_pipe.manifest import load_manifest
 from kdm_pipe.stats import STORE
 from kdm_pipe.stats_update import update
-from kdm_pipe.vae import check_override
+from kdm_pipe.teachers.vae import check_override
 
 
 def run(cfg: StatsConfig, progress: bool = True) -> Path:
@@ -73,7 +73,7 @@ def upload_store(staged: mirror.Mirror) -> None:
 
 def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
     """`stats DIR --run RUN`: statistics of RUN's latents (z_T, z_0, C z_T) over DIR's pairs → RUN/latents.zarr."""
-    from kdm_pipe import latents
+    from kdm_pipe import latents, latents_update
     from kdm_pipe.evaluation import chosen_weights
     from kdm_pipe.report import latent_line
     from kdm_pipe.run import working
@@ -90,7 +90,7 @@ def latent_stats(cfg: StatsConfig, progress: bool = True) -> dict:
         stack.enter_context(directory_lock(run, f"stats {directory} --run {r}"))
         manifest = open_pairs(directory)
         weights = chosen_weights(run)
-        s = latents.update(run, str(directory), manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
+        s = latents_update.update(run, str(directory), manifest, weights, cfg.workers, cfg.address, cfg.batch, progress)
     print(f"{r}/{latents.STORE} ({weights} weights): {latent_line(s)}")
     return s
 

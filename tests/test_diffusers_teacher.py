@@ -12,7 +12,7 @@ from faults import cli
 
 from kdm_pipe.config import DiffusersTeacherConfig, EvaluateConfig, GenerateConfig, TrainConfig
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.generation import _TEACHERS, sample_pairs, with_teacher_defaults
+from kdm_pipe.generation import _TEACHERS, with_teacher_defaults
 from kdm_pipe.manifest import Manifest
 from kdm_pipe.sampling import solve
 from kdm_pipe.shards import read_shard
@@ -105,7 +105,7 @@ def test_pipeline_folder_and_labels(tmp_path):
     assert teacher.label_dim == 3
     seeds = [0, 1, 2, 3]
     sampler = GenerateConfig(sampler={"steps": 3}).sampler.over(teacher.sampler_defaults)
-    pairs = sample_pairs(teacher, sampler, seeds, None, CPU)
+    pairs = teacher.sample(sampler, seeds, None, CPU)
     for i, s in enumerate(seeds):                    # the label is drawn from the seed's generator after the latent
         g = torch.Generator().manual_seed(s)
         z = torch.randn((1, 8, 8), generator=g)

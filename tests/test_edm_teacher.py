@@ -11,7 +11,7 @@ from edm_pickle_fixture import write_edm_pickle
 
 from kdm_pipe.config import ConfigError, GenerateConfig, SamplerConfig
 from kdm_pipe.datasets import sklearn_digits
-from kdm_pipe.generation import make_shard, sample_pairs
+from kdm_pipe.generation import make_shard
 from kdm_pipe.networks import build_network
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.base import edm_sampler_defaults
@@ -62,26 +62,26 @@ def test_official_pickle_gives_the_same_teacher(tmp_path):
     b = build_teacher(EDMTeacherConfig(checkpoint=pkl))
     assert b.weights_sha256 == hashlib.sha256(pkl.read_bytes()).hexdigest() != a.weights_sha256
     seeds = [0, 1]
-    torch.testing.assert_close(sample_pairs(a, FEW_STEPS, seeds, None, CPU)["x_0"],
-                               sample_pairs(b, FEW_STEPS, seeds, None, CPU)["x_0"], rtol=0, atol=0)
+    torch.testing.assert_close(a.sample(FEW_STEPS, seeds, None, CPU)["x_0"],
+                               b.sample(FEW_STEPS, seeds, None, CPU)["x_0"], rtol=0, atol=0)
 
 
 def test_a_pair_depends_on_its_seed_not_its_neighbours(tmp_path):
     teacher = build_teacher(EDMTeacherConfig(checkpoint=saved(tmp_path)))
     seeds = [11, 12, 13, 14, 15]
-    batch = sample_pairs(teacher, FEW_STEPS, seeds, None, CPU)
+    batch = teacher.sample(FEW_STEPS, seeds, None, CPU)
     assert batch["x_0"].std() > 0.05                      # a real, non-collapsed output
     assert not torch.equal(batch["x_0"][0], batch["x_0"][1])
     # Same batch size, other order and other neighbours: bit-identical.
-    reordered = sample_pairs(teacher, FEW_STEPS, seeds[::-1], None, CPU)
+    reordered = teacher.sample(FEW_STEPS, seeds[::-1], None, CPU)
     assert torch.equal(reordered["x_0"].flip(0), batch["x_0"])
-    mixed = sample_pairs(teacher, FEW_STEPS, [11, 99, 13, 98, 15], None, CPU)
+    mixed = teacher.sample(FEW_STEPS, [11, 99, 13, 98, 15], None, CPU)
     assert torch.equal(mixed["x_0"][::2], batch["x_0"][::2])
     # Another batch size: the same latent, and x_0 equal to float32 rounding only. oneDNN picks its convolution
     # kernel by batch shape, so a network's output is not bitwise batch-invariant on CPU (measured: 2e-5 here);
     # that is why `batch` is part of GenerateConfig.identity().
     for i, s in enumerate(seeds):
-        alone = sample_pairs(teacher, FEW_STEPS, [s], None, CPU)
+        alone = teacher.sample(FEW_STEPS, [s], None, CPU)
         assert torch.equal(alone["x_T"][0], batch["x_T"][i])
         torch.testing.assert_close(alone["x_0"][0], batch["x_0"][i], rtol=1e-5, atol=2e-4)
 
@@ -90,7 +90,7 @@ def test_conditional_teacher_draws_label_after_latent(tmp_path):
     teacher = build_teacher(EDMTeacherConfig(checkpoint=saved(tmp_path, label_dim=3)))
     assert teacher.label_dim == 3
     seeds = [0, 1, 2, 3, 4, 5]
-    pairs = sample_pairs(teacher, FEW_STEPS, seeds, None, CPU)
+    pairs = teacher.sample(FEW_STEPS, seeds, None, CPU)
     for i, s in enumerate(seeds):
         g = torch.Generator().manual_seed(s)
         z = torch.randn((1, 8, 8), generator=g)
@@ -154,9 +154,9 @@ def test_shipped_digits_teacher_makes_digits(digits_teacher):
     assert teacher.weights_sha256 == json.loads(DIGITS_CHECKPOINT.with_suffix(".json").read_text())["sha256"]
     real = sklearn_digits().images
     seeds = list(range(1000, 1064))
-    samples = sample_pairs(teacher, SamplerConfig().over(teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
+    samples = teacher.sample(SamplerConfig().over(teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
     random_net = random_init_like(teacher)
-    baseline = sample_pairs(random_net, SamplerConfig().over(teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
+    baseline = random_net.sample(SamplerConfig().over(teacher.sampler_defaults), seeds, None, CPU)["x_0"].numpy()
     noise = np.random.default_rng(0).uniform(-1, 1, samples.shape)
     d_teacher, d_random, d_noise = (nn_distance(x, real) for x in (samples, baseline, noise))
     d_real = nn_distance(real[:64], real[64:])          # real digits to the other real digits

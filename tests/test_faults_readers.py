@@ -130,7 +130,7 @@ def test_latent_run_whose_vae_moved_names_the_field_and_the_override(tmp_path):
 
     from kdm_pipe.manifest import load_manifest, save_manifest
     from kdm_pipe.teachers.diffusers_folder import vae_folder
-    from kdm_pipe.vae import latent_space
+    from kdm_pipe.teachers.vae import latent_space
 
     tiny_vae().save_pretrained(tmp_path / "vae", safe_serialization=True)
     rng = np.random.default_rng(0)

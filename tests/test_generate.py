@@ -14,7 +14,7 @@ import ray
 import torch
 
 from kdm_pipe.config import ConfigError, GenerateConfig
-from kdm_pipe.generation import sample_pairs, shard_seeds
+from kdm_pipe.generation import shard_seeds
 from kdm_pipe.integrity import verify
 from kdm_pipe.manifest import load_manifest
 from kdm_pipe.shards import read_shard
@@ -51,7 +51,7 @@ def test_shards_round_trip_and_manifest(ray_local, tmp_path):
     got = {k: np.concatenate([r[k] for r in recs]) for k in recs[0]}
     seeds = list(shard_seeds(c, 2))
     assert got["seed"].tolist() == seeds
-    want = sample_pairs(build_teacher(c.teacher), c.sampler, seeds[:128], [0, 2, 4, 6], torch.device("cpu"))
+    want = build_teacher(c.teacher).sample(c.sampler, seeds[:128], [0, 2, 4, 6], torch.device("cpu"))
     np.testing.assert_array_equal(got["x_0"][:128], want["x_0"].numpy().astype(np.float32))
     np.testing.assert_array_equal(got["x_T"][:128], want["x_T"].numpy().astype(np.float32))
     assert got["traj"].shape == (300, 4, 2)

@@ -13,12 +13,12 @@ from faults import cli, error_line, tree
 
 from kdm_pipe.config import DiffusersTeacherConfig, GenerateConfig
 from kdm_pipe.errors import ConfigError
-from kdm_pipe.generation import _TEACHERS, sample_pairs, with_teacher_defaults
+from kdm_pipe.generation import _TEACHERS, with_teacher_defaults
 from kdm_pipe.manifest import Manifest
 from kdm_pipe.sampling import solve
 from kdm_pipe.shards import read_shard
 from kdm_pipe.teachers import build_teacher
-from kdm_pipe.vae import Decoder
+from kdm_pipe.teachers.vae import Decoder
 
 CPU = torch.device("cpu")
 VAE_KW = {"scaling_factor": 0.5, "shift_factor": 0.1}
@@ -72,7 +72,7 @@ def test_latent_pairs_are_the_teachers_samples_bit_for_bit(tmp_path):
     first = shard_twice(cfg)
     stored = np.concatenate([r["x_0"] for r in read_shard(tmp_path / "a" / first.name)])
     teacher = build_teacher(cfg.teacher)              # the teacher's own sampler, batch by batch as generate ran it
-    direct = [sample_pairs(teacher, cfg.sampler, seeds, None, CPU)["x_0"] for seeds in ([0, 1], [2, 3])]
+    direct = [teacher.sample(cfg.sampler, seeds, None, CPU)["x_0"] for seeds in ([0, 1], [2, 3])]
     assert stored.shape == (4, 4, 8, 8)
     assert np.array_equal(stored, torch.cat(direct).numpy().astype(np.float32))
 

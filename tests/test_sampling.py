@@ -3,11 +3,10 @@ import pytest
 import torch
 
 from kdm_pipe.config import GenerateConfig, SamplerConfig
-from kdm_pipe.generation import NonFiniteTeacherOutput, sample_pairs
 from kdm_pipe.sampling import edm_sigmas, nfe, seed_noise, solve, trajectory_steps
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.analytic import GMMTeacherConfig
-from kdm_pipe.teachers.base import Teacher
+from kdm_pipe.teachers.base import NonFiniteTeacherOutput, Teacher
 
 
 def test_edm_schedule_matches_published_values():
@@ -55,8 +54,8 @@ def test_gmm_denoiser_is_the_posterior_mean():
 def test_a_pair_depends_only_on_its_seed():
     teacher = build_teacher(GenerateConfig().teacher)
     sampler = SamplerConfig(steps=8)
-    together = sample_pairs(teacher, sampler, [5, 6, 7, 8], None, torch.device("cpu"))
-    alone = sample_pairs(teacher, sampler, [7], None, torch.device("cpu"))
+    together = teacher.sample(sampler, [5, 6, 7, 8], None, torch.device("cpu"))
+    alone = teacher.sample(sampler, [7], None, torch.device("cpu"))
     assert torch.equal(together["x_0"][2], alone["x_0"][0]) and torch.equal(together["x_T"][2], alone["x_T"][0])
     assert not torch.equal(together["x_0"][0], together["x_0"][1])
 
@@ -74,7 +73,7 @@ def test_trajectory_keeps_requested_states():
     assert trajectory_steps("all", 4) == [0, 1, 2, 3, 4]
     assert trajectory_steps("every-3", 7) == [0, 3, 6, 7]
     teacher = build_teacher(GenerateConfig().teacher)
-    out = sample_pairs(teacher, SamplerConfig(steps=6), [1, 2], [0, 3, 6], torch.device("cpu"))
+    out = teacher.sample(SamplerConfig(steps=6), [1, 2], [0, 3, 6], torch.device("cpu"))
     assert out["traj"].shape == (2, 3, 2)
     assert torch.equal(out["traj"][:, 0], out["x_T"]) and torch.equal(out["traj"][:, -1], out["x_0"])
 
@@ -88,4 +87,4 @@ def test_non_finite_teacher_output_is_refused_naming_the_seed():
 
     broken = Broken(name="broken", shape=(2,), label_dim=0, params={})
     with pytest.raises(NonFiniteTeacherOutput, match=r"seed\(s\) \[11\]"):
-        sample_pairs(broken, SamplerConfig(steps=2), [10, 11, 12], None, torch.device("cpu"))
+        broken.sample(SamplerConfig(steps=2), [10, 11, 12], None, torch.device("cpu"))

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from kdm_pipe.cli import app
 from kdm_pipe.config import ConfigError, SamplerConfig
 from kdm_pipe.datasets import load_images, sklearn_digits
-from kdm_pipe.generation import sample_pairs
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.edm import EDMTeacherConfig
 from kdm_pipe.teachers.edm_checkpoint import load_state_dict_checkpoint
@@ -99,7 +98,7 @@ def test_train_writes_a_usable_teacher(png_folder, tmp_path):
     assert saved["config"]["steps"] == 6 and saved["network"]["init_kwargs"]["label_dim"] == 3
     teacher = build_teacher(EDMTeacherConfig(checkpoint=out / "teacher.pt"))
     assert teacher.shape == (1, 8, 8) and teacher.label_dim == 3
-    pairs = sample_pairs(teacher, SamplerConfig(steps=3), [0, 1], None, torch.device("cpu"))
+    pairs = teacher.sample(SamplerConfig(steps=3), [0, 1], None, torch.device("cpu"))
     assert pairs["x_0"].shape == (2, 1, 8, 8) and pairs["label"].shape == (2, 3)
     with pytest.raises(ConfigError, match="already holds"):
         train_teacher(TeacherTrainConfig(data=str(png_folder), out=out, steps=1, **TINY))

@@ -1,13 +1,23 @@
-"""What every teacher is: a denoiser D(x, σ, labels) on a fixed data shape, and a fingerprint of itself."""
+"""What every teacher is: a denoiser D(x, σ, labels) on a fixed data shape that runs its ODE sampler from seeded
+noise, and a fingerprint of itself."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from kdm_pipe.sampling import schedule, seed_noise, solve
+
+if TYPE_CHECKING:
+    from kdm_pipe.config import SamplerConfig
+
+
+class NonFiniteTeacherOutput(RuntimeError):
+    pass
 
 
 def fingerprint(name: str, params: dict[str, Any], weights_sha256: str | None = None) -> dict[str, Any]:
@@ -34,6 +44,23 @@ class Teacher:
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def sample(self, sampler: SamplerConfig, seeds: list[int], keep: list[int] | None,
+               device: torch.device) -> dict[str, torch.Tensor]:
+        """x_T = σ_max·z and the teacher's x_0 (float64), plus labels and the kept trajectory states."""
+        z, labels = seed_noise(seeds, self.shape, self.label_dim, device)
+        x_T = sampler.sigma_max * z.to(torch.float64)
+        x_0, traj = solve(self.denoise, x_T, schedule(sampler).to(device), labels, sampler.solver, keep)
+        bad = ~torch.isfinite(x_0.flatten(1)).all(dim=1)
+        if bad.any():
+            raise NonFiniteTeacherOutput(f"teacher {self.name} gave non-finite x_0 for seed(s) "
+                                         f"{[seeds[i] for i in bad.nonzero().flatten().tolist()][:10]}")
+        out = {"x_T": x_T, "x_0": x_0, "seed": torch.tensor(seeds, dtype=torch.int64)}
+        if labels is not None:
+            out["label"] = labels
+        if traj is not None:
+            out["traj"] = traj
+        return out
 
     @property
     def fingerprint(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from kdm_pipe.errors import ConfigError
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.teachers.base import Teacher, edm_sampler_defaults
 from kdm_pipe.teachers.diffusers_folder import WEIGHTS, ModelFolder
-from kdm_pipe.vae import latent_space
+from kdm_pipe.teachers.vae import latent_space
 
 
 class DiffusersTeacher(Teacher):

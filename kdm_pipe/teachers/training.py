@@ -24,7 +24,6 @@ import torch  # noqa: E402
 
 from kdm_pipe.config import ConfigError, SamplerConfig, TeacherTrainConfig  # noqa: E402
 from kdm_pipe.datasets import ImageData, load_images  # noqa: E402
-from kdm_pipe.generation import sample_pairs  # noqa: E402
 from kdm_pipe.image_files import save_grid  # noqa: E402
 from kdm_pipe.networks import ARCHITECTURES, build_network  # noqa: E402
 from kdm_pipe.optim import ema_update, sanitize_grads  # noqa: E402
@@ -102,7 +101,7 @@ def sample_grid(net: torch.nn.Module, count: int, device: torch.device) -> torch
     teacher = EDMTeacher("trained", {}, net, None)
     with torch.no_grad():
         sampler = SamplerConfig().over(teacher.sampler_defaults)
-        return sample_pairs(teacher, sampler, list(range(count)), None, device)["x_0"]
+        return teacher.sample(sampler, list(range(count)), None, device)["x_0"]
 
 
 def train_teacher(cfg: TeacherTrainConfig, progress: bool = False) -> Path:
