@@ -340,6 +340,12 @@ class Loader:
         shutdown = getattr(self._it, "_shutdown_workers", None)     # multiprocess iterators only
         if shutdown is not None:
             shutdown()
+            # A worker still alive after the DataLoader's grace is stuck in a read (a stalled store) and ignores the
+            # DataLoader's SIGTERM: multiprocessing's exit handler would wait for it forever.
+            for worker in self._it._workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
 
     def __del__(self) -> None:
         self.close()

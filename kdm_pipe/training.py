@@ -5,8 +5,8 @@ and the latent noise of a step do not depend on N (see loader.py and student/noi
 process would, up to float summation order. Checkpoints are state dicts (model, EMA, optimisers, discriminator,
 RNG states, step) loadable with `weights_only=True`; the run's resolved config sits beside them as JSON. Resuming
 restores all of it and replays the data stream from the current epoch's start, so an interrupted run ends bit for
-bit where an uninterrupted one does (on CPU). SIGTERM (cluster preemption) ends the step, writes a checkpoint and
-stops with status "preempted".
+bit where an uninterrupted one does (on CPU). SIGTERM (cluster preemption) ends the step (or the wait for a batch),
+writes a checkpoint and stops with status "preempted".
 
 Trust: sizes are bounded by the data and the memory before step 1; rank 0 holds the run's lock (one writer per
 run); `nonfinite_steps` consecutive NaN/inf losses stop the run (DataError, exit 1), and checkpoints only ever hold
@@ -164,11 +164,25 @@ def process_group(device_kind: str) -> Iterator[tuple[int, int, int]]:
         dist.destroy_process_group()
 
 
+class WaitInterrupted(BaseException):
+    """SIGTERM arrived while the loop waited for its next batch (a BaseException: a reader's `except Exception`, in
+    process with --loader-workers 0, must not turn it into a read error)."""
+
+
 @contextmanager
 def preemption() -> Iterator[dict]:
-    """A flag set by SIGTERM (checked between steps) while the loop runs; the old handler is restored after."""
-    flag = {"term": False}
-    old = signal.signal(signal.SIGTERM, lambda *_: flag.update(term=True))
+    """A flag set by SIGTERM while the loop runs, checked between steps; the old handler is restored after. While the
+    loop waits for a batch (`waiting`: also between steps) the signal ends the wait, so a stalled reader cannot keep
+    a preempted job from its checkpoint until the scheduler's SIGKILL."""
+    flag = {"term": False, "waiting": False}
+
+    def handler(*_) -> None:
+        flag["term"] = True
+        if flag["waiting"]:
+            flag["waiting"] = False
+            raise WaitInterrupted()
+
+    old = signal.signal(signal.SIGTERM, handler)
     try:
         yield flag
     finally:
@@ -419,8 +433,18 @@ def _train(s: Session) -> dict:
 
     with preemption() as flag:
         while step < cfg.steps:
-            # One student step (and one discriminator step).
-            batch = {k: v.to(device, torch.float32) for k, v in next(stream).items()}
+            # One student step (and one discriminator step). Ranks of a DDP job wait out their batch: a rank leaving
+            # alone would meet the others' step in the checkpoint's collective.
+            try:
+                flag["waiting"] = world == 1
+                item = next(stream)
+                flag["waiting"] = False
+            except WaitInterrupted:
+                if not checkpoint():
+                    raise diverged(cfg, run, step, streak) from None
+                status = "preempted"
+                break
+            batch = {k: v.to(device, torch.float32) for k, v in item.items()}
             with autocast:                             # the forward pass; the adversarial term comes below
                 losses = stepper(batch["x_0"], batch["x_T"], batch.get("label"), noise, disc is not None,
                                  batch["traj"] if cfg.student.trajectory else None)

@@ -4,6 +4,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,55 @@ def fresh(*args):
     return cli(*args)
 
 
+
+
+STALL = """
+import os, sys, time
+from pathlib import Path
+from kdm_pipe import loader, cli
+real, mark = loader.PairStream._read, Path(sys.argv[1])
+def stalled(self, url):
+    yield from real(self, url)
+    mark.write_text(str(os.getpid()))
+    time.sleep(3600)                  # the next shard never comes: a store that stopped answering
+loader.PairStream._read = stalled
+sys.argv = ["kdm-pipe", *sys.argv[2:]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_while_a_read_stalls_checkpoints_at_once(pairs, tmp_path, workers):
+    """A scheduler's SIGTERM must not wait for a batch that never comes: the run checkpoints the step it finished and
+    exits 143 within seconds, the stuck loader worker killed, and the checkpoint resumes."""
+    run, mark = tmp_path / "run", tmp_path / "stalled"
+    args = ["train", "--data", pairs, "--out", run, "--steps", "1000", "--batch", "100", "--shuffle-buffer", "100",
+            "--log-every", "1", "--ckpt-every", "1000", "--probe-every", "1000", "--no-tensorboard", "-q",
+            "--loader-workers", str(workers)]
+    proc = subprocess.Popen([sys.executable, "-c", STALL, str(mark), *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not mark.exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)                                   # the batches already read are trained on; then it waits
+        reader = int(mark.read_text())
+        proc.send_signal(signal.SIGTERM)
+        t = time.time()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert time.time() - t < 15
+    logged = [line for line in (run / "train.jsonl").read_text().splitlines()]
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    assert f"stopped by SIGTERM at step {state['step']}" in out and state["step"] == len(logged) > 0
+    assert workers == 0 or not alive(reader)
+    args[args.index("--steps") + 1] = state["step"] + 2
+    r = cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == state["step"] + 2
 
 
 def test_same_size_corruption_is_refused_before_training(pairs, tmp_path):
