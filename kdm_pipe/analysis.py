@@ -40,7 +40,7 @@ from kdm_pipe.run import ANALYSIS, Run
 from kdm_pipe.runtime import pick_device
 from kdm_pipe.student.koopman import eigvals
 from kdm_pipe.teachers.vae import decoder
-from kdm_pipe.trained import load_weights
+from kdm_pipe.trained import load_students
 
 DBSCAN_EPS, DBSCAN_MIN_SAMPLES, Z_THRESHOLD, MODES = 0.15, 5, 3.0, 8
 IMAGE_ALPHAS, PATH_ALPHAS, PATHS = 9, 41, 6
@@ -203,9 +203,10 @@ def analyze(run: Path, num: int = 2000, seed: int = 0, device: str = "auto", vae
     decoded through their VAE (`vae`: where it is now, when it moved)."""
     run = Path(run)
     decode = decoder(Run(run).require().manifest(), vae, pick_device(device), Run(run).data_dir())
-    which = chosen_weights(run)
     dev = pick_device(device)
-    model, cfg, manifest, step = load_weights(run, which, device=dev)
+    models, cfg, manifest, step, ckpt = load_students(run, device=dev)       # one read of the checkpoint
+    which = chosen_weights(run, "auto", dev, models, ckpt)
+    model = models[which]
     pairs = heldout_pairs(Run(run).data_dir(), Run(run).split["holdout"], num)
     x_0, x_T, labels = pairs["x_0"], pairs["x_T"], pairs.get("label")
     latent = hasattr(model, "koopman")

@@ -56,7 +56,7 @@ from kdm_pipe.stats import STORE
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers import build_teacher
 from kdm_pipe.teachers.vae import decoder as vae_decoder
-from kdm_pipe.trained import latest_checkpoint, load_weights, student_for
+from kdm_pipe.trained import latest_checkpoint, load_students, student_for
 
 WEIGHTS_JSON = "weights.json"
 SELECTION_MAX = 4096          # held-out pairs that choose the weights (the rest is the report split)
@@ -127,7 +127,7 @@ def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 51
         if record.get("checkpoint") == ckpt.name:
             return record
     device = pick_device(device) if isinstance(device, str) else device
-    models = models or {w: load_weights(run, w, ckpt, device=device)[0] for w in ("ema", "raw")}
+    models = models or load_students(run, ckpt=ckpt, device=device)[0]
     select, _ = heldout_split(run, data)
     h = len(select["x_0"]) // 2
     labels = None if select.get("label") is None else select["label"][:h]
@@ -145,12 +145,14 @@ def weight_choice(run: Path, device: torch.device | str = "cpu", batch: int = 51
     return record
 
 
-def chosen_weights(run: Path, weights: str = "auto", device: torch.device | str = "cpu") -> str:
-    """`ema` / `raw` as given; `auto`: the run's recorded choice (`weight_choice`), computed now if not yet."""
+def chosen_weights(run: Path, weights: str = "auto", device: torch.device | str = "cpu", models: dict | None = None,
+                   ckpt: Path | None = None) -> str:
+    """`ema` / `raw` as given; `auto`: the run's recorded choice (`weight_choice`), computed now if not yet (from
+    `models`, both weights as `load_students` gives them with `ckpt`, when the caller has them)."""
     if weights != "auto":
         return weights
     Run(run).require()
-    return weight_choice(run, device)["weights"]
+    return weight_choice(run, device, models=models, ckpt=ckpt)["weights"]
 
 
 @torch.no_grad()
@@ -224,18 +226,16 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.ref and not Path(cfg.ref).exists() and cfg.ref not in BUILTIN:
         raise ConfigError(f"--ref {cfg.ref} does not exist; pass an EDM-format .npz (mu, sigma) or images to compute "
                           f"it from (a folder, EDM zip, .npy, sklearn-digits)")
-    ckpt = latest_checkpoint(run)
     data = Run(run).data_dir(cfg.data)
-    loaded = {w: load_weights(run, w, ckpt, device=device, data=cfg.data) for w in ("ema", "raw")}
-    _, tcfg, manifest, step = loaded["ema"]
+    models, tcfg, manifest, step, ckpt = load_students(run, device=device, data=cfg.data)
     decode = vae_decoder(manifest, cfg.vae, device, data)     # latent pairs: a VAE not found is refused here
     # The whole teacher set's feature statistics (stats.zarr); a stale store is refused here, before any work.
     space = space_name(net.name, manifest.latent)
     set_ref = (set_reference(data, manifest, space, "" if cfg.detector is None else f" --detector {cfg.detector}")
                if is_image(manifest.shape) else None)
-    sampler(loaded["ema"][0], cfg.steps)               # a --steps the student cannot take: refused before any write
+    sampler(models["ema"], cfg.steps)                  # a --steps the student cannot take: refused before any write
     # EMA or raw: the run's recorded choice (computed now on the selection split if no consumer has yet).
-    choice = weight_choice(run, device, cfg.batch, data, {w: m[0] for w, m in loaded.items()}, ckpt)
+    choice = weight_choice(run, device, cfg.batch, data, models, ckpt)
     chosen = choice["weights"] if cfg.weights == "auto" else cfg.weights
     _, report = heldout_split(run, data, cfg.num)
     if not len(report["x_0"]):
@@ -246,10 +246,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     torch.manual_seed(tcfg.seed)                       # the same init the run started from
     untrained = student_for(tcfg, manifest).to(device).eval()
-    copy_moments(loaded[chosen][0], untrained)         # normalised runs start in the data's units too
+    copy_moments(models[chosen], untrained)         # normalised runs start in the data's units too
     x_T, x_0 = report["x_T"], report["x_0"]
     other = "raw" if chosen == "ema" else "ema"
-    fns = {"student": sampler(loaded[chosen][0], cfg.steps), f"{other}_weights": sampler(loaded[other][0], cfg.steps),
+    fns = {"student": sampler(models[chosen], cfg.steps), f"{other}_weights": sampler(models[other], cfg.steps),
            "untrained": sampler(untrained, cfg.steps)}
     outputs = {name: apply(fn, x_T, labels(report), device, cfg.batch) for name, fn in fns.items()}
     model = fns["student"]

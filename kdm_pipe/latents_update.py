@@ -10,15 +10,13 @@ import numpy as np
 import torch
 
 from kdm_pipe import storage
-from kdm_pipe.errors import ConfigError
 from kdm_pipe.latents import identity, open_group, stale, write_merged, write_row
 from kdm_pipe.manifest import Manifest, ShardInfo
 from kdm_pipe.metrics.fid import FeatureSums
-from kdm_pipe.run import Run
 from kdm_pipe.shards import read_pairs, read_shard
 from kdm_pipe.stats import checked_digest
 from kdm_pipe.stats_update import compute
-from kdm_pipe.trained import load_weights
+from kdm_pipe.trained import load_students, load_weights
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 
@@ -54,11 +52,9 @@ def update(run: Path, directory: Path, manifest: Manifest, weights: str, workers
            address: str | None = None, batch: int = 250, progress: bool = False) -> dict[str, Any]:
     """Bring RUN/latents.zarr/statistics up to date for the run's newest intact checkpoint over `directory`'s
     pairs (the caller holds the run's lock and has checked the shards); returns the summary."""
-
-    ckpt = Run(run).latest_checkpoint()
-    if ckpt is None:
-        raise ConfigError(f"{run} has no checkpoints; train it first with `kdm-pipe train --out {run}`")
-    model = load_weights(run, weights, ckpt, data=directory)[0]  # refused here if the student does not fit the data
+    # Refused here if there is no intact checkpoint or the student does not fit the data.
+    models, _, _, _, ckpt = load_students(run, (weights,), data=directory)
+    model = _MODELS[(str(run), str(ckpt), weights, str(directory))] = models[weights]   # in-process tasks reuse it
     x = read_pairs(directory, [manifest.shards[0].name], 1)
     with torch.no_grad():
         dim = model.encode_T(torch.as_tensor(x["x_T"], dtype=torch.float32),

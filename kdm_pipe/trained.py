@@ -26,9 +26,11 @@ def latest_checkpoint(run: Path) -> Path | None:
     return Run(run).latest_checkpoint()
 
 
-def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None, device: torch.device | str = "cpu",
-                 data: Path | None = None) -> tuple[nn.Module, TrainConfig, Manifest, int]:
-    """A trained student (EMA or raw weights) with its config and data manifest, ready for evaluation."""
+def load_students(run: Path, which: tuple[str, ...] = ("ema", "raw"), ckpt: Path | None = None,
+                  device: torch.device | str = "cpu", data: Path | None = None
+                  ) -> tuple[dict[str, nn.Module], TrainConfig, Manifest, int, Path]:
+    """The trained student once per weights in `which` (EMA, raw), from one read of the checkpoint (`ckpt`, or the
+    newest intact one), with the run's config, its data manifest, the step and the checkpoint's path."""
     r = Run(run)
     cfg, manifest = r.config, r.manifest(data)
     if ckpt is not None:
@@ -37,13 +39,23 @@ def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None, device
         except tensorfile.UnloadableError as e:
             raise DataError(f"{ckpt}: unreadable checkpoint ({e.why}); retrain, or restore it from a copy") from None
     elif (loaded := r.load_checkpoint()) is not None:
-        state = loaded[0]
+        state, ckpt = loaded
     else:
         raise ConfigError(f"{run} has no checkpoints; train it first with `kdm-pipe train --out {run}`")
-    model = student_for(cfg, manifest)
-    try:
-        model.load_state_dict(state["model" if which == "raw" else "ema"])
-    except (KeyError, RuntimeError) as e:
-        raise ConfigError(f"{run}: its checkpoint does not fit the student in {run}/config.json "
-                          f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg, manifest, state["step"]
+    models = {}
+    for w in which:
+        models[w] = student_for(cfg, manifest)
+        try:
+            models[w].load_state_dict(state["model" if w == "raw" else "ema"])
+        except (KeyError, RuntimeError) as e:
+            raise ConfigError(f"{run}: its checkpoint does not fit the student in {run}/config.json "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        models[w] = models[w].to(device).eval()
+    return models, cfg, manifest, state["step"], ckpt
+
+
+def load_weights(run: Path, which: str = "ema", ckpt: Path | None = None, device: torch.device | str = "cpu",
+                 data: Path | None = None) -> tuple[nn.Module, TrainConfig, Manifest, int]:
+    """A trained student (EMA or raw weights) with its config and data manifest, ready for evaluation."""
+    models, cfg, manifest, step, _ = load_students(run, (which,), ckpt, device, data)
+    return models[which], cfg, manifest, step

@@ -23,7 +23,7 @@ from kdm_pipe.integrity import checked_manifest
 from kdm_pipe.manifest import MANIFEST
 from kdm_pipe.run import EVAL, working
 from kdm_pipe.runtime import pick_device
-from kdm_pipe.trained import load_weights
+from kdm_pipe.trained import load_students
 
 
 def run(cfg: ExportConfig) -> Path:
@@ -50,8 +50,10 @@ def student(cfg: ExportConfig, out: Path) -> Path:
             raise ConfigError(f"{r} was trained on VAE latents and the exported pipeline does not decode them "
                               f"(its samples would be latents shown as images); export --format safetensors "
                               f"(config.json records the VAE) and decode as docs/TEACHERS.md says")
-        which = chosen_weights(r.path, cfg.weights, pick_device(cfg.device))
-        model, _, manifest, step = load_weights(r.path, which)        # on CPU: the exported weights
+        device = pick_device(cfg.device)                             # where the weights choice is computed
+        models, _, manifest, step, ckpt = load_students(r.path, device=device)
+        which = chosen_weights(r.path, cfg.weights, device, models, ckpt)
+        model = models[which].cpu()                                  # the exported weights
         args, state = export.describe(model, manifest)
         provenance = {"run": str(r), "step": step, "weights": which, "kdm_pipe_version": version("kdm-pipe"),
                       "teacher": manifest.teacher, "pairs": manifest.num_pairs,

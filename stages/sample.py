@@ -25,7 +25,7 @@ from kdm_pipe.runtime import pick_device
 from kdm_pipe.sampling import seed_noise
 from kdm_pipe.student import is_image
 from kdm_pipe.teachers.vae import decoder
-from kdm_pipe.trained import load_weights
+from kdm_pipe.trained import load_students
 
 
 def run(cfg: SampleConfig) -> dict:
@@ -48,11 +48,10 @@ def draw(cfg: SampleConfig, r: Run, out: Path) -> dict[str, Path]:
     run_dir, num, seed, class_label, batch = r.path, cfg.num, cfg.seed, cfg.class_label, cfg.batch
     dev = pick_device(cfg.device)
     decode = decoder(r.manifest(), cfg.vae, dev, r.data_dir())   # latent pairs: a VAE not found is refused first
-    if cfg.steps > 1:       # a --steps the student cannot take: refused before the weights choice is recorded
-        sampler(load_weights(run_dir, "ema", device=dev)[0], cfg.steps)
-    which = chosen_weights(run_dir, cfg.weights, dev)     # auto: the run's recorded choice (RUN/weights.json)
-    model, _, manifest, step = load_weights(run_dir, which, device=dev)
-    fn = sampler(model, cfg.steps)
+    models, _, manifest, step, ckpt = load_students(run_dir, device=dev)      # one read of the checkpoint
+    fns = {w: sampler(m, cfg.steps) for w, m in models.items()}   # a --steps the student cannot take: refused first
+    which = chosen_weights(run_dir, cfg.weights, dev, models, ckpt)    # auto: the run's recorded choice
+    fn = fns[which]
     if class_label is not None and not 0 <= class_label < manifest.label_dim:
         raise ConfigError(f"--class {class_label}: the student has {manifest.label_dim} classes"
                           + ("" if manifest.label_dim else " (it is unconditional: drop --class)"))
