@@ -246,7 +246,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     torch.manual_seed(tcfg.seed)                       # the same init the run started from
     untrained = student_for(tcfg, manifest).to(device).eval()
-    copy_moments(models[chosen], untrained)         # normalised runs start in the data's units too
+    copy_moments(models[chosen], untrained)            # normalised runs start in the data's units too
     x_T, x_0 = report["x_T"], report["x_0"]
     other = "raw" if chosen == "ema" else "ema"
     fns = {"student": sampler(models[chosen], cfg.steps), f"{other}_weights": sampler(models[other], cfg.steps),
